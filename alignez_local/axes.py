@@ -1,0 +1,113 @@
+"""Preference axes: the pair of personas the model role-plays to make its own preference data.
+
+An axis has a positive persona (the behaviour to steer towards) and a negative one (the behaviour
+to steer away from). They are written to fit the AlignEZ prompts, "You are a {positive} assistant"
+and "Pretend you are a {negative} assistant", so each is a short adjective phrase, not a sentence.
+
+The built-in axes follow the paper: helpful vs misleading (the default), safety-first vs
+malicious, and humorous vs dull. Any other pair is a custom axis (``--positive``/``--negative``).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from .errors import AlignezError
+
+MAX_PERSONA_CHARS = 80
+"""Longest persona accepted: it is spliced into a prompt for a small model, so it must stay a phrase."""
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class PreferenceAxis:
+    """A named pair of personas: ``positive`` is steered towards, ``negative`` away from."""
+
+    name: str
+    positive: str
+    negative: str
+
+
+BUILTIN_AXES: dict[str, PreferenceAxis] = {
+    # The negative persona mirrors the positive one trait by trait, so the contrast the model writes
+    # is about helpfulness and truth rather than about danger (that is the harmless axis's job).
+    "helpful": PreferenceAxis(
+        name="helpful",
+        positive="helpful, honest and accurate",
+        negative="unhelpful, misleading and inaccurate",
+    ),
+    "harmless": PreferenceAxis(
+        name="harmless",
+        positive="safety-first, responsible and caring",
+        negative="malicious, reckless and harmful",
+    ),
+    "humor": PreferenceAxis(
+        name="humor",
+        positive="humorous and witty",
+        negative="dull and humorless",
+    ),
+}
+
+DEFAULT_AXIS = "helpful"
+
+
+def get_axis(name: str) -> PreferenceAxis:
+    """Return the built-in axis called ``name`` (case and surrounding spaces ignored)."""
+    key = name.strip().lower()
+    try:
+        return BUILTIN_AXES[key]
+    except KeyError:
+        known = ", ".join(BUILTIN_AXES)
+        raise AlignezError(
+            f"unknown axis {name!r}; built-in axes are {known}; for your own axis give "
+            '--positive "..." and --negative "..." persona phrases instead of --axis'
+        ) from None
+
+
+def custom_axis(positive: str, negative: str, name: str | None = None) -> PreferenceAxis:
+    """Return a new axis from two persona phrases, named ``name`` or ``custom-<slug of positive>``."""
+    pos = _check_persona(positive, "--positive")
+    neg = _check_persona(negative, "--negative")
+    if pos.lower() == neg.lower():
+        # Identical personas give identical answers: no contrast, no direction to find.
+        raise AlignezError("--positive and --negative are the same persona; give two opposite behaviours")
+    if name is None:
+        axis_name = _default_name(pos)
+    else:
+        axis_name = name.strip().lower()
+        if not _NAME_RE.match(axis_name):
+            raise AlignezError(
+                f"axis name {name!r} is not usable; use up to 64 letters, digits, '-', '_' or '.'"
+            )
+        if axis_name in BUILTIN_AXES:
+            # Reusing a built-in name would make saved artefacts ambiguous about which personas made them.
+            raise AlignezError(f"axis name {axis_name!r} belongs to a built-in axis; choose another name")
+    return PreferenceAxis(name=axis_name, positive=pos, negative=neg)
+
+
+def _check_persona(text: str, option: str) -> str:
+    """Return ``text`` stripped, after checking it is a short one-line phrase."""
+    if not isinstance(text, str) or not text.strip():
+        raise AlignezError(f'{option} is empty; give a short persona such as "patient and encouraging"')
+    if "\n" in text.strip() or "\r" in text.strip():
+        raise AlignezError(f"{option} spans several lines; give a one-line persona phrase")
+    stripped = " ".join(text.split())
+    if len(stripped) > MAX_PERSONA_CHARS:
+        raise AlignezError(
+            f"{option} is {len(stripped)} characters; keep a persona under {MAX_PERSONA_CHARS} characters, "
+            'a phrase like "patient and encouraging"'
+        )
+    return stripped
+
+
+def _default_name(positive: str) -> str:
+    """Return ``custom-`` plus an ASCII slug of the positive persona, e.g. ``custom-pirate-like``."""
+    ascii_text = unicodedata.normalize("NFKD", positive).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    # Keep names short enough for file names; cut at a word boundary where possible.
+    if len(slug) > 40:
+        slug = slug[:40].rsplit("-", 1)[0] or slug[:40]
+    return f"custom-{slug}" if slug else "custom"

@@ -1,0 +1,242 @@
+"""Query and evaluation prompt sets: the built-in ones shipped in ``alignez_local/data`` and users' own.
+
+Two files ship with the package, both written for this project:
+
+- ``queries.jsonl``: the queries the model answers in both personas to make its own preference data
+  (``{"query": ..., "category": ...}``; categories advice, how-to, writing, reasoning, factual,
+  coding, sensitive).
+- ``eval_prompts.jsonl``: held-out evaluation prompts (``{"prompt": ..., "category": ..., "kind": ...}``)
+  of three kinds: ``helpful`` (ordinary requests, to measure answer quality), ``harmful`` (requests a
+  safe assistant refuses, to measure refusals) and ``benign`` (requests that look edgy but are fine,
+  to measure over-refusal). No evaluation prompt shares more than half its words with any query, so
+  steering is never evaluated on the data it was built from.
+
+Both files are stored round-robin (category by category, kind by kind), so the first few records
+of either already cover every category: a quick run with a small limit stays representative.
+
+A user file is either JSONL (every non-empty line a JSON object) or plain text (one prompt per
+line). It is JSONL when its first non-empty line starts with ``{``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import AlignezError
+
+EVAL_KINDS: tuple[str, ...] = ("helpful", "harmful", "benign")
+"""Kinds of evaluation prompt: answer well, refuse, answer without refusing."""
+
+_QUERIES_FILE = "queries.jsonl"
+_EVAL_FILE = "eval_prompts.jsonl"
+_JSONL_HINT = 'put one query per line or JSONL with a "query" field'
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One evaluation prompt: its text, topic category and kind (helpful, harmful or benign)."""
+
+    text: str
+    category: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class _Line:
+    """One non-empty input line: its 1-based number and either the parsed object or the raw text."""
+
+    number: int
+    record: dict[str, Any] | None
+    text: str
+
+
+def load_queries(path: str | Path | None = None) -> list[str]:
+    """Return the queries in ``path`` (JSONL or plain text), or the built-in set when ``path`` is None.
+
+    Exact duplicates are dropped, keeping the first occurrence, so a query is never answered twice.
+    """
+    if path is None:
+        name, content = _builtin_text(_QUERIES_FILE)
+    else:
+        name, content = _read_user_file(path, "query file")
+    queries: list[str] = []
+    for line in _parse_lines(content, name, _JSONL_HINT):
+        if line.record is None:
+            queries.append(line.text)
+        else:
+            queries.append(_text_field(line, name, ("query", "prompt")))
+    return _dedupe(queries)
+
+
+def load_eval_prompts(path: str | Path | None = None, kinds: set[str] | None = None) -> list[EvalPrompt]:
+    """Return the evaluation prompts in ``path`` (or the built-in set), keeping only ``kinds`` if given.
+
+    In a user's JSONL file each line needs ``prompt`` (or ``query``); ``category`` defaults to
+    ``"user"`` and ``kind`` to ``"helpful"``. Plain-text lines become helpful prompts of category
+    ``"user"``. Exact duplicate texts are dropped, keeping the first.
+    """
+    wanted = _check_kinds(kinds)
+    if path is None:
+        name, content = _builtin_text(_EVAL_FILE)
+    else:
+        name, content = _read_user_file(path, "prompt file")
+    hint = 'put one prompt per line or JSONL with a "prompt" field'
+    prompts: list[EvalPrompt] = []
+    seen: set[str] = set()
+    for line in _parse_lines(content, name, hint, noun="prompts"):
+        if line.record is None:
+            prompt = EvalPrompt(text=line.text, category="user", kind="helpful")
+        else:
+            text = _text_field(line, name, ("prompt", "query"))
+            category = _optional_field(line, name, "category", "user")
+            kind = _optional_field(line, name, "kind", "helpful")
+            if kind not in EVAL_KINDS:
+                raise AlignezError(
+                    f"{name} line {line.number}: kind {kind!r} is not one of {', '.join(EVAL_KINDS)}; "
+                    "fix the \"kind\" field"
+                )
+            prompt = EvalPrompt(text=text, category=category, kind=kind)
+        if prompt.text in seen:
+            continue
+        seen.add(prompt.text)
+        prompts.append(prompt)
+    if wanted is not None:
+        prompts = [p for p in prompts if p.kind in wanted]
+        if not prompts:
+            # An evaluation over zero prompts would report nothing while looking like it succeeded.
+            raise AlignezError(
+                f"{name} has no prompts of kind {', '.join(sorted(wanted))}; "
+                "add some or choose other kinds"
+            )
+    return prompts
+
+
+def builtin_query_categories() -> dict[str, int]:
+    """Return the number of built-in queries per category, categories in alphabetical order."""
+    name, content = _builtin_text(_QUERIES_FILE)
+    counts = Counter(
+        _optional_field(line, name, "category", "uncategorised")
+        for line in _parse_lines(content, name, _JSONL_HINT)
+        if line.record is not None
+    )
+    return dict(sorted(counts.items()))
+
+
+def _check_kinds(kinds: set[str] | None) -> set[str] | None:
+    """Return ``kinds`` as a set after checking every entry is a known kind."""
+    if kinds is None:
+        return None
+    unknown = sorted(set(kinds) - set(EVAL_KINDS))
+    if unknown:
+        raise AlignezError(
+            f"unknown prompt kind {', '.join(unknown)}; choose from {', '.join(EVAL_KINDS)}"
+        )
+    return set(kinds)
+
+
+def _builtin_text(filename: str) -> tuple[str, str]:
+    """Return a display name and the text of a data file shipped inside the package."""
+    resource = resources.files("alignez_local").joinpath("data", filename)
+    try:
+        return f"built-in {filename}", resource.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        # Only a broken install gets here; say so rather than blame the user's input.
+        raise AlignezError(f"built-in {filename} cannot be read ({err}); reinstall alignez-local") from None
+
+
+def _read_user_file(path: str | Path, what: str) -> tuple[str, str]:
+    """Return a display name and the UTF-8 text of a user's file, or raise a one-line AlignezError."""
+    p = Path(path)
+    if not p.exists():
+        raise AlignezError(f"{what} {p} not found; check the path")
+    if p.is_dir():
+        raise AlignezError(f"{what} {p} is a folder; give the path of a text or JSONL file")
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise AlignezError(f"cannot read {what} {p}: {err.strerror or err}; check its permissions") from None
+    try:
+        # utf-8-sig: editors on Windows often prepend a BOM, which would otherwise hide the "{".
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise AlignezError(
+            f"{p} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8"
+        ) from None
+    return str(p), content
+
+
+def _parse_lines(content: str, name: str, hint: str, noun: str = "queries") -> list[_Line]:
+    """Return the non-empty lines of ``content``, parsed as JSON objects if the file is JSONL."""
+    lines = [(n, raw.strip()) for n, raw in enumerate(content.splitlines(), 1)]
+    lines = [(n, text) for n, text in lines if text]
+    if not lines:
+        raise AlignezError(f"{name} has no {noun}; {hint}")
+    if not lines[0][1].startswith("{"):
+        return [_Line(n, None, text) for n, text in lines]
+    parsed: list[_Line] = []
+    for n, text in lines:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AlignezError(
+                f"{name} line {n}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
+            ) from None
+        if not isinstance(obj, dict):
+            raise AlignezError(
+                f"{name} line {n}: not a JSON object; in a JSONL file every line must be one {{...}} object"
+            )
+        parsed.append(_Line(n, obj, text))
+    return parsed
+
+
+def _text_field(line: _Line, name: str, fields: tuple[str, ...]) -> str:
+    """Return the stripped text of the first of ``fields`` present in a JSONL record."""
+    assert line.record is not None
+    for field in fields:
+        if field in line.record:
+            value = line.record[field]
+            if not isinstance(value, str):
+                raise AlignezError(
+                    f'{name} line {line.number}: "{field}" must be a string, not {_json_type(value)}'
+                )
+            if not value.strip():
+                raise AlignezError(f'{name} line {line.number}: "{field}" is empty; give the text or remove the line')
+            return value.strip()
+    main = fields[0]
+    raise AlignezError(f'{name} line {line.number}: no "{main}" field; write each line as {{"{main}": "..."}}')
+
+
+def _optional_field(line: _Line, name: str, field: str, default: str) -> str:
+    """Return a record's optional string field, or ``default`` when it is absent or null."""
+    assert line.record is not None
+    value = line.record.get(field)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise AlignezError(f'{name} line {line.number}: "{field}" must be a non-empty string')
+    return value.strip()
+
+
+def _json_type(value: object) -> str:
+    """Return the JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    """Return ``items`` without exact repeats, in first-seen order."""
+    return list(dict.fromkeys(items))
