@@ -1,0 +1,60 @@
+"""The ``alignez`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import AlignezError
+
+
+class AlignezGroup(click.Group):
+    """A click group that turns our errors into one line and Ctrl-C into a clean stop."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except AlignezError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(1)
+
+
+@click.group(cls=AlignezGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="alignez")
+def main() -> None:
+    """Free self-alignment (AlignEZ) and activation steering for local GGUF models.
+
+    \b
+    alignez steer                       # self-generated data -> profile + control vector
+    alignez chat --profile P.gguf       # chat with the steered model
+    alignez eval --profile P.gguf       # does steering help? (local judge)
+    """
+
+
+def _register() -> None:
+    from .cli_align import align_commands
+
+    for cmd in align_commands:
+        main.add_command(cmd)
+    try:
+        from .cli_chat import chat
+    except ImportError:  # the chat command lives in its own module
+        pass
+    else:
+        main.add_command(chat)
+    try:
+        from .cli_eval import eval_command
+    except ImportError:
+        pass
+    else:
+        main.add_command(eval_command)
+
+
+_register()

@@ -1,0 +1,79 @@
+"""Options shared by every command, named the same everywhere (-m/--model, --seed, --vector ...)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .engine import Engine, Sampling
+from .models import DEFAULT_MODEL, resolve_model
+from .steering import DEFAULT_TOP_N, Steering
+
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add -m/--model and the llama.cpp runtime options."""
+    decorators = [
+        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+                     help="GGUF file or bundled name (smollm2-135m-instruct, gemma3-270m)."),
+        click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads [physical cores]."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(64, 1 << 20), default=4096, show_default=True, help="Context size in tokens."),
+        click.option("--gpu-layers", type=click.IntRange(0, 10000), default=0, show_default=True, help="Layers to offload to a GPU build."),
+        click.option("--parallel", type=click.IntRange(1, 64), default=8, show_default=True, help="Sequences decoded together in one batch."),
+        click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log."),
+    ]
+    return functools.reduce(lambda acc, d: d(acc), reversed(decorators), f)
+
+
+def open_engine(model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool) -> Engine:
+    """Return an engine for the resolved model."""
+    return Engine(resolve_model(model), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                  n_parallel=parallel, verbose=verbose)
+
+
+def sampling_options(max_tokens: int = 200, temperature: float = 0.0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add --temperature, --top-p, --top-k, --seed, --max-tokens, --repeat-penalty."""
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        decorators = [
+            click.option("--temperature", type=float, default=temperature, show_default=True, help="0 = greedy."),
+            click.option("--top-p", type=float, default=1.0, show_default=True),
+            click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--max-tokens", type=int, default=max_tokens, show_default=True),
+            click.option("--repeat-penalty", type=float, default=1.1, show_default=True, help="1 = off."),
+        ]
+        return functools.reduce(lambda acc, d: d(acc), reversed(decorators), f)
+
+    return wrap
+
+
+def make_sampling(temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int,
+                  repeat_penalty: float, stop: tuple[str, ...] = ()) -> Sampling:
+    """Return checked sampling settings."""
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens,
+                    repeat_penalty=repeat_penalty, stop=stop).check()
+
+
+def steering_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --vector FILE[:STRENGTH], --profile FILE[:WEIGHT], --layers A-B, --top-n."""
+    decorators = [
+        click.option("--vector", "vectors", multiple=True, metavar="FILE[:STRENGTH]",
+                     help="A llama.cpp control vector (ours, cvector-generator's, repeng's); repeatable."),
+        click.option("--profile", "profiles", multiple=True, metavar="FILE[:WEIGHT]",
+                     help="An alignez steering profile, applied with the exact AlignEZ edit; repeatable."),
+        click.option("--layers", default=None, metavar="A-B", help="Only steer layers A..B (inclusive)."),
+        click.option("--top-n", type=int, default=DEFAULT_TOP_N, show_default=True,
+                     help="Layers the exact edit picks per prompt."),
+    ]
+    return functools.reduce(lambda acc, d: d(acc), reversed(decorators), f)
+
+
+def make_steering(engine: Engine, vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int) -> Steering:
+    """Return steering from the CLI specs; warnings go to stderr."""
+    st = Steering.from_specs(engine, vectors, profiles, layers, top_n)
+    for w in st.warnings:
+        click.echo(f"warning: {w}", err=True)
+    return st

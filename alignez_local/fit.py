@@ -1,0 +1,155 @@
+"""Step 2 of AlignEZ: read the model's hidden states on the preference pairs and find, per layer,
+the preference subspace; keep the layers that separate the pairs best.
+
+Embedding choice (ours, documented): the text embedded for a pair side is the prompt the model
+sees at inference (its chat template around the query, or the plain base-model format) followed by
+the response, and the activation is read at the last token of the response. The paper embeds
+``query + " " + response``; using the inference-time format keeps the subspace in the same
+activation distribution the edit later acts on. The conditioning instruction (persona,
+characteristics) is never part of the embedded text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .directions import METHODS, LayerFit, fit_layer, select_layers
+from .engine import Engine
+from .errors import AlignezError
+from .preferences import PreferencePair, data_sha256
+from .profile import SteeringProfile
+from .progress import Progress
+
+FIT_SITES = ("ffn_out", "l_out")
+
+
+def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str]]:
+    """Return the texts embedded for the positive and the negative side of every pair."""
+    pos, neg = [], []
+    for p in pairs:
+        prompt = engine.prompt(p.query)
+        sep = "" if engine.is_chat else " "
+        pos.append(prompt + sep + p.positive)
+        neg.append(prompt + sep + p.negative)
+    return pos, neg
+
+
+def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Return (pos, neg) activations, each (pairs x n_layer x n_embd), at the last token."""
+    pos_t, neg_t = pair_texts(engine, pairs)
+    bar = Progress(len(pos_t) + len(neg_t), "capture", quiet=quiet)
+    acts = engine.capture(pos_t + neg_t, list(range(engine.n_layer)), site=site, on_progress=lambda d, t: bar.update())
+    bar.close()
+    n = len(pairs)
+    return acts[:n], acts[n:]
+
+
+def parse_layers(spec: str | None, n_layer: int) -> list[int] | None:
+    """Return layers from ``A-B`` or ``1,4,7`` (None: choose automatically)."""
+    if spec is None or spec.strip() in ("", "auto"):
+        return None
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            a, sep, b = part.strip().partition("-")
+            lo, hi = int(a), int(b) if sep else int(a)
+            layers.update(range(lo, hi + 1))
+    except ValueError:
+        raise AlignezError(f"--layers {spec!r} is not a list like 8-20 or 4,8,12") from None
+    bad = [x for x in layers if not 1 <= x < n_layer]
+    if not layers or bad:
+        raise AlignezError(f"--layers {spec!r} names layers outside 1..{n_layer - 1} (layer 0 cannot be a control vector)")
+    return sorted(layers)
+
+
+def fit_profile(
+    engine: Engine,
+    pairs: Sequence[PreferencePair],
+    axis: dict[str, str],
+    *,
+    method: str = "svd",
+    site: str = "ffn_out",
+    layers: list[int] | None = None,
+    max_layers: int | None = None,
+    variance: float = 0.90,
+    max_cos: float = 0.8,
+    holdout: float = 0.2,
+    seed: int = 0,
+    top_n: int = 5,
+    model_sha256: str = "",
+    name: str = "profile",
+    quiet: bool = False,
+) -> SteeringProfile:
+    """Return a steering profile fitted on ``pairs``: subspaces for the chosen layers and diagnostics for all."""
+    if method not in METHODS:
+        raise AlignezError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if site not in FIT_SITES:
+        raise AlignezError(f"unknown site {site!r}; use ffn_out (the paper's MLP output) or l_out")
+    if not 0.0 < variance <= 1.0:
+        raise AlignezError(f"--variance {variance} is out of range; use a fraction in (0, 1]")
+    if not 0.0 < max_cos <= 1.0:
+        raise AlignezError(f"--max-cos {max_cos} is out of range; use a value in (0, 1]")
+    if len(pairs) < 4:
+        raise AlignezError(f"only {len(pairs)} preference pairs; fitting needs at least 4 (generate more queries)")
+    pos, neg = capture_pairs(engine, pairs, site, quiet=quiet)
+    fits: dict[int, LayerFit] = {}
+    skipped: dict[int, str] = {}
+    for layer in range(1, engine.n_layer):  # layer 0 has no control-vector slot in llama.cpp
+        try:
+            fits[layer] = fit_layer(layer, pos[:, layer], neg[:, layer], method=method, variance=variance,
+                                    max_cos=max_cos, holdout=holdout, seed=seed)
+        except AlignezError as err:
+            skipped[layer] = str(err)
+    if not fits:
+        raise AlignezError(f"no layer had enough usable pairs ({next(iter(skipped.values()))})")
+    chosen = layers if layers is not None else select_layers(fits, engine.n_layer, max_layers=max_layers)
+    missing = [x for x in chosen if x not in fits]
+    if missing:
+        raise AlignezError(f"layers {missing} had too few usable pairs to fit; choose other --layers")
+    stats = {L: _stats(f, L in chosen) for L, f in fits.items()}
+    return SteeringProfile(
+        subspaces={L: fits[L].directions for L in chosen},
+        site=site,
+        method=method,
+        axis=dict(axis),
+        layer_stats=stats,
+        params={"variance": variance, "max_cos": max_cos, "holdout": holdout, "seed": seed, "top_n": top_n,
+                "layer_choice": "manual" if layers is not None else "auto", "n_pairs": len(pairs)},
+        provenance={
+            "model_name": engine.name, "model_file": engine.path.name, "model_sha256": model_sha256,
+            "arch": engine.arch, "n_layer": engine.n_layer, "n_embd": engine.n_embd,
+            "data_sha256": data_sha256(pairs), "package_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        name=name,
+    )
+
+
+def _stats(f: LayerFit, chosen: bool) -> dict[str, Any]:
+    return {
+        "heldout_accuracy": float(f.heldout_accuracy),
+        "train_accuracy": float(f.train_accuracy),
+        "explained": float(np.sum(f.explained)),
+        "k": int(f.directions.shape[0]),
+        "n_pairs": int(f.n_pairs),
+        "n_dropped": int(f.n_dropped),
+        "chosen": 1.0 if chosen else 0.0,
+        **({"ccs_loss": float(f.ccs_loss)} if f.ccs_loss is not None else {}),
+    }
+
+
+def diagnostics_table(profile: SteeringProfile) -> str:
+    """Return a plain-text table of the per-layer diagnostics."""
+    rows = ["layer  chosen  heldout_acc  train_acc  k    explained  pairs(dropped)"]
+    for L in sorted(profile.layer_stats):
+        s = profile.layer_stats[L]
+        rows.append(
+            f"{L:>5}  {'*' if s.get('chosen') else ' ':^6}  {s['heldout_accuracy']:>11.2f}  {s['train_accuracy']:>9.2f}  "
+            f"{int(s['k']):<3}  {s['explained']:>9.2f}  {int(s['n_pairs'])}({int(s['n_dropped'])})"
+        )
+    return "\n".join(rows)
