@@ -1,0 +1,168 @@
+"""AlignEZ end to end on the tiny model: generate -> fit -> exact edit -> export, resume after a
+kill, layer indices through the engine, and the steer command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from alignez_local.axes import get_axis
+from alignez_local.control_vector import read_control_vector
+from alignez_local.edit import apply_edit, plan_edit
+from alignez_local.engine import Engine, Sampling
+from alignez_local.export import approximation_report, constant_vector
+from alignez_local.fit import fit_profile
+from alignez_local.preferences import GenerationSettings, generate_preferences, load_pairs
+from alignez_local.profile import load_profile, save_profile
+from alignez_local.prompt_sets import load_queries
+from alignez_local.steering import ProfileSlot, Steering
+
+CLI = [sys.executable, "-m", "alignez_local"]
+FAST = GenerationSettings(characteristics_tokens=12, response_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def prefs(tiny_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    written, had = generate_preferences(tiny_engine, load_queries()[:24], get_axis("helpful"), out, FAST, quiet=True)
+    assert (written, had) == (24, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_engine: Engine, prefs: Path):
+    pairs = load_pairs(prefs)
+    return fit_profile(tiny_engine, pairs, {"name": "helpful", "positive": "p", "negative": "n"}, quiet=True,
+                       layers=[1, 2, 3], model_sha256="x" * 64)
+
+
+def test_generated_records_are_complete(prefs: Path) -> None:
+    recs = [json.loads(line) for line in prefs.read_text().splitlines()]
+    assert len({r["id"] for r in recs}) == 24
+    for r in recs:
+        assert r["axis"]["name"] == "helpful"
+        assert set(r["characteristics"]) == set(r["response"]) == {"positive", "negative"}
+        assert r["model"]["arch"] == "llama" and r["sampling"]["response_tokens"] == 24
+        # nothing of the conditioning instruction is in the response text that gets embedded
+        assert "You are a" not in r["response"]["positive"]
+
+
+def test_rerun_adds_nothing(tiny_engine: Engine, prefs: Path) -> None:
+    before = prefs.read_bytes()
+    written, had = generate_preferences(tiny_engine, load_queries()[:24], get_axis("helpful"), prefs, FAST, quiet=True)
+    assert (written, had) == (0, 24)
+    assert prefs.read_bytes() == before
+
+
+def test_profile_holds_subspaces_and_provenance(profile, tmp_path: Path) -> None:
+    assert profile.layers == [1, 2, 3] and profile.site == "ffn_out" and profile.method == "svd"
+    for s in profile.subspaces.values():
+        np.testing.assert_allclose(s @ s.T, np.eye(s.shape[0]), atol=1e-4)
+    assert profile.provenance["n_embd"] == 64 and len(profile.provenance["data_sha256"]) == 64
+    assert set(profile.layer_stats) == {1, 2, 3}
+    path = tmp_path / "p.gguf"
+    save_profile(path, profile)
+    assert load_profile(path) == profile
+
+
+def test_exact_edit_runs_inside_the_forward_pass(tiny_engine: Engine, profile) -> None:
+    e = tiny_engine
+    prompts = [e.prompt(q) for q in ["how do I cook rice", "what is the moon", "write a poem"]]
+    st = Steering(profiles=[ProfileSlot("p", profile)], top_n=1)
+    x = e.capture(prompts, profile.layers, site="ffn_out")
+    plans = [plan_edit({L: x[i, j] for j, L in enumerate(profile.layers)}, dict(profile.subspaces), top_n=1) for i in range(3)]
+    with st.applied(e, prompts):
+        y = e.capture(prompts, profile.layers, site="ffn_out")
+    for i, plan in enumerate(plans):
+        (layer,) = plan.directions  # top_n=1: one layer per prompt
+        j = profile.layers.index(layer)
+        for jj in range(j):  # layers before the edited one are untouched
+            np.testing.assert_array_equal(y[i, jj], x[i, jj])
+        np.testing.assert_allclose(y[i, j], apply_edit(x[i, j], plan.directions[layer]), rtol=1e-5, atol=1e-5)
+    # steering changes generation, weight 0 is exactly unsteered, and nothing leaks afterwards
+    sp = Sampling(max_tokens=12)
+    base = [c.text for c in e.generate(prompts, sp)]
+    strong = Steering(profiles=[ProfileSlot("p", profile, weight=8.0)], top_n=3)
+    assert [c.text for c in strong.generate(e, prompts, sp)] != base
+    assert [c.text for c in Steering(profiles=[ProfileSlot("p", profile, weight=0.0)]).generate(e, prompts, sp)] == base
+    assert [c.text for c in e.generate(prompts, sp)] == base
+
+
+def test_export_follows_llama_cpp_loader_rules(tiny_engine: Engine, profile, tmp_path: Path) -> None:
+    from alignez_local.control_vector import write_control_vector
+
+    e = tiny_engine
+    prompts = [e.prompt(q) for q in load_queries()[:16]]
+    cv = constant_vector(e, profile, prompts, top_n=2)
+    path = tmp_path / "v.gguf"
+    write_control_vector(path, cv)
+    r = gguf.GGUFReader(str(path))
+    names = [t.name for t in r.tensors]
+    assert names and all(n.startswith("direction.") and int(n.split(".")[1]) >= 1 for n in names)
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 1 and int(t.shape[0]) == 64 for t in r.tensors)
+    arch = r.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    hint = r.fields["controlvector.model_hint"]
+    assert bytes(hint.parts[hint.data[0]]).decode() == "llama"
+    assert "controlvector.layer_count" in r.fields
+    back = read_control_vector(path)
+    assert back.layers == cv.layers and all(np.array_equal(back.directions[L], cv.directions[L]) for L in cv.layers)
+    # the vector lands on l_out-N of the layer it is named for, and nowhere earlier
+    L = back.layers[0]
+    before = e.capture(prompts[:2], [L - 1, L], site="l_out")
+    with e.control_vector(dict(back.directions)):
+        after = e.capture(prompts[:2], [L - 1, L], site="l_out")
+    np.testing.assert_array_equal(after[:, 0], before[:, 0])
+    np.testing.assert_allclose(after[:, 1] - before[:, 1], np.broadcast_to(back.directions[L], (2, 64)), atol=1e-4)
+    rep = approximation_report(e, profile, back, prompts[:4], top_n=2)
+    assert rep.n_prompts == 4 and rep.kl_exact_vs_unsteered >= 0 and rep.kl_vector_vs_unsteered > 0
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_generate_survives_sigkill(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prefs.jsonl"
+    cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(_lines(out)) < 8 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = out.read_bytes()
+    n_first = len(_lines(out))
+    assert 0 < n_first < 120, "the kill must land mid-run"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"{120 - n_first} new pairs, {n_first} already there" in done.stdout
+    recs = [json.loads(line) for line in _lines(out)]  # every line is complete JSON
+    assert len(recs) == 120 and len({r["id"] for r in recs}) == 120
+    complete = first[: first.rfind(b"\n") + 1]
+    assert out.read_bytes().startswith(complete), "records written before the kill are kept as they were"
+
+
+def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    prof = load_profile(out / "profile.gguf")
+    cv = read_control_vector(out / "vector.gguf")
+    rep = json.loads((out / "report.json").read_text())
+    assert set(cv.layers) <= set(prof.layers) and rep["layers"] == prof.layers
+    assert rep["approximation"]["n_prompts"] == 16 and rep["timings"]["total_s"] > 0
+    assert "exact edit   vs control vec" in res.stdout
+    again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "0 new pairs, 12 already there" in again.stderr
