@@ -20,7 +20,8 @@ class AlignezGroup(click.Group):
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
+            # Output files are only ever replaced whole (atomic rename), so none is half-written.
+            click.echo("\ninterrupted: no output file was written or changed", err=True)
             sys.exit(130)
         except BrokenPipeError:
             sys.exit(1)

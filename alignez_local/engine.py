@@ -30,6 +30,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -292,7 +293,8 @@ class Engine:
         cp.flash_attn_type = 1 if flash_attn else 0
         self._cb = C.ggml_backend_sched_eval_callback(self._on_node)
         cp.cb_eval = self._cb
-        self._abort_cb = C.ggml_abort_callback(lambda _data: self._abort)
+        self._interrupted = False
+        self._abort_cb = C.ggml_abort_callback(self._should_abort)
         cp.abort_callback = self._abort_cb
         ctx = C.llama_init_from_model(model, cp)
         if not ctx:
@@ -440,6 +442,30 @@ class Engine:
             self._abort = True
             return True
 
+    def _should_abort(self, _data: int) -> bool:
+        return self._abort
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Turn Ctrl-C during a decode into a clean abort, then a KeyboardInterrupt after it.
+
+        Without this the interrupt would surface inside a ctypes callback, where Python can only
+        print it and carry on.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(_signum: int, _frame: object) -> None:
+            self._interrupted = True
+            self._abort = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def _check_layout(self, t: int) -> None:
         name = _ggml.ggml_get_name(t)
         ne0, ne1 = _tensor_rows(t)
@@ -523,85 +549,89 @@ class Engine:
         active: list[_Seq] = []
         batch = self._batch
         self._abort = False
+        self._interrupted = False
         self._cb_error = None
         try:
-            while queue or active:
-                while queue and free:
-                    s = queue.popleft()
-                    s.slot = free.pop(0)
-                    if s.sampling is not None:
-                        s.sampler = self._make_sampler(s.sampling)
-                        s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                    active.append(s)
-                n = 0
-                out_rows: list[int] = []
-                out_keys: list[int] = []
-                tok_keys: list[int] = []
-                out_last: list[bool] = []
-                out_seq: list[_Seq] = []
-                out_tok: list[int] = []
-                spans: list[tuple[_Seq, int, int, int]] = []
+            with self._interruptible():
+                while queue or active:
+                    while queue and free:
+                        s = queue.popleft()
+                        s.slot = free.pop(0)
+                        if s.sampling is not None:
+                            s.sampler = self._make_sampler(s.sampling)
+                            s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                        active.append(s)
+                    n = 0
+                    out_rows: list[int] = []
+                    out_keys: list[int] = []
+                    tok_keys: list[int] = []
+                    out_last: list[bool] = []
+                    out_seq: list[_Seq] = []
+                    out_tok: list[int] = []
+                    spans: list[tuple[_Seq, int, int, int]] = []
 
-                def put(s: _Seq, tok: int, pos: int, output: bool) -> None:
-                    nonlocal n
-                    batch.token[n] = tok
-                    batch.pos[n] = pos
-                    batch.n_seq_id[n] = 1
-                    batch.seq_id[n][0] = s.slot
-                    batch.logits[n] = output
-                    tok_keys.append(s.key)
-                    if output:
-                        out_rows.append(n)
-                        out_keys.append(s.key)
-                        out_last.append(s.sampling is None and pos == len(s.tokens) - 1)
-                        out_seq.append(s)
-                        out_tok.append(pos)
-                    n += 1
+                    def put(s: _Seq, tok: int, pos: int, output: bool) -> None:
+                        nonlocal n
+                        batch.token[n] = tok
+                        batch.pos[n] = pos
+                        batch.n_seq_id[n] = 1
+                        batch.seq_id[n][0] = s.slot
+                        batch.logits[n] = output
+                        tok_keys.append(s.key)
+                        if output:
+                            out_rows.append(n)
+                            out_keys.append(s.key)
+                            out_last.append(s.sampling is None and pos == len(s.tokens) - 1)
+                            out_seq.append(s)
+                            out_tok.append(pos)
+                        n += 1
 
-                # Sequences that are generating go first (one token each), prompts fill the rest.
-                for s in active:
-                    if s.pending is not None:
-                        spans.append((s, n, 1, s.fed))
-                        put(s, s.pending, s.fed, True)
-                        s.fed += 1
-                        s.pending = None
-                for s in active:
-                    if s.fed < len(s.tokens) and n < self.n_batch:
-                        take = min(len(s.tokens) - s.fed, self.n_batch - n)
-                        spans.append((s, n, take, s.fed))
-                        last = len(s.tokens) - 1
-                        for p in range(s.fed, s.fed + take):
-                            out = p == last or (s.output_from is not None and p >= s.output_from)
-                            put(s, s.tokens[p], p, out)
-                        s.fed += take
-                batch.n_tokens = n
-                self._layout = _Layout(n, np.asarray(out_rows, dtype=np.int64), out_keys, tok_keys, out_last, spans)
-                rc = C.llama_decode(self._ctx, batch)
-                if self._cb_error is not None:
-                    raise self._cb_error
-                if rc == 1:
-                    raise AlignezError(
-                        f"the context of {self.n_ctx} tokens is full with {len(active)} parallel sequences; "
-                        "raise --ctx or lower --parallel"
-                    )
-                if rc != 0:
-                    raise AlignezError(f"llama_decode failed with code {rc}")
+                    # Sequences that are generating go first (one token each), prompts fill the rest.
+                    for s in active:
+                        if s.pending is not None:
+                            spans.append((s, n, 1, s.fed))
+                            put(s, s.pending, s.fed, True)
+                            s.fed += 1
+                            s.pending = None
+                    for s in active:
+                        if s.fed < len(s.tokens) and n < self.n_batch:
+                            take = min(len(s.tokens) - s.fed, self.n_batch - n)
+                            spans.append((s, n, take, s.fed))
+                            last = len(s.tokens) - 1
+                            for p in range(s.fed, s.fed + take):
+                                out = p == last or (s.output_from is not None and p >= s.output_from)
+                                put(s, s.tokens[p], p, out)
+                            s.fed += take
+                    batch.n_tokens = n
+                    self._layout = _Layout(n, np.asarray(out_rows, dtype=np.int64), out_keys, tok_keys, out_last, spans)
+                    rc = C.llama_decode(self._ctx, batch)
+                    if self._interrupted:
+                        raise KeyboardInterrupt
+                    if self._cb_error is not None:
+                        raise self._cb_error
+                    if rc == 1:
+                        raise AlignezError(
+                            f"the context of {self.n_ctx} tokens is full with {len(active)} parallel sequences; "
+                            "raise --ctx or lower --parallel"
+                        )
+                    if rc != 0:
+                        raise AlignezError(f"llama_decode failed with code {rc}")
 
-                for i, s in enumerate(out_seq):
-                    if on_logits is not None:
-                        on_logits(s, out_tok[i], out_rows[i])
-                    if s.sampling is not None and s.fed == len(s.tokens) + len(s.generated) and s.finish is None:
-                        self._sample_next(s, out_rows[i], on_token)
-                for s in list(active):
-                    prefilled = s.fed >= len(s.tokens)
-                    if (s.sampling is None and prefilled) or s.finish is not None:
-                        active.remove(s)
-                        C.llama_memory_seq_rm(self._mem, s.slot, -1, -1)
-                        free.append(s.slot)
-                        free.sort()
-                        self._free_sampler(s)
-                        if on_done is not None:
-                            on_done(s)
+                    for i, s in enumerate(out_seq):
+                        if on_logits is not None:
+                            on_logits(s, out_tok[i], out_rows[i])
+                        if s.sampling is not None and s.fed == len(s.tokens) + len(s.generated) and s.finish is None:
+                            self._sample_next(s, out_rows[i], on_token)
+                    for s in list(active):
+                        prefilled = s.fed >= len(s.tokens)
+                        if (s.sampling is None and prefilled) or s.finish is not None:
+                            active.remove(s)
+                            C.llama_memory_seq_rm(self._mem, s.slot, -1, -1)
+                            free.append(s.slot)
+                            free.sort()
+                            self._free_sampler(s)
+                            if on_done is not None:
+                                on_done(s)
         except KeyboardInterrupt:
             for s in active:
                 if s.sampling is not None and s.finish is None:

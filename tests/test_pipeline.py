@@ -166,3 +166,20 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 new pairs, 12 already there" in again.stderr
+
+
+def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prefs.jsonl"
+    cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_lines(out)) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted") and str(out) in last and "run the same command again" in last
+    recs = [json.loads(line) for line in _lines(out)]
+    assert 4 <= len(recs) < 120 and len({r["id"] for r in recs}) == len(recs)
