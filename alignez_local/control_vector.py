@@ -1,0 +1,439 @@
+"""ControlVector: one direction per layer, in the GGUF layout llama.cpp, cvector-generator and repeng share.
+
+File layout (what llama.cpp's loader in common/common.cpp accepts, and what we write):
+- tensors ``direction.N`` (N >= 1), F32, 1-D, all of length n_embd; ``direction.N`` is added to
+  the OUTPUT of layer N (0-based), so layer 0 can never be steered and ``direction.0`` makes
+  llama.cpp reject the whole file;
+- ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (the model's
+  architecture, e.g. "llama"), ``controlvector.layer_count`` (uint32). llama.cpp reads none of them;
+- our own extra keys, all named ``alignez.*`` (llama.cpp ignores unknown keys). The model's
+  layer count, when known, is stored as ``alignez.model.n_layer`` and is also what we write as
+  ``controlvector.layer_count`` (cvector-generator writes the number of directions, repeng the
+  number of layers it trained, so that key is never trusted on reading).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType
+
+from .errors import AlignezError
+from .gguf_file import DIRECTION_RE, GGUFContents, _classify, read_gguf, write_gguf
+
+MAX_N_EMBD = 65536
+MAX_LAYER = 4096
+
+KEY_MODEL_HINT = "controlvector.model_hint"
+KEY_LAYER_COUNT = "controlvector.layer_count"
+META_PREFIX = "alignez."
+META_N_LAYER = "alignez.model.n_layer"
+
+MetaValue = str | int | float
+
+_WHAT = "a .gguf control vector"
+
+
+def _is_number(x: object) -> bool:
+    """Return True for a real (non-bool) Python or numpy number."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _scalar(x: object, what: str) -> float:
+    """Return ``x`` as a finite float, or raise AlignezError naming ``what``."""
+    try:
+        value = float(x) if _is_number(x) else math.nan  # type: ignore[arg-type]
+    except OverflowError:  # an int too large for a float
+        value = math.inf
+    if not math.isfinite(value):
+        raise AlignezError(f"{what} must be a finite number, got {x!r}")
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class ControlVector:
+    """An immutable set of steering directions keyed by the layer whose output each is added to.
+
+    ``directions[N]`` is llama.cpp's ``direction.N``: a float32 (n_embd,) array added to the output
+    of layer N (0-based). ``metadata`` holds our own ``alignez.*`` keys. Arrays are copied and made
+    read-only on construction; equality compares values exactly.
+    """
+
+    directions: Mapping[int, np.ndarray]
+    model_hint: str | None = None
+    metadata: Mapping[str, MetaValue] = field(default_factory=dict)
+    name: str = "vector"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.directions, Mapping) or len(self.directions) == 0:
+            raise AlignezError(f"control vector {self.name!r} has no directions; it needs at least one layer")
+        dirs: dict[int, np.ndarray] = {}
+        width: int | None = None
+        for key, vec in self.directions.items():
+            if not isinstance(key, (int, np.integer)) or isinstance(key, (bool, np.bool_)):
+                raise AlignezError(f"control vector {self.name!r}: layer key {key!r} is not an integer")
+            layer = int(key)
+            if not 0 <= layer <= MAX_LAYER:
+                raise AlignezError(f"control vector {self.name!r}: layer {layer} is outside 0..{MAX_LAYER}")
+            try:
+                # Values beyond float32 become inf here and are refused just below.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    arr = np.array(vec, dtype=np.float32)
+            except (TypeError, ValueError, OverflowError):
+                raise AlignezError(f"control vector {self.name!r}: layer {layer} is not numeric") from None
+            if arr.ndim != 1 or arr.size == 0 or arr.size > MAX_N_EMBD:
+                raise AlignezError(
+                    f"control vector {self.name!r}: layer {layer} has shape {arr.shape}; "
+                    f"each direction must be 1-D with 1..{MAX_N_EMBD} values"
+                )
+            if width is None:
+                width = arr.size
+            elif arr.size != width:
+                raise AlignezError(
+                    f"control vector {self.name!r}: layer {layer} has {arr.size} values but others have {width}; "
+                    "all directions must have the same width"
+                )
+            if not np.all(np.isfinite(arr)):
+                raise AlignezError(
+                    f"control vector {self.name!r}: layer {layer} contains NaN or infinite values "
+                    "(a strength too large, or a damaged file)"
+                )
+            arr.setflags(write=False)
+            dirs[layer] = arr
+        meta: dict[str, MetaValue] = {}
+        for k, v in dict(self.metadata).items():
+            if not isinstance(k, str) or not k.startswith(META_PREFIX):
+                raise AlignezError(f"control vector metadata key {k!r} must start with {META_PREFIX!r}")
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (str, int, float, np.integer, np.floating)):
+                raise AlignezError(f"control vector metadata {k!r} must be a str, int or float, got {type(v).__name__}")
+            meta[k] = v.item() if isinstance(v, (np.integer, np.floating)) else v
+        if self.model_hint is not None and not isinstance(self.model_hint, str):
+            raise AlignezError(f"control vector model_hint must be a string, got {self.model_hint!r}")
+        # frozen=True blocks normal assignment; these are the normalised, read-only copies.
+        object.__setattr__(self, "directions", MappingProxyType(dict(sorted(dirs.items()))))
+        object.__setattr__(self, "metadata", MappingProxyType(meta))
+        object.__setattr__(self, "name", str(self.name))
+
+    # -- shape -----------------------------------------------------------------------------------
+
+    @property
+    def n_embd(self) -> int:
+        """Return the width of every direction (the model's n_embd)."""
+        return int(next(iter(self.directions.values())).size)
+
+    @property
+    def layers(self) -> list[int]:
+        """Return the layers that have a direction, ascending."""
+        return sorted(self.directions)
+
+    def __eq__(self, other: object) -> bool:
+        """Return True when layers, values, hint, metadata and name are all equal."""
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        return (
+            self.layers == other.layers
+            and all(np.array_equal(self.directions[k], other.directions[k]) for k in self.layers)
+            and self.model_hint == other.model_hint
+            and dict(self.metadata) == dict(other.metadata)
+            and self.name == other.name
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # equality is by array values, so no hash
+    # Makes numpy scalars defer to our __rmul__ (np.float64(2) * cv) instead of wrapping cv in an array.
+    __array_ufunc__ = None
+
+    def __repr__(self) -> str:
+        """Return a short description (not the arrays)."""
+        return (
+            f"ControlVector(name={self.name!r}, n_embd={self.n_embd}, layers={self.layers}, "
+            f"model_hint={self.model_hint!r})"
+        )
+
+    # -- arithmetic (like repeng) ----------------------------------------------------------------
+
+    def _combine(self, other: ControlVector, sign: float, op: str) -> ControlVector:
+        """Return the per-layer sum ``self + sign * other`` over the union of layers."""
+        if other.n_embd != self.n_embd:
+            raise AlignezError(
+                f"cannot combine vector {self.name!r} (width {self.n_embd}) with {other.name!r} "
+                f"(width {other.n_embd}); they were made for different models"
+            )
+        out: dict[int, np.ndarray] = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for layer in sorted(set(self.directions) | set(other.directions)):
+                acc = np.zeros(self.n_embd, dtype=np.float64)
+                if layer in self.directions:
+                    acc += self.directions[layer]
+                if layer in other.directions:
+                    acc += sign * other.directions[layer].astype(np.float64)
+                out[layer] = acc.astype(np.float32)
+        # Keep only metadata both sides agree on: anything else would describe just one of them.
+        meta = {k: v for k, v in self.metadata.items() if other.metadata.get(k) == v}
+        # Like repeng, the left operand's hint wins; a missing hint is filled from the right one.
+        hint = self.model_hint if self.model_hint is not None else other.model_hint
+        return ControlVector(out, hint, meta, f"{self.name}{op}{other.name}")
+
+    def _scaled(self, k: float, label: str) -> ControlVector:
+        """Return every direction multiplied by ``k``."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = {L: (v.astype(np.float64) * k).astype(np.float32) for L, v in self.directions.items()}
+        return ControlVector(out, self.model_hint, dict(self.metadata), label)
+
+    def __add__(self, other: object) -> ControlVector:
+        """Return the per-layer sum (union of layers)."""
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        return self._combine(other, 1.0, "+")
+
+    def __sub__(self, other: object) -> ControlVector:
+        """Return the per-layer difference (union of layers)."""
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        return self._combine(other, -1.0, "-")
+
+    def __mul__(self, k: object) -> ControlVector:
+        """Return the vector scaled by the number ``k``."""
+        if not _is_number(k):
+            return NotImplemented
+        s = _scalar(k, "a control vector scale")
+        return self._scaled(s, f"{self.name}*{s:g}")
+
+    def __rmul__(self, k: object) -> ControlVector:
+        """Return the vector scaled by the number ``k``."""
+        return self.__mul__(k)
+
+    def __truediv__(self, k: object) -> ControlVector:
+        """Return the vector divided by the non-zero number ``k``."""
+        if not _is_number(k):
+            return NotImplemented
+        s = _scalar(k, "a control vector divisor")
+        if s == 0.0:
+            raise AlignezError(f"cannot divide control vector {self.name!r} by zero")
+        return self._scaled(1.0 / s, f"{self.name}/{s:g}")
+
+    def __neg__(self) -> ControlVector:
+        """Return the vector pointing the other way."""
+        return self._scaled(-1.0, f"-{self.name}")
+
+    # -- use with a model ------------------------------------------------------------------------
+
+    def _check_layers(self, n_layer: int) -> None:
+        """Return nothing when every layer can be steered in a model of ``n_layer`` layers."""
+        if 0 in self.directions:
+            raise AlignezError(
+                f"vector {self.name} has a direction for layer 0, which llama.cpp cannot steer "
+                f"(1..{n_layer - 1} usable); remove it"
+            )
+        too_high = [L for L in self.directions if L >= n_layer]
+        if too_high:
+            raise AlignezError(
+                f"vector {self.name} has direction.{max(too_high)} but the model has {n_layer} layers "
+                f"(1..{n_layer - 1} usable)"
+            )
+
+    def to_cvec_buffer(
+        self, n_layer: int, strength: float = 1.0, layer_range: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """Return the flat float32 buffer of n_embd * (n_layer - 1) floats for ``llama_set_adapter_cvec``.
+
+        Slot ``i`` (floats ``i*n_embd .. (i+1)*n_embd``) holds layer ``i + 1``: layer 0 has no slot.
+        Directions are multiplied by ``strength``; those outside ``layer_range`` (inclusive, 0-based
+        layer indices like llama.cpp's ``--control-vector-layer-range``) are left at zero. The
+        buffer always covers every layer, because llama.cpp keeps old values for layers a shorter
+        buffer leaves out.
+        """
+        if isinstance(n_layer, bool) or not isinstance(n_layer, (int, np.integer)) or n_layer < 1:
+            raise AlignezError(f"the model must have at least one layer, got n_layer={n_layer!r}")
+        n_layer = int(n_layer)
+        s = _scalar(strength, "the steering strength")
+        self._check_layers(n_layer)
+        if layer_range is None:
+            lo, hi = 0, n_layer - 1
+        else:
+            try:
+                lo, hi = (int(v) for v in layer_range)
+            except (TypeError, ValueError):
+                raise AlignezError(f"layer range {layer_range!r} must be two layer numbers") from None
+        if lo > hi:
+            raise AlignezError(f"layer range {lo}..{hi} is empty; give the lower layer first")
+        n = self.n_embd
+        buf = np.zeros(n * (n_layer - 1), dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for layer, vec in self.directions.items():
+                if lo <= layer <= hi:
+                    buf[(layer - 1) * n : layer * n] = (vec.astype(np.float64) * s).astype(np.float32)
+        if not np.all(np.isfinite(buf)):
+            raise AlignezError(f"strength {s:g} is too large for vector {self.name}: values overflow float32")
+        return buf
+
+    def check_compatible(self, n_layer: int, n_embd: int, arch: str) -> list[str]:
+        """Return warnings about using this vector on a model; raise AlignezError if it cannot work.
+
+        Errors: width differs from ``n_embd``; a direction for a layer the model lacks (or layer 0).
+        Warnings: made for another architecture (``model_hint``) or another layer count.
+        """
+        if self.n_embd != n_embd:
+            raise AlignezError(
+                f"vector {self.name} has width {self.n_embd} but model has n_embd {n_embd}; "
+                "it was made for another model"
+            )
+        self._check_layers(n_layer)
+        warnings: list[str] = []
+        if self.model_hint and arch and self.model_hint != arch:
+            warnings.append(f"vector {self.name} was made for {self.model_hint!r}, model is {arch!r}")
+        made_for = self.metadata.get(META_N_LAYER)
+        if isinstance(made_for, int) and made_for != n_layer:
+            warnings.append(f"vector {self.name} was made for a model with {made_for} layers; this one has {n_layer}")
+        return warnings
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _direction_layers(contents: GGUFContents) -> dict[str, int]:
+    """Return tensor name -> layer after checking the tensors exactly as llama.cpp's loader does.
+
+    Stricter than llama.cpp in three ways: N must be plain digits without leading zeros (stoi
+    would read "direction.01" and "direction.1x" as 1), N <= 4096 and n_embd <= 65536.
+    """
+    path = contents.path
+    if not contents.tensors:
+        raise AlignezError(f"{path} holds no direction tensors; it is not a usable control vector")
+    layers: dict[str, int] = {}
+    width: int | None = None
+    first = ""
+    for name, t in contents.tensors.items():
+        m = DIRECTION_RE.fullmatch(name)
+        if m is None:
+            raise AlignezError(
+                f"{path} has a tensor named {name!r}; a control vector may only hold direction.N tensors "
+                "(llama.cpp refuses the file)"
+            )
+        digits = m.group(1)
+        if len(digits) > 1 and digits.startswith("0"):
+            raise AlignezError(f"{path} has a tensor named {name!r}; write the layer number without leading zeros")
+        layer = int(digits)
+        if layer == 0:
+            raise AlignezError(
+                f"{path} has direction.0; llama.cpp refuses control vectors with a layer-0 direction "
+                "(layers start at 1)"
+            )
+        if layer > MAX_LAYER:
+            raise AlignezError(f"{path} has {name}; layer numbers above {MAX_LAYER} are not plausible")
+        if t.type_name != "F32":
+            raise AlignezError(f"{path}: tensor {name} is {t.type_name}; llama.cpp only loads F32 control vectors")
+        if len(t.shape) != 1:
+            raise AlignezError(
+                f"{path}: tensor {name} has shape {t.shape}; control vector tensors must be 1-D"
+            )
+        size = t.shape[0]
+        if not 1 <= size <= MAX_N_EMBD:
+            raise AlignezError(f"{path}: tensor {name} has {size} values; expected 1..{MAX_N_EMBD}")
+        if width is None:
+            width, first = size, name
+        elif size != width:
+            raise AlignezError(
+                f"{path}: tensor {name} has {size} values but {first} has {width}; "
+                "all directions must have the same length"
+            )
+        layers[name] = layer
+    return layers
+
+
+def _refuse_other_kinds(contents: GGUFContents) -> None:
+    """Return nothing for a file that may be a control vector; raise for models and profiles."""
+    if contents.metadata.get("general.type") == "adapter":
+        raise AlignezError(f"{contents.path} is a LoRA adapter, not a control vector; give a control vector file")
+    kind = _classify(contents)
+    if kind == "model":
+        raise AlignezError(f"{contents.path} is a model file, not a control vector; pass it with -m")
+    if kind == "profile":
+        raise AlignezError(f"{contents.path} is a steering profile; pass it with --profile")
+
+
+def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
+    """Return the control vector in a GGUF file (llama.cpp cvector-generator, repeng, or ours).
+
+    Every tensor must be ``direction.N`` (N >= 1), F32, 1-D, all of one length, with finite values;
+    anything else raises AlignezError, as does a model or profile given by mistake.
+    """
+    # Pass 1: header only, so a multi-GB model given by mistake is recognised without reading it.
+    head = read_gguf(path, want_data=False, want_arrays=False, what=_WHAT)
+    _refuse_other_kinds(head)
+    _direction_layers(head)
+    # Pass 2: the data, now known to be at most MAX_LAYER * MAX_N_EMBD floats. Validate again:
+    # the file may have been replaced between the two reads.
+    contents = read_gguf(path, want_data=True, want_arrays=False, what=_WHAT)
+    _refuse_other_kinds(contents)
+    layers = _direction_layers(contents)
+    directions: dict[int, np.ndarray] = {}
+    for name, layer in layers.items():
+        data = contents.tensors[name].data
+        if data is None:  # F32 tensors always carry data; this guards a future change of read_gguf
+            raise AlignezError(f"{contents.path}: tensor {name} has no data; download it again")
+        if not np.all(np.isfinite(data)):
+            bad = int(np.count_nonzero(~np.isfinite(data)))
+            raise AlignezError(
+                f"{contents.path}: tensor {name} contains {bad} NaN or infinite values; "
+                "the file is damaged or was made wrongly"
+            )
+        directions[layer] = data
+    md = contents.metadata
+    hint = md.get(KEY_MODEL_HINT)
+    meta: dict[str, MetaValue] = {}
+    for key, value in md.items():
+        if key.startswith(META_PREFIX) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            meta[key] = value
+    return ControlVector(
+        directions=directions,
+        model_hint=hint if isinstance(hint, str) and hint else None,
+        metadata=meta,
+        name=contents.path.stem,
+    )
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _meta_kv(key: str, value: MetaValue) -> tuple[str, GGUFValueType, Any]:
+    """Return the (key, GGUF type, value) triple that stores one metadata value without loss."""
+    if isinstance(value, str):
+        return key, GGUFValueType.STRING, value
+    if isinstance(value, int):
+        if -(1 << 63) <= value < (1 << 63):
+            return key, GGUFValueType.INT64, value
+        if 0 <= value < (1 << 64):
+            return key, GGUFValueType.UINT64, value
+        raise AlignezError(f"metadata {key!r} = {value} does not fit in 64 bits")
+    return key, GGUFValueType.FLOAT64, float(value)
+
+
+def write_control_vector(path: str | os.PathLike[str], cv: ControlVector) -> Path:
+    """Return the written path after saving ``cv`` atomically as a llama.cpp control vector GGUF.
+
+    Writes ``direction.N`` F32 tensors, ``general.architecture = "controlvector"``,
+    ``controlvector.model_hint`` (when known), ``controlvector.layer_count`` (uint32: the model's
+    layer count from ``alignez.model.n_layer`` when present, else the highest layer + 1) and
+    every ``alignez.*`` metadata key.
+    """
+    if 0 in cv.directions:
+        raise AlignezError(
+            f"cannot write {cv.name}: it has a direction for layer 0, and a direction.0 tensor makes "
+            "llama.cpp refuse the whole file; drop layer 0"
+        )
+    n_layer = cv.metadata.get(META_N_LAYER)
+    layer_count = n_layer if isinstance(n_layer, int) and 0 < n_layer < (1 << 32) else max(cv.layers) + 1
+    kvs: list[tuple[str, GGUFValueType, Any]] = []
+    if cv.model_hint:
+        kvs.append((KEY_MODEL_HINT, GGUFValueType.STRING, cv.model_hint))
+    kvs.append((KEY_LAYER_COUNT, GGUFValueType.UINT32, int(layer_count)))
+    kvs.extend(_meta_kv(k, v) for k, v in sorted(cv.metadata.items()))
+    tensors = [(f"direction.{layer}", cv.directions[layer].astype("<f4")) for layer in cv.layers]
+    return write_gguf(path, "controlvector", kvs, tensors)

@@ -1,0 +1,386 @@
+"""SteeringProfile: the per-layer persona subspaces AlignEZ edits with, saved as a versioned GGUF file.
+
+File layout (GGUF, so the one strict reader in ``gguf_file`` serves both formats):
+- ``general.architecture = "alignez-profile"``;
+- ``alignez.profile.version`` (uint32) = ``PROFILE_FORMAT_VERSION``;
+- ``alignez.profile.meta``: a JSON string with name, site, method, axis, layer_stats, params and
+  provenance (layer_stats keys are layer numbers written as strings);
+- tensors ``subspace.L`` F32, numpy shape (k_L, n_embd); GGUF stores dimensions fastest-first, so
+  the file's ``ne`` is (n_embd, k_L) and the reader reverses it back.
+Tensor names are not ``direction.N``, so llama.cpp refuses a profile given as a control vector,
+which is intended: a profile drives the input-dependent edit, not a constant addition.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType
+
+from .errors import AlignezError
+from .gguf_file import PROFILE_ARCH, GGUFContents, _classify, read_gguf, write_gguf
+
+PROFILE_FORMAT_VERSION = 1
+KEY_VERSION = "alignez.profile.version"
+KEY_META = "alignez.profile.meta"
+SITES = ("ffn_out", "l_out")
+SUBSPACE_RE = re.compile(r"subspace\.(0|[1-9][0-9]*)")
+UNIT_TOL = 1e-3  # row norms and pairwise dot products must be within this of orthonormal
+MAX_LAYER = 4096
+MAX_N_EMBD = 65536
+REQUIRED_META = ("site", "method", "axis", "provenance")
+REQUIRED_PROVENANCE = ("n_embd", "n_layer")
+
+_WHAT = "a .gguf steering profile"
+# Set by load_profile so validation messages name the file instead of the profile's display name.
+_LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("_LABEL", default=None)
+
+
+def _json_default(obj: Any) -> Any:
+    """Return a JSON-encodable stand-in for mappings and numpy values; raise TypeError otherwise."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def _is_int(x: object) -> bool:
+    """Return True for a Python or numpy integer that is not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _freeze_json(value: Mapping[str, Any], what: str, where: str) -> Mapping[str, Any]:
+    """Return a read-only copy of a JSON-serializable mapping, or raise AlignezError."""
+    if not isinstance(value, Mapping):
+        raise AlignezError(f"{where}: {what} must be a mapping, got {type(value).__name__}")
+    try:
+        json.dumps(value, default=_json_default)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise AlignezError(f"{where}: {what} cannot be saved as JSON ({err})") from None
+    for k in value:
+        if not isinstance(k, str):
+            raise AlignezError(f"{where}: {what} key {k!r} is not a string")
+    return MappingProxyType(dict(value))
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringProfile:
+    """Per-layer orthonormal subspaces (rows point from the negative to the positive persona).
+
+    ``subspaces[L]`` is a float32 (k, n_embd) array for layer L (0-based, at ``site``:
+    "ffn_out" or "l_out"); ``provenance`` must hold the model's ``n_embd`` and ``n_layer`` (and
+    normally arch, model_sha256, model_name, data_sha256, package_version, created).
+    """
+
+    subspaces: Mapping[int, np.ndarray]
+    site: str
+    method: str
+    axis: Mapping[str, str]
+    layer_stats: Mapping[int, Mapping[str, float]]
+    params: Mapping[str, object]
+    provenance: Mapping[str, object]
+    name: str = "profile"
+
+    def __post_init__(self) -> None:
+        where = f"profile {_LABEL.get() or self.name}"
+        if not isinstance(self.site, str) or self.site not in SITES:
+            raise AlignezError(f"{where}: site {self.site!r} is not one of {', '.join(SITES)}")
+        if not isinstance(self.method, str) or not self.method:
+            raise AlignezError(f"{where}: method must be a non-empty string")
+        if not isinstance(self.axis, Mapping) or not all(
+            isinstance(self.axis.get(k), str) for k in ("name", "positive", "negative")
+        ):
+            raise AlignezError(f"{where}: axis must give 'name', 'positive' and 'negative' as strings")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.axis.items()):
+            raise AlignezError(f"{where}: axis keys and values must be strings")
+        provenance = _freeze_json(self.provenance, "provenance", where)
+        params = _freeze_json(self.params, "params", where)
+        n_embd = provenance.get("n_embd")
+        n_layer = provenance.get("n_layer")
+        if not _is_int(n_embd) or not 1 <= int(n_embd) <= MAX_N_EMBD:  # type: ignore[arg-type]
+            raise AlignezError(f"{where}: provenance n_embd {n_embd!r} is missing or not a valid width")
+        if not _is_int(n_layer) or not 1 <= int(n_layer) <= MAX_LAYER + 1:  # type: ignore[arg-type]
+            raise AlignezError(f"{where}: provenance n_layer {n_layer!r} is missing or not a valid layer count")
+        subspaces = _check_subspaces(self.subspaces, int(n_embd), int(n_layer), where)  # type: ignore[arg-type]
+        stats = _check_layer_stats(self.layer_stats, where)
+        # frozen=True blocks normal assignment; these are the validated, read-only copies.
+        object.__setattr__(self, "subspaces", subspaces)
+        object.__setattr__(self, "axis", MappingProxyType(dict(self.axis)))
+        object.__setattr__(self, "layer_stats", stats)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "provenance", provenance)
+        object.__setattr__(self, "name", str(self.name))
+
+    @property
+    def n_embd(self) -> int:
+        """Return the model width every subspace lives in."""
+        return int(next(iter(self.subspaces.values())).shape[1])
+
+    @property
+    def layers(self) -> list[int]:
+        """Return the layers that have a subspace, ascending."""
+        return sorted(self.subspaces)
+
+    def __eq__(self, other: object) -> bool:
+        """Return True when every field is equal (arrays compared exactly)."""
+        if not isinstance(other, SteeringProfile):
+            return NotImplemented
+        return (
+            self.layers == other.layers
+            and all(np.array_equal(self.subspaces[k], other.subspaces[k]) for k in self.layers)
+            and _meta_dict(self) == _meta_dict(other)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # equality is by array values, so no hash
+
+    def __repr__(self) -> str:
+        """Return a short description (not the arrays)."""
+        ks = {L: int(s.shape[0]) for L, s in self.subspaces.items()}
+        return f"SteeringProfile(name={self.name!r}, site={self.site!r}, method={self.method!r}, k={ks})"
+
+    def check_compatible(
+        self, n_layer: int, n_embd: int, arch: str, model_sha256: str | None = None
+    ) -> list[str]:
+        """Return warnings about using this profile on a model; raise AlignezError if it cannot fit.
+
+        Subspaces are specific to one model, so the width and the layer count must both match the
+        model the profile was made from. A different architecture name or model file hash only warns.
+        """
+        made_embd = self.provenance["n_embd"]
+        made_layer = self.provenance["n_layer"]
+        if made_embd != n_embd or made_layer != n_layer:
+            raise AlignezError(
+                f"profile {self.name} was made for a model with n_embd {made_embd} and {made_layer} layers, "
+                f"but this model has n_embd {n_embd} and {n_layer} layers; build a profile for this model"
+            )
+        warnings: list[str] = []
+        made_arch = self.provenance.get("arch")
+        if isinstance(made_arch, str) and made_arch and arch and made_arch != arch:
+            warnings.append(f"profile {self.name} was made for {made_arch!r}, model is {arch!r}")
+        made_sha = self.provenance.get("model_sha256")
+        if model_sha256 and isinstance(made_sha, str) and made_sha and made_sha != model_sha256:
+            warnings.append(
+                f"profile {self.name} was made from another model file (sha256 {made_sha[:12]}...); "
+                "its subspaces may not fit this one"
+            )
+        return warnings
+
+
+def _check_subspaces(
+    subspaces: Mapping[int, np.ndarray], n_embd: int, n_layer: int, where: str
+) -> Mapping[int, np.ndarray]:
+    """Return read-only float32 copies of the subspaces after checking shape, range and orthonormality."""
+    if not isinstance(subspaces, Mapping) or len(subspaces) == 0:
+        raise AlignezError(f"{where} has no subspaces; it needs at least one layer")
+    out: dict[int, np.ndarray] = {}
+    for key, sub in subspaces.items():
+        if not _is_int(key):
+            raise AlignezError(f"{where}: layer key {key!r} is not an integer")
+        layer = int(key)
+        if not 0 <= layer < n_layer:
+            raise AlignezError(f"{where}: subspace for layer {layer}, but the model has {n_layer} layers (0..{n_layer - 1})")
+        try:
+            # Values beyond float32 become inf here and are refused as non-finite below.
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = np.array(sub, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):
+            raise AlignezError(f"{where}: subspace {layer} is not numeric") from None
+        if arr.ndim == 1:
+            arr = arr[None, :]  # one direction given as a vector is a k = 1 subspace
+        if arr.ndim != 2 or arr.shape[1] != n_embd or not 1 <= arr.shape[0] <= n_embd:
+            raise AlignezError(
+                f"{where}: subspace {layer} has shape {arr.shape}; expected (k, {n_embd}) with 1 <= k <= {n_embd}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise AlignezError(f"{where}: subspace {layer} contains NaN or infinite values; the file is damaged")
+        gram = arr.astype(np.float64) @ arr.astype(np.float64).T
+        norms = np.sqrt(np.diag(gram))
+        worst_norm = float(np.max(np.abs(norms - 1.0)))
+        if worst_norm > UNIT_TOL:
+            raise AlignezError(
+                f"{where}: subspace {layer} has a row of norm {norms[np.argmax(np.abs(norms - 1.0))]:.4f}; "
+                "rows must be unit vectors"
+            )
+        off = gram - np.diag(np.diag(gram))
+        if arr.shape[0] > 1 and float(np.max(np.abs(off))) > UNIT_TOL:
+            raise AlignezError(
+                f"{where}: subspace {layer} rows are not orthogonal (|dot| up to {float(np.max(np.abs(off))):.4f})"
+            )
+        arr.setflags(write=False)
+        out[layer] = arr
+    return MappingProxyType(dict(sorted(out.items())))
+
+
+def _check_layer_stats(stats: Mapping[int, Mapping[str, float]], where: str) -> Mapping[int, Mapping[str, Any]]:
+    """Return read-only copies of per-layer diagnostics after checking keys and scalar values."""
+    if not isinstance(stats, Mapping):
+        raise AlignezError(f"{where}: layer_stats must be a mapping of layer -> statistics")
+    out: dict[int, Mapping[str, Any]] = {}
+    for key, row in stats.items():
+        if not _is_int(key):
+            raise AlignezError(f"{where}: layer_stats key {key!r} is not a layer number")
+        if not isinstance(row, Mapping):
+            raise AlignezError(f"{where}: layer_stats[{key}] must be a mapping of name -> number")
+        clean: dict[str, Any] = {}
+        for name, value in row.items():
+            if not isinstance(name, str):
+                raise AlignezError(f"{where}: layer_stats[{key}] has a non-string key {name!r}")
+            if isinstance(value, np.generic):
+                value = value.item()
+            # None marks a statistic that could not be computed (e.g. no held-out pairs).
+            if value is not None and not isinstance(value, (int, float, str)):
+                raise AlignezError(f"{where}: layer_stats[{key}][{name!r}] must be a number, got {type(value).__name__}")
+            clean[name] = value
+        out[int(key)] = MappingProxyType(clean)
+    return MappingProxyType(dict(sorted(out.items())))
+
+
+def _meta_dict(profile: SteeringProfile) -> dict[str, Any]:
+    """Return everything but the subspaces as plain JSON-ready data (what ``alignez.profile.meta`` holds)."""
+    return {
+        "name": profile.name,
+        "site": profile.site,
+        "method": profile.method,
+        "axis": dict(profile.axis),
+        "layer_stats": {str(k): dict(v) for k, v in profile.layer_stats.items()},
+        "params": dict(profile.params),
+        "provenance": dict(profile.provenance),
+    }
+
+
+def save_profile(path: str | os.PathLike[str], profile: SteeringProfile) -> Path:
+    """Return the written path after saving ``profile`` atomically as an alignez-profile GGUF."""
+    try:
+        meta = json.dumps(_meta_dict(profile), default=_json_default, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise AlignezError(f"cannot save profile {profile.name}: its metadata is not JSON-serializable ({err})") from None
+    kvs = [
+        (KEY_VERSION, GGUFValueType.UINT32, PROFILE_FORMAT_VERSION),
+        (KEY_META, GGUFValueType.STRING, meta),
+    ]
+    tensors = [(f"subspace.{L}", profile.subspaces[L].astype("<f4")) for L in profile.layers]
+    return write_gguf(path, PROFILE_ARCH, kvs, tensors)
+
+
+def _refuse_other_kinds(contents: GGUFContents) -> None:
+    """Return nothing for a profile file; raise AlignezError naming what the file is instead."""
+    if contents.architecture == PROFILE_ARCH:
+        return
+    kind = _classify(contents)
+    if kind == "model":
+        raise AlignezError(f"{contents.path} is a model file, not a steering profile; pass it with -m")
+    if kind == "control-vector":
+        raise AlignezError(
+            f"{contents.path} is a control vector, not a steering profile; load it as a control vector"
+        )
+    raise AlignezError(
+        f"{contents.path} is not a steering profile (general.architecture = {contents.architecture!r}); "
+        "give a profile made by alignez-local"
+    )
+
+
+def _check_header(contents: GGUFContents) -> dict[str, Any]:
+    """Return the parsed meta JSON after checking the version key and the tensor table."""
+    path = contents.path
+    md, types = contents.metadata, contents.value_types
+    version = md.get(KEY_VERSION)
+    if version is None:
+        raise AlignezError(f"profile {path} has no {KEY_VERSION} key; the file is damaged or not a profile")
+    if not types[KEY_VERSION].startswith(("UINT", "INT")) or isinstance(version, bool):
+        raise AlignezError(f"profile {path}: {KEY_VERSION} is {types[KEY_VERSION]}, not an integer; the file is damaged")
+    if version > PROFILE_FORMAT_VERSION:
+        raise AlignezError(
+            f"profile {path} has format version {version}; this alignez-local reads version "
+            f"{PROFILE_FORMAT_VERSION}: upgrade alignez-local"
+        )
+    if version < 1:
+        raise AlignezError(f"profile {path} has invalid format version {version}; the file is damaged")
+    raw = md.get(KEY_META)
+    if not isinstance(raw, str):
+        raise AlignezError(f"profile {path} has no {KEY_META} JSON string; the file is damaged")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise AlignezError(f"profile {path}: {KEY_META} is not valid JSON; the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise AlignezError(f"profile {path}: {KEY_META} is not a JSON object; the file is damaged")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise AlignezError(f"profile {path}: {KEY_META} lacks {', '.join(missing)}; the file is damaged")
+    prov = meta["provenance"]
+    if not isinstance(prov, dict) or any(not _is_int(prov.get(k)) for k in REQUIRED_PROVENANCE):
+        raise AlignezError(f"profile {path}: provenance must give n_embd and n_layer as integers; the file is damaged")
+    n_embd, n_layer = int(prov["n_embd"]), int(prov["n_layer"])
+    if not 1 <= n_embd <= MAX_N_EMBD or not 1 <= n_layer <= MAX_LAYER + 1:
+        raise AlignezError(f"profile {path}: provenance n_embd {n_embd} / n_layer {n_layer} are implausible")
+    if not contents.tensors:
+        raise AlignezError(f"profile {path} holds no subspace tensors; the file is damaged")
+    for name, t in contents.tensors.items():
+        m = SUBSPACE_RE.fullmatch(name)
+        if m is None:
+            raise AlignezError(f"profile {path} has an unexpected tensor {name!r}; only subspace.L tensors belong there")
+        layer = int(m.group(1))
+        if layer >= n_layer:
+            raise AlignezError(f"profile {path}: {name} is beyond the model's {n_layer} layers; the file is damaged")
+        if t.type_name != "F32":
+            raise AlignezError(f"profile {path}: tensor {name} is {t.type_name}, expected F32")
+        if len(t.shape) != 2 or t.shape[1] != n_embd or not 1 <= t.shape[0] <= n_embd:
+            raise AlignezError(
+                f"profile {path}: tensor {name} has shape {t.shape}; expected (k, {n_embd}) with 1 <= k <= {n_embd}"
+            )
+    return meta
+
+
+def load_profile(path: str | os.PathLike[str]) -> SteeringProfile:
+    """Return the validated steering profile stored in ``path``; raise AlignezError on any problem."""
+    head = read_gguf(path, want_data=False, want_arrays=False, what=_WHAT)
+    _refuse_other_kinds(head)
+    _check_header(head)
+    # Header checks bound the data to n_layer * n_embd^2 floats of a plausible model; read it now
+    # and check again, since the file could have been replaced between the two reads.
+    contents = read_gguf(path, want_data=True, want_arrays=False, what=_WHAT)
+    _refuse_other_kinds(contents)
+    meta = _check_header(contents)
+    subspaces: dict[int, np.ndarray] = {}
+    for name, t in contents.tensors.items():
+        if t.data is None:  # F32 tensors always carry data with want_data=True; guard a future change
+            raise AlignezError(f"profile {contents.path}: tensor {name} has no data; the file is damaged")
+        subspaces[int(name.split(".", 1)[1])] = t.data
+    stats_raw = meta.get("layer_stats", {})
+    if not isinstance(stats_raw, dict):
+        raise AlignezError(f"profile {contents.path}: layer_stats is not a JSON object; the file is damaged")
+    stats: dict[int, Any] = {}
+    for key, row in stats_raw.items():
+        if not re.fullmatch(r"0|[1-9][0-9]{0,4}", key):
+            raise AlignezError(f"profile {contents.path}: layer_stats key {key!r} is not a layer number")
+        stats[int(key)] = row
+    name = meta.get("name")
+    token = _LABEL.set(str(contents.path))
+    try:
+        return SteeringProfile(
+            subspaces=subspaces,
+            site=meta["site"],
+            method=meta["method"],
+            axis=meta["axis"],
+            layer_stats=stats,
+            params=meta.get("params", {}),
+            provenance=meta["provenance"],
+            name=name if isinstance(name, str) and name else contents.path.stem,
+        )
+    finally:
+        _LABEL.reset(token)
+
