@@ -26,6 +26,16 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def make_temp_beside(p: Path) -> tuple[int, str]:
+    """Return (fd, name) of a new temporary file in ``p``'s folder, with the permissions a plain
+    ``open`` would give (mkstemp's 0600 would make shared vectors unreadable to others)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
@@ -33,7 +43,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
     An interrupted write leaves either the old file or the new one, never a half-written file.
     """
     p = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    fd, tmp = make_temp_beside(p)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh

@@ -19,7 +19,6 @@ import os
 import re
 import stat
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from .errors import AlignezError
-from .fileio import check_writable
+from .fileio import check_writable, make_temp_beside
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -548,7 +547,7 @@ def write_gguf(
     written in the given order as contiguous little-endian arrays.
     """
     target = check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = make_temp_beside(target)
     os.close(fd)
     tmp = Path(tmp_name)
     writer: GGUFWriter | None = None
