@@ -93,9 +93,10 @@ class Steering:
         top_n: int = DEFAULT_TOP_N,
     ) -> "Steering":
         """Return steering built from ``FILE[:STRENGTH]`` / ``FILE[:WEIGHT]`` specs, checked against the model."""
-        st = cls(layer_range=parse_layer_range(layers, engine.n_layer), top_n=top_n)
-        if not 1 <= top_n <= engine.n_layer:
-            raise AlignezError(f"--top-n {top_n} is out of range; use 1 to {engine.n_layer}")
+        if top_n < 1:
+            raise AlignezError(f"--top-n {top_n} is out of range; use 1 or more")
+        # More layers than the model has simply means every candidate layer.
+        st = cls(layer_range=parse_layer_range(layers, engine.n_layer), top_n=min(top_n, engine.n_layer))
         used: set[str] = set()
         for spec in vectors:
             path, strength = parse_weighted(spec, "strength")
