@@ -30,7 +30,7 @@ from typing import Any
 from .engine import Completion, Engine, Sampling
 from .errors import AlignezError
 from .fileio import write_json
-from .steering import Steering, VectorSlot, parse_layer_range, parse_weighted
+from .steering import DEFAULT_TOP_N, Steering, VectorSlot, parse_layer_range, parse_weighted
 
 TRANSCRIPT_FORMAT = "alignez-chat"
 TRANSCRIPT_VERSION = 1
@@ -112,8 +112,7 @@ class ChatSession:
         on_note: Callable[[str], None] | None = None,
     ) -> "ChatSession":
         """Return a session steered by ``FILE[:STRENGTH]`` / ``FILE[:WEIGHT]`` specs (warnings go to on_note)."""
-        kw: dict[str, Any] = {} if top_n is None else {"top_n": top_n}
-        st = Steering.from_specs(engine, vectors, profiles, layers, **kw)
+        st = Steering.from_specs(engine, vectors, profiles, layers, top_n or DEFAULT_TOP_N)
         for w in st.warnings:
             (on_note or (lambda _m: None))(f"warning: {w}")
         return cls(

@@ -41,21 +41,14 @@ def main() -> None:
 
 def _register() -> None:
     from .cli_align import align_commands
+    from .cli_chat import chat
+    from .cli_eval import eval_command
 
-    for cmd in align_commands:
+    for cmd in [*align_commands, chat, eval_command]:
         main.add_command(cmd)
-    try:
-        from .cli_chat import chat
-    except ImportError:  # the chat command lives in its own module
-        pass
-    else:
-        main.add_command(chat)
-    try:
-        from .cli_eval import eval_command
-    except ImportError:
-        pass
-    else:
-        main.add_command(eval_command)
 
 
 _register()
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .chat import Answer, ChatSession, spec_paths
-from .cli_options import make_sampling, make_steering, model_options, open_engine, sampling_options, steering_options
+from .chat import Answer, ChatSession
+from .cli_options import make_sampling, model_options, open_engine, sampling_options, steering_options
 from .errors import AlignezError
 
 
@@ -209,11 +209,8 @@ def chat(
     if prompt_text is not None and not prompt_text.strip():
         raise AlignezError("--prompt is empty; give the message to answer")
     with open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose) as engine:
-        steering = make_steering(engine, vectors, profiles, layers, top_n)
-        session = ChatSession(
-            engine, steering, sampling, system,
-            vector_paths=spec_paths(vectors, "strength"), profile_paths=spec_paths(profiles, "weight"),
-            on_note=lambda msg: click.echo(msg, err=True),
+        session = ChatSession.from_specs(
+            engine, vectors, profiles, layers, top_n, sampling, system, on_note=lambda msg: click.echo(msg, err=True)
         )
         interactive = prompt_text is None and sys.stdin.isatty()
         term = _Terminal(session, as_json, interactive)

@@ -10,7 +10,7 @@ import click
 
 from .engine import Engine, Sampling
 from .models import DEFAULT_MODEL, resolve_model
-from .steering import DEFAULT_TOP_N, Steering
+from .steering import DEFAULT_TOP_N
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,11 +69,3 @@ def steering_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Layers the exact edit picks per prompt."),
     ]
     return functools.reduce(lambda acc, d: d(acc), reversed(decorators), f)
-
-
-def make_steering(engine: Engine, vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int) -> Steering:
-    """Return steering from the CLI specs; warnings go to stderr."""
-    st = Steering.from_specs(engine, vectors, profiles, layers, top_n)
-    for w in st.warnings:
-        click.echo(f"warning: {w}", err=True)
-    return st

@@ -4,7 +4,6 @@ kill, layer indices through the engine, and the steer command."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
