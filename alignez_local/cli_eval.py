@@ -1,0 +1,91 @@
+"""``alignez eval``: does steering help? Unsteered vs steered answers, judged by a local model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .cli_options import make_sampling, model_options, sampling_options, steering_options
+from .errors import AlignezError
+from .evaluate import EvalConfig, EvalInterrupted, parse_kinds, parse_strengths, run_eval
+from .judge import DEFAULT_MARGIN, MODES
+from .models import JUDGE_MODEL
+
+
+@click.command("eval")
+@model_options
+@steering_options
+@sampling_options(max_tokens=200)
+@click.option("--prompts", "prompts_file", type=str, default=None, metavar="FILE",
+              help="Evaluation prompts (JSONL with prompt/kind, or one per line) [built-in set].")
+@click.option("--kinds", default=None, metavar="K,K", help="Only these prompt kinds: helpful,harmful,benign [all].")
+@click.option("--limit", type=int, default=None, metavar="N", help="Only the first N prompts (after --kinds).")
+@click.option("--judge", default=JUDGE_MODEL, show_default=True, help="Judge model: GGUF file or bundled name.")
+@click.option("--mode", type=click.Choice(MODES), default="score", show_default=True,
+              help="score: each answer scored alone, log p(Yes) - log p(No); pairwise: [[A]]/[[B]], both orders.")
+@click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
+              help="Tie when the judge's margin is under this many nats.")
+@click.option("--reference", default=None, metavar="MODEL",
+              help="Also answer with this model and report the share of its net win that steering recovers.")
+@click.option("--sweep", default=None, metavar="S,S,...",
+              help="Strength multipliers applied to every vector strength and profile weight, e.g. 0,0.5,1,2 [1].")
+@click.option("--judge-parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Judge prompts decoded together.")
+@click.option("--judge-ctx", type=click.IntRange(512, 1 << 20), default=8192, show_default=True,
+              help="Judge context size in tokens (shared by its parallel prompts).")
+@click.option("--out", "out_dir", default="alignez-eval", show_default=True, metavar="DIR",
+              help="Folder for report.json, summary.md and sweep.png.")
+def eval_command(
+    model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
+    vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int,
+    temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int, repeat_penalty: float,
+    prompts_file: str | None, kinds: str | None, limit: int | None, judge: str, mode: str, margin: float,
+    reference: str | None, sweep: str | None, judge_parallel: int, judge_ctx: int, out_dir: str,
+) -> None:
+    """Judge steered against unsteered answers with a local model.
+
+    \b
+    Every prompt is answered unsteered and steered (same seed and settings, greedy by default),
+    then the local judge (Qwen2.5-Coder-1.5B by default) gives win / tie / loss per prompt. Reports
+    the net win rate with a bootstrap 95% interval, refusal rates on harmful and benign prompts,
+    answer lengths and perplexity under the unsteered model, per strength with --sweep.
+    A 1.5B judge catches gross differences (refusals, gibberish, off-topic) and is close to noise
+    on subtle quality: read the intervals.
+
+    \b
+    alignez eval --vector v.gguf:4 --limit 20
+    alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p
+    """
+    try:
+        cfg = EvalConfig(
+            model=model, vectors=vectors, profiles=profiles, layers=layers, top_n=top_n,
+            prompts_file=prompts_file, kinds=parse_kinds(kinds), limit=limit, judge=judge, mode=mode,
+            margin=margin, reference=reference,
+            strengths=parse_strengths(sweep) if sweep is not None else (1.0,),
+            sampling=make_sampling(temperature, top_p, top_k, seed, max_tokens, repeat_penalty),
+            threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel,
+            judge_ctx=judge_ctx, judge_parallel=judge_parallel, verbose=verbose,
+        )
+        report = run_eval(cfg, out_dir)
+    except AlignezError as err:
+        # Also handled by the group; here too so the command works on its own.
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except EvalInterrupted as stop:
+        click.echo(stop.message, err=True)
+        sys.exit(130)
+    out = Path(out_dir)
+    for r in report["results"]:
+        j = r.get("judge", {})
+        lo, hi = j.get("net_win_ci95", [None, None])
+        ci = f"[{100 * lo:+.0f}%, {100 * hi:+.0f}%]" if lo is not None and hi is not None else "n/a"
+        net = j.get("net_win_rate")
+        click.echo(
+            f"x{r['strength']:g}: {j.get('wins', 0)} wins, {j.get('ties', 0)} ties, {j.get('losses', 0)} losses; "
+            f"net win rate {'n/a' if net is None else f'{100 * net:+.1f}%'} (95% {ci})"
+        )
+    if report.get("plot"):
+        click.echo(report["plot"], err=True)
+    click.echo(f"wrote {out / 'report.json'} and {out / 'summary.md'}", err=True)
