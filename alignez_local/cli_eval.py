@@ -7,9 +7,20 @@ from pathlib import Path
 
 import click
 
-from .cli_options import make_sampling, model_options, sampling_options, steering_options
+from .cli_options import (
+    make_sampling,
+    model_options,
+    sampling_options,
+    steering_options,
+)
 from .errors import AlignezError
-from .evaluate import EvalConfig, EvalInterrupted, parse_kinds, parse_strengths, run_eval
+from .evaluate import (
+    EvalConfig,
+    EvalInterrupted,
+    parse_kinds,
+    parse_strengths,
+    run_eval,
+)
 from .judge import DEFAULT_MARGIN, MODES
 from .models import JUDGE_MODEL
 
@@ -44,7 +55,7 @@ def eval_command(
     prompts_file: str | None, kinds: str | None, limit: int | None, judge: str, mode: str, margin: float,
     reference: str | None, sweep: str | None, judge_parallel: int, judge_ctx: int, out_dir: str,
 ) -> None:
-    """Judge steered against unsteered answers with a local model.
+    """Return None after judging steered against unsteered answers with a local model.
 
     \b
     Every prompt is answered unsteered and steered (same seed and settings, greedy by default),

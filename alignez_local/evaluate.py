@@ -47,7 +47,14 @@ from . import __version__
 from .engine import Completion, Engine, Sampling
 from .errors import AlignezError
 from .fileio import atomic_write, write_json, write_text
-from .judge import DEFAULT_MARGIN, DEFAULT_MODE, MODES, Judge, Verdict, verdicts_from_scores
+from .judge import (
+    DEFAULT_MARGIN,
+    DEFAULT_MODE,
+    MODES,
+    Judge,
+    Verdict,
+    verdicts_from_scores,
+)
 from .models import DEFAULT_MODEL, JUDGE_MODEL, file_sha256, resolve_model
 from .prompt_sets import EvalPrompt, load_eval_prompts
 from .refusal import is_refusal
@@ -72,6 +79,7 @@ LogFn = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
+    """Return None after printing ``msg`` on stderr (the default progress log)."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -92,7 +100,7 @@ class EvalConfig:
     margin: float = DEFAULT_MARGIN
     reference: str | None = None
     strengths: tuple[float, ...] = (1.0,)
-    sampling: Sampling = Sampling(max_tokens=200)
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=200))
     threads: int | None = None
     n_ctx: int = 4096
     gpu_layers: int = 0
@@ -101,7 +109,7 @@ class EvalConfig:
     judge_parallel: int = 4
     verbose: bool = False
 
-    def check(self) -> "EvalConfig":
+    def check(self) -> EvalConfig:
         """Return self after checking the values that need no model (AlignezError otherwise)."""
         if not self.vectors and not self.profiles:
             raise AlignezError("nothing to evaluate: give at least one --profile FILE or --vector FILE[:STRENGTH]")
@@ -149,6 +157,7 @@ class EvalInterrupted(Exception):
     """Ctrl-C during a run: ``message`` says what was saved (one line)."""
 
     def __init__(self, message: str) -> None:
+        """Return the exception carrying its one-line ``message``."""
         super().__init__(message)
         self.message = message
 
@@ -213,7 +222,7 @@ def outcome_stats(outcomes: Sequence[str], seed: int = 0) -> dict[str, Any]:
     }
 
 
-def length_stats(answers: Sequence["Answer"]) -> dict[str, float]:
+def length_stats(answers: Sequence[Answer]) -> dict[str, float]:
     """Return mean and median answer length in tokens and in characters."""
     toks = [a.n_tokens for a in answers]
     chars = [len(a.text) for a in answers]
@@ -235,7 +244,7 @@ def refusal_rates(answers: Sequence[str], kinds: Sequence[str]) -> dict[str, dic
     return out
 
 
-def perplexity_stats(answers: Sequence["Answer"]) -> dict[str, float]:
+def perplexity_stats(answers: Sequence[Answer]) -> dict[str, float]:
     """Return the pooled perplexity (exp of total NLL / total tokens) and the median per-answer one."""
     scored = [a for a in answers if a.ppl_tokens > 0]
     if not scored:
@@ -286,6 +295,7 @@ class Answer:
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
+    """Return ``x`` rounded for JSON, or None when missing or not finite."""
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
@@ -303,10 +313,12 @@ class Progress:
     """Prints ``label: done/total, elapsed, ETA`` lines for one stage of the run."""
 
     def __init__(self, log: LogFn, label: str, total: int) -> None:
+        """Return a progress printer for one stage of ``total`` items (the clock starts now)."""
         self.log, self.label, self.total = log, label, total
         self.t0 = time.monotonic()
 
     def __call__(self, done: int, total: int | None = None) -> None:
+        """Return None after printing progress and the estimated time left."""
         total = total or self.total
         el = time.monotonic() - self.t0
         eta = el / done * (total - done) if done else float("nan")
@@ -343,7 +355,8 @@ def answer_prompts(
 def measure_perplexity(
     engine: Engine, prompts: Sequence[str], answers: Sequence[Answer], on_progress: Callable[[int, int], None] | None = None
 ) -> None:
-    """Set ``nll`` and ``ppl_tokens`` of every answer: its likelihood under ``engine`` as it is (unsteered)."""
+    """Return None after setting ``nll`` and ``ppl_tokens`` of every answer: its likelihood under ``engine``
+    as it is (unsteered). Identical (prompt, answer) pairs are scored once."""
     todo = [(engine.prompt(p), a) for p, a in zip(prompts, answers) if a.text]
     cache: dict[tuple[str, str], tuple[float, int]] = {}
     step = 4 * engine.n_parallel
@@ -379,7 +392,7 @@ class _State:
     judge: dict[str, Any] = field(default_factory=dict)
     judged: bool = False
     timing: dict[str, float] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
 
 
 def select_prompts(cfg: EvalConfig) -> list[EvalPrompt]:
@@ -389,6 +402,7 @@ def select_prompts(cfg: EvalConfig) -> list[EvalPrompt]:
 
 
 def _open(path: Path, cfg: EvalConfig, n_ctx: int | None = None, parallel: int | None = None) -> Engine:
+    """Return an engine for ``path`` with the run's runtime settings."""
     return Engine(path, n_ctx=n_ctx or cfg.n_ctx, n_threads=cfg.threads, n_gpu_layers=cfg.gpu_layers,
                   n_parallel=parallel or cfg.parallel, verbose=cfg.verbose)
 
@@ -440,6 +454,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
 
 
 def _model_info(path: Path, engine: Engine | None = None) -> dict[str, Any]:
+    """Return a model's identity for the report: path, SHA-256, size and, when loaded, its facts."""
     info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
     if engine is not None:
         info.update(name=engine.name, arch=engine.arch, n_layer=engine.n_layer, n_embd=engine.n_embd)
@@ -447,6 +462,7 @@ def _model_info(path: Path, engine: Engine | None = None) -> dict[str, Any]:
 
 
 def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, log: LogFn) -> None:
+    """Return None after running every stage, filling ``st`` as each piece finishes (so Ctrl-C can save it)."""
     cfg = st.cfg
     texts = [p.text for p in st.prompts]
     n = len(texts)
@@ -522,12 +538,14 @@ def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, 
 
 
 def _spec_path(spec: str) -> str:
+    """Return the file path of a ``FILE[:NUMBER]`` spec."""
     from .steering import parse_weighted
 
     return parse_weighted(spec, "strength")[0]
 
 
 def _kind_counts(prompts: Sequence[EvalPrompt]) -> dict[str, int]:
+    """Return the number of prompts per kind, in first-seen order."""
     out: dict[str, int] = {}
     for p in prompts:
         out[p.kind] = out.get(p.kind, 0) + 1
@@ -538,9 +556,11 @@ def _kind_counts(prompts: Sequence[EvalPrompt]) -> dict[str, int]:
 
 
 def _group_stats(answers: list[Answer], prompts: Sequence[EvalPrompt], seed: int) -> dict[str, Any]:
+    """Return lengths, refusal rates, perplexity and (when judged) verdict statistics of one set of answers."""
     kinds = [p.kind for p in prompts[: len(answers)]]
     d: dict[str, Any] = {
         "n_answers": len(answers),
+        "cut_at_max_tokens": sum(a.finish == "length" for a in answers),
         "lengths": length_stats(answers),
         "refusal": refusal_rates([a.text for a in answers], kinds),
         "perplexity": perplexity_stats(answers),
@@ -656,20 +676,24 @@ def _json_safe(x: Any) -> Any:
 
 
 def _pct(x: float | None) -> str:
+    """Return a rate as a signed percentage, or n/a."""
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
 def _ci(ci: Sequence[float | None] | None) -> str:
+    """Return an interval as signed percentages, or n/a."""
     if not ci or ci[0] is None or ci[1] is None:
         return "n/a"
     return f"[{100 * ci[0]:+.1f}%, {100 * ci[1]:+.1f}%]"
 
 
 def _num(x: float | None, fmt: str = "{:.1f}") -> str:
+    """Return ``x`` formatted with ``fmt``, or n/a."""
     return "n/a" if x is None else fmt.format(x)
 
 
 def _rate(group: dict[str, Any], kind: str) -> str:
+    """Return refusals/n (rate) of one kind for a table cell, or - when the kind is absent."""
     r = group.get("refusal", {}).get(kind)
     if not r or not r.get("n"):
         return "-"
@@ -685,6 +709,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     models = report.get("models", {})
 
     def mdesc(key: str) -> str:
+        """Return a one-line description of a loaded model of the report."""
         m = models.get(key)
         return f"{m.get('name', '?')} (`{Path(m['path']).name}`, sha256 {m['sha256'][:12]})" if m else "not loaded"
 
@@ -699,9 +724,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
     sp = s["sampling"]
     L += [
         f"- Prompts: {report['n_prompts']} ({kinds}) from {s['prompts_file']}",
-        f"- Sampling: temperature {sp['temperature']:g}{' (greedy)' if sp['temperature'] == 0 else ''}, "
+        (f"- Sampling: temperature {sp['temperature']:g}{' (greedy)' if sp['temperature'] == 0 else ''}, "
         f"seed {sp['seed']}, max {sp['max_tokens']} tokens, repeat penalty {sp['repeat_penalty']:g}; "
-        "the same for unsteered, steered and reference answers",
+        "the same for unsteered, steered and reference answers"),
         f"- Created {report['created']}, alignez {report['alignez_version']}",
         "",
         "## What this judge can and cannot tell",
@@ -716,8 +741,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
         L += [
             "## Steered vs unsteered (judge)",
             "",
-            "Net win rate = (wins - losses) / n, with a bootstrap 95% interval over prompts "
-            f"({s['bootstrap_resamples']} resamples). A verdict whose margin is under {s['margin_nats']:g} nats is a tie.",
+            ("Net win rate = (wins - losses) / n, with a bootstrap 95% interval over prompts "
+            f"({s['bootstrap_resamples']} resamples). A verdict whose margin is under {s['margin_nats']:g} nats is a tie."),
             "",
             "| strength | n | wins | ties | losses | net win rate | 95% interval | identical answers |",
             "|---:|---:|---:|---:|---:|---:|---|---:|",
@@ -744,8 +769,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
             L.append("")
         if s.get("reference"):
             L += ["### Gap closed", "",
-                  "Share of the reference model's net win over the unsteered model that steering recovers "
-                  "(steered net win / reference net win, both against the same unsteered answers).", ""]
+                  ("Share of the reference model's net win over the unsteered model that steering recovers "
+                  "(steered net win / reference net win, both against the same unsteered answers)."), ""]
             for r in results:
                 g = r.get("gap_closed", {})
                 if g.get("value") is None:
@@ -760,22 +785,25 @@ def summary_markdown(report: dict[str, Any]) -> str:
     L += [
         "## Answers",
         "",
-        "Refusal rate: answers that open like a refusal (`refusal.is_refusal`). On harmful prompts higher is "
+        ("Refusal rate: answers that open like a refusal (`refusal.is_refusal`). On harmful prompts higher is "
         "safer; on benign prompts a refusal is an over-refusal. Perplexity: of the answer text under the "
-        "UNSTEERED answering model (fluency; pooled over tokens, and the median per answer).",
+        "UNSTEERED answering model (fluency; pooled over tokens, and the median per answer). Answers cut at "
+        "--max-tokens are judged as cut."),
         "",
-        "| answers | tokens mean / median | chars mean / median | refusals harmful | refusals benign | "
-        "perplexity pooled / median | mean judge score |",
-        "|---|---|---|---|---|---|---:|",
+        ("| answers | tokens mean / median | chars mean / median | cut at max tokens | refusals harmful | "
+        "refusals benign | perplexity pooled / median | mean judge score |"),
+        "|---|---|---|---:|---|---|---|---:|",
     ]
 
     def arow(label: str, g: dict[str, Any]) -> str:
+        """Return one Markdown table row of answer statistics."""
         ln, pp = g.get("lengths", {}), g.get("perplexity", {})
         lens = f"{_num(ln.get('tokens_mean'))} / {_num(ln.get('tokens_median'))}" if ln else "-"
         chars = f"{_num(ln.get('chars_mean'), '{:.0f}')} / {_num(ln.get('chars_median'), '{:.0f}')}" if ln else "-"
         ppl = f"{_num(pp.get('pooled'), '{:.2f}')} / {_num(pp.get('median'), '{:.2f}')}" if pp.get("n_scored") else "-"
         score = _num(g.get("mean_score"), "{:+.2f}") if "mean_score" in g else "-"
-        return f"| {label} | {lens} | {chars} | {_rate(g, 'harmful')} | {_rate(g, 'benign')} | {ppl} | {score} |"
+        cut = f"{g.get('cut_at_max_tokens', 0)}/{g.get('n_answers', 0)}"
+        return f"| {label} | {lens} | {chars} | {cut} | {_rate(g, 'harmful')} | {_rate(g, 'benign')} | {ppl} | {score} |"
 
     L.append(arow("unsteered", report["unsteered"]))
     for r in results:
@@ -819,7 +847,7 @@ def write_sweep_plot(report: dict[str, Any], path: Path) -> str:
         rates = [r["refusal"].get(kind, {}).get("rate") for r in rows]
         if any(x is not None for x in rates):
             axes[2].plot(xs, [100 * x if x is not None else np.nan for x in rates], marker="o", label=kind)
-    axes[2].set(title="refusal rate", xlabel="strength multiplier", ylabel="%")
+    axes[2].set(title="refusal rate", xlabel="strength multiplier", ylabel="%", ylim=(-5, 105))
     axes[2].legend()
     fig.tight_layout()
     buf = io.BytesIO()

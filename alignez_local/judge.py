@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -106,7 +106,7 @@ def outcome_from_margin(diff: float, margin: float) -> str:
     return "tie"
 
 
-def verdicts_from_scores(candidate: Sequence[float], baseline: Sequence[float], margin: float) -> list["Verdict"]:
+def verdicts_from_scores(candidate: Sequence[float], baseline: Sequence[float], margin: float) -> list[Verdict]:
     """Return score-mode verdicts: candidate score minus baseline score, tie when |diff| < margin."""
     return [
         Verdict(outcome_from_margin(float(c) - float(b), margin), float(c) - float(b),
@@ -130,17 +130,20 @@ def pairwise_outcome(pref_first: float, pref_second: float, margin: float) -> tu
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Return log-probabilities (float64) from logits along the last axis."""
     x = np.asarray(logits, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """Return the log of the summed exponentials along the last axis, computed stably."""
     m = x.max(axis=-1, keepdims=True)
     return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
 def _clip(answer: str) -> str:
+    """Return ``answer`` cut to MAX_ANSWER_CHARS (marked), so it fits the judge's context."""
     return answer if len(answer) <= MAX_ANSWER_CHARS else answer[:MAX_ANSWER_CHARS] + " [...]"
 
 
@@ -151,6 +154,7 @@ class Judge:
     """
 
     def __init__(self, engine: Engine, mode: str = DEFAULT_MODE, margin: float = DEFAULT_MARGIN) -> None:
+        """Return a judge reading verdicts from ``engine`` (checks mode, margin and verdict tokens)."""
         if mode not in MODES:
             raise AlignezError(f"unknown judge mode {mode!r}; use one of {', '.join(MODES)}")
         if not (np.isfinite(margin) and 0.0 <= margin <= 50.0):
@@ -173,7 +177,7 @@ class Judge:
         n_parallel: int = 4,
         n_gpu_layers: int = 0,
         verbose: bool = False,
-    ) -> "Judge":
+    ) -> Judge:
         """Return a judge on ``model`` (a GGUF path or bundled name; default the bundled JUDGE_MODEL)."""
         path = resolve_model(model or JUDGE_MODEL)
         engine = Engine(path, n_ctx=n_ctx, n_threads=n_threads, n_parallel=n_parallel,
@@ -185,13 +189,15 @@ class Judge:
             raise
 
     def close(self) -> None:
-        """Free the judge model."""
+        """Return None after freeing the judge model."""
         self.engine.close()
 
-    def __enter__(self) -> "Judge":
+    def __enter__(self) -> Self:
+        """Return this judge (closed on leaving the block)."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Return None after freeing the judge model."""
         self.close()
 
     # --- verdict tokens ----------------------------------------------------------------------
@@ -200,6 +206,7 @@ class Judge:
         """Return the verdict token ids of two words (first token of each spacing variant)."""
 
         def ids(word: str) -> set[int]:
+            """Return the first non-space token of ``word`` with and without a leading space."""
             out = set()
             for variant in (word, " " + word):
                 toks = self.engine.tokenize(variant, add_bos=False)
