@@ -355,11 +355,16 @@ def select_layers(
     reaches ``min_accuracy`` the top ``min(5, max_layers)`` are kept anyway: a weak profile
     is still a profile, and the diagnostics show how weak. Layer 0 and layers outside
     ``[1, n_layer)`` are never returned: llama.cpp control vectors have no slot for them.
+    The last layer is not chosen either (when the model has more than two): an edit there acts
+    on the logits almost directly. On SmolLM2 a profile holding layer 29 turned answers into
+    gibberish at weight 1 (next-token KL 8.5 nats); llama.cpp's cvector-generator skips it too.
+    A manual ``--layers`` may still name it.
     """
     limit = max(5, n_layer // 3) if max_layers is None else max_layers
     if limit < 1:
         raise AlignezError(f"max layers must be at least 1; got {limit}")
-    candidates = [fit for layer, fit in fits.items() if 1 <= layer < n_layer]
+    last = n_layer - 1 if n_layer > 2 else n_layer
+    candidates = [fit for layer, fit in fits.items() if 1 <= layer < last]
     if not candidates:
         raise AlignezError("no layer to choose from (layer 0 cannot carry a control vector); fit more layers")
 

@@ -5,7 +5,7 @@ wanders, and parsing its prose is fragile. Reading the probabilities of the verd
 position where the verdict would start gives a number for every judgment (a margin in nats), so
 "too close to call" can be told apart from a clear preference.
 
-Two modes (see ``/work/shared/docs/judge-notes.md`` for the measurements behind the choices):
+Two modes (docs/results.md summarizes the judge measurements behind these choices):
 
 ``score`` (the default): every (question, answer) is judged ON ITS OWN with ``SCORE_TEMPLATE``; its
 score is ``log p(Yes) - log p(No)`` at the first token of the judge's reply. A candidate answer

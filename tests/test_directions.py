@@ -313,9 +313,15 @@ def test_select_layers_respects_max_layers_and_tie_breaks() -> None:
 
 
 def test_select_layers_keeps_top_five_when_all_are_weak() -> None:
-    fits = {layer: make_fit(layer, 0.40 + layer / 100) for layer in range(0, 10)}
-    assert select_layers(fits, n_layer=10) == [5, 6, 7, 8, 9]
-    assert select_layers(fits, n_layer=10, max_layers=2) == [8, 9]
+    fits = {layer: make_fit(layer, 0.40 + layer / 100) for layer in range(0, 11)}
+    assert select_layers(fits, n_layer=11) == [5, 6, 7, 8, 9]  # never the last layer (10)
+    assert select_layers(fits, n_layer=11, max_layers=2) == [8, 9]
+
+
+def test_select_layers_skips_the_last_layer() -> None:
+    fits = {layer: make_fit(layer, 0.9 if layer == 29 else 0.7) for layer in range(30)}
+    assert 29 not in select_layers(fits, n_layer=30)
+    assert select_layers({1: make_fit(1, 0.9)}, n_layer=2) == [1]  # a 2-layer model keeps its only slot
 
 
 def test_select_layers_ignores_layers_without_a_control_vector_slot() -> None:
