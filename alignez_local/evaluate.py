@@ -56,6 +56,7 @@ from .judge import (
     verdicts_from_scores,
 )
 from .models import DEFAULT_MODEL, JUDGE_MODEL, file_sha256, resolve_model
+from .progress import Progress
 from .prompt_sets import EvalPrompt, load_eval_prompts
 from .refusal import is_refusal
 from .steering import DEFAULT_TOP_N, Steering
@@ -309,22 +310,6 @@ def scale_steering(st: Steering, factor: float) -> Steering:
     )
 
 
-class Progress:
-    """Prints ``label: done/total, elapsed, ETA`` lines for one stage of the run."""
-
-    def __init__(self, log: LogFn, label: str, total: int) -> None:
-        """Return a progress printer for one stage of ``total`` items (the clock starts now)."""
-        self.log, self.label, self.total = log, label, total
-        self.t0 = time.monotonic()
-
-    def __call__(self, done: int, total: int | None = None) -> None:
-        """Return None after printing progress and the estimated time left."""
-        total = total or self.total
-        el = time.monotonic() - self.t0
-        eta = el / done * (total - done) if done else float("nan")
-        self.log(f"  {self.label}: {done}/{total}  {el:.0f}s elapsed, ETA {eta:.0f}s")
-
-
 def answer_prompts(
     engine: Engine,
     prompts: Sequence[str],
@@ -475,7 +460,7 @@ def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, 
         with _open(ref_path, cfg) as ref:
             st.models["reference"] = _model_info(ref_path, ref)
             log(f"[reference] {ref.name}: answering")
-            answer_prompts(ref, texts, cfg.sampling, None, Progress(log, "reference answers", n), into=st.reference)
+            answer_prompts(ref, texts, cfg.sampling, None, Progress(n, "reference answers"), into=st.reference)
         st.timing["reference_answers_s"] = round(time.monotonic() - t0, 2)
 
     st.stage = "answers"
@@ -491,19 +476,19 @@ def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, 
             + [{"kind": "profile", "path": p, "sha256": file_sha256(_spec_path(p))} for p in cfg.profiles]
         )
         log(f"[answer] {eng.name}: unsteered")
-        answer_prompts(eng, texts, cfg.sampling, None, Progress(log, "unsteered answers", n), into=st.unsteered)
+        answer_prompts(eng, texts, cfg.sampling, None, Progress(n, "unsteered answers"), into=st.unsteered)
         for s in cfg.strengths:
             log(f"[answer] {eng.name}: steered x{s:g}")
             st.steered[s] = []
             answer_prompts(eng, texts, cfg.sampling, scale_steering(steering, s),
-                           Progress(log, f"steered x{s:g} answers", n), into=st.steered[s])
+                           Progress(n, f"steered x{s:g} answers"), into=st.steered[s])
         st.timing["answers_s"] = round(time.monotonic() - t0, 2)
         st.stage = "perplexity"
         t0 = time.monotonic()
         everything = st.unsteered + [a for s in cfg.strengths for a in st.steered[s]] + st.reference
         qs = texts * (1 + len(cfg.strengths) + (1 if st.reference else 0))
         log(f"[fluency] perplexity of {len(everything)} answers under the unsteered model")
-        measure_perplexity(eng, qs, everything, Progress(log, "perplexity", len(everything)))
+        measure_perplexity(eng, qs, everything, Progress(len(everything), "perplexity"))
         st.timing["perplexity_s"] = round(time.monotonic() - t0, 2)
 
     st.stage = "judging"
@@ -517,7 +502,7 @@ def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, 
             pairs = [(q, a.text) for grp in [st.unsteered, *groups] for q, a in zip(texts, grp)]
             uniq = len(set(pairs))
             log(f"[judge] {judge.engine.name}: scoring {uniq} distinct answers")
-            scores = judge.scores(pairs, Progress(log, "judge", uniq))
+            scores = judge.scores(pairs, Progress(uniq, "judge"))
             for a, sc in zip([a for grp in [st.unsteered, *groups] for a in grp], scores):
                 a.score = float(sc)
             base = [a.score for a in st.unsteered]
@@ -528,7 +513,7 @@ def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, 
             log(f"[judge] {judge.engine.name}: pairwise, both orders")
             for label, grp in zip([f"x{s:g}" for s in cfg.strengths] + ["reference"], groups):
                 verdicts = judge.compare(texts, [a.text for a in grp], [a.text for a in st.unsteered],
-                                         Progress(log, f"judge {label} (both orders)", 2 * n))
+                                         Progress(2 * n, f"judge {label} (both orders)"))
                 for a, v in zip(grp, verdicts):
                     a.verdict = v
         st.judge["prompts_decoded"] = judge.calls

@@ -44,6 +44,12 @@ class Progress:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
+    def __call__(self, done: int, total: int | None = None) -> None:
+        """Report an absolute count (the ``on_progress(done, total)`` callback shape)."""
+        if total is not None:
+            self.total = total
+        self.update(done - self.done)
+
     def close(self) -> None:
         if self.tty and not self.quiet and self.done < self.total:
             sys.stderr.write("\n")
