@@ -84,15 +84,15 @@ def alignez_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-c", "from alignez_local.cli import main; main()"]
 
 
-def measure_steer(model: str, limit: int, threads: int | None) -> dict[str, Any]:
-    """Return wall time, peak RSS and outcome of one ``alignez steer`` run in a subprocess."""
+def measure_steer(model: str, limit: int | None, threads: int | None) -> dict[str, Any]:
+    """Return wall time, peak RSS and outcome of one ``alignez steer`` run in a subprocess
+    (``limit`` None: steer's own default query count)."""
     cmd = alignez_command()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    helptext = subprocess.run([*cmd, "--help"], check=False, capture_output=True, text=True, env=env)
-    if helptext.returncode != 0 or "steer" not in helptext.stdout:
-        return {"skipped": "the alignez CLI has no steer command yet"}
     with tempfile.TemporaryDirectory(prefix="bench-steer-") as tmp:
-        args = [*cmd, "steer", "-m", model, "--limit", str(limit), "-o", str(Path(tmp) / "out")]
+        args = [*cmd, "steer", "-m", model, "-o", str(Path(tmp) / "out")]
+        if limit:
+            args += ["--limit", str(limit)]
         if threads:
             args += ["--threads", str(threads)]
         t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads [physical cores]")
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens generated per sequence [%(default)s]")
     ap.add_argument("--skip-steer", action="store_true", help="skip (c), the alignez steer pipeline")
-    ap.add_argument("--steer-limit", type=int, default=8, help="queries for (c) [%(default)s]")
+    ap.add_argument("--steer-limit", type=int, default=None, help="queries for (c) [steer's default, 96]")
     ap.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
     args = ap.parse_args(argv)
 
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(("(c) alignez steer", "skipped", pipeline["skipped"]))
     else:
         ok = "ok" if pipeline["returncode"] == 0 else f"FAILED: {pipeline.get('error', '')}"
-        rows.append((f"(c) alignez steer --limit {pipeline['limit']}", f"{pipeline['wall_s']:.0f} s",
+        rows.append((f"(c) alignez steer{' --limit ' + str(pipeline['limit']) if pipeline['limit'] else ''}", f"{pipeline['wall_s']:.0f} s",
                      f"peak RSS {pipeline['peak_rss_mb']:.0f} MB, {ok}"))
     width = max(len(r[0]) for r in rows)
     text = "\n".join([f"{name}: {n_layer} layers, {n_threads} threads, {args.reps} interleaved reps (median of ratios)",
