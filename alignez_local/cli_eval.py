@@ -55,7 +55,7 @@ def eval_command(
     prompts_file: str | None, kinds: str | None, limit: int | None, judge: str, mode: str, margin: float,
     reference: str | None, sweep: str | None, judge_parallel: int, judge_ctx: int, out_dir: str,
 ) -> None:
-    """Return None after judging steered against unsteered answers with a local model.
+    """Judge steered against unsteered answers with a local model.
 
     \b
     Every prompt is answered unsteered and steered (same seed and settings, greedy by default),

@@ -833,7 +833,10 @@ def write_sweep_plot(report: dict[str, Any], path: Path) -> str:
         if any(x is not None for x in rates):
             axes[2].plot(xs, [100 * x if x is not None else np.nan for x in rates], marker="o", label=kind)
     axes[2].set(title="refusal rate", xlabel="strength multiplier", ylabel="%", ylim=(-5, 105))
-    axes[2].legend()
+    if axes[2].lines:
+        axes[2].legend()
+    else:
+        axes[2].text(0.5, 0.5, "no harmful or benign prompts", ha="center", va="center", transform=axes[2].transAxes)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
