@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .directions import METHODS, LayerFit, fit_layer, select_layers
+from .directions import METHODS, LayerFit, ccs_elbow, fit_layer, select_layers
 from .engine import Engine
 from .errors import AlignezError
 from .preferences import PreferencePair, data_sha256
@@ -107,7 +107,7 @@ def fit_profile(
             skipped[layer] = str(err)
     if not fits:
         raise AlignezError(f"no layer had enough usable pairs ({next(iter(skipped.values()))})")
-    chosen = layers if layers is not None else select_layers(fits, engine.n_layer, max_layers=max_layers)
+    chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)
     missing = [x for x in chosen if x not in fits]
     if missing:
         raise AlignezError(f"layers {missing} had too few usable pairs to fit; choose other --layers")
@@ -128,6 +128,17 @@ def fit_profile(
         },
         name=name,
     )
+
+
+def _auto_layers(fits: dict[int, LayerFit], n_layer: int, method: str, max_layers: int | None) -> list[int]:
+    """Return the automatically chosen layers: for ``ccs``, the paper's cut at the elbow of the
+    sorted CCS losses (never the last layer, at most ``max_layers``); otherwise by held-out accuracy."""
+    if method == "ccs":
+        losses = {L: f.ccs_loss for L, f in fits.items() if f.ccs_loss is not None and L < n_layer - 1}
+        ranked = ccs_elbow(losses)  # best first
+        if ranked:
+            return sorted(ranked[: max_layers or max(5, n_layer // 3)])
+    return select_layers(fits, n_layer, max_layers=max_layers)
 
 
 def _stats(f: LayerFit, chosen: bool) -> dict[str, Any]:

@@ -182,3 +182,13 @@ def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Pa
     assert last.startswith("error: interrupted") and str(out) in last and "run the same command again" in last
     recs = [json.loads(line) for line in _lines(out)]
     assert 4 <= len(recs) < 120 and len({r["id"] for r in recs}) == len(recs)
+
+
+def test_ccs_layers_are_cut_at_the_loss_elbow(tiny_engine: Engine, prefs: Path) -> None:
+    from alignez_local.directions import ccs_elbow
+
+    prof = fit_profile(tiny_engine, load_pairs(prefs), {"name": "helpful", "positive": "p", "negative": "n"},
+                       method="ccs", quiet=True)
+    losses = {L: s["ccs_loss"] for L, s in prof.layer_stats.items() if L < tiny_engine.n_layer - 1}
+    assert prof.layers == sorted(ccs_elbow(losses))
+    assert all(s.shape[0] == 1 for s in prof.subspaces.values())  # one probe direction per layer
