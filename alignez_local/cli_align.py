@@ -20,7 +20,7 @@ from .export import approximation_report, constant_vector
 from .fileio import check_writable, write_json
 from .fit import diagnostics_table, fit_profile, parse_layers
 from .gguf_file import gguf_kind, read_gguf
-from .models import file_sha256
+from .models import file_sha256, resolve_model
 from .preferences import GenerationSettings, generate_preferences, load_pairs
 from .profile import SteeringProfile, load_profile, save_profile
 from .prompt_sets import load_eval_prompts, load_queries
@@ -126,19 +126,9 @@ def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, po
 def _fit(engine: Engine, prefs: str, axis_filter: str | None, method: str, site: str, layers: str | None, variance: float,
          max_cos: float, top_n: int, seed: int, sha: str, name: str) -> SteeringProfile:
     pairs = load_pairs(prefs, axis_filter)
-    axis = _axis_of(prefs, pairs[0].axis)
+    axis = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
     return fit_profile(engine, pairs, axis, method=method, site=site, layers=parse_layers(layers, engine.n_layer),
                        variance=variance, max_cos=max_cos, seed=seed, top_n=top_n, model_sha256=sha, name=name)
-
-
-def _axis_of(prefs: str, axis_name: str) -> dict[str, str]:
-    from .fileio import read_jsonl
-
-    for rec in read_jsonl(prefs):
-        if rec.get("axis", {}).get("name") == axis_name:
-            a = rec["axis"]
-            return {"name": str(a["name"]), "positive": str(a.get("positive", "")), "negative": str(a.get("negative", ""))}
-    return {"name": axis_name, "positive": "", "negative": ""}
 
 
 @click.command()
@@ -191,6 +181,12 @@ def export_cmd(model, threads, n_ctx, gpu_layers, parallel, verbose, profile_pat
     click.echo(f"{out}: control vector, layers {cv.layers}")
 
 
+def _model_facts(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Return (arch, metadata) of a model file, read by our own parser (header only)."""
+    meta = read_gguf(path, want_data=False, want_arrays=False).metadata
+    return str(meta.get("general.architecture", "")), meta
+
+
 def describe_file(path: str) -> dict[str, Any]:
     """Return what a GGUF file is and its main facts (for inspect)."""
     kind = gguf_kind(path)
@@ -205,8 +201,7 @@ def describe_file(path: str) -> dict[str, Any]:
                 "layers": p.layers, "k": {L: int(s.shape[0]) for L, s in p.subspaces.items()},
                 "params": dict(p.params), "provenance": dict(p.provenance),
                 "layer_stats": {L: dict(s) for L, s in p.layer_stats.items()}}
-    meta = read_gguf(path, want_data=False).metadata
-    arch = str(meta.get("general.architecture", "?"))
+    arch, meta = _model_facts(path)
     return {"kind": kind, "path": path, "arch": arch, "name": meta.get("general.name"),
             "n_layer": meta.get(f"{arch}.block_count"), "n_embd": meta.get(f"{arch}.embedding_length"),
             "chat_template": "tokenizer.chat_template" in meta}
@@ -240,11 +235,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
     out = check_writable(out_path)
     cv = read_control_vector(path)
     if model is not None:
-        from .models import resolve_model
-
-        mp = resolve_model(model)
-        meta = read_gguf(mp, want_data=False).metadata
-        arch = str(meta.get("general.architecture", ""))
+        arch, meta = _model_facts(resolve_model(model))
         for w in cv.check_compatible(int(meta.get(f"{arch}.block_count", 0)), int(meta.get(f"{arch}.embedding_length", 0)), arch):
             click.echo(f"warning: {w}", err=True)
     meta2 = dict(cv.metadata)

@@ -167,6 +167,7 @@ class PreferencePair:
     axis: str
     positive: str
     negative: str
+    personas: tuple[str, str] = ("", "")  # the axis's positive and negative persona
 
 
 def load_pairs(path: str | Path, axis: str | None = None) -> list[PreferencePair]:
@@ -180,6 +181,7 @@ def load_pairs(path: str | Path, axis: str | None = None) -> list[PreferencePair
             pair = PreferencePair(
                 str(rec["id"]), str(rec["query"]), str(rec["axis"]["name"]),
                 str(rec["response"]["positive"]), str(rec["response"]["negative"]),
+                (str(rec["axis"].get("positive", "")), str(rec["axis"].get("negative", ""))),
             )
         except (KeyError, TypeError):
             raise AlignezError(f"{p} record {n} is not a preference pair (needs id, query, axis, response); was it made by alignez generate?") from None
