@@ -13,7 +13,6 @@ from .cli_options import (
     sampling_options,
     steering_options,
 )
-from .errors import AlignezError
 from .evaluate import (
     EvalConfig,
     EvalInterrupted,
@@ -80,10 +79,6 @@ def eval_command(
             judge_ctx=judge_ctx, judge_parallel=judge_parallel, verbose=verbose,
         )
         report = run_eval(cfg, out_dir)
-    except AlignezError as err:
-        # Also handled by the group; here too so the command works on its own.
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
     except EvalInterrupted as stop:
         click.echo(stop.message, err=True)
         sys.exit(130)

@@ -725,10 +725,7 @@ class Engine:
         if len(sps) != len(prompts):
             raise ValueError("one Sampling per prompt, or a single one for all")
         seqs = [_Seq(i, self.tokenize(p), sampling=sp.check()) for i, (p, sp) in enumerate(zip(prompts, sps))]
-        try:
-            self._run(seqs, on_token=on_token)
-        except KeyboardInterrupt:
-            raise
+        self._run(seqs, on_token=on_token)
         return [
             Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens)) for s in seqs
         ]
