@@ -1,5 +1,5 @@
 """Run the CLI as ``python -m alignez_local``."""
 
-from .cli import main
+from alignez_local.apps.cli import main
 
 main()

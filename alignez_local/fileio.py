@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import AlignezError
+from alignez_local.errors import AlignezError
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlignezError
+from alignez_local.errors import AlignezError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -147,7 +147,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
         raise AlignezError(f"model {key} is a folder; give the path of a .gguf file inside it")
     # Parse the header in Python first: llama.cpp aborts the whole process on some malformed
     # files, and a vector or profile passed as a model deserves a precise message.
-    from .gguf_file import gguf_kind
+    from alignez_local.formats.gguf_file import gguf_kind
 
     kind = gguf_kind(p)
     if kind == "control-vector":

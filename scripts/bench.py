@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_engine as be
 
-from alignez_local.engine import Engine, Sampling
+from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import DEFAULT_MODEL, resolve_model
-from alignez_local.profile import SteeringProfile
-from alignez_local.steering import ProfileSlot, Steering
+from alignez_local.formats.profile import SteeringProfile
+from alignez_local.align.steering import ProfileSlot, Steering
 
 
 def synthetic_profile(engine: Engine, k: int = 3, seed: int = 0) -> SteeringProfile:
@@ -81,7 +81,7 @@ def measure_profile_steering(engine: Engine, reps: int, max_tokens: int) -> dict
 def alignez_command() -> list[str]:
     """Return the command that runs the ``alignez`` CLI (the console script, else this Python)."""
     exe = shutil.which("alignez")
-    return [exe] if exe else [sys.executable, "-c", "from alignez_local.cli import main; main()"]
+    return [exe] if exe else [sys.executable, "-c", "from alignez_local.apps.cli import main; main()"]
 
 
 def measure_steer(model: str, limit: int | None, threads: int | None) -> dict[str, Any]:

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignez_local.edit import edit_delta
-from alignez_local.engine import Engine, Sampling
+from alignez_local.align.edit import edit_delta
+from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import DEFAULT_MODEL, resolve_model
 
 TARGETS: dict[str, tuple[str, float]] = {

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from alignez_local.engine import Engine
+from alignez_local.llama.engine import Engine
 from alignez_local.errors import AlignezError
 from alignez_local.models import resolve_model
-from alignez_local.tiny_model import write_tiny_llama
+from tiny_model import write_tiny_llama
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from alignez_local.axes import BUILTIN_AXES, MAX_PERSONA_CHARS, PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.axes import BUILTIN_AXES, MAX_PERSONA_CHARS, PreferenceAxis, custom_axis, get_axis
 from alignez_local.errors import AlignezError
 
 

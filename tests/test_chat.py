@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from alignez_local.chat import ChatSession
-from alignez_local.control_vector import ControlVector, write_control_vector
-from alignez_local.engine import Engine, Sampling
+from alignez_local.apps.chat import ChatSession
+from alignez_local.formats.control_vector import ControlVector, write_control_vector
+from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
-from alignez_local.steering import Steering, VectorSlot
-from alignez_local.tiny_model import write_tiny_llama
+from alignez_local.align.steering import Steering, VectorSlot
+from tiny_model import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 # cli.py has no __main__ block; this runs its click group exactly as the console script does.
-CLI = [sys.executable, "-c", "from alignez_local.cli import main; main()", "chat", "--threads", "1"]
+CLI = [sys.executable, "-c", "from alignez_local.apps.cli import main; main()", "chat", "--threads", "1"]
 # One thread: on a busy machine llama.cpp's spinning worker threads make tiny decodes 1000x slower.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
 QUESTION = "What is the capital of France?"

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignez_local.control_vector import ControlVector, write_control_vector
-from alignez_local.tiny_model import write_tiny_llama
+from alignez_local.formats.control_vector import ControlVector, write_control_vector
+from tiny_model import write_tiny_llama
 
 CLI = [sys.executable, "-m", "alignez_local"]
 

@@ -1,4 +1,4 @@
-"""Tests for alignez_local.directions: planted directions, the 90% rule, filters, layer choice."""
+"""Tests for alignez_local.align.directions: planted directions, the 90% rule, filters, layer choice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignez_local.directions import (
+from alignez_local.align.directions import (
     METHODS,
     LayerFit,
     calibrate_signs,

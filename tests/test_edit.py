@@ -1,4 +1,4 @@
-"""Tests for alignez_local.edit: the AlignEZ edit rule on hand-computed cases, plus properties."""
+"""Tests for alignez_local.align.edit: the AlignEZ edit rule on hand-computed cases, plus properties."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignez_local.edit import EditPlan, apply_edit, combine_deltas, edit_delta, mean_delta, plan_edit
+from alignez_local.align.edit import EditPlan, apply_edit, combine_deltas, edit_delta, mean_delta, plan_edit
 from alignez_local.errors import AlignezError
 
 E1, E2, E3 = np.eye(3)

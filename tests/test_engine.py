@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignez_local.engine import Engine, Sampling
+from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "How do I sort a list?"]

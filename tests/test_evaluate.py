@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from alignez_local.control_vector import ControlVector, write_control_vector
-from alignez_local.engine import Engine, Sampling
+from alignez_local.formats.control_vector import ControlVector, write_control_vector
+from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
-from alignez_local.evaluate import (
+from alignez_local.evaluation.evaluate import (
     EvalConfig,
     EvalInterrupted,
     bootstrap_ci,
@@ -29,16 +29,16 @@ from alignez_local.evaluate import (
     run_eval,
     scale_steering,
 )
-from alignez_local.judge import (
+from alignez_local.evaluation.judge import (
     Judge,
     outcome_from_margin,
     pairwise_outcome,
     verdicts_from_scores,
 )
-from alignez_local.steering import Steering
+from alignez_local.align.steering import Steering
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "from alignez_local.cli import main; main()", "eval"]
+CLI = [sys.executable, "-c", "from alignez_local.apps.cli import main; main()", "eval"]
 # One thread: on a busy shared machine llama.cpp's spinning worker threads make tiny decodes crawl.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
 SAMPLING = Sampling(max_tokens=6)

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-from alignez_local import gguf_file
-from alignez_local.control_vector import (
+from alignez_local.formats import gguf_file
+from alignez_local.formats.control_vector import (
     META_N_LAYER,
     ControlVector,
     read_control_vector,
     write_control_vector,
 )
 from alignez_local.errors import AlignezError
-from alignez_local.gguf_file import GGUFArraySummary, gguf_kind, read_gguf
-from alignez_local.profile import (
+from alignez_local.formats.gguf_file import GGUFArraySummary, gguf_kind, read_gguf
+from alignez_local.formats.profile import (
     KEY_META,
     KEY_VERSION,
     PROFILE_FORMAT_VERSION,

@@ -21,11 +21,11 @@ from gguf import GGUFReader, GGUFWriter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignez_local import gguf_file
-from alignez_local.control_vector import ControlVector, read_control_vector, write_control_vector
+from alignez_local.formats import gguf_file
+from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
 from alignez_local.errors import AlignezError
-from alignez_local.gguf_file import gguf_kind, read_gguf
-from alignez_local.profile import SteeringProfile, load_profile, save_profile
+from alignez_local.formats.gguf_file import gguf_kind, read_gguf
+from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
 
 N_EMBD = 16
 SEED = 20261127

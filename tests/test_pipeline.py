@@ -14,16 +14,16 @@ import gguf
 import numpy as np
 import pytest
 
-from alignez_local.axes import get_axis
-from alignez_local.control_vector import read_control_vector
-from alignez_local.edit import apply_edit, plan_edit
-from alignez_local.engine import Engine, Sampling
-from alignez_local.export import approximation_report, constant_vector
-from alignez_local.fit import fit_profile
-from alignez_local.preferences import GenerationSettings, generate_preferences, load_pairs
-from alignez_local.profile import load_profile, save_profile
-from alignez_local.prompt_sets import load_queries
-from alignez_local.steering import ProfileSlot, Steering
+from alignez_local.align.axes import get_axis
+from alignez_local.formats.control_vector import read_control_vector
+from alignez_local.align.edit import apply_edit, plan_edit
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.align.export import approximation_report, constant_vector
+from alignez_local.align.fit import fit_profile
+from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_pairs
+from alignez_local.formats.profile import load_profile, save_profile
+from alignez_local.evaluation.prompt_sets import load_queries
+from alignez_local.align.steering import ProfileSlot, Steering
 
 CLI = [sys.executable, "-m", "alignez_local"]
 FAST = GenerationSettings(characteristics_tokens=12, response_tokens=24)
@@ -97,7 +97,7 @@ def test_exact_edit_runs_inside_the_forward_pass(tiny_engine: Engine, profile) -
 
 
 def test_export_follows_llama_cpp_loader_rules(tiny_engine: Engine, profile, tmp_path: Path) -> None:
-    from alignez_local.control_vector import write_control_vector
+    from alignez_local.formats.control_vector import write_control_vector
 
     e = tiny_engine
     prompts = [e.prompt(q) for q in load_queries()[:16]]
@@ -185,7 +185,7 @@ def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Pa
 
 
 def test_ccs_layers_are_cut_at_the_loss_elbow(tiny_engine: Engine, prefs: Path) -> None:
-    from alignez_local.directions import ccs_elbow
+    from alignez_local.align.directions import ccs_elbow
 
     prof = fit_profile(tiny_engine, load_pairs(prefs), {"name": "helpful", "positive": "p", "negative": "n"},
                        method="ccs", quiet=True)

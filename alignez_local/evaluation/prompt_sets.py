@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import AlignezError
+from alignez_local.errors import AlignezError
 
 EVAL_KINDS: tuple[str, ...] = ("helpful", "harmful", "benign")
 """Kinds of evaluation prompt: answer well, refuse, answer without refusing."""

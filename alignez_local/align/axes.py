@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from .errors import AlignezError
+from alignez_local.errors import AlignezError
 
 MAX_PERSONA_CHARS = 80
 """Longest persona accepted: it is spliced into a prompt for a small model, so it must stay a phrase."""

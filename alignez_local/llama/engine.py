@@ -45,7 +45,7 @@ import numpy as np
 import llama_cpp.llama_cpp as C
 from llama_cpp._ctypes_extensions import load_shared_library
 
-from .errors import AlignezError
+from alignez_local.errors import AlignezError
 
 SITES = ("ffn_out", "l_out", "attn_out")
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from .chat import Answer, ChatSession
-from .cli_options import make_sampling, model_options, open_engine, sampling_options, steering_options
-from .errors import AlignezError
+from alignez_local.apps.chat import Answer, ChatSession
+from alignez_local.apps.cli_options import make_sampling, model_options, open_engine, sampling_options, steering_options
+from alignez_local.errors import AlignezError
 
 
 class _Terminal:

@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .axes import PreferenceAxis
-from .engine import Engine, Sampling
-from .errors import AlignezError
-from .fileio import JsonlAppender, read_jsonl
-from .progress import Progress
+from alignez_local.align.axes import PreferenceAxis
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.errors import AlignezError
+from alignez_local.fileio import JsonlAppender, read_jsonl
+from alignez_local.progress import Progress
 
 CHARACTERISTICS_PROMPT = {
     "positive": "{query}\nYou are a {persona} assistant. Your answer to this query should:",

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .control_vector import ControlVector
-from .edit import mean_delta, plan_edit
-from .engine import Engine
-from .errors import AlignezError
-from .profile import SteeringProfile
-from .steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.align.edit import mean_delta, plan_edit
+from alignez_local.llama.engine import Engine
+from alignez_local.errors import AlignezError
+from alignez_local.formats.profile import SteeringProfile
+from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 
 
 def constant_vector(

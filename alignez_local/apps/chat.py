@@ -27,10 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .engine import Completion, Engine, Sampling
-from .errors import AlignezError
-from .fileio import write_json
-from .steering import DEFAULT_TOP_N, Steering, VectorSlot, parse_layer_range, parse_weighted
+from alignez_local.llama.engine import Completion, Engine, Sampling
+from alignez_local.errors import AlignezError
+from alignez_local.fileio import write_json
+from alignez_local.align.steering import DEFAULT_TOP_N, Steering, VectorSlot, parse_layer_range, parse_weighted
 
 TRANSCRIPT_FORMAT = "alignez-chat"
 TRANSCRIPT_VERSION = 1

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .directions import METHODS, LayerFit, ccs_elbow, fit_layer, select_layers
-from .engine import Engine
-from .errors import AlignezError
-from .preferences import PreferencePair, data_sha256
-from .profile import SteeringProfile
-from .progress import Progress
+from alignez_local import __version__
+from alignez_local.align.directions import METHODS, LayerFit, ccs_elbow, fit_layer, select_layers
+from alignez_local.llama.engine import Engine
+from alignez_local.errors import AlignezError
+from alignez_local.align.preferences import PreferencePair, data_sha256
+from alignez_local.formats.profile import SteeringProfile
+from alignez_local.progress import Progress
 
 FIT_SITES = ("ffn_out", "l_out")
 

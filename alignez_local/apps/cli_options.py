@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from .engine import Engine, Sampling
-from .models import DEFAULT_MODEL, resolve_model
-from .steering import DEFAULT_TOP_N
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.models import DEFAULT_MODEL, resolve_model
+from alignez_local.align.steering import DEFAULT_TOP_N
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:

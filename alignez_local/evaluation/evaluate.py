@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .engine import Completion, Engine, Sampling
-from .errors import AlignezError
-from .fileio import atomic_write, write_json, write_text
-from .judge import (
+from alignez_local import __version__
+from alignez_local.llama.engine import Completion, Engine, Sampling
+from alignez_local.errors import AlignezError
+from alignez_local.fileio import atomic_write, write_json, write_text
+from alignez_local.evaluation.judge import (
     DEFAULT_MARGIN,
     DEFAULT_MODE,
     MODES,
@@ -55,11 +55,11 @@ from .judge import (
     Verdict,
     verdicts_from_scores,
 )
-from .models import DEFAULT_MODEL, JUDGE_MODEL, file_sha256, resolve_model
-from .progress import Progress
-from .prompt_sets import EvalPrompt, load_eval_prompts
-from .refusal import is_refusal
-from .steering import DEFAULT_TOP_N, Steering
+from alignez_local.models import DEFAULT_MODEL, JUDGE_MODEL, file_sha256, resolve_model
+from alignez_local.progress import Progress
+from alignez_local.evaluation.prompt_sets import EvalPrompt, load_eval_prompts
+from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.align.steering import DEFAULT_TOP_N, Steering
 
 BOOTSTRAP_RESAMPLES = 2000
 GAP_MIN_DENOMINATOR = 0.05
@@ -524,7 +524,7 @@ def _run(st: _State, model_path: Path, ref_path: Path | None, judge_path: Path, 
 
 def _spec_path(spec: str) -> str:
     """Return the file path of a ``FILE[:NUMBER]`` spec."""
-    from .steering import parse_weighted
+    from alignez_local.align.steering import parse_weighted
 
     return parse_weighted(spec, "strength")[0]
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
-from .errors import AlignezError
-from .gguf_file import PROFILE_ARCH, GGUFContents, _classify, read_gguf, write_gguf
+from alignez_local.errors import AlignezError
+from alignez_local.formats.gguf_file import PROFILE_ARCH, GGUFContents, _classify, read_gguf, write_gguf
 
 PROFILE_FORMAT_VERSION = 1
 KEY_VERSION = "alignez.profile.version"

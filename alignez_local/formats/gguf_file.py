@@ -27,8 +27,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from .errors import AlignezError
-from .fileio import check_writable, make_temp_beside
+from alignez_local.errors import AlignezError
+from alignez_local.fileio import check_writable, make_temp_beside
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

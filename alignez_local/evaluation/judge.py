@@ -43,9 +43,9 @@ from typing import Any, Self
 
 import numpy as np
 
-from .engine import Engine
-from .errors import AlignezError
-from .models import JUDGE_MODEL, resolve_model
+from alignez_local.llama.engine import Engine
+from alignez_local.errors import AlignezError
+from alignez_local.models import JUDGE_MODEL, resolve_model
 
 MODES = ("score", "pairwise")
 DEFAULT_MODE = "score"

@@ -7,21 +7,21 @@ from pathlib import Path
 
 import click
 
-from .cli_options import (
+from alignez_local.apps.cli_options import (
     make_sampling,
     model_options,
     sampling_options,
     steering_options,
 )
-from .evaluate import (
+from alignez_local.evaluation.evaluate import (
     EvalConfig,
     EvalInterrupted,
     parse_kinds,
     parse_strengths,
     run_eval,
 )
-from .judge import DEFAULT_MARGIN, MODES
-from .models import JUDGE_MODEL
+from alignez_local.evaluation.judge import DEFAULT_MARGIN, MODES
+from alignez_local.models import JUDGE_MODEL
 
 
 @click.command("eval")

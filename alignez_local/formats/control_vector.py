@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
-from .errors import AlignezError
-from .gguf_file import DIRECTION_RE, GGUFContents, _classify, read_gguf, write_gguf
+from alignez_local.errors import AlignezError
+from alignez_local.formats.gguf_file import DIRECTION_RE, GGUFContents, _classify, read_gguf, write_gguf
 
 MAX_N_EMBD = 65536
 MAX_LAYER = 4096

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .control_vector import ControlVector, read_control_vector
-from .edit import EditPlan, edit_delta, plan_edit
-from .engine import Completion, Engine, Sampling, TokenFn
-from .errors import AlignezError
-from .profile import SteeringProfile, load_profile
+from alignez_local.formats.control_vector import ControlVector, read_control_vector
+from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
+from alignez_local.llama.engine import Completion, Engine, Sampling, TokenFn
+from alignez_local.errors import AlignezError
+from alignez_local.formats.profile import SteeringProfile, load_profile
 
 DEFAULT_TOP_N = 5
 

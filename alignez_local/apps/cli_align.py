@@ -10,20 +10,20 @@ from typing import Any
 import click
 import numpy as np
 
-from .axes import PreferenceAxis, custom_axis, get_axis
-from .cli_options import model_options, open_engine
-from .control_vector import ControlVector, read_control_vector, write_control_vector
-from .directions import METHODS
-from .engine import Engine
-from .errors import AlignezError
-from .export import approximation_report, constant_vector
-from .fileio import check_writable, write_json
-from .fit import diagnostics_table, fit_profile, parse_layers
-from .gguf_file import gguf_kind, read_gguf
-from .models import file_sha256, resolve_model
-from .preferences import GenerationSettings, generate_preferences, load_pairs
-from .profile import SteeringProfile, load_profile, save_profile
-from .prompt_sets import load_eval_prompts, load_queries
+from alignez_local.align.axes import PreferenceAxis, custom_axis, get_axis
+from alignez_local.apps.cli_options import model_options, open_engine
+from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
+from alignez_local.align.directions import METHODS
+from alignez_local.llama.engine import Engine
+from alignez_local.errors import AlignezError
+from alignez_local.align.export import approximation_report, constant_vector
+from alignez_local.fileio import check_writable, write_json
+from alignez_local.align.fit import diagnostics_table, fit_profile, parse_layers
+from alignez_local.formats.gguf_file import gguf_kind, read_gguf
+from alignez_local.models import file_sha256, resolve_model
+from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_pairs
+from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
+from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries
 
 HELDOUT_PROMPTS = 16
 # steer's default query count: enough pairs for a subspace, and on the default model the whole

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import AlignezError
+from alignez_local import __version__
+from alignez_local.errors import AlignezError
 
 
 class AlignezGroup(click.Group):
@@ -40,9 +40,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from .cli_align import align_commands
-    from .cli_chat import chat
-    from .cli_eval import eval_command
+    from alignez_local.apps.cli_align import align_commands
+    from alignez_local.apps.cli_chat import chat
+    from alignez_local.apps.cli_eval import eval_command
 
     for cmd in [*align_commands, chat, eval_command]:
         main.add_command(cmd)

@@ -1,0 +1,1 @@
+"""AlignEZ: axes, self-generated preferences, directions, fit, the edit rule, export."""

@@ -1,0 +1,1 @@
+"""What users run: the chat session and the command line."""

@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets, refusal detection, the local judge, the eval run."""

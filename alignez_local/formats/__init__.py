@@ -1,0 +1,1 @@
+"""File formats: the bounded GGUF reader, control vectors and steering profiles."""

@@ -1,0 +1,1 @@
+"""The llama.cpp engine: the only code that talks to llama.cpp."""
