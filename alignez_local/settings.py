@@ -1,0 +1,31 @@
+"""Run settings shared by every command and API entry point, and the one place that opens an
+Engine from them (the CLI, the evaluation run, the judge and the server all come through here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from alignez_local.llama.engine import Engine
+from alignez_local.models import resolve_model
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How llama.cpp runs a model: threads (None = physical cores), context, GPU layers, batch."""
+
+    threads: int | None = None
+    n_ctx: int = 4096
+    gpu_layers: int = 0
+    parallel: int = 8
+    verbose: bool = False
+
+    def with_(self, **changes: object) -> "RuntimeSettings":
+        """Return a copy with some fields changed (e.g. a judge's larger context)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def open_engine(model: str | Path, settings: RuntimeSettings = RuntimeSettings()) -> Engine:
+    """Return an engine on ``model`` (a GGUF path or a bundled name) with ``settings``."""
+    return Engine(resolve_model(str(model)), n_ctx=settings.n_ctx, n_threads=settings.threads,
+                  n_gpu_layers=settings.gpu_layers, n_parallel=settings.parallel, verbose=settings.verbose)
