@@ -236,37 +236,14 @@ def test_ignores_foreign_metadata_and_accepts_other_arch_with_direction_tensors(
     assert gguf_kind(path) == "control-vector"
 
 
-# --- to_cvec_buffer, arithmetic, compatibility ------------------------------------------------------
+# --- arithmetic, compatibility -------------------------------------------------------------------
 
 
-def test_to_cvec_buffer_layout() -> None:
-    cv = make_cv((1, 2, 5))
-    buf = cv.to_cvec_buffer(n_layer=6)
-    assert buf.dtype == np.float32 and buf.shape == (N_EMBD * 5,)
-    slots = buf.reshape(5, N_EMBD)
-    for layer in range(1, 6):  # slot index = layer - 1
-        expected = cv.directions.get(layer, np.zeros(N_EMBD, np.float32))
-        np.testing.assert_array_equal(slots[layer - 1], expected)
-
-    scaled = cv.to_cvec_buffer(6, strength=-2.0).reshape(5, N_EMBD)
-    np.testing.assert_allclose(scaled[4], -2.0 * cv.directions[5], rtol=1e-6)
-
-    ranged = cv.to_cvec_buffer(6, layer_range=(2, 4)).reshape(5, N_EMBD)
-    assert not ranged[0].any() and not ranged[4].any()  # layers 1 and 5 outside 2..4
-    np.testing.assert_array_equal(ranged[1], cv.directions[2])
-
-    assert cv.to_cvec_buffer(6, layer_range=(5, 5)).reshape(5, N_EMBD)[:4].sum() == 0
-
-
-def test_to_cvec_buffer_refuses_layers_the_model_lacks() -> None:
+def test_check_compatible_refuses_layers_the_model_lacks() -> None:
     with pytest.raises(AlignezError, match=r"has direction\.5 but the model has 5 layers \(1\.\.4 usable\)"):
-        make_cv((1, 5), name="v").to_cvec_buffer(5)
+        make_cv((1, 5), name="v").check_compatible(5, N_EMBD, "llama")
     with pytest.raises(AlignezError, match="layer 0"):
-        make_cv((0, 1)).to_cvec_buffer(5)
-    with pytest.raises(AlignezError, match="overflow"):
-        make_cv((1,)).to_cvec_buffer(3, strength=1e39)
-    with pytest.raises(AlignezError, match="finite"):
-        make_cv((1,)).to_cvec_buffer(3, strength=float("nan"))
+        make_cv((0, 1)).check_compatible(5, N_EMBD, "llama")
 
 
 def test_arithmetic() -> None:
@@ -687,3 +664,139 @@ def test_profile_check_compatible() -> None:
 def test_gguf_package_exists() -> None:
     # The writer path depends on gguf.GGUFWriter; make the dependency explicit for the lead.
     assert hasattr(gguf, "GGUFWriter")
+
+
+# --- default_strength and calibration (issue 10) -----------------------------------------------------
+
+CALIB = {"strengths": [0.5, 1.0, 2.0], "kl": [0.01, 0.05, 0.3], "ppl_ratio": [1.0, 1.02, 1.2]}
+
+
+def _llama_cpp_reads(path: Path) -> tuple[int, float | None]:
+    """Return (tensor count, alignez.default_strength) as llama.cpp's own GGUF parser reads them."""
+    import ctypes
+
+    import llama_cpp
+
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    ggml = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+
+    class Params(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+    ggml.gguf_init_from_file.argtypes = [ctypes.c_char_p, Params]
+    ggml.gguf_init_from_file.restype = ctypes.c_void_p
+    ggml.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+    ggml.gguf_get_n_tensors.restype = ctypes.c_int64
+    ggml.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ggml.gguf_find_key.restype = ctypes.c_int64
+    ggml.gguf_get_val_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    ggml.gguf_get_val_f32.restype = ctypes.c_float
+    ggml.gguf_free.argtypes = [ctypes.c_void_p]
+    ctx = ggml.gguf_init_from_file(str(path).encode(), Params(True, None))
+    assert ctx, f"llama.cpp's gguf_init_from_file refused {path}"
+    try:
+        key = ggml.gguf_find_key(ctx, b"alignez.default_strength")
+        value = float(ggml.gguf_get_val_f32(ctx, key)) if key >= 0 else None
+        return int(ggml.gguf_get_n_tensors(ctx)), value
+    finally:
+        ggml.gguf_free(ctx)
+
+
+def test_default_strength_round_trips_in_both_files(tmp_path: Path) -> None:
+    cv = make_cv(default_strength=0.7, calibration=CALIB)
+    assert cv.default_strength == pytest.approx(0.7) and cv.default_strength_or_one == cv.default_strength
+    assert "default_strength=0.7)" in repr(cv)
+    path = write_control_vector(tmp_path / "v.gguf", cv)
+    raw = read_gguf(path)
+    assert raw.value_types["alignez.default_strength"] == "FLOAT32"
+    assert raw.value_types["alignez.calibration"] == "STRING"
+    back = read_control_vector(path)
+    assert back.default_strength == cv.default_strength  # F32-exact, so equal after the trip
+    assert dict(back.calibration or {}) == CALIB
+    assert "alignez.default_strength" not in back.metadata
+    assert back == dataclasses.replace(cv, name="v")
+    assert back.describe()["default_strength"] == cv.default_strength
+    assert back != dataclasses.replace(back, default_strength=0.5)
+
+    prof = make_profile(default_strength=-2.5, calibration=CALIB)
+    assert "default_strength=-2.5)" in repr(prof)
+    back_p = load_profile(save_profile(tmp_path / "p.gguf", prof))
+    assert back_p == prof and back_p.default_strength == -2.5
+    assert back_p.describe()["calibration"] == CALIB
+    assert back_p != dataclasses.replace(prof, calibration=None)
+
+
+def test_uncalibrated_files_have_no_key_and_default_to_one(tmp_path: Path) -> None:
+    cv = make_cv()
+    assert cv.default_strength is None and cv.calibration is None and cv.default_strength_or_one == 1.0
+    path = write_control_vector(tmp_path / "v.gguf", cv)
+    assert "alignez.default_strength" not in read_gguf(path).metadata
+    assert read_control_vector(path).default_strength is None
+    prof = load_profile(save_profile(tmp_path / "p.gguf", make_profile()))
+    assert prof.default_strength is None and prof.default_strength_or_one == 1.0
+
+
+def test_arithmetic_drops_the_calibration() -> None:
+    cv = make_cv(default_strength=2.0, calibration=CALIB)
+    for derived in (cv * 2, -cv, cv + cv, cv / 2):
+        assert derived.default_strength is None and derived.calibration is None
+
+
+@pytest.mark.parametrize("bad", [1000.0, -101, float("nan"), float("inf"), 1e39, "1", True])
+def test_default_strength_is_checked(bad: Any) -> None:
+    with pytest.raises(AlignezError, match="default_strength"):
+        make_cv(default_strength=bad)
+    with pytest.raises(AlignezError, match="default_strength"):
+        make_profile(default_strength=bad)
+
+
+def test_calibration_fields_are_refused_when_wrong(tmp_path: Path) -> None:
+    with pytest.raises(AlignezError, match="through its own field"):
+        make_cv(metadata={"alignez.default_strength": 1.0})
+    with pytest.raises(AlignezError, match="calibration cannot be saved as JSON"):
+        make_cv(calibration={"x": object()})
+    vec = rng_vec(1)
+    cases = {
+        "wrong type": ([("alignez.default_strength", 4, 2)], "is UINT32, not a float"),
+        "out of range": ([("alignez.default_strength", 6, 500.0)], "out of range"),
+        "not json": ([("alignez.calibration", 8, "{oops")], "not a JSON object"),
+        "json list": ([("alignez.calibration", 8, "[1]")], "not a JSON object"),
+    }
+    for label, (kvs, message) in cases.items():
+        path = tmp_path / f"{label}.gguf"
+        path.write_bytes(raw_gguf([("general.architecture", 8, "controlvector"), *kvs], [cv_tensor("direction.1", vec)]))
+        with pytest.raises(AlignezError, match=message):
+            read_control_vector(path)
+
+
+def test_vector_with_default_strength_still_loads_in_llama_cpp(tmp_path: Path, tiny_engine: Any) -> None:
+    e = tiny_engine
+    rng = np.random.default_rng(3)
+    dirs = {L: rng.standard_normal(e.n_embd).astype(np.float32) for L in range(1, e.n_layer)}
+    path = write_control_vector(tmp_path / "calibrated.gguf", ControlVector(dirs, "llama", default_strength=1.5))
+    assert _llama_cpp_reads(path) == (e.n_layer - 1, 1.5)
+    cv = read_control_vector(path)
+    assert cv.check_compatible(e.n_layer, e.n_embd, e.arch) == []
+    prompts = [e.prompt("Hello")]
+    base = e.next_token_logits(prompts)
+    with e.control_vector({L: v * cv.default_strength_or_one for L, v in cv.directions.items()}):
+        steered = e.next_token_logits(prompts)
+    with e.control_vector({L: v * 1.5 for L, v in dirs.items()}):
+        same = e.next_token_logits(prompts)
+    assert np.abs(steered - base).max() > 0.01
+    np.testing.assert_array_equal(steered, same)
+
+
+SHIPPED = sorted((Path(__file__).parent.parent / "vectors").glob("*/*.gguf"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_files_still_load(path: Path) -> None:
+    if path.name.endswith(".profile.gguf"):
+        assert gguf_kind(path) == "profile" and load_profile(path).layers
+    else:
+        assert gguf_kind(path) == "control-vector"
+        cv = read_control_vector(path)
+        assert cv.layers and (cv.default_strength is None or cv.default_strength_or_one == cv.default_strength)
+        assert _llama_cpp_reads(path)[0] == len(cv.layers)

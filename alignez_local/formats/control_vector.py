@@ -9,12 +9,12 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
 - our own extra keys, all named ``alignez.*`` (llama.cpp ignores unknown keys). The model's
   layer count, when known, is stored as ``alignez.model.n_layer`` and is also what we write as
   ``controlvector.layer_count`` (cvector-generator writes the number of directions, repeng the
-  number of layers it trained, so that key is never trusted on reading).
+  number of layers it trained, so that key is never trusted on reading). ``alignez.default_strength``
+  (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,9 +27,16 @@ from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
 from alignez_local.formats.gguf_file import DIRECTION_RE, GGUFContents, _classify, read_gguf, write_gguf
-
-MAX_N_EMBD = 65536
-MAX_LAYER = 4096
+from alignez_local.formats.steering_file import (
+    MAX_LAYER,
+    MAX_N_EMBD,
+    RESERVED_KEYS,
+    SteeringFile,
+    finite_scalar,
+    is_number,
+    layer_array,
+    read_calibration,
+)
 
 KEY_MODEL_HINT = "controlvector.model_hint"
 KEY_LAYER_COUNT = "controlvector.layer_count"
@@ -41,29 +48,14 @@ MetaValue = str | int | float
 _WHAT = "a .gguf control vector"
 
 
-def _is_number(x: object) -> bool:
-    """Return True for a real (non-bool) Python or numpy number."""
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-
-def _scalar(x: object, what: str) -> float:
-    """Return ``x`` as a finite float, or raise AlignezError naming ``what``."""
-    try:
-        value = float(x) if _is_number(x) else math.nan  # type: ignore[arg-type]
-    except OverflowError:  # an int too large for a float
-        value = math.inf
-    if not math.isfinite(value):
-        raise AlignezError(f"{what} must be a finite number, got {x!r}")
-    return value
-
-
-@dataclass(frozen=True, eq=False)
-class ControlVector:
+@dataclass(frozen=True, eq=False, repr=False)
+class ControlVector(SteeringFile):
     """An immutable set of steering directions keyed by the layer whose output each is added to.
 
     ``directions[N]`` is llama.cpp's ``direction.N``: a float32 (n_embd,) array added to the output
-    of layer N (0-based). ``metadata`` holds our own ``alignez.*`` keys. Arrays are copied and made
-    read-only on construction; equality compares values exactly.
+    of layer N (0-based). ``metadata`` holds our own other ``alignez.*`` keys; ``default_strength``
+    and ``calibration`` (keyword-only, from SteeringFile) hold the calibrated strength. Arrays are
+    copied and made read-only on construction; equality compares values exactly.
     """
 
     directions: Mapping[int, np.ndarray]
@@ -71,39 +63,26 @@ class ControlVector:
     metadata: Mapping[str, MetaValue] = field(default_factory=dict)
     name: str = "vector"
 
+    _ARRAYS = "directions"
+
     def __post_init__(self) -> None:
+        where = f"control vector {self.name!r}"
         if not isinstance(self.directions, Mapping) or len(self.directions) == 0:
-            raise AlignezError(f"control vector {self.name!r} has no directions; it needs at least one layer")
+            raise AlignezError(f"{where} has no directions; it needs at least one layer")
         dirs: dict[int, np.ndarray] = {}
         width: int | None = None
         for key, vec in self.directions.items():
-            if not isinstance(key, (int, np.integer)) or isinstance(key, (bool, np.bool_)):
-                raise AlignezError(f"control vector {self.name!r}: layer key {key!r} is not an integer")
-            layer = int(key)
-            if not 0 <= layer <= MAX_LAYER:
-                raise AlignezError(f"control vector {self.name!r}: layer {layer} is outside 0..{MAX_LAYER}")
-            try:
-                # Values beyond float32 become inf here and are refused just below.
-                with np.errstate(over="ignore", invalid="ignore"):
-                    arr = np.array(vec, dtype=np.float32)
-            except (TypeError, ValueError, OverflowError):
-                raise AlignezError(f"control vector {self.name!r}: layer {layer} is not numeric") from None
+            layer, arr = layer_array(key, vec, where, "layer")
             if arr.ndim != 1 or arr.size == 0 or arr.size > MAX_N_EMBD:
                 raise AlignezError(
-                    f"control vector {self.name!r}: layer {layer} has shape {arr.shape}; "
-                    f"each direction must be 1-D with 1..{MAX_N_EMBD} values"
+                    f"{where}: layer {layer} has shape {arr.shape}; each direction must be 1-D with 1..{MAX_N_EMBD} values"
                 )
             if width is None:
                 width = arr.size
             elif arr.size != width:
                 raise AlignezError(
-                    f"control vector {self.name!r}: layer {layer} has {arr.size} values but others have {width}; "
+                    f"{where}: layer {layer} has {arr.size} values but others have {width}; "
                     "all directions must have the same width"
-                )
-            if not np.all(np.isfinite(arr)):
-                raise AlignezError(
-                    f"control vector {self.name!r}: layer {layer} contains NaN or infinite values "
-                    "(a strength too large, or a damaged file)"
                 )
             arr.setflags(write=False)
             dirs[layer] = arr
@@ -111,6 +90,8 @@ class ControlVector:
         for k, v in dict(self.metadata).items():
             if not isinstance(k, str) or not k.startswith(META_PREFIX):
                 raise AlignezError(f"control vector metadata key {k!r} must start with {META_PREFIX!r}")
+            if k in RESERVED_KEYS:
+                raise AlignezError(f"control vector metadata key {k!r} is set through its own field, not metadata")
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (str, int, float, np.integer, np.floating)):
                 raise AlignezError(f"control vector metadata {k!r} must be a str, int or float, got {type(v).__name__}")
             meta[k] = v.item() if isinstance(v, (np.integer, np.floating)) else v
@@ -120,43 +101,33 @@ class ControlVector:
         object.__setattr__(self, "directions", MappingProxyType(dict(sorted(dirs.items()))))
         object.__setattr__(self, "metadata", MappingProxyType(meta))
         object.__setattr__(self, "name", str(self.name))
+        self._check_calibration(where)
 
-    # -- shape -----------------------------------------------------------------------------------
+    def _eq_fields(self) -> dict[str, Any]:
+        """Return hint, metadata and name, with the calibration fields."""
+        return {**super()._eq_fields(), "hint": self.model_hint, "meta": dict(self.metadata), "name": self.name}
 
-    @property
-    def n_embd(self) -> int:
-        """Return the width of every direction (the model's n_embd)."""
-        return int(next(iter(self.directions.values())).size)
-
-    @property
-    def layers(self) -> list[int]:
-        """Return the layers that have a direction, ascending."""
-        return sorted(self.directions)
-
-    def __eq__(self, other: object) -> bool:
-        """Return True when layers, values, hint, metadata and name are all equal."""
-        if not isinstance(other, ControlVector):
-            return NotImplemented
-        return (
-            self.layers == other.layers
-            and all(np.array_equal(self.directions[k], other.directions[k]) for k in self.layers)
-            and self.model_hint == other.model_hint
-            and dict(self.metadata) == dict(other.metadata)
-            and self.name == other.name
-        )
-
-    __hash__ = None  # type: ignore[assignment]  # equality is by array values, so no hash
     # Makes numpy scalars defer to our __rmul__ (np.float64(2) * cv) instead of wrapping cv in an array.
     __array_ufunc__ = None
 
-    def __repr__(self) -> str:
-        """Return a short description (not the arrays)."""
-        return (
-            f"ControlVector(name={self.name!r}, n_embd={self.n_embd}, layers={self.layers}, "
-            f"model_hint={self.model_hint!r})"
-        )
+    def _repr_fields(self) -> dict[str, Any]:
+        """Return what the repr shows (not the arrays)."""
+        return {"name": self.name, "n_embd": self.n_embd, "layers": self.layers, "model_hint": self.model_hint}
+
+    def describe(self) -> dict[str, Any]:
+        """Return the facts ``inspect`` shows: hint, width, layers, per-layer norms, metadata, calibration."""
+        return {
+            "model_hint": self.model_hint,
+            "n_embd": self.n_embd,
+            "layers": self.layers,
+            "norms": {L: round(float(np.linalg.norm(d)), 4) for L, d in self.directions.items()},
+            "metadata": dict(self.metadata),
+            **super().describe(),
+        }
 
     # -- arithmetic (like repeng) ----------------------------------------------------------------
+    # Results carry no default_strength or calibration: a sum or a rescaled vector was not the one
+    # calibrated, so its users get 1.0 until it is calibrated again.
 
     def _combine(self, other: ControlVector, sign: float, op: str) -> ControlVector:
         """Return the per-layer sum ``self + sign * other`` over the union of layers."""
@@ -200,9 +171,9 @@ class ControlVector:
 
     def __mul__(self, k: object) -> ControlVector:
         """Return the vector scaled by the number ``k``."""
-        if not _is_number(k):
+        if not is_number(k):
             return NotImplemented
-        s = _scalar(k, "a control vector scale")
+        s = finite_scalar(k, "a control vector scale")
         return self._scaled(s, f"{self.name}*{s:g}")
 
     def __rmul__(self, k: object) -> ControlVector:
@@ -211,9 +182,9 @@ class ControlVector:
 
     def __truediv__(self, k: object) -> ControlVector:
         """Return the vector divided by the non-zero number ``k``."""
-        if not _is_number(k):
+        if not is_number(k):
             return NotImplemented
-        s = _scalar(k, "a control vector divisor")
+        s = finite_scalar(k, "a control vector divisor")
         if s == 0.0:
             raise AlignezError(f"cannot divide control vector {self.name!r} by zero")
         return self._scaled(1.0 / s, f"{self.name}/{s:g}")
@@ -237,41 +208,6 @@ class ControlVector:
                 f"vector {self.name} has direction.{max(too_high)} but the model has {n_layer} layers "
                 f"(1..{n_layer - 1} usable)"
             )
-
-    def to_cvec_buffer(
-        self, n_layer: int, strength: float = 1.0, layer_range: tuple[int, int] | None = None
-    ) -> np.ndarray:
-        """Return the flat float32 buffer of n_embd * (n_layer - 1) floats for ``llama_set_adapter_cvec``.
-
-        Slot ``i`` (floats ``i*n_embd .. (i+1)*n_embd``) holds layer ``i + 1``: layer 0 has no slot.
-        Directions are multiplied by ``strength``; those outside ``layer_range`` (inclusive, 0-based
-        layer indices like llama.cpp's ``--control-vector-layer-range``) are left at zero. The
-        buffer always covers every layer, because llama.cpp keeps old values for layers a shorter
-        buffer leaves out.
-        """
-        if isinstance(n_layer, bool) or not isinstance(n_layer, (int, np.integer)) or n_layer < 1:
-            raise AlignezError(f"the model must have at least one layer, got n_layer={n_layer!r}")
-        n_layer = int(n_layer)
-        s = _scalar(strength, "the steering strength")
-        self._check_layers(n_layer)
-        if layer_range is None:
-            lo, hi = 0, n_layer - 1
-        else:
-            try:
-                lo, hi = (int(v) for v in layer_range)
-            except (TypeError, ValueError):
-                raise AlignezError(f"layer range {layer_range!r} must be two layer numbers") from None
-        if lo > hi:
-            raise AlignezError(f"layer range {lo}..{hi} is empty; give the lower layer first")
-        n = self.n_embd
-        buf = np.zeros(n * (n_layer - 1), dtype=np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
-            for layer, vec in self.directions.items():
-                if lo <= layer <= hi:
-                    buf[(layer - 1) * n : layer * n] = (vec.astype(np.float64) * s).astype(np.float32)
-        if not np.all(np.isfinite(buf)):
-            raise AlignezError(f"strength {s:g} is too large for vector {self.name}: values overflow float32")
-        return buf
 
     def check_compatible(self, n_layer: int, n_embd: int, arch: str) -> list[str]:
         """Return warnings about using this vector on a model; raise AlignezError if it cannot work.
@@ -389,13 +325,15 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     hint = md.get(KEY_MODEL_HINT)
     meta: dict[str, MetaValue] = {}
     for key, value in md.items():
-        if key.startswith(META_PREFIX) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if key.startswith(META_PREFIX) and key not in RESERVED_KEYS and isinstance(value, (str, int, float)) \
+                and not isinstance(value, bool):
             meta[key] = value
     return ControlVector(
         directions=directions,
         model_hint=hint if isinstance(hint, str) and hint else None,
         metadata=meta,
         name=contents.path.stem,
+        **read_calibration(contents, str(contents.path)),
     )
 
 
@@ -421,7 +359,8 @@ def write_control_vector(path: str | os.PathLike[str], cv: ControlVector) -> Pat
     Writes ``direction.N`` F32 tensors, ``general.architecture = "controlvector"``,
     ``controlvector.model_hint`` (when known), ``controlvector.layer_count`` (uint32: the model's
     layer count from ``alignez.model.n_layer`` when present, else the highest layer + 1) and
-    every ``alignez.*`` metadata key.
+    every ``alignez.*`` metadata key, with ``alignez.default_strength`` (F32) and
+    ``alignez.calibration`` (JSON) when set.
     """
     if 0 in cv.directions:
         raise AlignezError(
@@ -435,5 +374,6 @@ def write_control_vector(path: str | os.PathLike[str], cv: ControlVector) -> Pat
         kvs.append((KEY_MODEL_HINT, GGUFValueType.STRING, cv.model_hint))
     kvs.append((KEY_LAYER_COUNT, GGUFValueType.UINT32, int(layer_count)))
     kvs.extend(_meta_kv(k, v) for k, v in sorted(cv.metadata.items()))
+    kvs.extend(cv.calibration_kvs())
     tensors = [(f"direction.{layer}", cv.directions[layer].astype("<f4")) for layer in cv.layers]
     return write_gguf(path, "controlvector", kvs, tensors)

@@ -5,6 +5,8 @@ File layout (GGUF, so the one strict reader in ``gguf_file`` serves both formats
 - ``alignez.profile.version`` (uint32) = ``PROFILE_FORMAT_VERSION``;
 - ``alignez.profile.meta``: a JSON string with name, site, method, axis, layer_stats, params and
   provenance (layer_stats keys are layer numbers written as strings);
+- optionally ``alignez.default_strength`` (F32) and ``alignez.calibration`` (JSON string), the
+  calibrated strength, as in control vectors (see ``steering_file``);
 - tensors ``subspace.L`` F32, numpy shape (k_L, n_embd); GGUF stores dimensions fastest-first, so
   the file's ``ne`` is (n_embd, k_L) and the reader reverses it back.
 Tensor names are not ``direction.N``, so llama.cpp refuses a profile given as a control vector,
@@ -28,15 +30,24 @@ from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
 from alignez_local.formats.gguf_file import PROFILE_ARCH, GGUFContents, _classify, read_gguf, write_gguf
+from alignez_local.formats.steering_file import (
+    MAX_LAYER,
+    MAX_N_EMBD,
+    SteeringFile,
+    freeze_json,
+    is_int,
+    json_default,
+    layer_array,
+    read_calibration,
+)
+from alignez_local.specs import FIT_SITES
 
 PROFILE_FORMAT_VERSION = 1
 KEY_VERSION = "alignez.profile.version"
 KEY_META = "alignez.profile.meta"
-SITES = ("ffn_out", "l_out")
+SITES = FIT_SITES
 SUBSPACE_RE = re.compile(r"subspace\.(0|[1-9][0-9]*)")
 UNIT_TOL = 1e-3  # row norms and pairwise dot products must be within this of orthonormal
-MAX_LAYER = 4096
-MAX_N_EMBD = 65536
 REQUIRED_META = ("site", "method", "axis", "provenance")
 REQUIRED_PROVENANCE = ("n_embd", "n_layer")
 
@@ -45,40 +56,8 @@ _WHAT = "a .gguf steering profile"
 _LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("_LABEL", default=None)
 
 
-def _json_default(obj: Any) -> Any:
-    """Return a JSON-encodable stand-in for mappings and numpy values; raise TypeError otherwise."""
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
-
-
-def _is_int(x: object) -> bool:
-    """Return True for a Python or numpy integer that is not a bool."""
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
-def _freeze_json(value: Mapping[str, Any], what: str, where: str) -> Mapping[str, Any]:
-    """Return a read-only copy of a JSON-serializable mapping, or raise AlignezError."""
-    if not isinstance(value, Mapping):
-        raise AlignezError(f"{where}: {what} must be a mapping, got {type(value).__name__}")
-    try:
-        json.dumps(value, default=_json_default)
-    except (TypeError, ValueError, RecursionError) as err:
-        raise AlignezError(f"{where}: {what} cannot be saved as JSON ({err})") from None
-    for k in value:
-        if not isinstance(k, str):
-            raise AlignezError(f"{where}: {what} key {k!r} is not a string")
-    return MappingProxyType(dict(value))
-
-
-@dataclass(frozen=True, eq=False)
-class SteeringProfile:
+@dataclass(frozen=True, eq=False, repr=False)
+class SteeringProfile(SteeringFile):
     """Per-layer orthonormal subspaces (rows point from the negative to the positive persona).
 
     ``subspaces[L]`` is a float32 (k, n_embd) array for layer L (0-based, at ``site``:
@@ -95,6 +74,8 @@ class SteeringProfile:
     provenance: Mapping[str, object]
     name: str = "profile"
 
+    _ARRAYS = "subspaces"
+
     def __post_init__(self) -> None:
         where = f"profile {_LABEL.get() or self.name}"
         if not isinstance(self.site, str) or self.site not in SITES:
@@ -107,13 +88,13 @@ class SteeringProfile:
             raise AlignezError(f"{where}: axis must give 'name', 'positive' and 'negative' as strings")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.axis.items()):
             raise AlignezError(f"{where}: axis keys and values must be strings")
-        provenance = _freeze_json(self.provenance, "provenance", where)
-        params = _freeze_json(self.params, "params", where)
+        provenance = freeze_json(self.provenance, "provenance", where)
+        params = freeze_json(self.params, "params", where)
         n_embd = provenance.get("n_embd")
         n_layer = provenance.get("n_layer")
-        if not _is_int(n_embd) or not 1 <= int(n_embd) <= MAX_N_EMBD:  # type: ignore[arg-type]
+        if not is_int(n_embd) or not 1 <= int(n_embd) <= MAX_N_EMBD:  # type: ignore[arg-type]
             raise AlignezError(f"{where}: provenance n_embd {n_embd!r} is missing or not a valid width")
-        if not _is_int(n_layer) or not 1 <= int(n_layer) <= MAX_LAYER + 1:  # type: ignore[arg-type]
+        if not is_int(n_layer) or not 1 <= int(n_layer) <= MAX_LAYER + 1:  # type: ignore[arg-type]
             raise AlignezError(f"{where}: provenance n_layer {n_layer!r} is missing or not a valid layer count")
         subspaces = _check_subspaces(self.subspaces, int(n_embd), int(n_layer), where)  # type: ignore[arg-type]
         stats = _check_layer_stats(self.layer_stats, where)
@@ -124,33 +105,30 @@ class SteeringProfile:
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "provenance", provenance)
         object.__setattr__(self, "name", str(self.name))
+        self._check_calibration(where)
 
-    @property
-    def n_embd(self) -> int:
-        """Return the model width every subspace lives in."""
-        return int(next(iter(self.subspaces.values())).shape[1])
+    def _eq_fields(self) -> dict[str, Any]:
+        """Return everything but the subspaces (what ``alignez.profile.meta`` holds), with calibration."""
+        return {**super()._eq_fields(), **_meta_dict(self)}
 
-    @property
-    def layers(self) -> list[int]:
-        """Return the layers that have a subspace, ascending."""
-        return sorted(self.subspaces)
-
-    def __eq__(self, other: object) -> bool:
-        """Return True when every field is equal (arrays compared exactly)."""
-        if not isinstance(other, SteeringProfile):
-            return NotImplemented
-        return (
-            self.layers == other.layers
-            and all(np.array_equal(self.subspaces[k], other.subspaces[k]) for k in self.layers)
-            and _meta_dict(self) == _meta_dict(other)
-        )
-
-    __hash__ = None  # type: ignore[assignment]  # equality is by array values, so no hash
-
-    def __repr__(self) -> str:
-        """Return a short description (not the arrays)."""
+    def _repr_fields(self) -> dict[str, Any]:
+        """Return what the repr shows: name, site, method and each layer's subspace rank."""
         ks = {L: int(s.shape[0]) for L, s in self.subspaces.items()}
-        return f"SteeringProfile(name={self.name!r}, site={self.site!r}, method={self.method!r}, k={ks})"
+        return {"name": self.name, "site": self.site, "method": self.method, "k": ks}
+
+    def describe(self) -> dict[str, Any]:
+        """Return the facts ``inspect`` shows: method, site, axis, layers, ranks, params, provenance, stats."""
+        return {
+            "method": self.method,
+            "site": self.site,
+            "axis": dict(self.axis),
+            "layers": self.layers,
+            "k": {L: int(s.shape[0]) for L, s in self.subspaces.items()},
+            "params": dict(self.params),
+            "provenance": dict(self.provenance),
+            "layer_stats": {L: dict(s) for L, s in self.layer_stats.items()},
+            **super().describe(),
+        }
 
     def check_compatible(
         self, n_layer: int, n_embd: int, arch: str, model_sha256: str | None = None
@@ -188,25 +166,15 @@ def _check_subspaces(
         raise AlignezError(f"{where} has no subspaces; it needs at least one layer")
     out: dict[int, np.ndarray] = {}
     for key, sub in subspaces.items():
-        if not _is_int(key):
-            raise AlignezError(f"{where}: layer key {key!r} is not an integer")
-        layer = int(key)
-        if not 0 <= layer < n_layer:
+        layer, arr = layer_array(key, sub, where, "subspace")
+        if layer >= n_layer:
             raise AlignezError(f"{where}: subspace for layer {layer}, but the model has {n_layer} layers (0..{n_layer - 1})")
-        try:
-            # Values beyond float32 become inf here and are refused as non-finite below.
-            with np.errstate(over="ignore", invalid="ignore"):
-                arr = np.array(sub, dtype=np.float32)
-        except (TypeError, ValueError, OverflowError):
-            raise AlignezError(f"{where}: subspace {layer} is not numeric") from None
         if arr.ndim == 1:
             arr = arr[None, :]  # one direction given as a vector is a k = 1 subspace
         if arr.ndim != 2 or arr.shape[1] != n_embd or not 1 <= arr.shape[0] <= n_embd:
             raise AlignezError(
                 f"{where}: subspace {layer} has shape {arr.shape}; expected (k, {n_embd}) with 1 <= k <= {n_embd}"
             )
-        if not np.all(np.isfinite(arr)):
-            raise AlignezError(f"{where}: subspace {layer} contains NaN or infinite values; the file is damaged")
         gram = arr.astype(np.float64) @ arr.astype(np.float64).T
         norms = np.sqrt(np.diag(gram))
         worst_norm = float(np.max(np.abs(norms - 1.0)))
@@ -231,7 +199,7 @@ def _check_layer_stats(stats: Mapping[int, Mapping[str, float]], where: str) -> 
         raise AlignezError(f"{where}: layer_stats must be a mapping of layer -> statistics")
     out: dict[int, Mapping[str, Any]] = {}
     for key, row in stats.items():
-        if not _is_int(key):
+        if not is_int(key):
             raise AlignezError(f"{where}: layer_stats key {key!r} is not a layer number")
         if not isinstance(row, Mapping):
             raise AlignezError(f"{where}: layer_stats[{key}] must be a mapping of name -> number")
@@ -265,12 +233,13 @@ def _meta_dict(profile: SteeringProfile) -> dict[str, Any]:
 def save_profile(path: str | os.PathLike[str], profile: SteeringProfile) -> Path:
     """Return the written path after saving ``profile`` atomically as an alignez-profile GGUF."""
     try:
-        meta = json.dumps(_meta_dict(profile), default=_json_default, ensure_ascii=False, sort_keys=True)
+        meta = json.dumps(_meta_dict(profile), default=json_default, ensure_ascii=False, sort_keys=True)
     except (TypeError, ValueError) as err:
         raise AlignezError(f"cannot save profile {profile.name}: its metadata is not JSON-serializable ({err})") from None
     kvs = [
         (KEY_VERSION, GGUFValueType.UINT32, PROFILE_FORMAT_VERSION),
         (KEY_META, GGUFValueType.STRING, meta),
+        *profile.calibration_kvs(),
     ]
     tensors = [(f"subspace.{L}", profile.subspaces[L].astype("<f4")) for L in profile.layers]
     return write_gguf(path, PROFILE_ARCH, kvs, tensors)
@@ -322,7 +291,7 @@ def _check_header(contents: GGUFContents) -> dict[str, Any]:
     if missing:
         raise AlignezError(f"profile {path}: {KEY_META} lacks {', '.join(missing)}; the file is damaged")
     prov = meta["provenance"]
-    if not isinstance(prov, dict) or any(not _is_int(prov.get(k)) for k in REQUIRED_PROVENANCE):
+    if not isinstance(prov, dict) or any(not is_int(prov.get(k)) for k in REQUIRED_PROVENANCE):
         raise AlignezError(f"profile {path}: provenance must give n_embd and n_layer as integers; the file is damaged")
     n_embd, n_layer = int(prov["n_embd"]), int(prov["n_layer"])
     if not 1 <= n_embd <= MAX_N_EMBD or not 1 <= n_layer <= MAX_LAYER + 1:
@@ -380,6 +349,7 @@ def load_profile(path: str | os.PathLike[str]) -> SteeringProfile:
             params=meta.get("params", {}),
             provenance=meta["provenance"],
             name=name if isinstance(name, str) and name else contents.path.stem,
+            **read_calibration(contents, f"profile {contents.path}"),
         )
     finally:
         _LABEL.reset(token)
