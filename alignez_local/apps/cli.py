@@ -43,8 +43,9 @@ def _register() -> None:
     from alignez_local.apps.cli_align import align_commands
     from alignez_local.apps.cli_chat import chat
     from alignez_local.apps.cli_eval import eval_command
+    from alignez_local.apps.serve.command import serve_command
 
-    for cmd in [*align_commands, chat, eval_command]:
+    for cmd in [*align_commands, chat, eval_command, serve_command]:
         main.add_command(cmd)
 
 

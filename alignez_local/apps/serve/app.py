@@ -1,0 +1,217 @@
+"""The HTTP side: a Starlette app with OpenAI's routes, talking to the engine ``Worker``.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (plain JSON or SSE streaming), GET
+/v1/models, GET /v1/steering, GET /health (open without the API key, like llama-server's).
+Response shapes follow OpenAI's API (and llama-cpp-python's server, which follows it too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from alignez_local.apps.serve.errors import HANDLERS, ApiError, unauthorized
+from alignez_local.apps.serve.schemas import GenRequest, parse_json, parse_request
+from alignez_local.apps.serve.steering import SteeringSet
+from alignez_local.apps.serve.worker import Event, Job, Worker, asyncio_sink
+from alignez_local.errors import AlignezError
+from alignez_local.llama.engine import Completion, Engine
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+@dataclass
+class ServeConfig:
+    """What the app needs besides the engine: names, key and defaults."""
+
+    model_id: str
+    api_key: str | None = None
+    default_max_tokens: int = 512
+
+
+class _Server:
+    """The route handlers, sharing the engine, the steering set and the worker."""
+
+    def __init__(self, engine: Engine, steering: SteeringSet, worker: Worker, config: ServeConfig) -> None:
+        self.engine = engine
+        self.steering = steering
+        self.worker = worker
+        self.config = config
+        self.created = int(time.time())
+
+    def check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            raise unauthorized("no API key given; send the header 'Authorization: Bearer YOUR_KEY'")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise unauthorized("the API key is wrong; send the key the server was started with (--api-key)")
+
+    # --- small routes ------------------------------------------------------------------------
+
+    async def health(self, _request: Request) -> Response:
+        return JSONResponse({"status": "ok", **self.worker.stats()})
+
+    async def models(self, request: Request) -> Response:
+        self.check_key(request)
+        card = {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "alignez-local",
+                "meta": {"arch": self.engine.arch, "n_layer": self.engine.n_layer, "n_ctx": self.engine.n_ctx}}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def steering_list(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse(self.steering.describe())
+
+    # --- generation --------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        self.check_key(request)
+        body = parse_json(await request.body())
+        req = parse_request(body, chat, self.engine, self.steering, self.config.default_max_tokens)
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        job = Job(req.prompt, req.n_prompt, req.sampling, req.steering, asyncio_sink(asyncio.get_running_loop(), q))
+        try:
+            self.worker.submit(job)
+        except AlignezError as err:
+            raise ApiError(str(err), 503, type_="server_error", code="shutting_down") from None
+        out = _Shaper(req, self.config.model_id)
+        if req.stream:
+            return EventSourceResponse(self._stream(job, q, out), ping=15)
+        return JSONResponse(await self._collect(request, job, q, out))
+
+    async def _collect(self, request: Request, job: Job, q: "asyncio.Queue[Event]", out: "_Shaper") -> dict[str, Any]:
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return {}
+                    continue
+                if ev.kind == "error":
+                    raise ApiError(ev.text, 500, type_="server_error")
+                if ev.kind == "done":
+                    assert ev.completion is not None
+                    return out.whole(ev.completion)
+        finally:
+            if not job.finished.is_set():
+                job.cancel()
+
+    async def _stream(self, job: Job, q: "asyncio.Queue[Event]", out: "_Shaper") -> AsyncIterator[str]:
+        # sse-starlette cancels this generator when the client goes away; finally frees the job.
+        try:
+            yield out.chunk("", first=True)
+            while True:
+                ev = await q.get()
+                if ev.kind == "text":
+                    yield out.chunk(ev.text)
+                elif ev.kind == "error":
+                    yield _json(ApiError(ev.text, 500, type_="server_error").body())
+                    break
+                else:
+                    assert ev.completion is not None
+                    yield out.chunk("", finish=_finish(ev.completion))
+                    if out.req.include_usage:
+                        yield out.usage_chunk(ev.completion)
+                    break
+            yield "[DONE]"
+        finally:
+            if not job.finished.is_set():
+                job.cancel()
+
+
+def _finish(c: Completion) -> str:
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class _Shaper:
+    """Builds OpenAI response objects for one request (chat or text completion)."""
+
+    def __init__(self, req: GenRequest, model_id: str) -> None:
+        self.req = req
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.model = req.model or model_id
+        self.object = "chat.completion" if req.chat else "text_completion"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def _usage(c: Completion) -> dict[str, int]:
+        return {"prompt_tokens": c.n_prompt_tokens, "completion_tokens": c.n_tokens,
+                "total_tokens": c.n_prompt_tokens + c.n_tokens}
+
+    def whole(self, c: Completion) -> dict[str, Any]:
+        if self.req.chat:
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": c.text},
+                                      "logprobs": None, "finish_reason": _finish(c)}
+        else:
+            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": _finish(c)}
+        return {**self._head(self.object), "choices": [choice], "usage": self._usage(c), "steering": self.req.steering}
+
+    def chunk(self, text: str, first: bool = False, finish: str | None = None) -> str:
+        if self.req.chat:
+            delta: dict[str, Any] = {} if finish else {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _json({**self._head("chat.completion.chunk"), "choices": [choice]})
+        return _json({**self._head("text_completion"),
+                      "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+
+    def usage_chunk(self, c: Completion) -> str:
+        obj = "chat.completion.chunk" if self.req.chat else "text_completion"
+        return _json({**self._head(obj), "choices": [], "usage": self._usage(c)})
+
+
+def create_app(engine: Engine, steering: SteeringSet, config: ServeConfig, parallel: int | None = None) -> Starlette:
+    """Return the app; its lifespan starts the engine worker and stops it cleanly on shutdown."""
+    worker = Worker(engine, steering, parallel)
+    srv = _Server(engine, steering, worker, config)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+
+    routes = [
+        Route("/v1/chat/completions", srv.chat, methods=["POST"]),
+        Route("/v1/completions", srv.completions, methods=["POST"]),
+        Route("/v1/models", srv.models, methods=["GET"]),
+        Route("/v1/steering", srv.steering_list, methods=["GET"]),
+        Route("/health", srv.health, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=HANDLERS)  # type: ignore[arg-type]
+    app.state.worker = worker
+    return app

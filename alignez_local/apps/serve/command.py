@@ -1,0 +1,86 @@
+"""``alignez serve``: the OpenAI-compatible server (needs the ``serve`` extra).
+
+The HTTP stack is imported only when the command runs, so the rest of the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from alignez_local.align.steering import DEFAULT_TOP_N
+from alignez_local.apps.cli_options import model_options
+from alignez_local.errors import AlignezError
+from alignez_local.settings import RuntimeSettings, open_engine
+
+
+def _http_stack() -> None:
+    try:
+        import sse_starlette  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise AlignezError(
+            f"alignez serve needs the HTTP stack ({err.name} is missing); install it with: pip install 'alignez-local[serve]'"
+        ) from None
+
+
+@click.command("serve")
+@model_options
+@click.option("--vector", "vectors", multiple=True, metavar="[NAME=]FILE[:STRENGTH]",
+              help="A control vector requests can choose by NAME (default: the file name); repeatable.")
+@click.option("--profile", "profiles", multiple=True, metavar="[NAME=]FILE[:STRENGTH]",
+              help="A steering profile (exact AlignEZ edit) requests can choose by NAME; repeatable.")
+@click.option("--top-n", type=click.IntRange(1, 1000), default=DEFAULT_TOP_N, show_default=True,
+              help="Layers the exact edit picks per prompt.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0 = any free port).")
+@click.option("--api-key", default=lambda: os.environ.get("ALIGNEZ_API_KEY"), metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' [env ALIGNEZ_API_KEY].")
+@click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True,
+              help="Tokens to generate when a request gives no max_tokens.")
+def serve_command(
+    model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
+    vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
+    host: str, port: int, api_key: str | None, max_tokens: int,
+) -> None:
+    """Serve the OpenAI API; every request picks its own steering, all batched together.
+
+    \b
+    alignez serve --vector helpful=vectors/smollm2-135m-instruct/helpful.gguf:4 --port 8080
+    curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"messages":[{"role":"user","content":"Hi"}],"steering":{"helpful":2}}'
+
+    \b
+    A request's "steering" field: {"NAME": strength, ...} chooses vectors/profiles and strengths,
+    0 or {} means unsteered, and no field means the server's defaults (each file at the strength
+    given here, else its own default, else 1). GET /v1/steering lists what is loaded.
+    Ctrl-C or SIGTERM stops the server cleanly.
+    """
+    _http_stack()
+    import uvicorn
+
+    from alignez_local.apps.serve.app import ServeConfig, create_app
+    from alignez_local.apps.serve.steering import SteeringSet
+
+    if api_key is not None and not api_key.strip():
+        raise AlignezError("--api-key is empty; give a key or leave the option out")
+    settings = RuntimeSettings(threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel, verbose=verbose)
+    engine = open_engine(model, settings)
+    app = None
+    try:
+        steering, warnings = SteeringSet.load(engine, vectors, profiles, top_n)
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
+        model_id = engine.path.stem
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens), parallel)
+        names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
+        click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level="debug" if verbose else "warning",
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run()
+    finally:
+        # The worker has ended (the app's lifespan stops it) unless a batch ignored the stop.
+        if app is None or not app.state.worker.alive:
+            engine.close()
