@@ -213,11 +213,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
     # files, and a vector or profile passed as a model deserves a precise message.
     from alignez_local.formats.gguf_file import gguf_kind
 
-    kind = gguf_kind(p)
-    if kind == "control-vector":
-        raise AlignezError(f"{key} is a control vector, not a model; pass it with --vector")
-    if kind == "profile":
-        raise AlignezError(f"{key} is a steering profile, not a model; pass it with --profile")
+    gguf_kind(p, expect="model")
     return p
 
 

@@ -383,7 +383,12 @@ def test_refuses_model_and_profile_with_a_pointer(tmp_path: Path) -> None:
     model = fake_model(tmp_path / "tiny-model.gguf")
     assert _refused(model) == f"{model} is a model file, not a control vector; pass it with -m"
     prof = save_profile(tmp_path / "p.gguf", make_profile())
-    assert _refused(prof) == f"{prof} is a steering profile; pass it with --profile"
+    assert _refused(prof) == f"{prof} is a steering profile, not a control vector; pass it with --profile"
+    lora = gguf_writer_file(
+        tmp_path / "l.gguf", "llama", [("general.type", "string", "adapter")],
+        [("blk.0.attn_q.weight.lora_a", np.ones(4, np.float32))],
+    )
+    assert _refused(lora) == f"{lora} is a LoRA adapter, not a control vector; give another file"
 
 
 # --- generic GGUF reader ------------------------------------------------------------------------
@@ -402,6 +407,15 @@ def test_gguf_kind(tmp_path: Path) -> None:
     )
     with pytest.raises(AlignezError, match="LoRA adapter"):
         gguf_kind(lora)
+    # One place says what a file is when it is not the kind asked for.
+    with pytest.raises(AlignezError, match=r"is a control vector, not a model; pass it with --vector"):
+        gguf_kind(tmp_path / "c.gguf", expect="model")
+    with pytest.raises(AlignezError, match=r"is a steering profile, not a model; pass it with --profile"):
+        gguf_kind(tmp_path / "p.gguf", expect="model")
+    with pytest.raises(AlignezError, match=r"is a GGUF file but not a steering profile"):
+        gguf_kind(other, expect="profile")
+    with pytest.raises(AlignezError, match=r"LoRA adapter, not a steering profile"):
+        load_profile(lora)
 
 
 def test_read_gguf_metadata_and_shapes(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import DIRECTION_RE, GGUFContents, _classify, read_gguf, write_gguf
+from alignez_local.formats.gguf_file import DIRECTION_RE, GGUFContents, read_gguf, require_kind, write_gguf
 from alignez_local.formats.steering_file import (
     MAX_LAYER,
     MAX_N_EMBD,
@@ -283,17 +283,6 @@ def _direction_layers(contents: GGUFContents) -> dict[str, int]:
     return layers
 
 
-def _refuse_other_kinds(contents: GGUFContents) -> None:
-    """Return nothing for a file that may be a control vector; raise for models and profiles."""
-    if contents.metadata.get("general.type") == "adapter":
-        raise AlignezError(f"{contents.path} is a LoRA adapter, not a control vector; give a control vector file")
-    kind = _classify(contents)
-    if kind == "model":
-        raise AlignezError(f"{contents.path} is a model file, not a control vector; pass it with -m")
-    if kind == "profile":
-        raise AlignezError(f"{contents.path} is a steering profile; pass it with --profile")
-
-
 def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     """Return the control vector in a GGUF file (llama.cpp cvector-generator, repeng, or ours).
 
@@ -302,12 +291,12 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     """
     # Pass 1: header only, so a multi-GB model given by mistake is recognised without reading it.
     head = read_gguf(path, want_data=False, want_arrays=False, what=_WHAT)
-    _refuse_other_kinds(head)
+    require_kind(head, "control-vector", unknown_ok=True)
     _direction_layers(head)
     # Pass 2: the data, now known to be at most MAX_LAYER * MAX_N_EMBD floats. Validate again:
     # the file may have been replaced between the two reads.
     contents = read_gguf(path, want_data=True, want_arrays=False, what=_WHAT)
-    _refuse_other_kinds(contents)
+    require_kind(contents, "control-vector", unknown_ok=True)
     layers = _direction_layers(contents)
     directions: dict[int, np.ndarray] = {}
     for name, layer in layers.items():

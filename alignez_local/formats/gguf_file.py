@@ -499,13 +499,31 @@ def is_direction_name(name: str) -> bool:
     return DIRECTION_RE.fullmatch(name) is not None
 
 
-def _classify(contents: GGUFContents) -> GGUFKind | None:
-    """Return the kind of an already parsed file, or None when it is none of ours."""
+# How messages name each kind ("X is <found>, not <wanted>"), and what to do with a file of that
+# kind given by mistake.
+_KIND_TEXT: dict[str, tuple[str, str, str]] = {
+    "model": ("a model file", "a model", "pass it with -m"),
+    "control-vector": ("a control vector", "a control vector", "pass it with --vector"),
+    "profile": ("a steering profile", "a steering profile", "pass it with --profile"),
+    "adapter": ("a LoRA adapter", "an adapter", "give another file"),
+}
+_ANY_OF_OURS = "a model, control vector or steering profile"
+
+
+def classify(contents: GGUFContents) -> GGUFKind | Literal["adapter"] | None:
+    """Return the kind of an already parsed file, or None when it is none of ours.
+
+    Profile: ``general.architecture == "alignez-profile"``. Control vector: architecture
+    ``"controlvector"`` or every tensor named ``direction.N``. Adapter: ``general.type ==
+    "adapter"`` (a LoRA). Model: a real architecture and ``token_embd``/``blk.`` tensors.
+    """
     arch = contents.architecture
     if arch == PROFILE_ARCH:
         return "profile"
     if arch == CONTROL_VECTOR_ARCH:
         return "control-vector"
+    if contents.metadata.get("general.type") == "adapter":
+        return "adapter"
     names = list(contents.tensors)
     if names and all(is_direction_name(n) for n in names):
         return "control-vector"
@@ -514,24 +532,36 @@ def _classify(contents: GGUFContents) -> GGUFKind | None:
     return None
 
 
-def gguf_kind(path: str | os.PathLike[str]) -> GGUFKind:
-    """Return "model", "control-vector" or "profile" for a GGUF file, reading only its header.
+def require_kind(contents: GGUFContents, expect: GGUFKind | None, *, unknown_ok: bool = False) -> GGUFKind | None:
+    """Return the file's kind; raise the one "this is X, not Y" error when it is not ``expect``.
 
-    Control vector: ``general.architecture == "controlvector"`` or every tensor named
-    ``direction.N``. Profile: ``general.architecture == "alignez-profile"``. Model: a real
-    architecture and ``token_embd``/``blk.`` tensors. Anything else raises AlignezError.
+    ``expect`` None accepts any of our three kinds. ``unknown_ok`` lets a file of no known kind
+    through (None), for a caller whose own checks then say precisely what is wrong with it.
     """
-    contents = read_gguf(
-        path, want_data=False, want_arrays=False, what="a .gguf model, control vector or steering profile"
-    )
-    if contents.metadata.get("general.type") == "adapter":
-        raise AlignezError(f"{contents.path} is a LoRA adapter, not a model or control vector; give another file")
-    kind = _classify(contents)
+    kind = classify(contents)
+    wanted = _ANY_OF_OURS if expect is None else _KIND_TEXT[expect][1]
     if kind is None:
+        if unknown_ok:
+            return None
         raise AlignezError(
-            f"{contents.path} is a GGUF file but not a model, control vector or steering profile "
+            f"{contents.path} is a GGUF file but not {wanted} "
             f"(general.architecture = {contents.architecture!r}, {len(contents.tensors)} tensors); check the file"
         )
+    if kind == "adapter" or (expect is not None and kind != expect):
+        found, _, howto = _KIND_TEXT[kind]
+        raise AlignezError(f"{contents.path} is {found}, not {wanted}; {howto}")
+    return kind
+
+
+def gguf_kind(path: str | os.PathLike[str], expect: GGUFKind | None = None) -> GGUFKind:
+    """Return "model", "control-vector" or "profile" for a GGUF file, reading only its header.
+
+    Raises AlignezError for any other file, and for a file of another kind than ``expect``.
+    """
+    wanted = _ANY_OF_OURS if expect is None else _KIND_TEXT[expect][1]
+    contents = read_gguf(path, want_data=False, want_arrays=False, what=f"a .gguf {wanted[2:]}")
+    kind = require_kind(contents, expect)
+    assert kind is not None  # require_kind only returns None with unknown_ok
     return kind
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import PROFILE_ARCH, GGUFContents, _classify, read_gguf, write_gguf
+from alignez_local.formats.gguf_file import PROFILE_ARCH, GGUFContents, read_gguf, require_kind, write_gguf
 from alignez_local.formats.steering_file import (
     MAX_LAYER,
     MAX_N_EMBD,
@@ -245,23 +245,6 @@ def save_profile(path: str | os.PathLike[str], profile: SteeringProfile) -> Path
     return write_gguf(path, PROFILE_ARCH, kvs, tensors)
 
 
-def _refuse_other_kinds(contents: GGUFContents) -> None:
-    """Return nothing for a profile file; raise AlignezError naming what the file is instead."""
-    if contents.architecture == PROFILE_ARCH:
-        return
-    kind = _classify(contents)
-    if kind == "model":
-        raise AlignezError(f"{contents.path} is a model file, not a steering profile; pass it with -m")
-    if kind == "control-vector":
-        raise AlignezError(
-            f"{contents.path} is a control vector, not a steering profile; load it as a control vector"
-        )
-    raise AlignezError(
-        f"{contents.path} is not a steering profile (general.architecture = {contents.architecture!r}); "
-        "give a profile made by alignez-local"
-    )
-
-
 def _check_header(contents: GGUFContents) -> dict[str, Any]:
     """Return the parsed meta JSON after checking the version key and the tensor table."""
     path = contents.path
@@ -317,12 +300,12 @@ def _check_header(contents: GGUFContents) -> dict[str, Any]:
 def load_profile(path: str | os.PathLike[str]) -> SteeringProfile:
     """Return the validated steering profile stored in ``path``; raise AlignezError on any problem."""
     head = read_gguf(path, want_data=False, want_arrays=False, what=_WHAT)
-    _refuse_other_kinds(head)
+    require_kind(head, "profile")
     _check_header(head)
     # Header checks bound the data to n_layer * n_embd^2 floats of a plausible model; read it now
     # and check again, since the file could have been replaced between the two reads.
     contents = read_gguf(path, want_data=True, want_arrays=False, what=_WHAT)
-    _refuse_other_kinds(contents)
+    require_kind(contents, "profile")
     meta = _check_header(contents)
     subspaces: dict[int, np.ndarray] = {}
     for name, t in contents.tensors.items():
