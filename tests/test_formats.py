@@ -22,7 +22,7 @@ from alignez_local.formats.control_vector import (
     write_control_vector,
 )
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import GGUFArraySummary, gguf_kind, read_gguf
+from alignez_local.formats.gguf_file import GGUFArraySummary, ValueType, gguf_kind, read_gguf
 from alignez_local.formats.profile import (
     KEY_META,
     KEY_VERSION,
@@ -423,15 +423,16 @@ def test_read_gguf_metadata_and_shapes(tmp_path: Path) -> None:
     c = read_gguf(path)
     assert c.version == 3
     assert c.metadata["general.architecture"] == "llama"
-    assert c.metadata["llama.block_count"] == 2 and c.value_types["llama.block_count"] == "UINT32"
+    assert c.metadata["llama.block_count"] == 2 and str(c.value_types["llama.block_count"]) == "UINT32"
     assert c.metadata["tokenizer.ggml.tokens"] == ["a", "b", "c"]
-    assert c.value_types["tokenizer.ggml.tokens"] == "ARRAY[STRING]"
+    assert c.value_types["tokenizer.ggml.tokens"] == ValueType(GGUFValueType.ARRAY, GGUFValueType.STRING)
+    assert str(c.value_types["tokenizer.ggml.tokens"]) == "ARRAY[STRING]"
     emb = c.tensors["token_embd.weight"]
     assert emb.shape == (3, N_EMBD) and emb.type_name == "F32" and emb.data is not None
     assert emb.data.shape == (3, N_EMBD)
     light = read_gguf(path, want_data=False, want_arrays=False)
     assert light.tensors["token_embd.weight"].data is None
-    assert light.metadata["tokenizer.ggml.tokens"] == GGUFArraySummary("STRING", 3)
+    assert light.metadata["tokenizer.ggml.tokens"] == GGUFArraySummary(GGUFValueType.STRING, 3)
 
 
 def test_read_gguf_all_value_types_and_custom_alignment(tmp_path: Path) -> None:
@@ -723,8 +724,8 @@ def test_default_strength_round_trips_in_both_files(tmp_path: Path) -> None:
     assert "default_strength=0.7)" in repr(cv)
     path = write_control_vector(tmp_path / "v.gguf", cv)
     raw = read_gguf(path)
-    assert raw.value_types["alignez.default_strength"] == "FLOAT32"
-    assert raw.value_types["alignez.calibration"] == "STRING"
+    assert raw.value_types["alignez.default_strength"].kind == GGUFValueType.FLOAT32
+    assert raw.value_types["alignez.calibration"].kind == GGUFValueType.STRING
     back = read_control_vector(path)
     assert back.default_strength == cv.default_strength  # F32-exact, so equal after the trip
     assert dict(back.calibration or {}) == CALIB

@@ -5,11 +5,11 @@ and count is checked against the bytes actually left in the file *before* anythi
 counts are capped, and every problem becomes one ``AlignezError`` line. The file is memory-mapped
 and parsed with ``struct.unpack_from``, so identifying a multi-GB model touches only its header.
 
-We parse GGUF ourselves instead of using ``gguf.GGUFReader``: on corrupt input that reader raises
-assorted exception types (ValueError, IndexError, KeyError, OverflowError...) from deep inside
-numpy memmap views, and it accepts files llama.cpp refuses (nested arrays, misplaced tensor data).
-The rules below follow ggml's ``gguf_init_from_file`` so that what we accept, llama.cpp accepts.
-The ``gguf`` package is still used for writing (``GGUFWriter``) and for the table of tensor types.
+We parse GGUF ourselves instead of using ``gguf.GGUFReader`` because that reader trusts the
+counts in the file: on an 8 MiB file with a forged string-array count it took 15 s and 1.6 GB of
+memory, and longer on larger files. The rules below follow ggml's
+``gguf_init_from_file``, so that what we accept, llama.cpp accepts. The ``gguf`` package is still
+used for writing (``GGUFWriter``) and for its tables of value and tensor types.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 import stat
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -57,7 +57,7 @@ DIRECTION_RE = re.compile(r"direction\.([0-9]+)")
 GGUFKind = Literal["model", "control-vector", "profile"]
 
 # struct formats of the scalar GGUF value types (all little-endian).
-_SCALAR_FMT: dict[int, str] = {
+_SCALAR_FMT: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
     GGUFValueType.INT8: "<b",
     GGUFValueType.UINT16: "<H",
@@ -70,7 +70,7 @@ _SCALAR_FMT: dict[int, str] = {
     GGUFValueType.INT64: "<q",
     GGUFValueType.FLOAT64: "<d",
 }
-_ARRAY_DTYPE: dict[int, str] = {
+_ARRAY_DTYPE: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<u1",
     GGUFValueType.INT8: "<i1",
     GGUFValueType.UINT16: "<u2",
@@ -84,16 +84,37 @@ _ARRAY_DTYPE: dict[int, str] = {
     GGUFValueType.FLOAT64: "<f8",
 }
 _INT_TYPES = frozenset(
-    int(t)
-    for t in (
+    (
         GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
         GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
     )
 )
+_FLOAT_TYPES = frozenset((GGUFValueType.FLOAT32, GGUFValueType.FLOAT64))
 
 # Tests set this to True so that a bug in the parser shows up as itself instead of being turned
 # into a user-facing "could not be parsed" line.
 _RAISE_INTERNAL_ERRORS = False
+
+
+class ValueType(NamedTuple):
+    """The GGUF type of one metadata value: ``kind``, and ``item`` for an array's elements."""
+
+    kind: GGUFValueType
+    item: GGUFValueType | None = None
+
+    def __str__(self) -> str:
+        """Return the name used in messages: ``UINT32``, ``STRING``, ``ARRAY[STRING]``..."""
+        return f"ARRAY[{self.item.name}]" if self.item is not None else self.kind.name
+
+    @property
+    def is_int(self) -> bool:
+        """Return True for a scalar integer type (not bool)."""
+        return self.kind in _INT_TYPES
+
+    @property
+    def is_float(self) -> bool:
+        """Return True for a scalar FLOAT32 or FLOAT64."""
+        return self.kind in _FLOAT_TYPES
 
 
 class GGUFTensor(NamedTuple):
@@ -107,7 +128,7 @@ class GGUFTensor(NamedTuple):
 class GGUFArraySummary(NamedTuple):
     """Stands in for a metadata array that was walked and bounds-checked but not loaded."""
 
-    item_type: str
+    item_type: GGUFValueType
     count: int
 
 
@@ -118,18 +139,27 @@ class GGUFContents:
     path: Path
     version: int
     metadata: dict[str, Any]
-    value_types: dict[str, str]
+    value_types: dict[str, ValueType]
     tensors: dict[str, GGUFTensor]
     alignment: int
     data_offset: int
     file_size: int
-    _offsets: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     @property
     def architecture(self) -> str | None:
         """Return ``general.architecture`` when it is a string, else None."""
         arch = self.metadata.get("general.architecture")
         return arch if isinstance(arch, str) else None
+
+
+class _TensorInfo(NamedTuple):
+    """One entry of the tensor table: GGUF-order dims, ggml type, offset in the data section, size."""
+
+    name: str
+    ne: tuple[int, ...]
+    ttype: GGMLQuantizationType
+    offset: int
+    nbytes: int
 
 
 class _Parser:
@@ -149,7 +179,7 @@ class _Parser:
                 f"{self.path} is truncated ({self.size} bytes, {what} needs {self.pos + n}); download it again"
             )
 
-    def scalar(self, vtype: int) -> Any:
+    def scalar(self, vtype: GGUFValueType) -> Any:
         """Return one scalar value of GGUF type ``vtype`` and advance."""
         fmt = _SCALAR_FMT[vtype]
         n = struct.calcsize(fmt)
@@ -191,21 +221,25 @@ class _Parser:
         self.need(n)
         self.pos += n
 
-    def value_type(self, key: str) -> int:
-        """Return a validated GGUF value type code."""
+    def value_type(self, key: str) -> GGUFValueType:
+        """Return the next value type code, validated."""
         t = self.u32()
         if t not in _SCALAR_FMT and t not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
             raise AlignezError(
                 f"{self.path} is corrupt: metadata key {_q(key)} has unknown value type {t}; download it again"
             )
-        return t
+        return GGUFValueType(t)
 
-    def value(self, key: str, vtype: int) -> tuple[Any, str]:
-        """Return (value, type name) of one metadata value of type ``vtype``."""
+    def value(self, key: str, vtype: GGUFValueType) -> tuple[Any, ValueType]:
+        """Return (value, its type) of one metadata value of type ``vtype``."""
         if vtype == GGUFValueType.STRING:
-            return self.string(f"the value of {_q(key)}"), "STRING"
-        if vtype != GGUFValueType.ARRAY:
-            return self.scalar(vtype), GGUFValueType(vtype).name
+            return self.string(f"the value of {_q(key)}"), ValueType(vtype)
+        if vtype == GGUFValueType.ARRAY:
+            return self.array(key)
+        return self.scalar(vtype), ValueType(vtype)
+
+    def array(self, key: str) -> tuple[Any, ValueType]:
+        """Return (items, type) of the metadata array of ``key``, or a summary without ``want_arrays``."""
         item_type = self.value_type(key)
         if item_type == GGUFValueType.ARRAY:
             # ggml refuses nested arrays, so a control vector or model containing one cannot load.
@@ -214,35 +248,34 @@ class _Parser:
                 "use another file"
             )
         count = self.u64()
-        item_name = GGUFValueType(item_type).name
         if count > MAX_ARRAY_ITEMS:
             raise AlignezError(
                 f"{self.path} is corrupt: metadata array {_q(key)} claims {count} items "
                 f"(limit {MAX_ARRAY_ITEMS}); download it again"
             )
-        type_name = f"ARRAY[{item_name}]"
+        vt = ValueType(GGUFValueType.ARRAY, item_type)
+        summary = GGUFArraySummary(item_type, count)
         if item_type == GGUFValueType.STRING:
             # Every string costs at least its 8-byte length, so this bounds the loop below.
             self.need(8 * count)
             if not self.want_arrays:
                 for _ in range(count):
                     self.skip_string()
-                return GGUFArraySummary(item_name, count), type_name
+                return summary, vt
             label = f"an item of {_q(key)}"
-            items = [self.string(label) for _ in range(count)]
-            return items, type_name
+            return [self.string(label) for _ in range(count)], vt
         dtype = np.dtype(_ARRAY_DTYPE[item_type])
         nbytes = dtype.itemsize * count
         self.need(nbytes)
         start = self.pos
         self.pos += nbytes
         if not self.want_arrays:
-            return GGUFArraySummary(item_name, count), type_name
+            return summary, vt
         # Slicing copies the bytes out of the map, so no numpy view keeps the mmap alive.
         arr = np.frombuffer(bytes(self.buf[start : start + nbytes]), dtype=dtype)
         if item_type == GGUFValueType.BOOL:
             arr = arr.astype(bool)
-        return arr, type_name
+        return arr, vt
 
 
 def _q(name: str) -> str:
@@ -281,14 +314,39 @@ def _parse(
     what: str,
     max_data_bytes: int,
 ) -> GGUFContents:
-    """Return the parsed contents of the GGUF bytes in ``buf`` (``size`` bytes long)."""
+    """Return the parsed contents of the GGUF bytes in ``buf`` (``size`` bytes long).
+
+    The steps follow the file: header, key/values, tensor table, then the data section.
+    """
+    p = _Parser(buf, size, path, want_arrays)
+    version, n_tensors, n_kv = _read_header(p, what)
+    metadata, value_types = _read_key_values(p, n_kv)
+    alignment = _alignment(metadata, value_types, path)
+    infos = _read_tensor_infos(p, n_tensors)
+    data_offset = _pad(p.pos, alignment)
+    _check_data_layout(infos, data_offset, alignment, size, path)
+    tensors = _load_tensors(buf, infos, data_offset, path, want_data=want_data, max_data_bytes=max_data_bytes)
+    return GGUFContents(
+        path=path,
+        version=version,
+        metadata=metadata,
+        value_types=value_types,
+        tensors=tensors,
+        alignment=alignment,
+        data_offset=data_offset,
+        file_size=size,
+    )
+
+
+def _read_header(p: _Parser, what: str) -> tuple[int, int, int]:
+    """Return (version, tensor count, key/value count) after checking magic, version and caps."""
+    path, size, buf = p.path, p.size, p.buf
     if size < 4 or bytes(buf[:4]) != GGUF_MAGIC:
         if size < 4 and bytes(buf[:size]) == GGUF_MAGIC[:size]:
             raise AlignezError(
                 f"{path} is truncated ({size} bytes, header needs {HEADER_SIZE}); download it again"
             )
         raise AlignezError(f"{path} is not a GGUF file (bad magic); expected {what}")
-    p = _Parser(buf, size, path, want_arrays)
     p.pos = 4
     p.need(HEADER_SIZE - 4)
     version = p.u32()
@@ -312,124 +370,127 @@ def _parse(
         raise AlignezError(
             f"{path} is corrupt: it claims {n_kv} metadata keys (limit {MAX_KV}); download it again"
         )
+    return version, n_tensors, n_kv
+
+
+def _read_key_values(p: _Parser, n_kv: int) -> tuple[dict[str, Any], dict[str, ValueType]]:
+    """Return (metadata, value types) of the ``n_kv`` key/value pairs; keys must be unique."""
     # Smallest possible key/value: 8-byte key length + 4-byte type + 1-byte value.
     p.need(13 * n_kv)
-
     metadata: dict[str, Any] = {}
-    value_types: dict[str, str] = {}
+    value_types: dict[str, ValueType] = {}
     for _ in range(n_kv):
         key = p.string("a metadata key")
         if key in metadata:
-            raise AlignezError(f"{path} is corrupt: metadata key {_q(key)} appears twice; download it again")
-        vtype = p.value_type(key)
-        value, type_name = p.value(key, vtype)
-        metadata[key] = value
-        value_types[key] = type_name
+            raise AlignezError(f"{p.path} is corrupt: metadata key {_q(key)} appears twice; download it again")
+        metadata[key], value_types[key] = p.value(key, p.value_type(key))
+    return metadata, value_types
 
-    alignment = DEFAULT_ALIGNMENT
-    if "general.alignment" in metadata:
-        align_value = metadata["general.alignment"]
-        # ggml requires exactly a uint32 power of two here.
-        if value_types["general.alignment"] != "UINT32" or align_value <= 0 or align_value & (align_value - 1):
-            raise AlignezError(
-                f"{path} is corrupt: general.alignment is {align_value!r} ({value_types['general.alignment']}), "
-                "not a power of two; download it again"
-            )
-        if align_value > MAX_ALIGNMENT:
-            raise AlignezError(f"{path} is corrupt: general.alignment {align_value} is implausibly large")
-        alignment = int(align_value)
 
+def _alignment(metadata: dict[str, Any], value_types: dict[str, ValueType], path: Path) -> int:
+    """Return the data alignment: ``general.alignment`` when present (checked as ggml does), else 32."""
+    if "general.alignment" not in metadata:
+        return DEFAULT_ALIGNMENT
+    value = metadata["general.alignment"]
+    vt = value_types["general.alignment"]
+    # ggml requires exactly a uint32 power of two here.
+    if vt.kind != GGUFValueType.UINT32 or value <= 0 or value & (value - 1):
+        raise AlignezError(
+            f"{path} is corrupt: general.alignment is {value!r} ({vt}), not a power of two; download it again"
+        )
+    if value > MAX_ALIGNMENT:
+        raise AlignezError(f"{path} is corrupt: general.alignment {value} is implausibly large")
+    return int(value)
+
+
+def _read_tensor_infos(p: _Parser, n_tensors: int) -> list[_TensorInfo]:
+    """Return the tensor table, each entry checked (name, dims, type, block size) as ggml does."""
     # Smallest possible tensor info: 8-byte name length + 4 (n_dims) + 4 (type) + 8 (offset).
     p.need(24 * n_tensors)
-    infos: list[tuple[str, tuple[int, ...], int, int, int]] = []
+    infos: list[_TensorInfo] = []
     names: set[str] = set()
     for _ in range(n_tensors):
-        name = p.string("a tensor name")
-        if len(name.encode("utf-8")) > MAX_TENSOR_NAME_BYTES:
-            raise AlignezError(
-                f"{path} is corrupt: tensor name {_q(name)} is longer than {MAX_TENSOR_NAME_BYTES} bytes"
-            )
-        if name in names:
-            raise AlignezError(f"{path} is corrupt: tensor {_q(name)} appears twice; download it again")
-        names.add(name)
-        n_dims = p.u32()
-        if n_dims > MAX_TENSOR_DIMS:
-            raise AlignezError(
-                f"{path} is corrupt: tensor {_q(name)} has {n_dims} dimensions (at most {MAX_TENSOR_DIMS})"
-            )
-        ne = tuple(p.u64() for _ in range(n_dims))
-        n_elements = 1
-        for d in ne:
-            n_elements *= d
-            # ggml keeps element counts in int64; anything larger is a forged header.
-            if n_elements > _INT64_MAX:
-                raise AlignezError(f"{path} is corrupt: tensor {_q(name)} has shape {ne}; download it again")
-        ttype = p.u32()
-        if ttype not in GGML_QUANT_SIZES:
-            raise AlignezError(
-                f"{path} is corrupt or too new: tensor {_q(name)} has unknown type {ttype}; "
-                "check the file or upgrade alignez-local"
-            )
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-        row = ne[0] if ne else 1
-        if row % block:
-            raise AlignezError(
-                f"{path} is corrupt: tensor {_q(name)} has a row of {row} values, "
-                f"not a multiple of the {GGMLQuantizationType(ttype).name} block size {block}"
-            )
-        nbytes = n_elements // block * type_size
-        offset = p.u64()
-        infos.append((name, ne, ttype, offset, nbytes))
+        info = _read_tensor_info(p)
+        if info.name in names:
+            raise AlignezError(f"{p.path} is corrupt: tensor {_q(info.name)} appears twice; download it again")
+        names.add(info.name)
+        infos.append(info)
+    return infos
 
-    data_offset = _pad(p.pos, alignment)
+
+def _read_tensor_info(p: _Parser) -> _TensorInfo:
+    """Return one tensor table entry."""
+    path = p.path
+    name = p.string("a tensor name")
+    if len(name.encode("utf-8")) > MAX_TENSOR_NAME_BYTES:
+        raise AlignezError(f"{path} is corrupt: tensor name {_q(name)} is longer than {MAX_TENSOR_NAME_BYTES} bytes")
+    n_dims = p.u32()
+    if n_dims > MAX_TENSOR_DIMS:
+        raise AlignezError(f"{path} is corrupt: tensor {_q(name)} has {n_dims} dimensions (at most {MAX_TENSOR_DIMS})")
+    ne = tuple(p.u64() for _ in range(n_dims))
+    n_elements = 1
+    for d in ne:
+        n_elements *= d
+        # ggml keeps element counts in int64; anything larger is a forged header.
+        if n_elements > _INT64_MAX:
+            raise AlignezError(f"{path} is corrupt: tensor {_q(name)} has shape {ne}; download it again")
+    code = p.u32()
+    if code not in GGML_QUANT_SIZES:
+        raise AlignezError(
+            f"{path} is corrupt or too new: tensor {_q(name)} has unknown type {code}; "
+            "check the file or upgrade alignez-local"
+        )
+    ttype = GGMLQuantizationType(code)
+    block, type_size = GGML_QUANT_SIZES[ttype]
+    row = ne[0] if ne else 1
+    if row % block:
+        raise AlignezError(
+            f"{path} is corrupt: tensor {_q(name)} has a row of {row} values, "
+            f"not a multiple of the {ttype.name} block size {block}"
+        )
+    return _TensorInfo(name, ne, ttype, p.u64(), n_elements // block * type_size)
+
+
+def _check_data_layout(infos: list[_TensorInfo], data_offset: int, alignment: int, size: int, path: Path) -> None:
+    """Return nothing when the tensors are packed in order, each padded, and all inside the file."""
     expected = 0
-    offsets: dict[str, tuple[int, int]] = {}
-    for name, ne, ttype, offset, nbytes in infos:
+    for info in infos:
         # ggml requires tensors packed in order, each padded to the alignment: check the same.
-        if offset != expected:
+        if info.offset != expected:
             raise AlignezError(
-                f"{path} is corrupt: tensor {_q(name)} has data offset {offset}, expected {expected}; "
+                f"{path} is corrupt: tensor {_q(info.name)} has data offset {info.offset}, expected {expected}; "
                 "download it again"
             )
-        end = data_offset + offset + nbytes
+        end = data_offset + info.offset + info.nbytes
         if end > size:
-            raise AlignezError(
-                f"{path} is truncated ({size} bytes, tensor data needs {end}); download it again"
-            )
-        offsets[name] = (data_offset + offset, nbytes)
-        expected = _pad(offset + nbytes, alignment)
+            raise AlignezError(f"{path} is truncated ({size} bytes, tensor data needs {end}); download it again")
+        expected = _pad(info.offset + info.nbytes, alignment)
 
+
+def _load_tensors(
+    buf: Any, infos: list[_TensorInfo], data_offset: int, path: Path, *, want_data: bool, max_data_bytes: int
+) -> dict[str, GGUFTensor]:
+    """Return the tensors, with a read-only copy of the data of F32 ones when ``want_data``."""
+    f32 = GGMLQuantizationType.F32
     if want_data:
-        f32_bytes = sum(nb for _, _, t, _, nb in infos if t == GGMLQuantizationType.F32)
+        f32_bytes = sum(info.nbytes for info in infos if info.ttype == f32)
         if f32_bytes > max_data_bytes:
             raise AlignezError(
                 f"{path} holds {f32_bytes >> 20} MiB of F32 tensors, more than this reader loads "
                 f"({max_data_bytes >> 20} MiB); is it the right file?"
             )
-
     tensors: dict[str, GGUFTensor] = {}
-    for name, ne, ttype, offset, nbytes in infos:
-        shape = tuple(int(d) for d in reversed(ne))
+    for info in infos:
+        shape = tuple(int(d) for d in reversed(info.ne))
         data: np.ndarray | None = None
-        if want_data and ttype == GGMLQuantizationType.F32:
-            start = data_offset + offset
+        if want_data and info.ttype == f32:
+            start = data_offset + info.offset
             # bytes() copies out of the map; the array owns plain memory and the map can close.
-            raw = bytes(buf[start : start + nbytes])
+            raw = bytes(buf[start : start + info.nbytes])
             data = np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
             data.setflags(write=False)
-        tensors[name] = GGUFTensor(shape, GGMLQuantizationType(ttype).name, data)
-
-    return GGUFContents(
-        path=path,
-        version=version,
-        metadata=metadata,
-        value_types=value_types,
-        tensors=tensors,
-        alignment=alignment,
-        data_offset=data_offset,
-        file_size=size,
-        _offsets=offsets,
-    )
+        tensors[info.name] = GGUFTensor(shape, info.ttype.name, data)
+    return tensors
 
 
 def read_gguf(

@@ -252,7 +252,7 @@ def _check_header(contents: GGUFContents) -> dict[str, Any]:
     version = md.get(KEY_VERSION)
     if version is None:
         raise AlignezError(f"profile {path} has no {KEY_VERSION} key; the file is damaged or not a profile")
-    if not types[KEY_VERSION].startswith(("UINT", "INT")) or isinstance(version, bool):
+    if not types[KEY_VERSION].is_int:
         raise AlignezError(f"profile {path}: {KEY_VERSION} is {types[KEY_VERSION]}, not an integer; the file is damaged")
     if version > PROFILE_FORMAT_VERSION:
         raise AlignezError(

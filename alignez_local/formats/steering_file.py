@@ -209,7 +209,7 @@ def read_calibration(contents: GGUFContents, where: str) -> dict[str, Any]:
     """Return ``default_strength`` and ``calibration`` keyword arguments read from a parsed file."""
     md, types = contents.metadata, contents.value_types
     strength = md.get(KEY_DEFAULT_STRENGTH)
-    if strength is not None and types[KEY_DEFAULT_STRENGTH] not in ("FLOAT32", "FLOAT64"):
+    if strength is not None and not types[KEY_DEFAULT_STRENGTH].is_float:
         raise AlignezError(
             f"{where}: {KEY_DEFAULT_STRENGTH} is {types[KEY_DEFAULT_STRENGTH]}, not a float; the file is damaged"
         )
