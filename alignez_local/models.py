@@ -211,7 +211,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
         raise AlignezError(f"model {key} is a folder; give the path of a .gguf file inside it")
     # Parse the header in Python first: llama.cpp aborts the whole process on some malformed
     # files, and a vector or profile passed as a model deserves a precise message.
-    from alignez_local.formats.gguf_file import gguf_kind
+    from alignez_local.formats.kinds import gguf_kind
 
     gguf_kind(p, expect="model")
     return p

@@ -22,7 +22,8 @@ from alignez_local.formats.control_vector import (
     write_control_vector,
 )
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import GGUFArraySummary, ValueType, gguf_kind, read_gguf
+from alignez_local.formats.gguf_file import GGUFArraySummary, ValueType, read_gguf
+from alignez_local.formats.kinds import gguf_kind
 from alignez_local.formats.profile import (
     KEY_META,
     KEY_VERSION,

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from alignez_local.formats import gguf_file
 from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import gguf_kind, read_gguf
+from alignez_local.formats.gguf_file import read_gguf
+from alignez_local.formats.kinds import gguf_kind
 from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
 
 N_EMBD = 16

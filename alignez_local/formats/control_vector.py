@@ -26,7 +26,9 @@ import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import DIRECTION_RE, GGUFContents, read_gguf, require_kind, write_gguf
+from alignez_local.formats.gguf_file import GGUFContents, read_gguf
+from alignez_local.formats.gguf_write import write_gguf
+from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH, DIRECTION_RE, require_kind
 from alignez_local.formats.steering_file import (
     MAX_LAYER,
     MAX_N_EMBD,
@@ -365,4 +367,4 @@ def write_control_vector(path: str | os.PathLike[str], cv: ControlVector) -> Pat
     kvs.extend(_meta_kv(k, v) for k, v in sorted(cv.metadata.items()))
     kvs.extend(cv.calibration_kvs())
     tensors = [(f"direction.{layer}", cv.directions[layer].astype("<f4")) for layer in cv.layers]
-    return write_gguf(path, "controlvector", kvs, tensors)
+    return write_gguf(path, CONTROL_VECTOR_ARCH, kvs, tensors)

@@ -1,4 +1,4 @@
-"""A strict, bounded GGUF reader (v2/v3, little-endian), the kind of a GGUF file, and an atomic writer.
+"""A strict, bounded GGUF reader (v2/v3, little-endian).
 
 GGUF files reach us from downloads, so every read here treats the bytes as hostile: each length
 and count is checked against the bytes actually left in the file *before* anything is allocated,
@@ -9,26 +9,25 @@ We parse GGUF ourselves instead of using ``gguf.GGUFReader`` because that reader
 counts in the file: on an 8 MiB file with a forged string-array count it took 15 s and 1.6 GB of
 memory, and longer on larger files. The rules below follow ggml's
 ``gguf_init_from_file``, so that what we accept, llama.cpp accepts. The ``gguf`` package is still
-used for writing (``GGUFWriter``) and for its tables of value and tensor types.
+used for writing (``GGUFWriter``, in ``gguf_write``) and for its tables of value and tensor types.
+Checking every count before use is what makes this module longer than ~400 lines; it holds only
+the reader. What kind of file it is (``kinds``) and writing (``gguf_write``) live beside it.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import re
 import stat
 import struct
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.fileio import check_writable, make_temp_beside
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -50,11 +49,7 @@ _INT64_MAX = (1 << 63) - 1
 # Files whose mmap fails (some network or special filesystems) are read into memory only up to this.
 _MAX_UNMAPPED_READ = 256 << 20
 
-CONTROL_VECTOR_ARCH = "controlvector"
-PROFILE_ARCH = "alignez-profile"
-DIRECTION_RE = re.compile(r"direction\.([0-9]+)")
 
-GGUFKind = Literal["model", "control-vector", "profile"]
 
 # struct formats of the scalar GGUF value types (all little-endian).
 _SCALAR_FMT: dict[GGUFValueType, str] = {
@@ -555,128 +550,10 @@ def read_gguf(
                 mm.close()
 
 
-def is_direction_name(name: str) -> bool:
-    """Return True when ``name`` is ``direction.N`` with N written as plain decimal digits."""
-    return DIRECTION_RE.fullmatch(name) is not None
+def __getattr__(name: str) -> Any:
+    """Return the kind helpers from their old import path (they moved to ``kinds``)."""
+    if name in ("gguf_kind", "classify", "require_kind", "GGUFKind"):
+        from alignez_local.formats import kinds
 
-
-# How messages name each kind ("X is <found>, not <wanted>"), and what to do with a file of that
-# kind given by mistake.
-_KIND_TEXT: dict[str, tuple[str, str, str]] = {
-    "model": ("a model file", "a model", "pass it with -m"),
-    "control-vector": ("a control vector", "a control vector", "pass it with --vector"),
-    "profile": ("a steering profile", "a steering profile", "pass it with --profile"),
-    "adapter": ("a LoRA adapter", "an adapter", "give another file"),
-}
-_ANY_OF_OURS = "a model, control vector or steering profile"
-
-
-def classify(contents: GGUFContents) -> GGUFKind | Literal["adapter"] | None:
-    """Return the kind of an already parsed file, or None when it is none of ours.
-
-    Profile: ``general.architecture == "alignez-profile"``. Control vector: architecture
-    ``"controlvector"`` or every tensor named ``direction.N``. Adapter: ``general.type ==
-    "adapter"`` (a LoRA). Model: a real architecture and ``token_embd``/``blk.`` tensors.
-    """
-    arch = contents.architecture
-    if arch == PROFILE_ARCH:
-        return "profile"
-    if arch == CONTROL_VECTOR_ARCH:
-        return "control-vector"
-    if contents.metadata.get("general.type") == "adapter":
-        return "adapter"
-    names = list(contents.tensors)
-    if names and all(is_direction_name(n) for n in names):
-        return "control-vector"
-    if arch and any(n.startswith(("token_embd", "blk.")) for n in names):
-        return "model"
-    return None
-
-
-def require_kind(contents: GGUFContents, expect: GGUFKind | None, *, unknown_ok: bool = False) -> GGUFKind | None:
-    """Return the file's kind; raise the one "this is X, not Y" error when it is not ``expect``.
-
-    ``expect`` None accepts any of our three kinds. ``unknown_ok`` lets a file of no known kind
-    through (None), for a caller whose own checks then say precisely what is wrong with it.
-    """
-    kind = classify(contents)
-    wanted = _ANY_OF_OURS if expect is None else _KIND_TEXT[expect][1]
-    if kind is None:
-        if unknown_ok:
-            return None
-        raise AlignezError(
-            f"{contents.path} is a GGUF file but not {wanted} "
-            f"(general.architecture = {contents.architecture!r}, {len(contents.tensors)} tensors); check the file"
-        )
-    if kind == "adapter" or (expect is not None and kind != expect):
-        found, _, howto = _KIND_TEXT[kind]
-        raise AlignezError(f"{contents.path} is {found}, not {wanted}; {howto}")
-    return kind
-
-
-def gguf_kind(path: str | os.PathLike[str], expect: GGUFKind | None = None) -> GGUFKind:
-    """Return "model", "control-vector" or "profile" for a GGUF file, reading only its header.
-
-    Raises AlignezError for any other file, and for a file of another kind than ``expect``.
-    """
-    wanted = _ANY_OF_OURS if expect is None else _KIND_TEXT[expect][1]
-    contents = read_gguf(path, want_data=False, want_arrays=False, what=f"a .gguf {wanted[2:]}")
-    kind = require_kind(contents, expect)
-    assert kind is not None  # require_kind only returns None with unknown_ok
-    return kind
-
-
-def write_gguf(
-    path: str | os.PathLike[str],
-    arch: str,
-    kvs: Iterable[tuple[str, GGUFValueType, Any]],
-    tensors: Sequence[tuple[str, np.ndarray]],
-) -> Path:
-    """Return the written path after writing a GGUF file atomically (temp file beside it, then rename).
-
-    ``kvs`` are (key, value type, value) triples added after ``general.architecture``; tensors are
-    written in the given order as contiguous little-endian arrays.
-    """
-    target = check_writable(path)
-    fd, tmp_name = make_temp_beside(target)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    writer: GGUFWriter | None = None
-    try:
-        writer = GGUFWriter(tmp, arch)
-        for key, vtype, value in kvs:
-            writer.add_key_value(key, value, vtype)
-        for name, array in tensors:
-            arr = np.ascontiguousarray(array)
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            writer.add_tensor(name, arr)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        writer = None
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        _cleanup(writer, tmp)
-        raise AlignezError(f"cannot write {target}: {err.strerror or err}; check the disk and folder") from None
-    except BaseException:
-        _cleanup(writer, tmp)
-        raise
-    return target
-
-
-def _cleanup(writer: GGUFWriter | None, tmp: Path) -> None:
-    """Close a half-used writer and remove its temp file (best effort)."""
-    if writer is not None:
-        try:
-            writer.close()
-        except Exception:  # noqa: BLE001 - cleanup must not mask the original error
-            pass
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-
+        return getattr(kinds, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,9 @@ import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import PROFILE_ARCH, GGUFContents, read_gguf, require_kind, write_gguf
+from alignez_local.formats.gguf_file import GGUFContents, read_gguf
+from alignez_local.formats.gguf_write import write_gguf
+from alignez_local.formats.kinds import PROFILE_ARCH, require_kind
 from alignez_local.formats.steering_file import (
     MAX_LAYER,
     MAX_N_EMBD,
