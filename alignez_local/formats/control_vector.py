@@ -26,9 +26,9 @@ import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import GGUFContents, read_gguf
+from alignez_local.formats.gguf_file import GGUFContents
 from alignez_local.formats.gguf_write import write_gguf
-from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH, DIRECTION_RE, require_kind
+from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH, DIRECTION_RE
 from alignez_local.formats.steering_file import (
     MAX_LAYER,
     MAX_N_EMBD,
@@ -38,6 +38,7 @@ from alignez_local.formats.steering_file import (
     is_number,
     layer_array,
     read_calibration,
+    read_in_two_passes,
 )
 
 KEY_MODEL_HINT = "controlvector.model_hint"
@@ -46,8 +47,6 @@ META_PREFIX = "alignez."
 META_N_LAYER = "alignez.model.n_layer"
 
 MetaValue = str | int | float
-
-_WHAT = "a .gguf control vector"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -291,20 +290,12 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     Every tensor must be ``direction.N`` (N >= 1), F32, 1-D, all of one length, with finite values;
     anything else raises AlignezError, as does a model or profile given by mistake.
     """
-    # Pass 1: header only, so a multi-GB model given by mistake is recognised without reading it.
-    head = read_gguf(path, want_data=False, want_arrays=False, what=_WHAT)
-    require_kind(head, "control-vector", unknown_ok=True)
-    _direction_layers(head)
-    # Pass 2: the data, now known to be at most MAX_LAYER * MAX_N_EMBD floats. Validate again:
-    # the file may have been replaced between the two reads.
-    contents = read_gguf(path, want_data=True, want_arrays=False, what=_WHAT)
-    require_kind(contents, "control-vector", unknown_ok=True)
-    layers = _direction_layers(contents)
+    # The header checks bound the data to MAX_LAYER * MAX_N_EMBD floats before it is read.
+    contents, layers = read_in_two_passes(path, "control-vector", _direction_layers, unknown_ok=True)
     directions: dict[int, np.ndarray] = {}
     for name, layer in layers.items():
         data = contents.tensors[name].data
-        if data is None:  # F32 tensors always carry data; this guards a future change of read_gguf
-            raise AlignezError(f"{contents.path}: tensor {name} has no data; download it again")
+        assert data is not None  # read_in_two_passes guarantees it for F32 tensors
         if not np.all(np.isfinite(data)):
             bad = int(np.count_nonzero(~np.isfinite(data)))
             raise AlignezError(

@@ -29,9 +29,9 @@ import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import GGUFContents, read_gguf
+from alignez_local.formats.gguf_file import GGUFContents
 from alignez_local.formats.gguf_write import write_gguf
-from alignez_local.formats.kinds import PROFILE_ARCH, require_kind
+from alignez_local.formats.kinds import PROFILE_ARCH
 from alignez_local.formats.steering_file import (
     MAX_LAYER,
     MAX_N_EMBD,
@@ -41,6 +41,7 @@ from alignez_local.formats.steering_file import (
     json_default,
     layer_array,
     read_calibration,
+    read_in_two_passes,
 )
 from alignez_local.specs import FIT_SITES
 
@@ -52,8 +53,6 @@ SUBSPACE_RE = re.compile(r"subspace\.(0|[1-9][0-9]*)")
 UNIT_TOL = 1e-3  # row norms and pairwise dot products must be within this of orthonormal
 REQUIRED_META = ("site", "method", "axis", "provenance")
 REQUIRED_PROVENANCE = ("n_embd", "n_layer")
-
-_WHAT = "a .gguf steering profile"
 # Set by load_profile so validation messages name the file instead of the profile's display name.
 _LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("_LABEL", default=None)
 
@@ -301,19 +300,9 @@ def _check_header(contents: GGUFContents) -> dict[str, Any]:
 
 def load_profile(path: str | os.PathLike[str]) -> SteeringProfile:
     """Return the validated steering profile stored in ``path``; raise AlignezError on any problem."""
-    head = read_gguf(path, want_data=False, want_arrays=False, what=_WHAT)
-    require_kind(head, "profile")
-    _check_header(head)
-    # Header checks bound the data to n_layer * n_embd^2 floats of a plausible model; read it now
-    # and check again, since the file could have been replaced between the two reads.
-    contents = read_gguf(path, want_data=True, want_arrays=False, what=_WHAT)
-    require_kind(contents, "profile")
-    meta = _check_header(contents)
-    subspaces: dict[int, np.ndarray] = {}
-    for name, t in contents.tensors.items():
-        if t.data is None:  # F32 tensors always carry data with want_data=True; guard a future change
-            raise AlignezError(f"profile {contents.path}: tensor {name} has no data; the file is damaged")
-        subspaces[int(name.split(".", 1)[1])] = t.data
+    # Header checks bound the data to n_layer * n_embd^2 floats of a plausible model before it is read.
+    contents, meta = read_in_two_passes(path, "profile", _check_header)
+    subspaces = {int(name.split(".", 1)[1]): t.data for name, t in contents.tensors.items()}
     stats_raw = meta.get("layer_stats", {})
     if not isinstance(stats_raw, dict):
         raise AlignezError(f"profile {contents.path}: layer_stats is not a JSON object; the file is damaged")

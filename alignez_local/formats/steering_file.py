@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gguf_file import GGUFContents
+from alignez_local.formats.gguf_file import GGUFContents, read_gguf
+from alignez_local.formats.kinds import GGUFKind, require_kind
 from alignez_local.specs import check_strength
 
 # Far above any real model (the widest today is 16384, the deepest ~130 layers) but bounded, so a
@@ -34,6 +37,8 @@ MAX_LAYER = 4096
 KEY_DEFAULT_STRENGTH = "alignez.default_strength"
 KEY_CALIBRATION = "alignez.calibration"
 RESERVED_KEYS = (KEY_DEFAULT_STRENGTH, KEY_CALIBRATION)
+
+T = TypeVar("T")
 
 
 def is_int(x: object) -> bool:
@@ -223,3 +228,26 @@ def read_calibration(contents: GGUFContents, where: str) -> dict[str, Any]:
         if not isinstance(calibration, dict):
             raise AlignezError(f"{where}: {KEY_CALIBRATION} is not a JSON object string; the file is damaged")
     return {"default_strength": strength, "calibration": calibration}
+
+
+def read_in_two_passes(
+    path: str | os.PathLike[str], kind: GGUFKind, check: Callable[[GGUFContents], T], *, unknown_ok: bool = False
+) -> tuple[GGUFContents, T]:
+    """Return (contents with F32 data, ``check(contents)``) of a vector or profile file.
+
+    Pass 1 reads the header only and runs the kind check and ``check`` on it, so a multi-GB model
+    given by mistake is recognised without reading it, and the data to load is bounded before it
+    is read. Pass 2 reads the data and checks again: the file may have been replaced in between.
+    Every F32 tensor then carries its data.
+    """
+    what = f"a .gguf {'control vector' if kind == 'control-vector' else 'steering profile'}"
+    head = read_gguf(path, want_data=False, want_arrays=False, what=what)
+    require_kind(head, kind, unknown_ok=unknown_ok)
+    check(head)
+    contents = read_gguf(path, want_data=True, want_arrays=False, what=what)
+    require_kind(contents, kind, unknown_ok=unknown_ok)
+    checked = check(contents)
+    for name, t in contents.tensors.items():
+        if t.type_name == "F32" and t.data is None:  # guards a future change of read_gguf
+            raise AlignezError(f"{contents.path}: tensor {name} has no data; download it again")
+    return contents, checked
