@@ -40,6 +40,7 @@ class ServeConfig:
     model_id: str
     api_key: str | None = None
     default_max_tokens: int = 512
+    batch_wait: float = 0.0  # seconds a batch waits for more requests after its first
 
 
 class _Server:
@@ -194,7 +195,7 @@ class _Shaper:
 
 def create_app(engine: Engine, steering: SteeringSet, config: ServeConfig, parallel: int | None = None) -> Starlette:
     """Return the app; its lifespan starts the engine worker and stops it cleanly on shutdown."""
-    worker = Worker(engine, steering, parallel)
+    worker = Worker(engine, steering, parallel, config.batch_wait)
     srv = _Server(engine, steering, worker, config)
 
     @asynccontextmanager

@@ -40,10 +40,12 @@ def _http_stack() -> None:
               help="Require 'Authorization: Bearer KEY' [env ALIGNEZ_API_KEY].")
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True,
               help="Tokens to generate when a request gives no max_tokens.")
+@click.option("--batch-wait-ms", type=click.IntRange(0, 10000), default=0, show_default=True,
+              help="How long a batch waits for more requests after its first (fuller batches, later first token).")
 def serve_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
-    host: str, port: int, api_key: str | None, max_tokens: int,
+    host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int,
 ) -> None:
     """Serve the OpenAI API; every request picks its own steering, all batched together.
 
@@ -74,7 +76,7 @@ def serve_command(
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         model_id = engine.path.stem
-        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens), parallel)
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000), parallel)
         names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
         click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="debug" if verbose else "warning",

@@ -107,7 +107,8 @@ class SteeringSet:
                     raise AlignezError(f"two steering files are named {name!r}; give one a name with NAME=FILE")
                 item = read_control_vector(path) if kind == "vector" else load_profile(path)
                 warnings += [f"{name}: {w}" for w in item.check_compatible(engine.n_layer, engine.n_embd, engine.arch)]
-                default = strength if strength is not None else float(getattr(item, "default_strength", None) or 1.0)
+                own = getattr(item, "default_strength", None)  # the file's calibrated strength, if any
+                default = strength if strength is not None else (1.0 if own is None else float(own))
                 items.append(Served(name, kind, str(Path(path).resolve()), item, check_strength(default)))
         return cls(items, engine.n_layer, min(top_n, engine.n_layer)), warnings
 

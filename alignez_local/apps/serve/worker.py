@@ -19,6 +19,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -84,9 +85,13 @@ def asyncio_sink(loop: asyncio.AbstractEventLoop, q: "asyncio.Queue[Event]") -> 
 class Worker:
     """Owns the Engine; runs waiting jobs together in batches until stopped."""
 
-    def __init__(self, engine: Engine, steering: SteeringSet, parallel: int | None = None) -> None:
+    def __init__(
+        self, engine: Engine, steering: SteeringSet, parallel: int | None = None, batch_wait: float = 0.0
+    ) -> None:
         self.engine = engine
         self.steering = steering
+        # Seconds to wait after a batch's first job for others to join it (0: start at once).
+        self.batch_wait = batch_wait
         self.parallel = min(parallel or engine.n_parallel, engine.n_parallel)
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._held: list[Job] = []  # taken from the queue but not yet run (did not fit the last batch)
@@ -159,9 +164,12 @@ class Worker:
                 self._held = pending
                 return None
             pending.append(first)
+        deadline = time.monotonic() + self.batch_wait
         while True:
             try:
-                j = self._queue.get_nowait()
+                left = deadline - time.monotonic()
+                full = len(pending) >= self.parallel
+                j = self._queue.get(timeout=left) if left > 0 and not full else self._queue.get_nowait()
             except queue.Empty:
                 break
             if j is None:
