@@ -23,7 +23,8 @@ from alignez_local.apps.chat import ChatSession
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
-from alignez_local.align.steering import Steering, VectorSlot
+from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.formats.profile import SteeringProfile
 from tiny_model import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,16 +219,17 @@ def test_vectors_from_other_tools_several_at_once_and_live_commands(tiny_model_p
     out = proc.stdout
     blocks = out.split("> /vectors\n")
     assert blocks[1].startswith(
-        "vector  cvgen: strength 0.5, layers 1-3 (3)\nvector  repeng: strength -1, layers 2-2 (1)\nsteering is on\n"
+        "vector  cvgen: strength 0.5 (given), layers 1-3 (3)\nvector  repeng: strength -1 (given), layers 2-2 (1)\nsteering is on\n"
     )
     assert blocks[2].startswith(
-        "vector  cvgen: strength 0.5, layers 1-3 (3)\nvector  repeng: strength 2.5, layers 2-2 (1)\n"
+        "vector  cvgen: strength 0.5 (given), layers 1-3 (3)\nvector  repeng: strength 2.5 (set with /strength), layers 2-2 (1)\n"
         "layer range 2-3\nsteering is on\n"
     )
     assert "> /layers 1-1\nsteering layers 1-1\n(no loaded vector or profile has a layer in 1-1" not in out  # cvgen has layer 1
     assert "strength -0.5 for everything" in out
     assert blocks[3].startswith(
-        "vector  cvgen: strength -0.5, layers 1-3 (3)\nvector  repeng: strength -0.5, layers 2-2 (1)\nsteering is off\n"
+        "vector  cvgen: strength -0.5 (set with /strength), layers 1-3 (3)\n"
+        "vector  repeng: strength -0.5 (set with /strength), layers 2-2 (1)\nsteering is off\n"
     )
     assert "/compare" in out and "/save FILE" in out  # /help
     assert "> Hi\n" in out and "> //not a command\n" in out
@@ -285,13 +287,14 @@ def test_save_writes_the_conversation_and_every_setting(tiny_model_path: Path, f
     assert err[3] == f"saved 2 turn(s) and the settings to {out}"
     first, second = json_lines(proc.stdout)
     saved = json.loads(out.read_text())
-    assert saved["format"] == "alignez-chat" and saved["version"] == 1
+    assert saved["format"] == "alignez-chat" and saved["version"] == 2
     assert saved["model"]["path"] == str(tiny_model_path.resolve())
     assert saved["sampling"]["seed"] == 7 and saved["sampling"]["max_tokens"] == 6
     assert saved["system"] == "You are terse."
     st = saved["steering"]
     assert st["enabled"] is True and st["layers"] == "2-3"
-    assert st["vectors"] == [{"name": "tinyv", "path": str(files["tiny"].resolve()), "strength": 2.0, "layers": [2]}]
+    assert st["vectors"] == [{"name": "tinyv", "path": str(files["tiny"].resolve()), "strength": 2.0,
+                              "strength_from": "set with /strength", "layers": [2]}]
     assert saved["messages"] == [
         {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": first["answer"]},
@@ -369,6 +372,24 @@ def test_handle_command_results(small_ctx_engine: Engine) -> None:
     assert s.handle_command("/layers all").lines == ["steering every layer"]
     assert s.handle_command("/save").error.startswith("/save needs a file name")
     assert s.describe()[0] == "no vector or profile loaded"
+
+
+def test_strength_command_treats_vectors_and_profiles_alike(small_ctx_engine: Engine) -> None:
+    e = small_ctx_engine
+    theta = np.zeros((1, 64), np.float32)
+    theta[0, 0] = 1.0
+    prof = SteeringProfile(subspaces={2: theta}, site="ffn_out", method="svd",
+                           axis={"name": "a", "positive": "p", "negative": "n"}, layer_stats={}, params={},
+                           provenance={"n_embd": 64, "n_layer": 4}, default_strength=0.5)
+    st = Steering(vectors=[VectorSlot("v", random_vector(64, 2, 5, 0))], profiles=[ProfileSlot("p", prof, 0.5, "file default")])
+    s = ChatSession(e, st)
+    assert s.describe()[1].startswith("profile p: strength 0.5 (file default), svd on ffn_out")
+    assert s.handle_command("/strength p 2").lines == ["strength 2 for p"]
+    assert s.handle_command("/strength -1").lines == ["strength -1 for everything"]
+    assert [(x.strength, x.origin) for x in st.slots] == [(-1.0, "set with /strength")] * 2
+    profiles = s.settings()["steering"]["profiles"]
+    assert profiles[0]["strength"] == -1.0 and profiles[0]["strength_from"] == "set with /strength" and "weight" not in profiles[0]
+    assert "/strength" in s.handle_command("/strength 1e9").error
 
 
 # --- pseudo-terminal: the interactive path ------------------------------------------------------
@@ -450,7 +471,7 @@ def test_ctrl_c_stops_a_long_answer_and_quit_exits_0(smollm_path: Path, tmp_path
 def test_interactive_chat_streams_and_ctrl_d_exits_0(tiny_model_path: Path, files: dict[str, Path]) -> None:
     t = Terminal("-m", tiny_model_path, "--max-tokens", 6, "--vector", f"{files['tiny']}:2")
     banner = t.expect(b"> ")
-    assert b"vector  tinyv: strength 2, layers 2-2 (1)" in banner and b"steering is on" in banner
+    assert b"vector  tinyv: strength 2 (given), layers 2-2 (1)" in banner and b"steering is on" in banner
     # CPython's readline loop only notices a signal that lands while it waits in select(): give
     # it a moment to get there after printing the prompt (a person is never that fast).
     time.sleep(0.5)

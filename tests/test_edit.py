@@ -9,10 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignez_local.align.edit import EditPlan, apply_edit, combine_deltas, edit_delta, mean_delta, plan_edit
+from alignez_local.align.edit import EditPlan, edit_delta, mean_delta, plan_edit
 from alignez_local.errors import AlignezError
 
 E1, E2, E3 = np.eye(3)
+
+
+def apply_edit(x: np.ndarray, directions: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """What the engine hook writes back: the activation plus its edit delta."""
+    return x + edit_delta(x, directions, alpha)
 
 
 # --- the edit rule by hand -------------------------------------------------------------------
@@ -120,17 +125,7 @@ def test_plan_edit_user_errors() -> None:
         plan_edit({1: E1}, {4: E1[None]})
 
 
-# --- combining profiles and the constant approximation --------------------------------------
-
-
-def test_combine_deltas_is_a_weighted_sum() -> None:
-    a = np.array([1.0, 0.0, 2.0])
-    b = np.array([0.0, 4.0, -2.0])
-    np.testing.assert_allclose(combine_deltas([a, b], [0.75, 0.25]), [0.75, 1.0, 1.0])
-    with pytest.raises(AlignezError, match="one weight per profile"):
-        combine_deltas([a, b], [1.0])
-    with pytest.raises(AlignezError, match="shapes"):
-        combine_deltas([a, b[:2]], [0.5, 0.5])
+# --- the constant approximation --------------------------------------
 
 
 def test_mean_delta_counts_unchosen_prompts_as_zero() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from alignez_local.align.axes import get_axis
 from alignez_local.formats.control_vector import read_control_vector
-from alignez_local.align.edit import apply_edit, plan_edit
+from alignez_local.align.edit import edit_delta, plan_edit
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.align.export import approximation_report, constant_vector
 from alignez_local.align.fit import fit_profile
@@ -24,6 +24,10 @@ from alignez_local.align.preferences import GenerationSettings, generate_prefere
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.evaluation.prompt_sets import load_queries
 from alignez_local.align.steering import ProfileSlot, Steering
+from alignez_local.formats.control_vector import ControlVector, write_control_vector
+from alignez_local.models import file_sha256
+from alignez_local.pipeline import ModelId, describe, import_vector
+from alignez_local.specs import SteeringSpec
 
 CLI = [sys.executable, "-m", "alignez_local"]
 FAST = GenerationSettings(characteristics_tokens=12, response_tokens=24)
@@ -86,14 +90,29 @@ def test_exact_edit_runs_inside_the_forward_pass(tiny_engine: Engine, profile) -
         j = profile.layers.index(layer)
         for jj in range(j):  # layers before the edited one are untouched
             np.testing.assert_array_equal(y[i, jj], x[i, jj])
-        np.testing.assert_allclose(y[i, j], apply_edit(x[i, j], plan.directions[layer]), rtol=1e-5, atol=1e-5)
-    # steering changes generation, weight 0 is exactly unsteered, and nothing leaks afterwards
+        np.testing.assert_allclose(y[i, j], x[i, j] + edit_delta(x[i, j], plan.directions[layer]), rtol=1e-5, atol=1e-5)
+    # steering changes generation, strength 0 is exactly unsteered, and nothing leaks afterwards
     sp = Sampling(max_tokens=12)
     base = [c.text for c in e.generate(prompts, sp)]
-    strong = Steering(profiles=[ProfileSlot("p", profile, weight=8.0)], top_n=3)
+    strong = Steering(profiles=[ProfileSlot("p", profile, strength=8.0)], top_n=3)
     assert [c.text for c in strong.generate(e, prompts, sp)] != base
-    assert [c.text for c in Steering(profiles=[ProfileSlot("p", profile, weight=0.0)]).generate(e, prompts, sp)] == base
+    assert [c.text for c in Steering(profiles=[ProfileSlot("p", profile, strength=0.0)]).generate(e, prompts, sp)] == base
     assert [c.text for c in e.generate(prompts, sp)] == base
+
+
+def test_profiles_add_their_deltas_by_strength(tiny_engine: Engine, profile) -> None:
+    # Two profiles combine as the strength-weighted sum of their deltas: 0.75 + 0.25 of one
+    # profile edits exactly like the profile at strength 1 (and unlike it at 0.5).
+    e = tiny_engine
+    prompts = [e.prompt(q) for q in ["how do I cook rice", "what is the moon"]]
+
+    def edited(*slots: ProfileSlot):
+        with Steering(profiles=list(slots), top_n=2).applied(e, prompts):
+            return e.capture(prompts, profile.layers, site="ffn_out")
+
+    whole = edited(ProfileSlot("p", profile, 1.0))
+    np.testing.assert_allclose(edited(ProfileSlot("a", profile, 0.75), ProfileSlot("b", profile, 0.25)), whole, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(edited(ProfileSlot("p", profile, 0.5)), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_export_follows_llama_cpp_loader_rules(tiny_engine: Engine, profile, tmp_path: Path) -> None:
@@ -161,6 +180,12 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     rep = json.loads((out / "report.json").read_text())
     assert set(cv.layers) <= set(prof.layers) and rep["layers"] == prof.layers
     assert rep["approximation"]["n_prompts"] == 16 and rep["timings"]["total_s"] > 0
+    # provenance: the model by file name and SHA-256 (no bundled name: it was given as a path), and
+    # the run's files relative to the report; no absolute path anywhere
+    assert rep["model"]["name"] is None and rep["model"]["file"] == tiny_model_path.name
+    assert rep["model"]["sha256"] == file_sha256(tiny_model_path) == prof.provenance["model_sha256"]
+    assert rep["profile"] == "profile.gguf" and rep["vector"] == "vector.gguf"
+    assert str(tmp_path) not in json.dumps(rep) and str(tiny_model_path.parent) not in json.dumps(dict(prof.provenance))
     assert "exact edit   vs control vec" in res.stdout
     again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)
@@ -192,3 +217,46 @@ def test_ccs_layers_are_cut_at_the_loss_elbow(tiny_engine: Engine, prefs: Path) 
     losses = {L: s["ccs_loss"] for L, s in prof.layer_stats.items() if L < tiny_engine.n_layer - 1}
     assert prof.layers == sorted(ccs_elbow(losses))
     assert all(s.shape[0] == 1 for s in prof.subspaces.values())  # one probe direction per layer
+
+
+def test_model_id_is_name_file_and_hash_never_a_path(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    mid = ModelId.of(tiny_engine, str(tiny_model_path))
+    assert mid.bundled is None and mid.file == "tiny-llama.gguf" and mid.sha256 == file_sha256(tiny_model_path)
+    assert "/" not in json.dumps(mid.as_dict())
+
+
+@pytest.mark.smollm
+def test_model_id_of_a_model_given_by_bundled_name(smollm_engine: Engine) -> None:
+    mid = ModelId.of(smollm_engine, "smollm2-135m-instruct")
+    assert mid.bundled == "smollm2-135m-instruct" and mid.as_dict()["name"] == "smollm2-135m-instruct"
+    assert len(mid.sha256) == 64 and "/" not in json.dumps(mid.as_dict())
+
+
+def test_describe_and_import(tiny_model_path: Path, profile, tmp_path: Path) -> None:
+    model = describe(tiny_model_path)
+    assert model["kind"] == "model" and model["arch"] == "llama" and model["n_layer"] == 4 and model["n_embd"] == 64
+    save_profile(tmp_path / "p.gguf", profile)
+    prof = describe(tmp_path / "p.gguf")
+    assert prof["kind"] == "profile" and prof["layers"] == [1, 2, 3] and set(prof["layer_stats"]) == {1, 2, 3}
+    src = write_control_vector(tmp_path / "src.gguf", ControlVector({2: np.full(64, 0.5, np.float32)}, model_hint="llama",
+                                                                 default_strength=0.25))
+    warnings: list[str] = []
+    copy = import_vector(src, tmp_path / "copy.gguf", str(tiny_model_path), on_warning=warnings.append)
+    assert warnings == [] and copy.default_strength == 0.25
+    info = describe(tmp_path / "copy.gguf")
+    assert info["kind"] == "control-vector" and info["layers"] == [2] and info["norms"] == {2: 4.0}
+    assert info["metadata"]["alignez.source"] == "import:src.gguf"
+
+
+def test_strength_comes_from_the_spec_then_the_file_then_one(tiny_engine: Engine, profile, tmp_path: Path) -> None:
+    plain = write_control_vector(tmp_path / "plain.gguf", ControlVector({2: np.ones(64, np.float32)}, model_hint="llama"))
+    calibrated = write_control_vector(tmp_path / "cal.gguf", ControlVector({2: np.ones(64, np.float32)}, model_hint="llama",
+                                                                         default_strength=0.5))
+    save_profile(tmp_path / "p.gguf", profile)
+    st = Steering.from_specs(tiny_engine, [str(plain), f"{calibrated}", f"{calibrated}:-2"],
+                             [SteeringSpec(str(tmp_path / "p.gguf"), 0.75), str(tmp_path / "p.gguf")])
+    assert [(s.name, s.strength, s.origin) for s in st.slots] == [
+        ("plain", 1.0, "default"), ("cal", 0.5, "file default"), ("cal-2", -2.0, "given"),
+        ("p", 0.75, "given"), ("p-2", 1.0, "default"),
+    ]
+    assert "strength 0.5 (file default)" in st.describe()[1] and "strength 0.75 (given)" in st.describe()[3]

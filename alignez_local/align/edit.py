@@ -98,27 +98,6 @@ def edit_delta(x: np.ndarray, directions: np.ndarray, alpha: float = 1.0) -> np.
     return delta.reshape(x.shape).astype(_out_dtype(x))
 
 
-def apply_edit(x: np.ndarray, directions: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """Return ``x + edit_delta(x, directions, alpha)`` (float32 when ``x`` is float32)."""
-    x = np.asarray(x)
-    return (x + edit_delta(x, directions, alpha)).astype(_out_dtype(x))
-
-
-def combine_deltas(deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    """Return ``sum of weights[i] * deltas[i]``: several profiles at once (the paper's eta, 1 - eta)."""
-    if not deltas or len(deltas) != len(weights):
-        raise AlignezError(
-            f"need one weight per profile; got {len(deltas)} deltas and {len(weights)} weights"
-        )
-    shapes = {np.shape(delta) for delta in deltas}
-    if len(shapes) != 1:
-        raise AlignezError(
-            f"profile deltas have different shapes {sorted(shapes)}; were they made for the same model?"
-        )
-    total = sum(w * np.asarray(delta, dtype=np.float64) for delta, w in zip(deltas, weights))
-    return np.asarray(total).astype(_out_dtype(np.asarray(deltas[0])))
-
-
 def mean_delta(
     samples: list[np.ndarray], plans: list[EditPlan], layer: int, alpha: float = 1.0
 ) -> np.ndarray:

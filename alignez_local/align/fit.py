@@ -24,9 +24,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.align.preferences import PreferencePair, data_sha256
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.progress import Progress
-
-FIT_SITES = ("ffn_out", "l_out")
-
+from alignez_local.specs import FIT_SITES
 
 def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str]]:
     """Return the texts embedded for the positive and the negative side of every pair."""
@@ -49,24 +47,6 @@ def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, qu
     return acts[:n], acts[n:]
 
 
-def parse_layers(spec: str | None, n_layer: int) -> list[int] | None:
-    """Return layers from ``A-B`` or ``1,4,7`` (None: choose automatically)."""
-    if spec is None or spec.strip() in ("", "auto"):
-        return None
-    layers: set[int] = set()
-    try:
-        for part in spec.split(","):
-            a, sep, b = part.strip().partition("-")
-            lo, hi = int(a), int(b) if sep else int(a)
-            layers.update(range(lo, hi + 1))
-    except ValueError:
-        raise AlignezError(f"--layers {spec!r} is not a list like 8-20 or 4,8,12") from None
-    bad = [x for x in layers if not 1 <= x < n_layer]
-    if not layers or bad:
-        raise AlignezError(f"--layers {spec!r} names layers outside 1..{n_layer - 1} (layer 0 cannot be a control vector)")
-    return sorted(layers)
-
-
 def fit_profile(
     engine: Engine,
     pairs: Sequence[PreferencePair],
@@ -82,31 +62,18 @@ def fit_profile(
     seed: int = 0,
     top_n: int = 5,
     model_sha256: str = "",
+    model_bundled: str | None = None,
     name: str = "profile",
     quiet: bool = False,
 ) -> SteeringProfile:
-    """Return a steering profile fitted on ``pairs``: subspaces for the chosen layers and diagnostics for all."""
-    if method not in METHODS:
-        raise AlignezError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if site not in FIT_SITES:
-        raise AlignezError(f"unknown site {site!r}; use ffn_out (the paper's MLP output) or l_out")
-    if not 0.0 < variance <= 1.0:
-        raise AlignezError(f"--variance {variance} is out of range; use a fraction in (0, 1]")
-    if not 0.0 < max_cos <= 1.0:
-        raise AlignezError(f"--max-cos {max_cos} is out of range; use a value in (0, 1]")
-    if len(pairs) < 4:
-        raise AlignezError(f"only {len(pairs)} preference pairs; fitting needs at least 4 (generate more queries)")
+    """Return a steering profile fitted on ``pairs``: subspaces for the chosen layers and diagnostics for all.
+
+    The provenance names the model by its file name, SHA-256 and (when it was given by name) its
+    bundled name ``model_bundled``; never by a local path.
+    """
+    _check_args(method, site, variance, max_cos, len(pairs))
     pos, neg = capture_pairs(engine, pairs, site, quiet=quiet)
-    fits: dict[int, LayerFit] = {}
-    skipped: dict[int, str] = {}
-    for layer in range(1, engine.n_layer):  # layer 0 has no control-vector slot in llama.cpp
-        try:
-            fits[layer] = fit_layer(layer, pos[:, layer], neg[:, layer], method=method, variance=variance,
-                                    max_cos=max_cos, holdout=holdout, seed=seed)
-        except AlignezError as err:
-            skipped[layer] = str(err)
-    if not fits:
-        raise AlignezError(f"no layer had enough usable pairs ({next(iter(skipped.values()))})")
+    fits = _fit_layers(pos, neg, method=method, variance=variance, max_cos=max_cos, holdout=holdout, seed=seed)
     chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)
     missing = [x for x in chosen if x not in fits]
     if missing:
@@ -122,12 +89,40 @@ def fit_profile(
                 "layer_choice": "manual" if layers is not None else "auto", "n_pairs": len(pairs)},
         provenance={
             "model_name": engine.name, "model_file": engine.path.name, "model_sha256": model_sha256,
+            **({"model_bundled": model_bundled} if model_bundled else {}),
             "arch": engine.arch, "n_layer": engine.n_layer, "n_embd": engine.n_embd,
             "data_sha256": data_sha256(pairs), "package_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         name=name,
     )
+
+
+def _check_args(method: str, site: str, variance: float, max_cos: float, n_pairs: int) -> None:
+    if method not in METHODS:
+        raise AlignezError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if site not in FIT_SITES:
+        raise AlignezError(f"unknown site {site!r}; use ffn_out (the paper's MLP output) or l_out")
+    if not 0.0 < variance <= 1.0:
+        raise AlignezError(f"--variance {variance} is out of range; use a fraction in (0, 1]")
+    if not 0.0 < max_cos <= 1.0:
+        raise AlignezError(f"--max-cos {max_cos} is out of range; use a value in (0, 1]")
+    if n_pairs < 4:
+        raise AlignezError(f"only {n_pairs} preference pairs; fitting needs at least 4 (generate more queries)")
+
+
+def _fit_layers(pos: np.ndarray, neg: np.ndarray, **fit_args: Any) -> dict[int, LayerFit]:
+    """Return the fit of every layer that has enough usable pairs (pos/neg: pairs x n_layer x n_embd)."""
+    fits: dict[int, LayerFit] = {}
+    skipped: dict[int, str] = {}
+    for layer in range(1, pos.shape[1]):  # layer 0 has no control-vector slot in llama.cpp
+        try:
+            fits[layer] = fit_layer(layer, pos[:, layer], neg[:, layer], **fit_args)
+        except AlignezError as err:
+            skipped[layer] = str(err)
+    if not fits:
+        raise AlignezError(f"no layer had enough usable pairs ({next(iter(skipped.values()))})")
+    return fits
 
 
 def _auto_layers(fits: dict[int, LayerFit], n_layer: int, method: str, max_layers: int | None) -> list[int]:

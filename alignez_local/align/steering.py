@@ -1,17 +1,16 @@
 """Apply steering to an engine: control vectors (constant, additive) and profiles (the exact,
-input-dependent AlignEZ edit), each with its own strength or weight, live-adjustable.
+input-dependent AlignEZ edit), each with its own strength, live-adjustable.
 
 The exact edit needs to know the prompt before it edits: for every prompt, a planning pass reads
 the profile's site at the last prompt token (``Engine.capture``), ``plan_edit`` keeps the
 directions the prompt does not already carry and picks the top-n layers, and then generation runs
 with an eval-callback edit that applies the rule to the last prompt token and to every generated
-token, per sequence. Several profiles are combined as a weighted sum of their deltas, each computed
-from the same unedited activation.
+token, per sequence. Several profiles are combined as a strength-weighted sum of their deltas, each
+computed from the same unedited activation.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -24,52 +23,51 @@ from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.llama.engine import Completion, Engine, Sampling, TokenFn
 from alignez_local.errors import AlignezError
 from alignez_local.formats.profile import SteeringProfile, load_profile
+from alignez_local.specs import SteeringSpec, parse_layer_range, parse_steering_spec
 
 DEFAULT_TOP_N = 5
 
 
-def parse_weighted(spec: str, what: str) -> tuple[str, float]:
-    """Return (path, number) from ``FILE[:NUMBER]`` (number 1.0 when absent)."""
-    path, sep, num = spec.rpartition(":")
-    if not sep or not num or os.path.exists(spec):
-        return spec, 1.0
-    try:
-        value = float(num)
-    except ValueError:
-        return spec, 1.0  # a path that contains a colon
-    if not np.isfinite(value) or abs(value) > 100:
-        raise AlignezError(f"{what} {value} in {spec!r} is out of range; use a number between -100 and 100")
-    return path, value
-
-
-def parse_layer_range(spec: str | None, n_layer: int | None = None) -> tuple[int, int] | None:
-    """Return (first, last) inclusive from ``A-B`` (or a single ``A``); None for no limit."""
-    if spec is None or spec.strip() in ("", "all"):
-        return None
-    a, sep, b = spec.strip().partition("-")
-    try:
-        lo, hi = int(a), int(b) if sep else int(a)
-    except ValueError:
-        raise AlignezError(f"layer range {spec!r} is not A-B; write it like 8-20") from None
-    if lo < 0 or hi < lo:
-        raise AlignezError(f"layer range {spec!r} is empty or negative; write it like 8-20 with A <= B")
-    if n_layer is not None and hi >= n_layer:
-        raise AlignezError(f"layer range {spec!r} goes past the model's last layer {n_layer - 1}")
-    return lo, hi
+# Where a slot's strength came from, shown by describe() (chat's /vectors).
+GIVEN, FILE_DEFAULT, PLAIN_DEFAULT = "given", "file default", "default"
 
 
 @dataclass
 class VectorSlot:
+    """A control vector and its strength (the multiplier of every direction)."""
+
     name: str
     vector: ControlVector
     strength: float = 1.0
+    origin: str = GIVEN  # where ``strength`` came from (GIVEN, FILE_DEFAULT, PLAIN_DEFAULT or a caller's word)
+    path: str | None = None
 
 
-@dataclass
+@dataclass(init=False)
 class ProfileSlot:
+    """A steering profile and its strength (the multiplier of the exact edit's delta)."""
+
     name: str
     profile: SteeringProfile
-    weight: float = 1.0
+    strength: float = 1.0
+    origin: str = GIVEN
+    path: str | None = None
+
+    def __init__(self, name: str, profile: SteeringProfile, strength: float = 1.0, origin: str = GIVEN,
+                 path: str | None = None, *, weight: float | None = None) -> None:
+        # ``weight`` is the name ``strength`` had before vectors and profiles shared one word; it is
+        # still accepted (and wins, so ``dataclasses.replace(slot, weight=...)`` keeps working).
+        self.name, self.profile, self.origin, self.path = name, profile, origin, path
+        self.strength = strength if weight is None else weight
+
+    @property
+    def weight(self) -> float:
+        """The old name of ``strength``."""
+        return self.strength
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self.strength = value
 
 
 @dataclass
@@ -87,35 +85,43 @@ class Steering:
     def from_specs(
         cls,
         engine: Engine,
-        vectors: Sequence[str] = (),
-        profiles: Sequence[str] = (),
+        vectors: Sequence[str | SteeringSpec] = (),
+        profiles: Sequence[str | SteeringSpec] = (),
         layers: str | None = None,
         top_n: int = DEFAULT_TOP_N,
     ) -> "Steering":
-        """Return steering built from ``FILE[:STRENGTH]`` / ``FILE[:WEIGHT]`` specs, checked against the model."""
+        """Return steering built from ``FILE[:STRENGTH]`` specs (text or parsed), checked against the model.
+
+        A spec without a strength gets the file's own calibrated default, else 1.
+        """
         if top_n < 1:
             raise AlignezError(f"--top-n {top_n} is out of range; use 1 or more")
         # More layers than the model has simply means every candidate layer.
         st = cls(layer_range=parse_layer_range(layers, engine.n_layer), top_n=min(top_n, engine.n_layer))
         used: set[str] = set()
-        for spec in vectors:
-            path, strength = parse_weighted(spec, "strength")
-            cv = read_control_vector(path)
+        for spec in map(_as_spec, vectors):
+            cv = read_control_vector(spec.path)
             st.warnings += cv.check_compatible(engine.n_layer, engine.n_embd, engine.arch)
-            st.vectors.append(VectorSlot(_unique(Path(path).stem, used), cv, strength))
-        for spec in profiles:
-            path, weight = parse_weighted(spec, "weight")
-            prof = load_profile(path)
+            strength, origin = resolve_strength(spec, cv)
+            st.vectors.append(VectorSlot(_unique(Path(spec.path).stem, used), cv, strength, origin, spec.path))
+        for spec in map(_as_spec, profiles):
+            prof = load_profile(spec.path)
             st.warnings += prof.check_compatible(engine.n_layer, engine.n_embd, engine.arch)
-            st.profiles.append(ProfileSlot(_unique(Path(path).stem, used), prof, weight))
+            strength, origin = resolve_strength(spec, prof)
+            st.profiles.append(ProfileSlot(_unique(Path(spec.path).stem, used), prof, strength, origin, spec.path))
         return st
 
     @property
     def active(self) -> bool:
         """True when something would change the model's output."""
         return self.enabled and (
-            any(v.strength != 0 for v in self.vectors) or any(p.weight != 0 for p in self.profiles)
+            any(s.strength != 0 for s in self.slots)
         )
+
+    @property
+    def slots(self) -> list[VectorSlot | ProfileSlot]:
+        """Every loaded vector and profile, vectors first (names are unique across both)."""
+        return [*self.vectors, *self.profiles]
 
     def _in_range(self, layer: int) -> bool:
         r = self.layer_range
@@ -134,10 +140,10 @@ class Steering:
         """Return one line per active vector/profile (what, strength, layers) for display."""
         lines = []
         for v in self.vectors:
-            lines.append(f"vector  {v.name}: strength {v.strength:g}, layers {_span(v.vector.layers)}")
+            lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}")
         for p in self.profiles:
             lines.append(
-                f"profile {p.name}: weight {p.weight:g}, {p.profile.method} on {p.profile.site}, "
+                f"profile {p.name}: {_strength_text(p)}, {p.profile.method} on {p.profile.site}, "
                 f"layers {_span(p.profile.layers)}, top {self.top_n} per prompt"
             )
         if self.layer_range:
@@ -165,8 +171,8 @@ class Steering:
                 # Plans read the UNSTEERED model: they are made before any steering is switched on.
                 by_site: dict[str, list[tuple[float, list[EditPlan]]]] = {}
                 for slot in self.profiles:
-                    if slot.weight != 0:
-                        by_site.setdefault(slot.profile.site, []).append((slot.weight, self.plans(engine, prompts, slot)))
+                    if slot.strength != 0:
+                        by_site.setdefault(slot.profile.site, []).append((slot.strength, self.plans(engine, prompts, slot)))
                 vecs = self.vector_sum(engine.n_layer)
                 if vecs:
                     stack.enter_context(engine.control_vector(vecs))
@@ -189,20 +195,38 @@ class Steering:
 
 
 def _profile_edit(weighted: list[tuple[float, list[EditPlan]]]):
-    """Return the eval-callback edit applying every profile's per-prompt plan, weighted."""
+    """Return the eval-callback edit applying every profile's per-prompt plan, times its strength."""
 
     def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
         delta = np.zeros_like(x)
         touched = False
-        for weight, plans in weighted:
+        for strength, plans in weighted:
             for row, key in enumerate(keys):
                 dirs = plans[key].directions.get(layer)
                 if dirs is not None:
-                    delta[row] += weight * edit_delta(x[row], dirs)
+                    delta[row] += strength * edit_delta(x[row], dirs)
                     touched = True
         return x + delta if touched else None
 
     return edit
+
+
+def _as_spec(spec: str | SteeringSpec) -> SteeringSpec:
+    return spec if isinstance(spec, SteeringSpec) else parse_steering_spec(spec)
+
+
+def resolve_strength(spec: SteeringSpec, obj: ControlVector | SteeringProfile) -> tuple[float, str]:
+    """Return the strength to apply ``obj`` with and where it came from: the spec's own (GIVEN), the
+    file's calibrated ``default_strength`` (FILE_DEFAULT), else 1 (PLAIN_DEFAULT)."""
+    if spec.strength is not None:
+        return spec.strength, GIVEN
+    if obj.default_strength is not None:
+        return obj.default_strength, FILE_DEFAULT
+    return 1.0, PLAIN_DEFAULT
+
+
+def _strength_text(slot: VectorSlot | ProfileSlot) -> str:
+    return f"strength {slot.strength:g} ({slot.origin})"
 
 
 def _unique(name: str, used: set[str]) -> str:

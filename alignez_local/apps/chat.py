@@ -19,7 +19,6 @@ Design notes (the why):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,14 +29,16 @@ from typing import Any
 from alignez_local.llama.engine import Completion, Engine, Sampling
 from alignez_local.errors import AlignezError
 from alignez_local.fileio import write_json
-from alignez_local.align.steering import DEFAULT_TOP_N, Steering, VectorSlot, parse_layer_range, parse_weighted
+from alignez_local.align.steering import DEFAULT_TOP_N, Steering
+from alignez_local.specs import SteeringSpec, parse_layer_range, parse_strength
 
 TRANSCRIPT_FORMAT = "alignez-chat"
-TRANSCRIPT_VERSION = 1
-MAX_STRENGTH = 100.0  # the same bound parse_weighted puts on FILE:STRENGTH
+# Version 2: profiles say "strength" (was "weight") and every slot says where its strength came from.
+TRANSCRIPT_VERSION = 2
+SET_IN_CHAT = "set with /strength"  # the origin of a strength changed during the chat
 
 HELP_LINES = [
-    "/strength X         set every vector's strength and every profile's weight to X",
+    "/strength X         set the strength of every vector and profile to X",
     "/strength NAME X    set one of them (NAME = its file name without .gguf, see /vectors)",
     "/on  /off           switch steering on or off (strengths are kept)",
     "/layers A-B | all   steer only layers A..B, or every layer again",
@@ -79,8 +80,6 @@ class ChatSession:
         steering: Steering | None = None,
         sampling: Sampling = Sampling(),
         system: str | None = None,
-        vector_paths: Sequence[str] = (),
-        profile_paths: Sequence[str] = (),
         on_note: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -95,31 +94,25 @@ class ChatSession:
         # The last question asked and the history it was asked after (for /compare). Kept apart from
         # ``messages`` because an interrupted question is not in the history but can be compared.
         self.last_turn: tuple[list[dict[str, str]], str] | None = None
-        self.vector_paths = [str(Path(p).resolve()) for p in vector_paths]
-        self.profile_paths = [str(Path(p).resolve()) for p in profile_paths]
         self.on_note = on_note or (lambda _msg: None)
 
     @classmethod
     def from_specs(
         cls,
         engine: Engine,
-        vectors: Sequence[str] = (),
-        profiles: Sequence[str] = (),
+        vectors: Sequence[str | SteeringSpec] = (),
+        profiles: Sequence[str | SteeringSpec] = (),
         layers: str | None = None,
         top_n: int | None = None,
         sampling: Sampling = Sampling(),
         system: str | None = None,
         on_note: Callable[[str], None] | None = None,
     ) -> "ChatSession":
-        """Return a session steered by ``FILE[:STRENGTH]`` / ``FILE[:WEIGHT]`` specs (warnings go to on_note)."""
+        """Return a session steered by ``FILE[:STRENGTH]`` specs (warnings go to on_note)."""
         st = Steering.from_specs(engine, vectors, profiles, layers, top_n or DEFAULT_TOP_N)
         for w in st.warnings:
             (on_note or (lambda _m: None))(f"warning: {w}")
-        return cls(
-            engine, st, sampling, system,
-            vector_paths=spec_paths(vectors, "strength"), profile_paths=spec_paths(profiles, "weight"),
-            on_note=on_note,
-        )
+        return cls(engine, st, sampling, system, on_note=on_note)
 
     # --- answering -----------------------------------------------------------------------------
 
@@ -252,13 +245,16 @@ class ChatSession:
         return CommandResult(lines)
 
     def _strength(self, rest: str) -> CommandResult:
-        slots = [*self.steering.vectors, *self.steering.profiles]
+        slots = self.steering.slots
         if not slots:
             raise AlignezError("no vector or profile is loaded; start the chat with --vector FILE or --profile FILE")
         if not rest:
             return CommandResult(self.describe())
         args = rest.rsplit(None, 1)
-        value = parse_strength(args[-1])
+        try:
+            value = parse_strength(args[-1])
+        except AlignezError as err:
+            raise AlignezError(f"{err} (/strength X or /strength NAME X)") from None
         if len(args) == 1:
             targets = slots
         else:
@@ -267,10 +263,7 @@ class ChatSession:
                 names = ", ".join(s.name for s in slots)
                 raise AlignezError(f"nothing loaded is named {args[0]!r}; the names are: {names}")
         for slot in targets:
-            if isinstance(slot, VectorSlot):
-                slot.strength = value
-            else:
-                slot.weight = value
+            slot.strength, slot.origin = value, SET_IN_CHAT
         which = "everything" if len(args) == 1 else targets[0].name
         return CommandResult([f"strength {value:g} for {which}"])
 
@@ -306,15 +299,16 @@ class ChatSession:
         """Return every setting that shapes an answer, as JSON-ready data."""
         st = self.steering
         vectors = [
-            {"name": v.name, "path": _at(self.vector_paths, i), "strength": v.strength, "layers": v.vector.layers}
-            for i, v in enumerate(st.vectors)
+            {"name": v.name, "path": _resolved(v.path), "strength": v.strength, "strength_from": v.origin,
+             "layers": v.vector.layers}
+            for v in st.vectors
         ]
         profiles = [
             {
-                "name": p.name, "path": _at(self.profile_paths, i), "weight": p.weight, "layers": p.profile.layers,
-                "method": p.profile.method, "site": p.profile.site,
+                "name": p.name, "path": _resolved(p.path), "strength": p.strength, "strength_from": p.origin,
+                "layers": p.profile.layers, "method": p.profile.method, "site": p.profile.site,
             }
-            for i, p in enumerate(st.profiles)
+            for p in st.profiles
         ]
         return {
             "model": {"path": str(self.engine.path.resolve()), "name": self.engine.name, "arch": self.engine.arch,
@@ -350,21 +344,5 @@ class ChatSession:
         return Path(path)
 
 
-def parse_strength(text: str) -> float:
-    """Return ``text`` as a steering strength, or raise AlignezError saying what is accepted."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise AlignezError(f"strength {text!r} is not a number; write it like /strength 2 or /strength NAME -1.5") from None
-    if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
-        raise AlignezError(f"strength {text} is out of range; use a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g}")
-    return value
-
-
-def spec_paths(specs: Sequence[str], what: str) -> list[str]:
-    """Return the file path of each ``FILE[:NUMBER]`` spec, in order (the slots' sources)."""
-    return [parse_weighted(s, what)[0] for s in specs]
-
-
-def _at(items: Sequence[str], i: int) -> str | None:
-    return items[i] if i < len(items) else None
+def _resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path is not None else None

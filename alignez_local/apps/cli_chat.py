@@ -69,8 +69,7 @@ class _Terminal:
             click.echo("--- unsteered ---")
             return
         st = self.session.steering
-        parts = [f"{v.name} x{v.strength:g}" for v in st.vectors if v.strength != 0]
-        parts += [f"{p.name} x{p.weight:g}" for p in st.profiles if p.weight != 0]
+        parts = [f"{s.name} x{s.strength:g}" for s in st.slots if s.strength != 0]
         if st.layer_range:
             parts.append(f"layers {st.layer_range[0]}-{st.layer_range[1]}")
         click.echo(f"--- steered ({', '.join(parts)}) ---")
@@ -181,16 +180,17 @@ def chat(
     \b
     alignez chat --vector happy.gguf:4
     alignez chat --vector a.gguf:2 --vector b.gguf:-1 --profile p.gguf:0.5 --layers 8-20
+    alignez chat --profile p.gguf       # the file's calibrated strength, else 1
     alignez chat --vector happy.gguf:4 --prompt "Describe your day." --json
     printf 'Describe your day.\\n/compare\\n' | alignez chat --vector happy.gguf:4
 
     \b
     In the chat:
-      /strength X         set every vector's strength and every profile's weight
+      /strength X         set the strength of every vector and profile
       /strength NAME X    set one (NAME = its file name without .gguf)
       /on  /off           switch steering on or off
       /layers A-B | all   steer only layers A..B, or every layer again
-      /vectors            what is loaded: strengths, layers, on/off
+      /vectors            what is loaded: strengths (and where each came from), layers, on/off
       /compare            your last message again, unsteered then steered
       /reset              forget the conversation (settings stay)
       /save FILE          the conversation and every setting as JSON

@@ -8,9 +8,12 @@ from typing import Any
 
 import click
 
-from alignez_local.llama.engine import Engine, Sampling
-from alignez_local.models import DEFAULT_MODEL, resolve_model
 from alignez_local.align.steering import DEFAULT_TOP_N
+from alignez_local.errors import AlignezError
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.models import DEFAULT_MODEL
+from alignez_local.settings import RuntimeSettings
+from alignez_local.settings import open_engine as open_engine_with
 
 
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,10 +30,22 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return functools.reduce(lambda acc, d: d(acc), reversed(decorators), f)
 
 
+def runtime_settings(threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool) -> RuntimeSettings:
+    """Return the run settings named by the --threads, --ctx, --gpu-layers, --parallel and -v flags."""
+    return RuntimeSettings(threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel, verbose=verbose)
+
+
 def open_engine(model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool) -> Engine:
-    """Return an engine for the resolved model."""
-    return Engine(resolve_model(model), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers,
-                  n_parallel=parallel, verbose=verbose)
+    """Return an engine on ``model`` opened with the run settings of the model_options flags."""
+    return open_engine_with(model, runtime_settings(threads, n_ctx, gpu_layers, parallel, verbose))
+
+
+def with_flag(flag: str, parse: Callable[..., Any], *args: Any) -> Any:
+    """Return ``parse(*args)``; a bad value's error line also names the flag it came from."""
+    try:
+        return parse(*args)
+    except AlignezError as err:
+        raise AlignezError(f"{flag}: {err}") from None
 
 
 def sampling_options(max_tokens: int = 200, temperature: float = 0.0) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -58,12 +73,18 @@ def make_sampling(temperature: float, top_p: float, top_k: int, seed: int, max_t
 
 
 def steering_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Add --vector FILE[:STRENGTH], --profile FILE[:WEIGHT], --layers A-B, --top-n."""
+    """Add --vector FILE[:STRENGTH], --profile FILE[:STRENGTH], --layers A-B, --top-n.
+
+    --vector and --profile arrive as the text the user typed; ``Steering.from_specs`` parses them
+    (with ``specs.parse_steering_spec``), so every command reads them the same way.
+    """
     decorators = [
         click.option("--vector", "vectors", multiple=True, metavar="FILE[:STRENGTH]",
-                     help="A llama.cpp control vector (ours, cvector-generator's, repeng's); repeatable."),
-        click.option("--profile", "profiles", multiple=True, metavar="FILE[:WEIGHT]",
-                     help="An alignez steering profile, applied with the exact AlignEZ edit; repeatable."),
+                     help="A llama.cpp control vector (ours, cvector-generator's, repeng's); repeatable. "
+                          "No STRENGTH: the file's calibrated strength, else 1."),
+        click.option("--profile", "profiles", multiple=True, metavar="FILE[:STRENGTH]",
+                     help="An alignez steering profile, applied with the exact AlignEZ edit; repeatable. "
+                          "No STRENGTH: the file's calibrated strength, else 1."),
         click.option("--layers", default=None, metavar="A-B", help="Only steer layers A..B (inclusive)."),
         click.option("--top-n", type=int, default=DEFAULT_TOP_N, show_default=True,
                      help="Layers the exact edit picks per prompt."),

@@ -1,0 +1,273 @@
+"""The AlignEZ pipeline as plain functions: what the CLI commands call, and what a server or a
+notebook calls the same way.
+
+    generate_preferences (align.preferences) -> fit_from_file -> export_vector, or run_steer for all three;
+    import_vector (a vector from another tool) and describe (what a GGUF file is).
+
+Every step takes an open Engine (``settings.open_engine``) and never prints: progress lines go to
+an ``on_status`` callback and warnings to ``on_warning``. Provenance names a model by its bundled
+name (when it was given by name), its file name and its SHA-256, never by a local path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignez_local.align.axes import PreferenceAxis
+from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
+from alignez_local.align.fit import fit_profile
+from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_pairs
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries
+from alignez_local.fileio import check_writable, write_json
+from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
+from alignez_local.formats.gguf_file import gguf_kind, read_gguf
+from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
+from alignez_local.llama.engine import Engine
+from alignez_local.models import BUNDLED, file_sha256, resolve_model
+from alignez_local.specs import parse_layer_list
+
+# Held-out prompts for the approximation report: the built-in evaluation set, written apart from
+# the generation queries.
+HELDOUT_PROMPTS = 16
+# steer's default query count: enough pairs for a subspace, and on the default model the whole
+# run stays well under 10 minutes on a 2-core laptop CPU.
+STEER_QUERIES = 96
+# export's default number of calibration queries.
+EXPORT_QUERIES = 64
+
+Notify = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside a step: still a KeyboardInterrupt, and it says what was saved and what running
+    the step again does (the CLI turns it into one line)."""
+
+    def __init__(self, saved: str, resume: str) -> None:
+        super().__init__(f"{saved}; run again to {resume}")
+        self.saved, self.resume = saved, resume
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """What identifies a model in provenance: bundled name (None for a file), file name, SHA-256."""
+
+    bundled: str | None
+    file: str
+    sha256: str
+    arch: str
+    n_layer: int
+    n_embd: int
+
+    @classmethod
+    def of(cls, engine: Engine, given: str | Path | None = None) -> "ModelId":
+        """Return the identity of ``engine``'s model; ``given`` is what the user named it with."""
+        bundled = str(given) if given is not None and str(given) in BUNDLED else None
+        return cls(bundled, engine.path.name, file_sha256(engine.path), engine.arch, engine.n_layer, engine.n_embd)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.bundled, "file": self.file, "sha256": self.sha256, "arch": self.arch,
+                "n_layer": self.n_layer, "n_embd": self.n_embd}
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How a profile is fitted (the fit command's options)."""
+
+    method: str = "svd"
+    site: str = "ffn_out"
+    layers: str | Sequence[int] | None = None  # "8-20", "4,8,12", a list, or None/"auto": choose
+    variance: float = 0.90
+    max_cos: float = 0.8
+    top_n: int = 5
+    seed: int = 0
+
+
+def select_queries(queries_file: str | None = None, limit: int | None = None) -> list[str]:
+    """Return the generation queries (a file or the built-in set), the first ``limit`` of them."""
+    qs = load_queries(queries_file)
+    return qs[:limit] if limit else qs
+
+
+def heldout_prompts(engine: Engine) -> list[str]:
+    """Return the held-out prompts the approximation report is measured on, formatted for ``engine``."""
+    return [engine.prompt(p.text) for p in load_eval_prompts(kinds={"helpful"})[:HELDOUT_PROMPTS]]
+
+
+def generate(engine: Engine, queries: Sequence[str], axis: PreferenceAxis, out: str | Path,
+             settings: GenerationSettings, model: ModelId) -> tuple[int, int]:
+    """Append the model's own preference pairs to ``out``; return (written now, already there)."""
+    try:
+        return generate_preferences(engine, list(queries), axis, Path(out), settings, model.sha256)
+    except KeyboardInterrupt:
+        raise Interrupted(f"every finished pair is saved in {out}", "continue where it stopped") from None
+
+
+def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId,
+                  axis: str | None = None, name: str = "profile") -> SteeringProfile:
+    """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given)."""
+    pairs = load_pairs(prefs, axis)
+    layers = fit.layers
+    if isinstance(layers, str) or layers is None:
+        layers = parse_layer_list(layers, engine.n_layer)
+    persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
+    return fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, layers=list(layers) if layers else None,
+                       variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
+                       model_sha256=model.sha256, model_bundled=model.bundled, name=name)
+
+
+def export_vector(engine: Engine, profile: SteeringProfile, calibration: Sequence[str], top_n: int | None = None,
+                  on_warning: Notify = _quiet) -> tuple[ControlVector, ApproximationReport]:
+    """Return the control vector approximating ``profile`` over the ``calibration`` queries, and how
+    close it is to the exact edit on held-out prompts. ``top_n`` None: the profile's own."""
+    for w in profile.check_compatible(engine.n_layer, engine.n_embd, engine.arch):
+        on_warning(w)
+    n = int(top_n or profile.params.get("top_n", 5))
+    cv = constant_vector(engine, profile, [engine.prompt(q) for q in calibration], top_n=n)
+    return cv, approximation_report(engine, profile, cv, heldout_prompts(engine), top_n=n)
+
+
+def model_facts(path: str | Path) -> dict[str, Any]:
+    """Return a model file's arch, name, layer count, width and whether it has a chat template,
+    read from its header by our own bounded parser (the model is not loaded)."""
+    meta = read_gguf(path, want_data=False, want_arrays=False).metadata
+    arch = str(meta.get("general.architecture", ""))
+    return {"arch": arch, "name": meta.get("general.name"), "n_layer": meta.get(f"{arch}.block_count"),
+            "n_embd": meta.get(f"{arch}.embedding_length"), "chat_template": "tokenizer.chat_template" in meta}
+
+
+def import_vector(path: str | Path, out: str | Path, model: str | None = None,
+                  on_warning: Notify = _quiet) -> ControlVector:
+    """Check a control vector from another tool (against ``model`` when given) and write a clean copy
+    to ``out`` that keeps the directions and layers exactly and records where it came from."""
+    out = check_writable(out)
+    cv = read_control_vector(path)
+    if model is not None:
+        facts = model_facts(resolve_model(model))
+        for w in cv.check_compatible(int(facts["n_layer"] or 0), int(facts["n_embd"] or 0), facts["arch"]):
+            on_warning(w)
+    copy = dataclasses.replace(cv, metadata={**cv.metadata, "alignez.source": f"import:{Path(path).name}"})
+    write_control_vector(out, copy)
+    return copy
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Return what a GGUF file is (control vector, profile or model) and its main facts."""
+    path = str(path)
+    kind = gguf_kind(path)
+    if kind == "control-vector":
+        cv = read_control_vector(path)
+        return {"kind": kind, "path": path, "model_hint": cv.model_hint, "n_embd": cv.n_embd, "layers": cv.layers,
+                "norms": {L: round(float(np.linalg.norm(d)), 4) for L, d in cv.directions.items()},
+                "metadata": dict(cv.metadata)}
+    if kind == "profile":
+        p = load_profile(path)
+        return {"kind": kind, "path": path, "method": p.method, "site": p.site, "axis": dict(p.axis),
+                "layers": p.layers, "k": {L: int(s.shape[0]) for L, s in p.subspaces.items()},
+                "params": dict(p.params), "provenance": dict(p.provenance),
+                "layer_stats": {L: dict(s) for L, s in p.layer_stats.items()}}
+    return {"kind": kind, "path": path, **model_facts(path)}
+
+
+@dataclass(frozen=True)
+class SteerPaths:
+    """The files one steer run writes into its folder."""
+
+    folder: Path
+    preferences: Path
+    profile: Path
+    vector: Path
+    report: Path
+
+    @classmethod
+    def prepare(cls, folder: str | Path) -> "SteerPaths":
+        """Return the paths in ``folder`` (created), each checked writable before any work starts."""
+        out = Path(folder)
+        if out.exists() and not out.is_dir():
+            raise AlignezError(f"output folder {out} is a file; give a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        paths = cls(out, out / "preferences.jsonl", out / "profile.gguf", out / "vector.gguf", out / "report.json")
+        for p in (paths.preferences, paths.profile, paths.vector, paths.report):
+            check_writable(p)
+        return paths
+
+
+@dataclass
+class SteerResult:
+    """What one steer run made: its files, the profile (with its fit diagnostics), the vector, the
+    approximation report, pair counts and timings (seconds)."""
+
+    paths: SteerPaths
+    profile: SteeringProfile
+    vector: ControlVector
+    approximation: ApproximationReport
+    pairs_written: int
+    pairs_had: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], folder: str | Path,
+              generation: GenerationSettings, fit: FitSettings, model: ModelId,
+              on_status: Notify = _quiet) -> SteerResult:
+    """Generate preference pairs, fit a profile and export a control vector into ``folder``.
+
+    Re-running continues from the saved pairs. Writes preferences.jsonl, profile.gguf, vector.gguf
+    and report.json (the provenance of the run).
+    """
+    paths = SteerPaths.prepare(folder)
+    clock = _Clock()
+    written, had = generate(engine, queries, axis, paths.preferences, generation, model)
+    clock.lap("generate_s")
+    on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
+    try:
+        prof = fit_from_file(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name)
+        save_profile(paths.profile, prof)
+        clock.lap("fit_s")
+        cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
+        write_control_vector(paths.vector, cv)
+        clock.lap("export_s")
+    except KeyboardInterrupt:
+        raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
+    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings())
+    write_json(paths.report, steer_report(result, axis, len(queries), fit, model))
+    return result
+
+
+def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit: FitSettings, model: ModelId) -> dict[str, Any]:
+    """Return report.json of a steer run; its files are named relative to the report's folder."""
+    prof = result.profile
+    return {
+        "model": model.as_dict(),
+        "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
+        "n_queries": n_queries, "data_sha256": prof.provenance.get("data_sha256"),
+        "profile": result.paths.profile.name, "vector": result.paths.vector.name,
+        "layers": prof.layers, "method": fit.method, "site": fit.site,
+        "layer_stats": {str(L): dict(s) for L, s in prof.layer_stats.items()},
+        "approximation": result.approximation.__dict__, "timings": {k: round(v, 1) for k, v in result.timings.items()},
+    }
+
+
+class _Clock:
+    """Lap times of a run's steps, and the total."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name], self.last = now - self.last, now
+
+    def timings(self) -> dict[str, float]:
+        return {**self.laps, "total_s": time.monotonic() - self.start}
