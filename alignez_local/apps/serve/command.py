@@ -6,6 +6,7 @@ The HTTP stack is imported only when the command runs, so the rest of the CLI wo
 from __future__ import annotations
 
 import os
+import signal
 
 import click
 
@@ -24,6 +25,24 @@ def _http_stack() -> None:
         raise AlignezError(
             f"alignez serve needs the HTTP stack ({err.name} is missing); install it with: pip install 'alignez-local[serve]'"
         ) from None
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class StopOnSignal(uvicorn.Server):
+        """A uvicorn server for which SIGTERM / Ctrl-C simply mean "stop".
+
+        uvicorn re-raises the signal after its graceful shutdown, so the process would then die by
+        SIGTERM or end in a KeyboardInterrupt; here stopping is the whole job, so it ends normally.
+        A second Ctrl-C still forces the exit without waiting for open connections.
+        """
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
+
+    return StopOnSignal
 
 
 @click.command("serve")
@@ -81,7 +100,8 @@ def serve_command(
         click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="debug" if verbose else "warning",
                                 timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run()
+        _server_class()(config).run()
+        click.echo("alignez serve: stopped", err=True)
     finally:
         # The worker has ended (the app's lifespan stops it) unless a batch ignored the stop.
         if app is None or not app.state.worker.alive:

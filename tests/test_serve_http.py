@@ -1,0 +1,287 @@
+"""``alignez serve`` through real HTTP on a free port: the official openai client, every bad input,
+isolation between requests, mid-stream disconnects, and a clean stop on SIGTERM / Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from alignez_local.apps.serve.app import ServeConfig, create_app
+from alignez_local.apps.serve.steering import SteeringSet
+from alignez_local.llama.engine import Engine
+from test_serve_engine import SMOL_DIR, tiny_files
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-key"
+CTX = 1024
+
+
+class LiveServer:
+    """The app on a free port in a background thread, with its own engine."""
+
+    def __init__(self, model: Path, vectors: Sequence[str] = (), profiles: Sequence[str] = (),
+                 api_key: str | None = KEY, parallel: int = 4, batch_wait: float = 0.0, max_tokens: int = 16) -> None:
+        self.engine = Engine(model, n_ctx=CTX, n_threads=1, n_parallel=parallel)
+        steering, _ = SteeringSet.load(self.engine, vectors, profiles)
+        self.app = create_app(self.engine, steering, ServeConfig("test-model", api_key, max_tokens, batch_wait), parallel)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def client(self) -> Any:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    def post(self, path: str, body: Any, **kw: Any) -> httpx.Response:
+        headers = {**self.headers, **kw.pop("headers", {})}
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(self.url + path, content=data, headers=headers, timeout=120, **kw)
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/health", timeout=30).json()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.app.state.worker.alive
+        self.engine.close()
+
+
+def chat_body(text: str, **kw: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0, **kw}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_files(tmp_path_factory.mktemp("serve_http"))
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_path: Path, files: tuple[Path, Path]) -> Iterator[LiveServer]:
+    srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"])
+    yield srv
+    srv.close()
+
+
+def test_openai_client_chat_completion_streaming_and_steering(live: LiveServer) -> None:
+    c = live.client()
+    assert [m.id for m in c.models.list().data] == ["test-model"]
+    r = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length" and r.usage.prompt_tokens > 3
+    t = c.completions.create(model="x", prompt="Once upon", max_tokens=5, temperature=0, seed=3)
+    assert t.object == "text_completion" and t.usage.completion_tokens == 5 and t.choices[0].text
+    parts = [ch for ch in c.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True})]
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == r.choices[0].message.content
+    assert parts[-1].usage.completion_tokens == 6 and parts[-2].choices[0].finish_reason == "length"
+    streamed = "".join(p.choices[0].text for p in c.completions.create(
+        model="x", prompt="Once upon", max_tokens=5, temperature=0, seed=3, stream=True))
+    assert streamed == t.choices[0].text
+    # extra_body steering: none, the defaults, one vector, and each changes the answer as it should
+    texts = {}
+    for label, steer in [("none", {}), ("zero", 0), ("v", {"v": 3}), ("p", {"p": 8})]:
+        texts[label] = c.chat.completions.create(
+            model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
+            extra_body={"steering": steer}).choices[0].message.content
+    assert texts["none"] == texts["zero"] == c.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
+        extra_body={"steering": {"v": 0}}).choices[0].message.content
+    assert texts["v"] != texts["none"] and texts["p"] != texts["none"]
+
+
+def test_steering_listing_and_health(live: LiveServer) -> None:
+    body = httpx.get(live.url + "/v1/steering", headers=live.headers).json()
+    by_name = {d["name"]: d for d in body["data"]}
+    assert by_name["v"]["kind"] == "vector" and by_name["v"]["default_strength"] == 3.0 and by_name["v"]["layers"] == [1, 2, 3]
+    assert by_name["p"]["kind"] == "profile" and by_name["p"]["site"] == "ffn_out" and body["defaults"] == {"v": 3.0, "p": 1.0}
+    h = live.health()
+    assert h["status"] == "ok" and h["slots_total"] == 4
+
+
+BAD = [
+    ("malformed JSON", "/v1/chat/completions", b'{"messages": [', 400, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("missing messages", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("messages wrong type", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("content wrong type", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("missing prompt", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("prompt wrong type", "/v1/completions", {"prompt": 12}, 400, "prompt"),
+    ("temperature wrong type", "/v1/completions", {"prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ("temperature out of range", "/v1/completions", {"prompt": "a", "temperature": 9}, 400, "temperature"),
+    ("max_tokens not an integer", "/v1/completions", {"prompt": "a", "max_tokens": 1.5}, 400, "max_tokens"),
+    ("max_tokens zero", "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("stream not a bool", "/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("stop wrong type", "/v1/completions", {"prompt": "a", "stop": [1]}, 400, "stop"),
+    ("n above 1", "/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+    ("unknown steering name", "/v1/chat/completions", chat_body("x", steering={"nope": 1}), 400, "steering"),
+    ("strength out of range", "/v1/chat/completions", chat_body("x", steering={"v": 1000}), 400, "steering"),
+    ("strength wrong type", "/v1/chat/completions", chat_body("x", steering={"v": "high"}), 400, "steering"),
+    ("steering wrong type", "/v1/chat/completions", chat_body("x", steering=["v"]), 400, "steering"),
+    ("prompt longer than the context", "/v1/completions", {"prompt": "word " * (CTX + 50)}, 400, "prompt"),
+    ("prompt + max_tokens over the context", "/v1/completions", {"prompt": "a b c", "max_tokens": CTX}, 400, "prompt"),
+    ("unknown route", "/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("what,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(
+    live: LiveServer, what: str, path: str, body: Any, status: int, param: str | None
+) -> None:
+    r = live.post(path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and err["message"]
+    ok = live.post("/v1/chat/completions", chat_body("Hello"))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + KEY}])
+def test_missing_or_wrong_api_key_is_401(live: LiveServer, headers: dict[str, str]) -> None:
+    for method, path in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/v1/steering")]:
+        r = httpx.request(method, live.url + path, content=json.dumps(chat_body("x")), headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(live.url + "/health").status_code == 200  # open, like llama-server's
+    assert live.post("/v1/chat/completions", chat_body("Hello")).status_code == 200
+
+
+def wait_idle(srv: LiveServer, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = srv.health()
+        if h["slots_processing"] == 0 and h["requests_waiting"] == 0:
+            return h
+        assert time.monotonic() < deadline, f"slots still busy: {h}"
+        time.sleep(0.1)
+
+
+def test_fifty_mid_stream_disconnects_free_every_slot(live: LiveServer) -> None:
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8, "stream": True})
+    for i in range(50):
+        with httpx.stream("POST", live.url + "/v1/completions", content=body, headers=live.headers, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"text":""' not in line:
+                    break  # got real text: hang up mid-stream
+    assert wait_idle(live)["slots_total"] == 4
+    ok = live.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def send_together(srv: LiveServer, bodies: list[dict[str, Any]]) -> list[str]:
+    """Return the answers to ``bodies`` sent at the same time (the server batches them together)."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        rs = list(pool.map(lambda b: srv.post("/v1/chat/completions", b), bodies))
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    return [r.json()["choices"][0]["message"]["content"] for r in rs]
+
+
+def check_http_isolation(srv: LiveServer, prompts: list[str], steered: list[dict[str, float]]) -> None:
+    """Unsteered requests beside steered ones == beside unsteered ones (same clients, same prompts)."""
+    n_u = len(prompts) - len(steered)
+    quiet = send_together(srv, [chat_body(p, steering={}, max_tokens=24) for p in prompts])
+    mixed_bodies = [chat_body(p, steering={}, max_tokens=24) for p in prompts[:n_u]]
+    mixed_bodies += [chat_body(p, steering=s, max_tokens=24) for p, s in zip(prompts[n_u:], steered)]
+    mixed = send_together(srv, mixed_bodies)
+    assert mixed[:n_u] == quiet[:n_u]
+    assert mixed[n_u:] != quiet[n_u:]
+
+
+def test_http_isolation_tiny(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=4, batch_wait=1.0)
+    try:
+        check_http_isolation(srv, ["Hi", "Tell me a story", "Count", "Why?"], [{"v": 3}, {"p": 2, "v": -1}])
+    finally:
+        srv.close()
+
+
+def chat_cli(model: Path, prompt: str, *args: str) -> str:
+    """Return the answer of ``alignez chat --prompt`` (greedy, no repeat penalty, same context)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "alignez_local", "chat", "-m", str(model), "--prompt", prompt, "--json", "--threads", "1",
+         "--ctx", str(CTX), "--temperature", "0", "--repeat-penalty", "1", "--max-tokens", "24", *args],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["answer"]
+
+
+def check_alone_equals_chat(srv: LiveServer, model: Path, vector: Path, profile: Path) -> None:
+    for steering, args in [({"v": 2.5}, ["--vector", f"{vector}:2.5"]), ({"p": 1.5}, ["--profile", f"{profile}:1.5"])]:
+        r = srv.post("/v1/chat/completions", chat_body("Tell me about cats.", steering=steering, max_tokens=24))
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"].strip() == chat_cli(model, "Tell me about cats.", *args)
+
+
+def test_steered_request_alone_equals_alignez_chat_tiny(live: LiveServer, tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    check_alone_equals_chat(live, tiny_model_path, *files)
+
+
+@pytest.mark.smollm
+def test_smollm_isolation_and_chat_equivalence(smollm_path: Path) -> None:
+    vec, prof = SMOL_DIR / "helpful.gguf", SMOL_DIR / "helpful.profile.gguf"
+    srv = LiveServer(smollm_path, [f"v={vec}"], [f"p={prof}"], parallel=4, batch_wait=1.0)
+    try:
+        check_http_isolation(srv, ["Hi!", "What is the capital of France?", "Give me a tip for sleeping well.", "Name a fruit."],
+                             [{"v": 4}, {"p": 1, "v": 2}])
+        check_alone_equals_chat(srv, smollm_path, vec, prof)
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_server_cleanly(tiny_model_path: Path, sig: int) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignez_local", "serve", "-m", str(tiny_model_path), "--port", str(port),
+         "--threads", "1", "--ctx", str(CTX)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
