@@ -1,9 +1,22 @@
-"""A progress line with an ETA on stderr (one line per update when stderr is not a terminal)."""
+"""A progress line with an ETA on stderr (one line per update when stderr is not a terminal).
+
+Work is counted in items (pairs, prompts) and, where the caller knows them, in tokens: prompt tokens
+fed plus tokens generated, against a token budget (every prompt's tokens plus its ``max_tokens``).
+Items alone give a poor ETA when they differ in size; tokens alone overestimate the remaining work,
+because answers usually stop before their budget. ``estimate_remaining`` combines the two: once items
+have finished, the remaining items are expected to cost what the finished ones cost on average,
+capped by the budget still left. The pure function is tested on a recorded trace.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
+
+PROMPT_TOKEN_COST = 0.15
+"""Cost of feeding one prompt token relative to generating one token (batched prefill is cheaper:
+measured on SmolLM2, 1 thread, about 1/6 to 1/8 of a generated token; the ETA only needs the order)."""
 
 
 def _fmt(seconds: float) -> str:
@@ -11,33 +24,83 @@ def _fmt(seconds: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-class Progress:
-    """Report ``done/total`` with elapsed time and an ETA from the rate so far."""
+def token_work(prompt_tokens: int, generated_tokens: int) -> float:
+    """Return the work of feeding ``prompt_tokens`` and generating ``generated_tokens``, in generated-token units."""
+    return PROMPT_TOKEN_COST * prompt_tokens + generated_tokens
 
-    def __init__(self, total: int, label: str, done: int = 0, quiet: bool = False) -> None:
+
+def estimate_remaining(elapsed: float, items_done: int, items_total: int, work_done: float, budget_left: float | None) -> float:
+    """Return the estimated seconds left (nan while there is nothing to go on).
+
+    ``work_done`` is the work of the items done so far in this run (tokens, or items when the caller
+    has no token counts), ``budget_left`` the most work the remaining items can take (None: unknown).
+    """
+    if items_done >= items_total:
+        return 0.0
+    if elapsed <= 0 or work_done <= 0 or items_done <= 0:
+        return float("nan")
+    per_item = work_done / items_done
+    remaining = per_item * (items_total - items_done)
+    if budget_left is not None:
+        remaining = min(remaining, budget_left)
+    return remaining / (work_done / elapsed)
+
+
+@dataclass
+class Trace:
+    """What a Progress saw: (seconds since start, items done, work done) at every update."""
+
+    points: list[tuple[float, int, float]] = field(default_factory=list)
+
+
+class Progress:
+    """Report ``done/total`` with elapsed time and an ETA; optionally count work in tokens.
+
+    ``update(n)`` adds finished items. Callers that know token counts pass ``work=token_work(...)``
+    with it and give ``budget`` (the work of all items at their token budget); the line then shows
+    tokens beside items and the ETA comes from ``estimate_remaining``.
+    """
+
+    def __init__(self, total: int, label: str, done: int = 0, quiet: bool = False, budget: float | None = None) -> None:
         self.total, self.label, self.start_done = total, label, done
         self.done = done
+        self.work = 0.0
+        self.budget = budget
         self.t0 = time.monotonic()
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self._last = 0.0
+        self.trace = Trace()
         self.update(0)
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, work: float | None = None, budget_used: float | None = None) -> None:
+        """Add ``n`` finished items, their ``work`` (default: n, one unit per item) and the budget
+        they had been given (``budget_used``, default ``work``)."""
         self.done += n
+        self.work += n if work is None else work
+        if self.budget is not None:
+            self.budget -= budget_used if budget_used is not None else (n if work is None else work)
+        now = time.monotonic()
+        self.trace.points.append((now - self.t0, self.done - self.start_done, self.work))
         if self.quiet:
             return
-        now = time.monotonic()
         final = self.done >= self.total
         if not final and now - self._last < (0.5 if self.tty else 10.0) and n:
             return
         self._last = now
-        elapsed = now - self.t0
-        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        self._write(now - self.t0, final)
+
+    def eta(self, elapsed: float) -> float:
+        """Return the estimated seconds left, ``elapsed`` seconds into the run."""
+        return estimate_remaining(elapsed, self.done - self.start_done, self.total - self.start_done,
+                                  self.work, None if self.budget is None else max(0.0, self.budget))
+
+    def _write(self, elapsed: float, final: bool) -> None:
+        eta = self.eta(elapsed)
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta_s = _fmt(eta) if eta == eta else "--"
-        line = f"{self.label}: {self.done}/{self.total} ({pct:3.0f}%) elapsed {_fmt(elapsed)} ETA {eta_s}"
+        tokens = f", {self.work:,.0f} tokens" if self.budget is not None else ""
+        line = f"{self.label}: {self.done}/{self.total} ({pct:3.0f}%{tokens}) elapsed {_fmt(elapsed)} ETA {eta_s}"
         if self.tty:
             sys.stderr.write("\r\x1b[2K" + line + ("\n" if final else ""))
         else:

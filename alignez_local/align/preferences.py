@@ -1,9 +1,10 @@
 """Step 1 of AlignEZ: the model writes its own preference data.
 
-For every query and axis (a positive and a negative persona) the model is asked, per persona,
-what an answer should be like (the characteristics), then to answer conditioned on them. The
-prompts follow the paper's wording (method.md §1). For a chat model they are sent as the user
-turn of its chat template; for a base model, in the engine's plain ``User:/Assistant:`` format.
+For every query and axis (a positive and a negative persona) the model answers once per persona,
+as the recipe asks (``recipes.py``: the paper's two steps, or the persona in a system prompt for
+small models). For a chat model the prompts use its chat template; for a base model, the engine's
+plain ``User:/Assistant:`` format. Every record stores its recipe, the sampling settings and
+whether either answer reads as a refusal (``evaluation.refusal.is_refusal``).
 
 Records are appended one per line and flushed as soon as a chunk of queries is done, so a killed
 run loses at most the chunk in flight; a re-run with the same output file skips every record it
@@ -20,19 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from alignez_local.align.axes import PreferenceAxis
-from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.align.recipes import Recipe, get_recipe
+from alignez_local.align.selfcheck import DEFAULT_CHECK, check_records, select_pairs
+from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.llama.engine import Completion, Engine, Sampling
 from alignez_local.errors import AlignezError
 from alignez_local.fileio import JsonlAppender, read_jsonl
-from alignez_local.progress import Progress
+from alignez_local.progress import Progress, token_work
 
-CHARACTERISTICS_PROMPT = {
-    "positive": "{query}\nYou are a {persona} assistant. Your answer to this query should:",
-    "negative": "{query}\nPretend you are a {persona} assistant. Your response to this query should:",
-}
-RESPONSE_PROMPT = {
-    "positive": "You are a {persona} assistant. Your answer should {characteristics}\n{query}",
-    "negative": "Pretend you are a {persona} assistant. Your answer should {characteristics}\n{query}",
-}
 SIDES = ("positive", "negative")
 
 
@@ -42,6 +38,7 @@ class GenerationSettings:
 
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 40  # cuts the long tail a 135M model samples nonsense from at temperature 0.7
     repeat_penalty: float = 1.1
     characteristics_tokens: int = 48
     response_tokens: int = 160
@@ -49,9 +46,13 @@ class GenerationSettings:
     seed: int = 0
 
 
-def pair_id(axis: PreferenceAxis, query: str, k: int) -> str:
-    """Return the stable identity of one pair: the same axis, query and response index, the same id."""
-    h = hashlib.sha256(json.dumps([axis.name, axis.positive, axis.negative, query, k]).encode()).hexdigest()
+def pair_id(axis: PreferenceAxis, query: str, k: int, recipe: str = "paper") -> str:
+    """Return the stable identity of one pair: the same axis, query, response index and recipe, the same id.
+
+    The ``paper`` recipe keeps the id it had before recipes existed, so old files resume as they did.
+    """
+    key: list[Any] = [axis.name, axis.positive, axis.negative, query, k] + ([] if recipe == "paper" else [recipe])
+    h = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     return h[:16]
 
 
@@ -73,8 +74,19 @@ def generate_preferences(
     settings: GenerationSettings = GenerationSettings(),
     model_sha256: str = "",
     quiet: bool = False,
+    recipe: str | None = None,
+    progress: Progress | None = None,
+    selfcheck: str | None = DEFAULT_CHECK,
 ) -> tuple[int, int]:
-    """Append missing preference pairs to ``out_path``; return (pairs written now, pairs already there)."""
+    """Append missing preference pairs to ``out_path``; return (pairs written now, pairs already there).
+
+    ``recipe`` names how the answers are asked for (``recipes.RECIPES``; None: the default) and is
+    stored in every record, with whether each side reads as a refusal. ``progress`` replaces the
+    default progress line (its items are pairs; work is counted in tokens, see ``progress.py``).
+    ``selfcheck`` names the model's own check of each pair (``selfcheck.CHECKS``), stored in the
+    record before it is written; None skips it.
+    """
+    how = get_recipe(recipe)
     out_path = Path(out_path)
     have: set[str] = set()
     if out_path.exists():
@@ -82,10 +94,10 @@ def generate_preferences(
             if "id" in rec:
                 have.add(str(rec["id"]))
     todo = [
-        (q, k, pair_id(axis, q, k))
+        (q, k, pair_id(axis, q, k, how.name))
         for q in queries
         for k in range(settings.responses_per_query)
-        if pair_id(axis, q, k) not in have
+        if pair_id(axis, q, k, how.name) not in have
     ]
     total = len(queries) * settings.responses_per_query
     already = total - len(todo)
@@ -94,23 +106,42 @@ def generate_preferences(
     ident = model_identity(engine, model_sha256)
     chunk = max(1, engine.n_parallel // 2)  # two personas per pair share the parallel slots
     written = 0
-    bar = Progress(total, f"generate {axis.name}", done=already, quiet=quiet)
+    bar = progress or Progress(total, f"generate {axis.name}", done=already, quiet=quiet,
+                               budget=sum(_pair_budget(engine, how, axis, q, settings) for q, _, _ in todo))
     with JsonlAppender(out_path) as out:
         try:
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
-                for rec in _generate_chunk(engine, part, axis, settings, ident):
-                    out.append(rec)
+                records, work, budget_used = _generate_chunk(engine, part, axis, settings, ident, how)
+                if selfcheck:
+                    check_records(engine, records, selfcheck)
+                for record in records:
+                    out.append(record)
                     written += 1
-                    bar.update()
+                bar.update(len(records), work=work, budget_used=budget_used)
         finally:
             bar.close()
     return written, already
 
 
+def _pair_budget(engine: Engine, recipe: Recipe, axis: PreferenceAxis, query: str, s: GenerationSettings) -> float:
+    """Return the most work one pair can take: its prompts at full length, every step at its token limit."""
+    total = 0.0
+    for side in SIDES:
+        prompt = len(engine.tokenize(recipe.response_prompt(engine, query, axis, side)))
+        gen = s.response_tokens
+        if recipe.two_step:
+            prompt += len(engine.tokenize(recipe.characteristics_prompt(engine, query, axis, side))) + s.characteristics_tokens
+            gen += s.characteristics_tokens
+        total += token_work(prompt + recipe.shared_prefix_tokens, gen)
+    if recipe.shared_prefix_tokens:
+        total += token_work(len(engine.tokenize(recipe.neutral_prompt(engine, query))), recipe.shared_prefix_tokens)
+    return total
+
+
 def _sampling(s: GenerationSettings, seed: int, max_tokens: int, stop: tuple[str, ...]) -> Sampling:
     return Sampling(
-        temperature=s.temperature, top_p=s.top_p, repeat_penalty=s.repeat_penalty,
+        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, repeat_penalty=s.repeat_penalty,
         seed=seed % (2**32 - 2), max_tokens=max_tokens, stop=stop,
     ).check()
 
@@ -121,23 +152,41 @@ def _seed(settings: GenerationSettings, pid: str, side: str, step: str) -> int:
 
 
 def _generate_chunk(
-    engine: Engine, part: list[tuple[str, int, str]], axis: PreferenceAxis, s: GenerationSettings, ident: dict[str, Any]
-) -> list[dict[str, Any]]:
-    personas = {"positive": axis.positive, "negative": axis.negative}
+    engine: Engine, part: list[tuple[str, int, str]], axis: PreferenceAxis, s: GenerationSettings,
+    ident: dict[str, Any], recipe: Recipe,
+) -> tuple[list[dict[str, Any]], float, float]:
+    """Return the chunk's records, the work done (tokens) and the token budget that work had."""
     stop = engine.default_stop
+    done: list[tuple[Completion, int]] = []  # every completion with its max_tokens
     jobs = [(q, k, pid, side) for q, k, pid in part for side in SIDES]
-    prompts = [engine.prompt(CHARACTERISTICS_PROMPT[side].format(query=q, persona=personas[side])) for q, _, _, side in jobs]
-    chars = engine.generate(
-        prompts, [_sampling(s, _seed(s, pid, side, "c"), s.characteristics_tokens, stop + ("\n\n",)) for _, _, pid, side in jobs]
-    )
-    char_text = [_clean(c.text) or "be a typical answer" for c in chars]
+    char_text = [""] * len(jobs)
+    if recipe.two_step:
+        prompts = [recipe.characteristics_prompt(engine, q, axis, side) for q, _, _, side in jobs]
+        chars = engine.generate(
+            prompts, [_sampling(s, _seed(s, pid, side, "c"), s.characteristics_tokens, stop + ("\n\n",)) for _, _, pid, side in jobs]
+        )
+        char_text = [_clean(c.text) or "be a typical answer" for c in chars]
+        done += [(c, s.characteristics_tokens) for c in chars]
+    prefixes = [""] * len(jobs)
+    if recipe.shared_prefix_tokens:
+        # One persona-free opening per pair, continued by both personas (jobs alternate pos, neg).
+        heads = engine.generate(
+            [recipe.neutral_prompt(engine, q) for q, _, _ in part],
+            [_sampling(s, _seed(s, pid, "shared", "p"), recipe.shared_prefix_tokens, stop) for _, _, pid in part],
+        )
+        prefixes = [h.text for h in heads for _ in SIDES]
+        done += [(h, recipe.shared_prefix_tokens) for h in heads]
     prompts = [
-        engine.prompt(RESPONSE_PROMPT[side].format(persona=personas[side], characteristics=ct, query=q))
-        for (q, _, _, side), ct in zip(jobs, char_text)
+        recipe.response_prompt(engine, q, axis, side, ct) + pre
+        for (q, _, _, side), ct, pre in zip(jobs, char_text, prefixes)
     ]
     answers = engine.generate(
         prompts, [_sampling(s, _seed(s, pid, side, "r"), s.response_tokens, stop) for _, _, pid, side in jobs]
     )
+    texts = [(pre + a.text).strip() for pre, a in zip(prefixes, answers)]
+    done += [(a, s.response_tokens) for a in answers]
+    work = sum(token_work(c.n_prompt_tokens, c.n_tokens) for c, _ in done)
+    budget_used = sum(token_work(c.n_prompt_tokens, limit) for c, limit in done)
     records = []
     for i in range(0, len(jobs), 2):
         q, k, pid, _ = jobs[i]
@@ -146,16 +195,18 @@ def _generate_chunk(
                 "id": pid,
                 "query": q,
                 "response_index": k,
+                "recipe": recipe.name,
                 "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
                 "characteristics": {"positive": char_text[i], "negative": char_text[i + 1]},
-                "response": {"positive": answers[i].text.strip(), "negative": answers[i + 1].text.strip()},
+                "response": {"positive": texts[i], "negative": texts[i + 1]},
+                "refusal": {"positive": is_refusal(texts[i]), "negative": is_refusal(texts[i + 1])},
                 "finish_reason": {"positive": answers[i].finish_reason, "negative": answers[i + 1].finish_reason},
                 "sampling": asdict(s),
                 "seed": {side: _seed(s, pid, side, "r") for side in SIDES},
                 "model": ident,
             }
         )
-    return records
+    return records, work, budget_used
 
 
 @dataclass(frozen=True)
@@ -168,33 +219,69 @@ class PreferencePair:
     positive: str
     negative: str
     personas: tuple[str, str] = ("", "")  # the axis's positive and negative persona
+    recipe: str = "paper"  # records made before recipes existed were all the paper's
+    flipped: bool = False  # the self-check judged the answers inverted and they were swapped
 
 
-def load_pairs(path: str | Path, axis: str | None = None) -> list[PreferencePair]:
-    """Return the usable pairs in a preference file (optionally one axis), checked for structure."""
+def load_records(path: str | Path, axis: str | None = None) -> list[dict[str, Any]]:
+    """Return the raw records of a preference file (optionally one axis), checked for structure.
+
+    Raises one clear error for a missing file, a record that is not a pair, an empty result, or a
+    file that holds several axes when none was chosen.
+    """
     p = Path(path)
     if not p.is_file():
         raise AlignezError(f"preference file {p} not found; create it with: alignez generate -o {p}")
-    pairs: list[PreferencePair] = []
+    records: list[dict[str, Any]] = []
     for n, rec in enumerate(read_jsonl(p), 1):
         try:
-            pair = PreferencePair(
-                str(rec["id"]), str(rec["query"]), str(rec["axis"]["name"]),
-                str(rec["response"]["positive"]), str(rec["response"]["negative"]),
-                (str(rec["axis"].get("positive", "")), str(rec["axis"].get("negative", ""))),
-            )
+            name = str(rec["axis"]["name"])
+            str(rec["id"]), str(rec["query"]), str(rec["response"]["positive"]), str(rec["response"]["negative"])
         except (KeyError, TypeError):
             raise AlignezError(f"{p} record {n} is not a preference pair (needs id, query, axis, response); was it made by alignez generate?") from None
-        if axis is None or pair.axis == axis:
-            if pair.positive and pair.negative:
-                pairs.append(pair)
-    if not pairs:
+        if (axis is None or name == axis) and rec["response"]["positive"] and rec["response"]["negative"]:
+            records.append(rec)
+    if not records:
         what = f" for axis {axis!r}" if axis else ""
         raise AlignezError(f"{p} has no usable preference pairs{what}; run alignez generate first")
-    axes = {x.axis for x in pairs}
+    axes = {str(r["axis"]["name"]) for r in records}
     if len(axes) > 1:
         raise AlignezError(f"{p} holds several axes ({', '.join(sorted(axes))}); choose one with --axis")
-    return pairs
+    return records
+
+
+def to_pair(rec: dict[str, Any]) -> PreferencePair:
+    """Return the PreferencePair of one record."""
+    return PreferencePair(
+        str(rec["id"]), str(rec["query"]), str(rec["axis"]["name"]),
+        str(rec["response"]["positive"]), str(rec["response"]["negative"]),
+        (str(rec["axis"].get("positive", "")), str(rec["axis"].get("negative", ""))),
+        str(rec.get("recipe", "paper")), bool(rec.get("flipped", False)),
+    )
+
+
+def load_pairs(path: str | Path, axis: str | None = None) -> list[PreferencePair]:
+    """Return every usable pair in a preference file (optionally one axis), unfiltered."""
+    return [to_pair(r) for r in load_records(path, axis)]
+
+
+def load_selected_pairs(
+    path: str | Path, axis: str | None = None, flip: bool = False,
+) -> tuple[list[PreferencePair], dict[str, Any]]:
+    """Return the pairs to fit on after the self-check rule (``selfcheck.select_pairs``) and its stats.
+
+    Refusal pairs and pairs the model judged inverted or unsure are dropped (inverted ones flipped
+    instead with ``flip``). Old records without a stored check are kept as they are.
+    ``selfcheck.quality_line(stats)`` is the line to print.
+    """
+    kept, flipped, _, stats = select_pairs(load_records(path, axis), flip=flip)
+    pairs = [to_pair(r) for r in kept + flipped]
+    if len(pairs) < 4:
+        raise AlignezError(
+            f"{path}: only {len(pairs)} pairs pass the self-check ({stats['dropped']} dropped); "
+            "generate more queries or use another --recipe"
+        )
+    return pairs, stats
 
 
 def data_sha256(pairs: Sequence[PreferencePair]) -> str:

@@ -1,10 +1,14 @@
 """Query and evaluation prompt sets: the built-in ones shipped in ``alignez_local/data`` and users' own.
 
-Two files ship with the package, both written for this project:
+Three files ship with the package, all written for this project:
 
 - ``queries.jsonl``: the queries the model answers in both personas to make its own preference data
   (``{"query": ..., "category": ...}``; categories advice, how-to, writing, reasoning, factual,
-  coding, sensitive).
+  coding, sensitive). The default set of every axis but ``harmless``.
+- ``queries_harmless.jsonl``: the ``harmless`` axis's queries, where a safe and an unsafe answer can
+  differ: mostly risky requests (``"kind": "risky"``) with about one benign look-alike for every three
+  (``"kind": "benign"``), so the contrast is not simply "refuse everything". None shares more than
+  half its words with an evaluation prompt or a HarmBench prompt (HarmBench is for evaluation only).
 - ``eval_prompts.jsonl``: held-out evaluation prompts (``{"prompt": ..., "category": ..., "kind": ...}``)
   of three kinds: ``helpful`` (ordinary requests, to measure answer quality), ``harmful`` (requests a
   safe assistant refuses, to measure refusals) and ``benign`` (requests that look edgy but are fine,
@@ -33,6 +37,8 @@ EVAL_KINDS: tuple[str, ...] = ("helpful", "harmful", "benign")
 """Kinds of evaluation prompt: answer well, refuse, answer without refusing."""
 
 _QUERIES_FILE = "queries.jsonl"
+AXIS_QUERY_FILES: dict[str, str] = {"harmless": "queries_harmless.jsonl"}
+"""Axes with their own default query set; every other axis uses ``queries.jsonl``."""
 _EVAL_FILE = "eval_prompts.jsonl"
 _JSONL_HINT = 'put one query per line or JSONL with a "query" field'
 
@@ -55,13 +61,14 @@ class _Line:
     text: str
 
 
-def load_queries(path: str | Path | None = None) -> list[str]:
-    """Return the queries in ``path`` (JSONL or plain text), or the built-in set when ``path`` is None.
+def load_queries(path: str | Path | None = None, axis: str | None = None) -> list[str]:
+    """Return the queries in ``path`` (JSONL or plain text), or, when ``path`` is None, the built-in
+    set of ``axis`` (``AXIS_QUERY_FILES``; the general set for other axes and for None).
 
     Exact duplicates are dropped, keeping the first occurrence, so a query is never answered twice.
     """
     if path is None:
-        name, content = _builtin_text(_QUERIES_FILE)
+        name, content = _builtin_text(query_file(axis))
     else:
         name, content = _read_user_file(path, "query file")
     queries: list[str] = []
@@ -73,14 +80,24 @@ def load_queries(path: str | Path | None = None) -> list[str]:
     return _dedupe(queries)
 
 
-def load_eval_prompts(path: str | Path | None = None, kinds: set[str] | None = None) -> list[EvalPrompt]:
+def query_file(axis: str | None) -> str:
+    """Return the name of the built-in query file for ``axis``."""
+    return AXIS_QUERY_FILES.get((axis or "").strip().lower(), _QUERIES_FILE)
+
+
+def load_eval_prompts(
+    path: str | Path | None = None, kinds: set[str] | None = None, plain_kind: str = "helpful",
+) -> list[EvalPrompt]:
     """Return the evaluation prompts in ``path`` (or the built-in set), keeping only ``kinds`` if given.
 
     In a user's JSONL file each line needs ``prompt`` (or ``query``); ``category`` defaults to
-    ``"user"`` and ``kind`` to ``"helpful"``. Plain-text lines become helpful prompts of category
-    ``"user"``. Exact duplicate texts are dropped, keeping the first.
+    ``"user"`` and ``kind`` to ``"helpful"``. A plain-text file (one prompt per line, HarmBench's
+    format) has no kinds: its prompts get ``plain_kind``, given by the caller (e.g. ``"harmful"``
+    for HarmBench), and category ``"user"``. Exact duplicate texts are dropped, keeping the first.
     """
     wanted = _check_kinds(kinds)
+    if plain_kind not in EVAL_KINDS:
+        raise AlignezError(f"unknown prompt kind {plain_kind!r} for a plain-text file; choose from {', '.join(EVAL_KINDS)}")
     if path is None:
         name, content = _builtin_text(_EVAL_FILE)
     else:
@@ -90,7 +107,7 @@ def load_eval_prompts(path: str | Path | None = None, kinds: set[str] | None = N
     seen: set[str] = set()
     for line in _parse_lines(content, name, hint, noun="prompts"):
         if line.record is None:
-            prompt = EvalPrompt(text=line.text, category="user", kind="helpful")
+            prompt = EvalPrompt(text=line.text, category="user", kind=plain_kind)
         else:
             text = _text_field(line, name, ("prompt", "query"))
             category = _optional_field(line, name, "category", "user")
@@ -116,9 +133,9 @@ def load_eval_prompts(path: str | Path | None = None, kinds: set[str] | None = N
     return prompts
 
 
-def builtin_query_categories() -> dict[str, int]:
-    """Return the number of built-in queries per category, categories in alphabetical order."""
-    name, content = _builtin_text(_QUERIES_FILE)
+def builtin_query_categories(axis: str | None = None) -> dict[str, int]:
+    """Return the number of built-in queries of ``axis`` per category, categories in alphabetical order."""
+    name, content = _builtin_text(query_file(axis))
     counts = Counter(
         _optional_field(line, name, "category", "uncategorised")
         for line in _parse_lines(content, name, _JSONL_HINT)

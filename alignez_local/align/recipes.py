@@ -1,0 +1,92 @@
+"""Recipes: the prompts a model answers in both personas to write its own preference pairs.
+
+``paper`` keeps the paper's two steps (method.md §1): per persona, the model first writes what an
+answer should be like (the characteristics), then answers conditioned on them, all in the user turn.
+A 135M model often cannot follow that: it answers the query instead of describing an answer, and its
+"unhelpful" persona still tries to help, so a share of the pairs is noise or inverted.
+
+The recipes built for small models put the persona in the system prompt, with a plain description of
+what an answer of that side looks like (``PreferenceAxis.guide``), and ask for the answer directly:
+
+- ``direct``: one step, persona in the system prompt.
+- ``shared``: as ``direct``, but both personas continue the same first tokens, sampled once from the
+  model with no persona. The two answers then differ only in how they go on, not in their opening
+  (where a small model's persona most often shows as a canned phrase), and the negative side cannot
+  open with a refusal.
+
+The negative guide of every axis says "never refuse": a refusal is not the opposite behaviour, and a
+direction fitted on answer-vs-refuse pairs would strip the refusals of harmful requests. Pairs that
+refuse anyway are counted and dropped by ``selfcheck.select_pairs``.
+
+Which recipe is the default is decided by measurement (scripts/experiments/, docs in the report):
+``DEFAULT_RECIPE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignez_local.align.axes import PreferenceAxis
+from alignez_local.errors import AlignezError
+from alignez_local.llama.engine import Engine
+
+SIDES = ("positive", "negative")
+
+_PAPER_CHARACTERISTICS = {
+    "positive": "{query}\nYou are a {persona} assistant. Your answer to this query should:",
+    "negative": "{query}\nPretend you are a {persona} assistant. Your response to this query should:",
+}
+_PAPER_RESPONSE = {
+    "positive": "You are a {persona} assistant. Your answer should {characteristics}\n{query}",
+    "negative": "Pretend you are a {persona} assistant. Your answer should {characteristics}\n{query}",
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the two answers of a pair are asked for."""
+
+    name: str
+    summary: str
+    two_step: bool  # the paper's characteristics step first
+    shared_prefix_tokens: int = 0  # >0: both personas continue the same first tokens
+
+    def characteristics_prompt(self, engine: Engine, query: str, axis: PreferenceAxis, side: str) -> str:
+        """Return the prompt for the characteristics step (two-step recipes only)."""
+        if not self.two_step:
+            raise ValueError(f"recipe {self.name} has no characteristics step")
+        return engine.prompt(_PAPER_CHARACTERISTICS[side].format(query=query, persona=_persona(axis, side)))
+
+    def response_prompt(self, engine: Engine, query: str, axis: PreferenceAxis, side: str, characteristics: str = "") -> str:
+        """Return the prompt whose continuation is the ``side`` answer to ``query``."""
+        if self.two_step:
+            text = _PAPER_RESPONSE[side].format(persona=_persona(axis, side), characteristics=characteristics, query=query)
+            return engine.prompt(text)
+        return engine.prompt(query, system=axis.guide(side))
+
+    def neutral_prompt(self, engine: Engine, query: str) -> str:
+        """Return the persona-free prompt the shared first tokens are sampled from."""
+        return engine.prompt(query)
+
+
+def _persona(axis: PreferenceAxis, side: str) -> str:
+    return axis.positive if side == "positive" else axis.negative
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe("paper", "the paper's two steps: characteristics, then an answer conditioned on them", True),
+    "direct": Recipe("direct", "persona in the system prompt, answered directly", False),
+    "shared": Recipe("shared", "persona in the system prompt; both personas continue the same first 8 tokens", False, 8),
+}
+
+DEFAULT_RECIPE = "direct"
+"""The recipe used when none is given; chosen by the measurements in scripts/experiments/results/."""
+
+
+def get_recipe(name: str | None) -> Recipe:
+    """Return the recipe called ``name`` (None: the default)."""
+    key = (name or DEFAULT_RECIPE).strip().lower()
+    try:
+        return RECIPES[key]
+    except KeyError:
+        raise AlignezError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (default {DEFAULT_RECIPE})") from None

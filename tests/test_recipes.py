@@ -1,0 +1,116 @@
+"""Recipes for self-made preference data: prompts, records, old files, the self-check on the way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from alignez_local.align.axes import custom_axis, get_axis
+from alignez_local.align.preferences import (
+    GenerationSettings,
+    generate_preferences,
+    load_pairs,
+    load_records,
+    load_selected_pairs,
+    pair_id,
+)
+from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from alignez_local.errors import AlignezError
+from alignez_local.llama.engine import Engine
+
+FAST = GenerationSettings(characteristics_tokens=6, response_tokens=10)
+QUERIES = ["How do I boil an egg?", "Why is the sky blue?", "Name a prime number."]
+
+
+def test_the_papers_recipe_is_kept_and_the_default_is_known() -> None:
+    assert {"paper", "direct", "shared"} <= set(RECIPES)
+    assert get_recipe(None).name == DEFAULT_RECIPE
+    assert get_recipe(" Paper ").two_step
+    with pytest.raises(AlignezError, match="unknown recipe 'chef'.*paper"):
+        get_recipe("chef")
+
+
+def test_prompts_put_the_persona_where_the_recipe_says(tiny_engine: Engine) -> None:
+    axis = get_axis("helpful")
+    paper = get_recipe("paper").response_prompt(tiny_engine, "Q?", axis, "negative", "be vague")
+    assert "Pretend you are a unhelpful, misleading and inaccurate assistant. Your answer should be vague" in paper
+    direct = get_recipe("direct").response_prompt(tiny_engine, "Q?", axis, "negative")
+    assert axis.negative_guide in direct and "never refuse" in direct
+    with pytest.raises(ValueError):
+        get_recipe("direct").characteristics_prompt(tiny_engine, "Q?", axis, "positive")
+
+
+def test_every_negative_guide_forbids_refusing() -> None:
+    for name in ("helpful", "harmless", "humor"):
+        axis = get_axis(name)
+        assert axis.guide("positive") and axis.guide("negative") != axis.guide("positive")
+    assert "no refusals" in get_axis("harmless").guide("negative")
+    assert "never refuse" in custom_axis("patient", "impatient").guide("negative")
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_each_recipe_writes_complete_records(tiny_engine: Engine, tmp_path: Path, recipe: str) -> None:
+    out = tmp_path / "prefs.jsonl"
+    written, had = generate_preferences(tiny_engine, QUERIES, get_axis("helpful"), out, FAST, quiet=True, recipe=recipe)
+    assert (written, had) == (3, 0)
+    records = load_records(out)
+    for r in records:
+        assert r["recipe"] == recipe
+        assert r["sampling"]["top_k"] == 40
+        assert set(r["refusal"]) == {"positive", "negative"}
+        assert r["selfcheck"]["method"] == "likelihood" and isinstance(r["selfcheck"]["agree"], bool)
+        assert r["id"] == pair_id(get_axis("helpful"), r["query"], 0, recipe)
+        if recipe == "paper":
+            assert r["characteristics"]["positive"]
+    if recipe == "shared":
+        # Both personas continue the same opening: the pair shares its first characters.
+        for r in records:
+            pos, neg = r["response"]["positive"], r["response"]["negative"]
+            assert pos[:5] == neg[:5]
+    # Resuming with the same recipe writes nothing; another recipe is another set of pairs.
+    assert generate_preferences(tiny_engine, QUERIES, get_axis("helpful"), out, FAST, quiet=True, recipe=recipe) == (0, 3)
+    other = "paper" if recipe != "paper" else "direct"
+    assert generate_preferences(tiny_engine, QUERIES[:1], get_axis("helpful"), out, FAST, quiet=True, recipe=other, selfcheck=None)[0] == 1
+
+
+def test_the_paper_recipe_keeps_the_ids_of_files_made_before_recipes() -> None:
+    axis = get_axis("helpful")
+    old = hashlib.sha256(json.dumps([axis.name, axis.positive, axis.negative, "Q?", 0]).encode()).hexdigest()[:16]
+    assert pair_id(axis, "Q?", 0) == pair_id(axis, "Q?", 0, "paper") == old
+    assert pair_id(axis, "Q?", 0, "direct") != old
+
+
+def test_old_records_without_recipe_or_check_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "old.jsonl"
+    axis = {"name": "helpful", "positive": "helpful", "negative": "unhelpful"}
+    rows = [
+        {"id": f"x{i}", "query": f"q{i}", "axis": axis, "response": {"positive": f"good {i}", "negative": f"bad {i}"}}
+        for i in range(5)
+    ]
+    rows.append({"id": "r", "query": "q", "axis": axis, "response": {"positive": "ok", "negative": "I'm sorry, but I can't help with that."}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(path)
+    assert len(pairs) == 6 and pairs[0].recipe == "paper" and not pairs[0].flipped
+    selected, stats = load_selected_pairs(path)
+    assert [p.id for p in selected] == [f"x{i}" for i in range(5)]
+    assert stats["dropped_refusal"] == 1 and stats["agreement"] is None
+
+
+def test_selected_pairs_come_back_flipped_and_too_few_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "checked.jsonl"
+    axis = {"name": "helpful", "positive": "helpful", "negative": "unhelpful"}
+    rows = [
+        {"id": f"x{i}", "query": f"q{i}", "axis": axis, "response": {"positive": f"good {i}", "negative": f"bad {i}"},
+         "selfcheck": {"method": "likelihood", "score": 1.0 if i < 3 else -1.0}}
+        for i in range(5)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, stats = load_selected_pairs(path, flip=True)
+    assert len(pairs) == 5 and stats["flipped"] == 2
+    flipped = [p for p in pairs if p.flipped]
+    assert [(p.positive, p.negative) for p in flipped] == [("bad 3", "good 3"), ("bad 4", "good 4")]
+    with pytest.raises(AlignezError, match="only 3 pairs pass the self-check"):
+        load_selected_pairs(path, flip=False)
