@@ -121,3 +121,13 @@ def test_profile_for_another_model(files, tmp_path: Path) -> None:
     assert not (tmp_path / "v.gguf").exists()
     assert_one_line_error(run("fit", "-m", str(files["model"]), "--prefs", str(prefs), "--layers", "0-9", "-o", str(prof)), "--layers")
     assert_one_line_error(run("generate", "-m", str(prof), "-o", str(tmp_path / "x.jsonl")), "steering profile, not a model")
+
+
+def test_engine_parameter_names_become_the_flags_that_set_them() -> None:
+    from alignez_local.apps.cli_options import in_flags
+
+    assert in_flags("the context of 64 tokens is full; raise n_ctx or lower n_parallel") == (
+        "the context of 64 tokens is full; raise --ctx or lower --parallel")
+    assert in_flags("temperature 9 is out of range; use 0 (greedy) to 5").startswith("--temperature 9 ")
+    assert in_flags("top_p 2 is out of range") == "--top-p 2 is out of range"
+    assert in_flags("a --max-tokens of 5 and the temperature") == "a --max-tokens of 5 and the temperature"

@@ -7,6 +7,7 @@ import sys
 import click
 
 from alignez_local import __version__
+from alignez_local.apps.cli_options import in_flags
 from alignez_local.errors import AlignezError
 
 
@@ -17,7 +18,7 @@ class AlignezGroup(click.Group):
         try:
             return super().invoke(ctx)
         except AlignezError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {in_flags(str(err))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             # Output files are only ever replaced whole (atomic rename), so none is half-written.

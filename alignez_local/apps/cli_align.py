@@ -218,7 +218,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     p = res.paths
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model} --profile {p.profile}")
-    click.echo(f"         llama-cli -m MODEL.gguf --control-vector-scaled {p.vector}:1.0")
+    click.echo(f"         llama-cli -m {engine.path} --control-vector-scaled {p.vector}:1.0")
 
 
 align_commands = [generate, fit, export_cmd, inspect, import_cmd, steer]

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from alignez_local.apps.chat import Answer, ChatSession
-from alignez_local.apps.cli_options import make_sampling, model_options, open_engine, sampling_options, steering_options
+from alignez_local.apps.cli_options import in_flags, make_sampling, model_options, open_engine, sampling_options, steering_options
 from alignez_local.errors import AlignezError
 
 
@@ -32,7 +32,7 @@ class _Terminal:
     @staticmethod
     def error(message: str) -> None:
         """Print one error line on stderr."""
-        click.echo(f"error: {message}", err=True)
+        click.echo(f"error: {in_flags(message)}", err=True)
 
     def stream(self, piece: str) -> None:
         """Print a piece of an answer as soon as it is generated (text mode only)."""

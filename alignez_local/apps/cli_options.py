@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,23 @@ def runtime_settings(threads: int | None, n_ctx: int, gpu_layers: int, parallel:
 def open_engine(model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool) -> Engine:
     """Return an engine on ``model`` opened with the run settings of the model_options flags."""
     return open_engine_with(model, runtime_settings(threads, n_ctx, gpu_layers, parallel, verbose))
+
+
+# The engine's messages name parameters (n_ctx, max_tokens ...); the user typed flags.
+PARAMETER_FLAGS = {
+    "n_ctx": "--ctx", "n_parallel": "--parallel", "n_threads": "--threads", "n_gpu_layers": "--gpu-layers",
+    "max_tokens": "--max-tokens", "top_p": "--top-p", "top_k": "--top-k", "repeat_penalty": "--repeat-penalty",
+}
+# Plain words are only a parameter at the start of a message ("temperature 9 is out of range").
+LEADING_FLAGS = {"temperature": "--temperature", "seed": "--seed"}
+_PARAMETER_RE = re.compile(r"(?<![\w-])(" + "|".join(PARAMETER_FLAGS) + r")\b")
+
+
+def in_flags(message: str) -> str:
+    """Return an error message with the engine's parameter names replaced by the CLI flags that set them."""
+    message = _PARAMETER_RE.sub(lambda m: PARAMETER_FLAGS[m.group(1)], message)
+    word, sep, rest = message.partition(" ")
+    return f"{LEADING_FLAGS[word]}{sep}{rest}" if word in LEADING_FLAGS else message
 
 
 def with_flag(flag: str, parse: Callable[..., Any], *args: Any) -> Any:
