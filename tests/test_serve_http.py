@@ -278,10 +278,16 @@ def test_signal_stops_the_server_cleanly(tiny_model_path: Path, sig: int) -> Non
             time.sleep(0.2)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hi", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200
-        proc.send_signal(sig)
-        _out, err = proc.communicate(timeout=60)
+        # A long answer is streaming when the signal comes: the server must not wait for its end.
+        body = {"prompt": "Hi", "max_tokens": 1000, "stream": True, "stop": ["never-appears"]}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as stream:
+            next(line for line in stream.iter_lines() if '"text":""' not in line and line.startswith("data: "))
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert "Traceback" not in err
+        assert "Traceback" not in err and "stopped" in err
+        assert time.monotonic() - t0 < 30
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,8 +9,10 @@ context together: the KV cache is unified, so the prompts plus their max_tokens 
 and runs them as the sequences of one ``Engine.generate`` call, each with its own sampler and its
 own steering (``SteeringSet.batch_edits``). Jobs that arrive during a batch join the next one.
 
-A job whose client went away is marked cancelled: if it has not started it is dropped, and if it
-is running its text is discarded (the engine has no way yet to stop one sequence of a batch).
+A job whose client went away is marked cancelled: if it has not started it is dropped; if it is
+running its text is discarded, and once every job of the batch is cancelled (or the server is
+stopping) the batch is abandoned at the next token. (The engine has no way yet to stop just one
+sequence of a batch, or to admit new ones into a running batch.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Completion, Engine, Sampling
 
 log = logging.getLogger("alignez.serve")
+
+
+class _Abandoned(Exception):
+    """Every client of the running batch has gone, or the server is stopping."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,10 @@ class Worker:
             j.started = True
 
         def on_token(i: int, text: str) -> None:
+            # Raised here, outside llama.cpp's callbacks, so generate unwinds cleanly and frees the
+            # KV cache: nobody wants this batch's tokens any more.
+            if self._stopping or all(j.cancelled for j in batch):
+                raise _Abandoned
             batch[i].send(Event("text", text))
 
         try:
@@ -218,6 +228,10 @@ class Worker:
                 for e in edits:
                     stack.enter_context(self.engine.activation_edit(e.fn, e.layers, e.site, e.all_tokens))
                 done = self.engine.generate(prompts, [j.sampling for j in batch], on_token=on_token)
+        except _Abandoned:
+            for j in batch:
+                j.send(Event("error", "the server is shutting down"))
+            return
         except AlignezError as err:
             for j in batch:
                 j.send(Event("error", str(err)))
