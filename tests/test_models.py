@@ -146,3 +146,17 @@ def test_real_qwen_assembles_with_the_published_hash(tmp_path: Path, monkeypatch
     with open(p, "rb") as fh:
         assert fh.read(4) == b"GGUF"
     assert sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+
+
+def test_shipped_provenance_names_the_model_not_a_path() -> None:
+    import json
+
+    files = sorted((Path(__file__).resolve().parent.parent / "vectors").glob("*/*.provenance.json"))
+    assert files
+    for f in files:
+        rec = json.loads(f.read_text())
+        m = rec["model"]
+        assert m["name"] == f.parent.name and m["name"] in BUNDLED, f
+        assert m["sha256"] == BUNDLED[m["name"]].sha256, f
+        assert "path" not in m and "/" not in m["file"], f
+        assert "/root/" not in f.read_text() and "/work/" not in f.read_text(), f
