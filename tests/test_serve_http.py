@@ -197,19 +197,25 @@ def test_fifty_mid_stream_disconnects_free_every_slot(live: LiveServer) -> None:
 
 
 def send_together(srv: LiveServer, bodies: list[dict[str, Any]]) -> list[str]:
-    """Return the answers to ``bodies`` sent at the same time (the server batches them together)."""
+    """Return the answers to ``bodies`` sent at the same time (the server batches them together).
+
+    Every answer must run to max_tokens: a sequence that stops early changes the shape of the
+    later decode batches, and llama.cpp's numerics may depend on the batch shape.
+    """
     with ThreadPoolExecutor(len(bodies)) as pool:
         rs = list(pool.map(lambda b: srv.post("/v1/chat/completions", b), bodies))
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
-    return [r.json()["choices"][0]["message"]["content"] for r in rs]
+    choices = [r.json()["choices"][0] for r in rs]
+    assert all(c["finish_reason"] == "length" for c in choices), "pick prompts with longer answers"
+    return [c["message"]["content"] for c in choices]
 
 
 def check_http_isolation(srv: LiveServer, prompts: list[str], steered: list[dict[str, float]]) -> None:
     """Unsteered requests beside steered ones == beside unsteered ones (same clients, same prompts)."""
     n_u = len(prompts) - len(steered)
-    quiet = send_together(srv, [chat_body(p, steering={}, max_tokens=24) for p in prompts])
-    mixed_bodies = [chat_body(p, steering={}, max_tokens=24) for p in prompts[:n_u]]
-    mixed_bodies += [chat_body(p, steering=s, max_tokens=24) for p, s in zip(prompts[n_u:], steered)]
+    quiet = send_together(srv, [chat_body(p, steering={}, max_tokens=16) for p in prompts])
+    mixed_bodies = [chat_body(p, steering={}, max_tokens=16) for p in prompts[:n_u]]
+    mixed_bodies += [chat_body(p, steering=s, max_tokens=16) for p, s in zip(prompts[n_u:], steered)]
     mixed = send_together(srv, mixed_bodies)
     assert mixed[:n_u] == quiet[:n_u]
     assert mixed[n_u:] != quiet[n_u:]
@@ -249,8 +255,9 @@ def test_smollm_isolation_and_chat_equivalence(smollm_path: Path) -> None:
     vec, prof = SMOL_DIR / "helpful.gguf", SMOL_DIR / "helpful.profile.gguf"
     srv = LiveServer(smollm_path, [f"v={vec}"], [f"p={prof}"], parallel=4, batch_wait=1.0)
     try:
-        check_http_isolation(srv, ["Hi!", "What is the capital of France?", "Give me a tip for sleeping well.", "Name a fruit."],
-                             [{"v": 4}, {"p": 1, "v": 2}])
+        long = ["Write a long story about a dragon.", "Explain in detail how a car engine works.",
+                "Describe the history of Rome in detail.", "List twenty fruits with a sentence about each."]
+        check_http_isolation(srv, long, [{"v": 4}, {"p": 1, "v": 2}])
         check_alone_equals_chat(srv, smollm_path, vec, prof)
     finally:
         srv.close()
