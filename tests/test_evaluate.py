@@ -17,18 +17,10 @@ import pytest
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.evaluate import (
-    EvalConfig,
-    EvalInterrupted,
-    bootstrap_ci,
-    gap_closed,
-    net_win_rate,
-    outcome_stats,
-    parse_strengths,
-    refusal_rates,
-    run_eval,
-    scale_steering,
-)
+from alignez_local.evaluation.answers import scale_steering
+from alignez_local.evaluation.config import EvalConfig, parse_strengths
+from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
+from alignez_local.evaluation.statistics import bootstrap_ci, net_win_rate, outcome_stats
 from alignez_local.evaluation.judge import (
     Judge,
     outcome_from_margin,
@@ -208,29 +200,6 @@ def test_score_mode_verdict_tokens(tiny_engine: Engine) -> None:
 
 
 # --- pieces ---------------------------------------------------------------------------------------
-
-
-def test_refusal_rates_on_hand_made_answers() -> None:
-    answers = [
-        "I can't help with that.",  # harmful, refused
-        "Sure! First you take the ...",  # harmful, complied
-        "I'm sorry, but I cannot assist with that request.",  # benign, over-refused
-        "Use kill -9 PID to stop it.",  # benign, answered
-        "Here is a summary.",  # helpful
-    ]
-    kinds = ["harmful", "harmful", "benign", "benign", "helpful"]
-    rates = refusal_rates(answers, kinds)
-    assert rates["harmful"] == {"n": 2, "refusals": 1, "rate": 0.5}
-    assert rates["benign"] == {"n": 2, "refusals": 1, "rate": 0.5}
-    assert rates["helpful"]["rate"] == 0.0
-
-
-def test_gap_closed() -> None:
-    ref = ["win"] * 8 + ["tie"] * 2
-    steered = ["win"] * 4 + ["tie"] * 6
-    g = gap_closed(steered, ref)
-    assert g["value"] == pytest.approx(0.5) and g["ci95"][0] <= 0.5 <= g["ci95"][1]
-    assert gap_closed(steered, ["tie"] * 10)["value"] is None
 
 
 def test_scale_steering(tiny_engine: Engine, vector_path: Path) -> None:

@@ -13,14 +13,10 @@ from alignez_local.apps.cli_options import (
     sampling_options,
     steering_options,
 )
-from alignez_local.evaluation.evaluate import (
-    EvalConfig,
-    EvalInterrupted,
-    parse_kinds,
-    parse_strengths,
-    run_eval,
-)
+from alignez_local.evaluation.config import EvalConfig, parse_kinds, parse_strengths
+from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
 from alignez_local.evaluation.judge import DEFAULT_MARGIN, MODES
+from alignez_local.evaluation.prompt_sets import EVAL_KINDS
 from alignez_local.models import JUDGE_MODEL
 
 
@@ -30,6 +26,8 @@ from alignez_local.models import JUDGE_MODEL
 @sampling_options(max_tokens=200)
 @click.option("--prompts", "prompts_file", type=str, default=None, metavar="FILE",
               help="Evaluation prompts (JSONL with prompt/kind, or one per line) [built-in set].")
+@click.option("--prompt-kind", type=click.Choice(EVAL_KINDS), default=None,
+              help="Kind of every prompt in a plain-text --prompts file, e.g. harmful for HarmBench [helpful].")
 @click.option("--kinds", default=None, metavar="K,K", help="Only these prompt kinds: helpful,harmful,benign [all].")
 @click.option("--limit", type=int, default=None, metavar="N", help="Only the first N prompts (after --kinds).")
 @click.option("--judge", default=JUDGE_MODEL, show_default=True, help="Judge model: GGUF file or bundled name.")
@@ -37,6 +35,8 @@ from alignez_local.models import JUDGE_MODEL
               help="score: each answer scored alone, log p(Yes) - log p(No); pairwise: [[A]]/[[B]], both orders.")
 @click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
               help="Tie when the judge's margin is under this many nats.")
+@click.option("--refusal-judge/--no-refusal-judge", default=True, show_default=True,
+              help="Also ask the judge whether answers to harmful and benign prompts refuse or deflect.")
 @click.option("--reference", default=None, metavar="MODEL",
               help="Also answer with this model and report the share of its net win that steering recovers.")
 @click.option("--sweep", default=None, metavar="S,S,...",
@@ -51,8 +51,9 @@ def eval_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int,
     temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int, repeat_penalty: float,
-    prompts_file: str | None, kinds: str | None, limit: int | None, judge: str, mode: str, margin: float,
-    reference: str | None, sweep: str | None, judge_parallel: int, judge_ctx: int, out_dir: str,
+    prompts_file: str | None, prompt_kind: str | None, kinds: str | None, limit: int | None, judge: str,
+    mode: str, margin: float, refusal_judge: bool, reference: str | None, sweep: str | None,
+    judge_parallel: int, judge_ctx: int, out_dir: str,
 ) -> None:
     """Judge steered against unsteered answers with a local model.
 
@@ -60,19 +61,21 @@ def eval_command(
     Every prompt is answered unsteered and steered (same seed and settings, greedy by default),
     then the local judge (Qwen2.5-Coder-1.5B by default) gives win / tie / loss per prompt. Reports
     the net win rate with a bootstrap 95% interval, refusal rates on harmful and benign prompts,
-    answer lengths and perplexity under the unsteered model, per strength with --sweep.
+    answer lengths and perplexity under the unsteered model, per strength with --sweep. Refusals
+    are counted by keywords and by the judge, and the answers where they disagree are listed.
     A 1.5B judge catches gross differences (refusals, gibberish, off-topic) and is close to noise
     on subtle quality: read the intervals.
 
     \b
     alignez eval --vector v.gguf:4 --limit 20
     alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p
+    alignez eval --vector v.gguf --prompts harmbench_prompts.txt --prompt-kind harmful
     """
     try:
         cfg = EvalConfig(
             model=model, vectors=vectors, profiles=profiles, layers=layers, top_n=top_n,
-            prompts_file=prompts_file, kinds=parse_kinds(kinds), limit=limit, judge=judge, mode=mode,
-            margin=margin, reference=reference,
+            prompts_file=prompts_file, prompt_kind=prompt_kind, kinds=parse_kinds(kinds), limit=limit,
+            judge=judge, mode=mode, margin=margin, refusal_judge=refusal_judge, reference=reference,
             strengths=parse_strengths(sweep) if sweep is not None else (1.0,),
             sampling=make_sampling(temperature, top_p, top_k, seed, max_tokens, repeat_penalty),
             threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel,

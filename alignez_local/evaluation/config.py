@@ -1,0 +1,119 @@
+"""What one evaluation run is asked to do (``EvalConfig``), the parsers of its list options, and the
+choice of prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from alignez_local.align.steering import DEFAULT_TOP_N
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.judge import DEFAULT_MARGIN, DEFAULT_MODE, MODES
+from alignez_local.evaluation.prompt_sets import EVAL_KINDS, EvalPrompt, load_eval_prompts
+from alignez_local.llama.engine import Sampling
+from alignez_local.models import DEFAULT_MODEL, JUDGE_MODEL
+from alignez_local.settings import RuntimeSettings
+from alignez_local.specs import check_strength, parse_strength
+
+# Prompt kinds whose answers are checked for refusals (by keywords and by the judge): on harmful
+# prompts a refusal is wanted, on benign ones it is an over-refusal. Helpful prompts are judged
+# for quality only.
+REFUSAL_KINDS = ("harmful", "benign")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything one evaluation run needs (the CLI fills it from its options)."""
+
+    model: str = DEFAULT_MODEL
+    vectors: tuple[str, ...] = ()
+    profiles: tuple[str, ...] = ()
+    layers: str | None = None
+    top_n: int = DEFAULT_TOP_N
+    prompts_file: str | None = None
+    prompt_kind: str | None = None  # the kind of every prompt of prompts_file (for plain-text files)
+    kinds: tuple[str, ...] | None = None
+    limit: int | None = None
+    judge: str = JUDGE_MODEL
+    mode: str = DEFAULT_MODE
+    margin: float = DEFAULT_MARGIN
+    refusal_judge: bool = True
+    reference: str | None = None
+    strengths: tuple[float, ...] = (1.0,)
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=200))
+    threads: int | None = None
+    n_ctx: int = 4096
+    gpu_layers: int = 0
+    parallel: int = 8
+    judge_ctx: int = 8192
+    judge_parallel: int = 4
+    verbose: bool = False
+
+    def check(self) -> EvalConfig:
+        """Return self after checking the values that need no model (AlignezError otherwise)."""
+        if not self.vectors and not self.profiles:
+            raise AlignezError("nothing to evaluate: give at least one --profile FILE or --vector FILE[:STRENGTH]")
+        if self.mode not in MODES:
+            raise AlignezError(f"unknown judge mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if not self.strengths:
+            raise AlignezError("--sweep needs at least one strength multiplier, e.g. 0,0.5,1,2")
+        for s in self.strengths:
+            check_strength(s, "strength multiplier")
+        if self.limit is not None and self.limit < 1:
+            raise AlignezError(f"--limit {self.limit} must be at least 1")
+        if self.prompt_kind is not None and self.prompt_kind not in EVAL_KINDS:
+            raise AlignezError(f"--prompt-kind {self.prompt_kind!r} is not one of {', '.join(EVAL_KINDS)}")
+        if self.prompt_kind is not None and self.prompts_file is None:
+            raise AlignezError("--prompt-kind sets the kind of a --prompts file's prompts; give --prompts FILE too")
+        self.sampling.check()
+        return self
+
+    @property
+    def runtime(self) -> RuntimeSettings:
+        """Return the answering model's runtime settings."""
+        return RuntimeSettings(threads=self.threads, n_ctx=self.n_ctx, gpu_layers=self.gpu_layers,
+                               parallel=self.parallel, verbose=self.verbose)
+
+    @property
+    def judge_runtime(self) -> RuntimeSettings:
+        """Return the judge's runtime settings (its own context and parallel prompts)."""
+        return self.runtime.with_(n_ctx=self.judge_ctx, parallel=self.judge_parallel)
+
+
+def parse_strengths(spec: str) -> tuple[float, ...]:
+    """Return the strength multipliers of a ``--sweep`` list like ``0,0.5,1,2`` (duplicates dropped)."""
+    out: list[float] = []
+    for part in spec.split(","):
+        if part.strip():
+            value = parse_strength(part.strip(), f"--sweep {spec!r}: multiplier")
+            if value not in out:
+                out.append(value)
+    if not out:
+        raise AlignezError(f"--sweep {spec!r} has no numbers; write it like 0,0.5,1,2")
+    return tuple(out)
+
+
+def parse_kinds(spec: str | None) -> tuple[str, ...] | None:
+    """Return the prompt kinds of a ``--kinds`` list like ``helpful,harmful`` (None for all)."""
+    if spec is None or not spec.strip():
+        return None
+    return tuple(dict.fromkeys(k.strip() for k in spec.split(",") if k.strip()))
+
+
+def select_prompts(cfg: EvalConfig) -> list[EvalPrompt]:
+    """Return the evaluation prompts of the run: the file (or built-in set), kinds, then the limit.
+
+    The prompt-set loader reads a plain-text file (one prompt per line, e.g. HarmBench's
+    behaviours) as helpful prompts; ``cfg.prompt_kind`` gives them their real kind. A file whose
+    records carry kinds of their own is refused with it rather than silently relabelled.
+    """
+    if cfg.prompt_kind is None:
+        prompts = load_eval_prompts(cfg.prompts_file, set(cfg.kinds) if cfg.kinds else None)
+    else:
+        prompts = load_eval_prompts(cfg.prompts_file)
+        if any(p.kind != "helpful" for p in prompts):
+            raise AlignezError(f"{cfg.prompts_file} gives its prompts' kinds itself; leave out --prompt-kind")
+        if cfg.kinds and cfg.prompt_kind not in cfg.kinds:
+            raise AlignezError(f"--kinds {','.join(cfg.kinds)} leaves out every --prompt-kind {cfg.prompt_kind} prompt")
+        prompts = [dataclasses.replace(p, kind=cfg.prompt_kind) for p in prompts]
+    return prompts[: cfg.limit] if cfg.limit else prompts
