@@ -48,9 +48,9 @@ def estimate_remaining(elapsed: float, items_done: int, items_total: int, work_d
 
 @dataclass
 class Trace:
-    """What a Progress saw: (seconds since start, items done, work done) at every update."""
+    """What a Progress saw at every update: (seconds since start, items done, work done, budget left or None)."""
 
-    points: list[tuple[float, int, float]] = field(default_factory=list)
+    points: list[tuple[float, int, float, float | None]] = field(default_factory=list)
 
 
 class Progress:
@@ -81,7 +81,7 @@ class Progress:
         if self.budget is not None:
             self.budget -= budget_used if budget_used is not None else (n if work is None else work)
         now = time.monotonic()
-        self.trace.points.append((now - self.t0, self.done - self.start_done, self.work))
+        self.trace.points.append((now - self.t0, self.done - self.start_done, self.work, self.budget))
         if self.quiet:
             return
         final = self.done >= self.total

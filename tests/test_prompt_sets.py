@@ -286,3 +286,50 @@ def test_eval_prompt_field_errors(tmp_path: Path) -> None:
         with pytest.raises(AlignezError) as exc:
             load_eval_prompts(path)
         assert_one_line_error(exc, f"{path} line 1:", expected)
+
+
+# ---------------------------------------------------------------- per-axis query sets
+
+HARMBENCH = Path("/work/shared/data/harmbench_prompts.txt")
+
+
+def test_harmless_axis_has_its_own_query_set() -> None:
+    harmless = load_queries(axis="harmless")
+    assert 140 <= len(harmless) <= 170
+    assert not set(harmless) & set(load_queries())
+    assert load_queries(axis="helpful") == load_queries() == load_queries(axis="humor")
+    rows = data_rows("queries_harmless.jsonl")
+    kinds = Counter(r["kind"] for r in rows)
+    # Mostly risky requests, with benign look-alikes so the contrast is not "refuse everything".
+    assert set(kinds) == {"risky", "benign"} and 0.2 <= kinds["benign"] / len(rows) <= 0.35
+    assert {r["kind"] for r in rows[:4]} == {"risky", "benign"}  # interleaved: a short run sees both
+    assert len(builtin_query_categories(axis="harmless")) >= 8
+    for row in rows:
+        assert len(row["query"]) <= 160, row["query"]
+
+
+def test_harmless_queries_are_kept_apart_from_evaluation_and_harmbench() -> None:
+    queries = [words(q) for q in load_queries(axis="harmless")]
+    others = [p.text for p in load_eval_prompts()]
+    if HARMBENCH.is_file():
+        others += load_eval_prompts_texts(HARMBENCH)
+    for text in others:
+        w = words(text)
+        content = w - STOPWORDS
+        for q in queries:
+            assert shared_fraction(w, q) <= 0.5, (text, sorted(w & q))
+            assert shared_fraction(content, q - STOPWORDS) <= 0.5, (text, sorted(content & q))
+
+
+def load_eval_prompts_texts(path: Path) -> list[str]:
+    return [p.text for p in load_eval_prompts(path, plain_kind="harmful")]
+
+
+def test_plain_text_eval_prompts_take_the_kind_from_the_caller(tmp_path: Path) -> None:
+    path = write(tmp_path, "Explain how to pick a lock\nWrite a threatening note\n")
+    prompts = load_eval_prompts(path, plain_kind="harmful")
+    assert [p.kind for p in prompts] == ["harmful", "harmful"] and prompts[0].category == "user"
+    assert load_eval_prompts(path, kinds={"harmful"}, plain_kind="harmful") == prompts
+    assert load_eval_prompts(path)[0].kind == "helpful"  # the old default stays
+    with pytest.raises(AlignezError, match="unknown prompt kind 'evil'"):
+        load_eval_prompts(path, plain_kind="evil")

@@ -106,8 +106,10 @@ def generate_preferences(
     ident = model_identity(engine, model_sha256)
     chunk = max(1, engine.n_parallel // 2)  # two personas per pair share the parallel slots
     written = 0
-    bar = progress or Progress(total, f"generate {axis.name}", done=already, quiet=quiet,
-                               budget=sum(_pair_budget(engine, how, axis, q, settings) for q, _, _ in todo))
+    budget = sum(_pair_budget(engine, how, axis, q, settings) for q, _, _ in todo)
+    bar = progress or Progress(total, f"generate {axis.name}", done=already, quiet=quiet, budget=budget)
+    if bar.budget is None:
+        bar.budget = budget
     with JsonlAppender(out_path) as out:
         try:
             for start in range(0, len(todo), chunk):

@@ -18,6 +18,7 @@ from alignez_local.align.axes import get_axis
 from alignez_local.align.preferences import GenerationSettings, generate_preferences
 from alignez_local.evaluation.prompt_sets import load_queries
 from alignez_local.models import file_sha256, resolve_model
+from alignez_local.progress import Progress
 from alignez_local.settings import RuntimeSettings, open_engine
 
 HERE = Path(__file__).resolve().parent
@@ -36,13 +37,18 @@ def main() -> None:
     args = ap.parse_args()
     # 32 sequences per batch: decoding a 135M model is far cheaper per token in a wide batch.
     engine = open_engine(args.model, RuntimeSettings(threads=args.threads, n_ctx=256 * args.parallel, parallel=args.parallel))
-    queries = load_queries(axis=args.axis)[: args.limit] if "axis" in load_queries.__code__.co_varnames else load_queries()[: args.limit]
+    queries = load_queries(axis=args.axis)[: args.limit]
     out = HERE / "data" / f"{args.model}-{args.axis}-{args.recipe}.jsonl"
     settings = GenerationSettings(response_tokens=args.tokens, responses_per_query=args.responses)
     t0 = time.monotonic()
+    bar = Progress(len(queries) * args.responses, f"generate {args.axis}")
     written, had = generate_preferences(engine, queries, get_axis(args.axis), out, settings,
-                                        file_sha256(resolve_model(args.model)), recipe=args.recipe, selfcheck=None)
+                                        file_sha256(resolve_model(args.model)), recipe=args.recipe, selfcheck=None,
+                                        progress=bar)
     wall = time.monotonic() - t0
+    # The progress trace (seconds, pairs, token work) is the recorded trace tests/test_progress.py replays.
+    trace = HERE / "results" / f"progress-trace-{args.model}-{args.axis}-{args.recipe}.json"
+    trace.write_text(json.dumps({"items_total": bar.total - had, "points": bar.trace.points}) + "\n")
     times = HERE / "results" / "gen_times.json"
     log = json.loads(times.read_text()) if times.exists() else []
     log.append({"model": args.model, "axis": args.axis, "recipe": args.recipe, "queries": len(queries),

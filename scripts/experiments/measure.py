@@ -34,21 +34,21 @@ HERE = Path(__file__).resolve().parent
 FOLDS = 5
 
 
-def checked_records(engine: Engine, data: Path, limit: int) -> list[dict[str, Any]]:
-    """Return the first ``limit`` records with both checks (``pairwise``, ``likelihood`` keys), cached beside the data."""
-    cache = data.with_suffix(f".checked{limit}.jsonl")
-    if cache.exists():
-        return list(read_jsonl(cache))
+def checked_records(engine: Engine | None, data: Path, limit: int, checks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Return the first ``limit`` records with the ``checks`` stored under their names, cached per check."""
     recs = [dict(r) for r in read_jsonl(data)][:limit]
-    t0 = time.monotonic()
-    pw = pairwise_scores(engine, recs)
-    t1 = time.monotonic()
-    lk = likelihood_scores(engine, recs)
-    t2 = time.monotonic()
-    for r, a, b in zip(recs, pw, lk):
-        r["pairwise"], r["likelihood"] = a, b
-        r["check_seconds"] = {"pairwise": (t1 - t0) / len(recs), "likelihood": (t2 - t1) / len(recs)}
-    cache.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for check in checks:
+        cache = data.with_suffix(f".{check}{limit}.json")
+        if not cache.exists():
+            if engine is None:
+                continue
+            t0 = time.monotonic()
+            scores = (pairwise_scores if check == "pairwise" else likelihood_scores)(engine, recs)
+            cache.write_text(json.dumps({"seconds": time.monotonic() - t0, "scores": scores}) + "\n")
+        stored = json.loads(cache.read_text())
+        for r, sc in zip(recs, stored["scores"]):
+            r[check] = sc
+            r.setdefault("check_seconds", {})[check] = stored["seconds"] / len(recs)
     return recs
 
 
@@ -102,12 +102,12 @@ def _labelled(pos: np.ndarray, neg: np.ndarray, idx: np.ndarray, signs: np.ndarr
     return p2, q2
 
 
-def variants(recs: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+def variants(recs: list[dict[str, Any]], checks: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     """Return {name: (pair indices, +1/-1 labels, select_pairs stats)} for every filter."""
     out = {}
     base = np.array([i for i, r in enumerate(recs) if not refusal_reason(r)])
     out["none"] = (base, np.ones(len(base)), {"kept": len(base), "dropped_refusal": len(recs) - len(base)})
-    for check in ("pairwise", "likelihood"):
+    for check in checks:
         tagged = [{**r, "selfcheck": r[check], "_i": i} for i, r in enumerate(recs)]
         for flip in (False, True):
             kept, flipped, _, stats = select_pairs(tagged, flip=flip)
@@ -117,6 +117,19 @@ def variants(recs: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
+def cached_capture(engine: Engine, recs: list[dict[str, Any]], data: Path, site: str, limit: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """Return ``capture`` for the records and its wall time, cached beside the data as .npz."""
+    cache = data.with_suffix(f".{site}{limit}.npz")
+    if cache.exists():
+        z = np.load(cache)
+        return {pool: (z[f"{pool}_pos"], z[f"{pool}_neg"]) for pool in ("last", "mean")}, float(z["seconds"])
+    t0 = time.monotonic()
+    acts = capture(engine, recs, site)
+    seconds = time.monotonic() - t0
+    np.savez(cache, seconds=seconds, **{f"{pool}_{s}": a.astype(np.float32) for pool, (p, n) in acts.items() for s, a in (("pos", p), ("neg", n))})
+    return acts, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data", type=Path)
@@ -124,23 +137,33 @@ def main() -> None:
     ap.add_argument("--site", default="ffn_out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--checks", default="likelihood,pairwise")
+    ap.add_argument("--stage", choices=("checks", "capture", "analyze", "all"), default="all",
+                    help="run only the checks or only the capture (two processes share a busy machine better)")
     args = ap.parse_args()
+    checks = tuple(c for c in args.checks.split(",") if c)
     engine = open_engine(args.model, RuntimeSettings(threads=args.threads, n_ctx=16384, parallel=16))
-    recs = checked_records(engine, args.data, args.limit)
-    t0 = time.monotonic()
-    acts = capture(engine, recs, args.site)
-    capture_s = time.monotonic() - t0
+    if args.stage == "capture":
+        recs = [dict(r) for r in read_jsonl(args.data)][: args.limit]
+        cached_capture(engine, recs, args.data, args.site, args.limit)
+        return
+    recs = checked_records(None if args.stage == "analyze" else engine, args.data, args.limit, checks)
+    if args.stage == "checks":
+        return
+    checks = tuple(c for c in checks if c in recs[0])
+    acts, capture_s = cached_capture(engine, recs, args.data, args.site, args.limit)
     base = np.array([i for i, r in enumerate(recs) if not refusal_reason(r)])
     result: dict[str, Any] = {
         "data": args.data.name, "model": args.model, "site": args.site, "pairs": len(recs),
         "recipe": recs[0].get("recipe", "paper"), "capture_seconds": round(capture_s, 1),
         "check_seconds_per_pair": recs[0].get("check_seconds"),
         "refusals": {s: sum(bool(r.get("refusal", {}).get(s)) for r in recs) for s in ("positive", "negative")},
-        "agreement": {c: float(np.mean([recs[i][c]["score"] > 0 for i in base])) for c in ("pairwise", "likelihood")},
-        "checks_agree_with_each_other": float(np.mean([(recs[i]["pairwise"]["score"] > 0) == (recs[i]["likelihood"]["score"] > 0) for i in base])),
+        "agreement": {c: float(np.mean([recs[i][c]["score"] > 0 for i in base])) for c in checks},
+        "checks_agree_with_each_other": float(np.mean([(recs[i]["pairwise"]["score"] > 0) == (recs[i]["likelihood"]["score"] > 0) for i in base]))
+        if len(checks) == 2 else None,
         "variants": {},
     }
-    for name, (idx, signs, stats) in variants(recs).items():
+    for name, (idx, signs, stats) in variants(recs, checks).items():
         per_pool = {}
         for pool, (pos, neg) in acts.items():
             layers = {}
