@@ -181,5 +181,5 @@ def test_bad_requests_are_refused(tiny_engine: Engine) -> None:
             pass
     with pytest.raises(AlignezError, match="does not fit the context"):
         e.generate(["the " * 3000], Sampling(max_tokens=4))
-    with pytest.raises(AlignezError, match="--top-p"):
+    with pytest.raises(AlignezError, match="top_p"):
         e.generate(["hi"], Sampling(top_p=0))

@@ -1,0 +1,251 @@
+"""The batch scheduler: many sequences decoded as parallel sequences in shared llama.cpp batches
+(continuous batching: a new prompt takes the slot of a finished one), with per-sequence sampling,
+stop strings and streaming.
+
+Every run starts from an empty KV cache and leaves it empty, so nothing computed under other
+settings is ever reused.
+"""
+
+from __future__ import annotations
+
+import codecs
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import llama_cpp.llama_cpp as C
+
+from alignez_local.errors import AlignezError
+from alignez_local.llama.hooks import HookState, Layout
+from alignez_local.llama.sampling import Sampling, TokenFn, make_sampler
+from alignez_local.llama.vocab import Vocab
+
+
+@dataclass
+class Seq:
+    """One sequence in flight: its prompt, where it is, and what to do with its outputs."""
+
+    key: int
+    tokens: list[int]
+    sampling: Sampling | None = None  # None: prefill only (capture, logits)
+    output_from: int | None = None  # mark prompt tokens >= this as outputs (None: last only)
+    slot: int = -1
+    fed: int = 0
+    pending: int | None = None
+    sampler: Any = None
+    generated: list[int] = field(default_factory=list)
+    decoder: Any = None
+    text: str = ""
+    emitted: int = 0
+    finish: str | None = None
+
+
+# on_logits(sequence, token index, batch row): called for each output row after a decode.
+LogitsFn = Callable[[Seq, int, int], None]
+
+
+class _Batch:
+    """The llama_batch being filled for one decode, and the layout the callback reads."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+        self.n = 0
+        self.out_rows: list[int] = []
+        self.out_keys: list[int] = []
+        self.tok_keys: list[int] = []
+        self.out_last: list[bool] = []
+        self.out_seq: list[Seq] = []
+        self.out_tok: list[int] = []
+        self.spans: list[tuple[int, int, int, int]] = []
+
+    def put(self, s: Seq, tok: int, pos: int, output: bool) -> None:
+        b, n = self.batch, self.n
+        b.token[n] = tok
+        b.pos[n] = pos
+        b.n_seq_id[n] = 1
+        b.seq_id[n][0] = s.slot
+        b.logits[n] = output
+        self.tok_keys.append(s.key)
+        if output:
+            self.out_rows.append(n)
+            self.out_keys.append(s.key)
+            self.out_last.append(s.sampling is None and pos == len(s.tokens) - 1)
+            self.out_seq.append(s)
+            self.out_tok.append(pos)
+        self.n = n + 1
+
+    def layout(self) -> Layout:
+        return Layout(self.n, np.asarray(self.out_rows, dtype=np.int64), self.out_keys, self.tok_keys, self.out_last, self.spans)
+
+
+class Scheduler:
+    """Runs sequences through one llama.cpp context; owns nothing, frees nothing but samplers."""
+
+    def __init__(self, ctx: Any, batch: Any, vocab: Vocab, state: HookState, n_batch: int, n_parallel: int) -> None:
+        self.ctx = ctx
+        self.mem = C.llama_get_memory(ctx)
+        self.batch = batch
+        self.vocab = vocab
+        self.state = state
+        self.n_batch = n_batch
+        self.n_parallel = n_parallel
+        self.n_ctx = int(C.llama_n_ctx(ctx))
+
+    def run(self, seqs: list[Seq], on_token: TokenFn | None = None, on_logits: LogitsFn | None = None,
+            on_done: Callable[[Seq], None] | None = None) -> None:
+        """Decode ``seqs`` as parallel sequences until every one is finished."""
+        self._check(seqs)
+        C.llama_memory_clear(self.mem, True)
+        queue = deque(seqs)
+        free = list(range(self.n_parallel))
+        active: list[Seq] = []
+        st = self.state
+        st.abort = st.interrupted = False
+        st.error = None
+        try:
+            with self._interruptible():
+                while queue or active:
+                    while queue and free:
+                        active.append(self._admit(queue.popleft(), free.pop(0)))
+                    fill = self._fill(active)
+                    self._decode(fill, len(active))
+                    for i, s in enumerate(fill.out_seq):
+                        if on_logits is not None:
+                            on_logits(s, fill.out_tok[i], fill.out_rows[i])
+                        if s.sampling is not None and s.fed == len(s.tokens) + len(s.generated) and s.finish is None:
+                            self._sample_next(s, fill.out_rows[i], on_token)
+                    for s in [s for s in active if s.finish is not None or (s.sampling is None and s.fed >= len(s.tokens))]:
+                        active.remove(s)
+                        C.llama_memory_seq_rm(self.mem, s.slot, -1, -1)
+                        free.append(s.slot)
+                        free.sort()
+                        _free_sampler(s)
+                        if on_done is not None:
+                            on_done(s)
+        except KeyboardInterrupt:
+            for s in active:
+                if s.sampling is not None and s.finish is None:
+                    s.finish = "interrupted"
+            raise
+        finally:
+            for s in active:
+                _free_sampler(s)
+            st.layout = None
+            st.abort = False
+            C.llama_memory_clear(self.mem, True)
+
+    def _check(self, seqs: list[Seq]) -> None:
+        for s in seqs:
+            need = len(s.tokens) + (s.sampling.max_tokens if s.sampling else 0)
+            if need > self.n_ctx:
+                raise AlignezError(
+                    f"a prompt of {len(s.tokens)} tokens (+{need - len(s.tokens)} to generate) does not fit "
+                    f"the context of {self.n_ctx}; shorten it or raise n_ctx"
+                )
+            if not s.tokens:
+                raise AlignezError("an empty prompt cannot be decoded; give some text")
+
+    def _admit(self, s: Seq, slot: int) -> Seq:
+        s.slot = slot
+        if s.sampling is not None:
+            s.sampler = make_sampler(s.sampling, self.vocab.n_tokens)
+            s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        return s
+
+    def _fill(self, active: list[Seq]) -> _Batch:
+        """Put the next tokens of the active sequences in the batch: sequences that are generating
+        go first (one token each), prompts fill the rest."""
+        fill = _Batch(self.batch)
+        for s in active:
+            if s.pending is not None:
+                fill.spans.append((s.key, fill.n, 1, s.fed))
+                fill.put(s, s.pending, s.fed, True)
+                s.fed += 1
+                s.pending = None
+        for s in active:
+            if s.fed < len(s.tokens) and fill.n < self.n_batch:
+                take = min(len(s.tokens) - s.fed, self.n_batch - fill.n)
+                fill.spans.append((s.key, fill.n, take, s.fed))
+                last = len(s.tokens) - 1
+                for p in range(s.fed, s.fed + take):
+                    fill.put(s, s.tokens[p], p, p == last or (s.output_from is not None and p >= s.output_from))
+                s.fed += take
+        return fill
+
+    def _decode(self, fill: _Batch, n_active: int) -> None:
+        self.batch.n_tokens = fill.n
+        st = self.state
+        st.layout = fill.layout()
+        rc = C.llama_decode(self.ctx, self.batch)
+        if st.interrupted:
+            raise KeyboardInterrupt
+        if st.error is not None:
+            raise st.error
+        if rc == 1:
+            raise AlignezError(
+                f"the context of {self.n_ctx} tokens is full with {n_active} parallel sequences; "
+                "raise n_ctx or lower n_parallel"
+            )
+        if rc != 0:
+            raise AlignezError(f"llama_decode failed with code {rc}")
+
+    def _sample_next(self, s: Seq, row: int, on_token: TokenFn | None) -> None:
+        sp = s.sampling
+        assert sp is not None
+        tok = int(C.llama_sampler_sample(s.sampler, self.ctx, row))
+        if self.vocab.is_eog(tok):
+            s.finish = "stop"
+        else:
+            s.generated.append(tok)
+            s.text += s.decoder.decode(self.vocab.piece_bytes(tok))
+            stops = sp.stop
+            cut = min((i for i in (s.text.find(x, max(0, s.emitted - len(x))) for x in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                s.text = s.text[:cut]
+                s.finish = "stop"
+            elif len(s.generated) >= sp.max_tokens:
+                s.finish = "length"
+            else:
+                s.pending = tok
+        if s.finish == "length":
+            s.text += s.decoder.decode(b"", final=True)
+        # Hold back text that may be the start of a stop string until it is decided.
+        hold = 0 if s.finish is not None else max((len(x) - 1 for x in sp.stop), default=0)
+        upto = max(s.emitted, len(s.text) - hold)
+        if on_token is not None and upto > s.emitted:
+            on_token(s.key, s.text[s.emitted : upto])
+        s.emitted = upto
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Turn Ctrl-C during a decode into a clean abort, then a KeyboardInterrupt after it.
+
+        Without this the interrupt would surface inside a ctypes callback, where Python can only
+        print it and carry on.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        st = self.state
+
+        def on_sigint(_signum: int, _frame: object) -> None:
+            st.interrupted = True
+            st.abort = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _free_sampler(s: Seq) -> None:
+    if s.sampler is not None:
+        C.llama_sampler_free(s.sampler)
+        s.sampler = None

@@ -1,0 +1,84 @@
+"""The llama package's own contracts: imports, lifetime (no Engine -> callback -> Engine cycle, no
+leak when loading fails half-way), the one control-vector buffer, and log-probabilities."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+
+from alignez_local.errors import AlignezError
+from alignez_local.llama import Completion, Engine, Sampling, cvec_buffer
+from alignez_local.llama import engine as engine_module
+from alignez_local.llama import hooks
+
+
+def test_both_import_paths_give_the_same_objects() -> None:
+    assert engine_module.Engine is Engine and engine_module.Sampling is Sampling
+    assert engine_module.Completion is Completion and callable(engine_module.physical_cores)
+
+
+def test_dropped_engine_is_freed_without_the_garbage_collector(tiny_model_path: Path) -> None:
+    gc.disable()
+    try:
+        e = Engine(tiny_model_path, n_ctx=256, n_parallel=2)
+        e.generate(["hi"], Sampling(max_tokens=2))
+        handle = e._hooks.handle
+        ref = weakref.ref(e)
+        del e
+        assert ref() is None, "something still holds the engine: a callback cycle?"
+        assert handle not in hooks._states
+    finally:
+        gc.enable()
+
+
+def test_model_is_freed_when_reading_its_facts_fails(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Engine] = []
+
+    def boom(self: Engine) -> None:
+        seen.append(self)
+        raise AlignezError("metadata unreadable")
+
+    monkeypatch.setattr(Engine, "_read_model_facts", boom)
+    with pytest.raises(AlignezError, match="metadata unreadable"):
+        Engine(tiny_model_path, n_ctx=256)
+    [half] = seen
+    assert half._closed and half._model is None
+
+
+def test_messages_name_parameters_not_flags(tiny_model_path: Path) -> None:
+    with pytest.raises(AlignezError, match="^n_parallel 0 is out of range"):
+        Engine(tiny_model_path, n_parallel=0)
+    with pytest.raises(AlignezError, match="^n_ctx 1 is out of range"):
+        Engine(tiny_model_path, n_ctx=1)
+    with pytest.raises(AlignezError, match="^temperature 9"):
+        Sampling(temperature=9).check()
+
+
+def test_cvec_buffer_layout_sums_and_checks() -> None:
+    n_layer, n_embd = 4, 3
+    a = {1: np.ones(n_embd), 3: np.arange(n_embd)}
+    b = {1: np.full(n_embd, 2.0)}
+    buf = cvec_buffer([a, b], n_layer, n_embd).reshape(n_layer - 1, n_embd)
+    np.testing.assert_array_equal(buf, [[3, 3, 3], [0, 0, 0], [0, 1, 2]])
+    assert buf.dtype == np.float32
+    np.testing.assert_array_equal(cvec_buffer(a, n_layer, n_embd), cvec_buffer([a], n_layer, n_embd))
+    with pytest.raises(AlignezError, match="takes layers 1..3"):
+        cvec_buffer({0: np.ones(n_embd)}, n_layer, n_embd)
+    with pytest.raises(AlignezError, match="width 2"):
+        cvec_buffer({1: np.ones(2)}, n_layer, n_embd)
+
+
+def test_continuation_logprobs_are_the_log_softmax_of_the_logits(tiny_engine: Engine) -> None:
+    e = tiny_engine
+    prompt, cont = e.prompt("Name a colour."), " Blue and green"
+    [lp] = e.continuation_logprobs([prompt], [cont])
+    ptok, ctok = e.tokenize(prompt), e.tokenize(cont, add_bos=False)
+    assert len(lp) == len(ctok)
+    logits = e.next_token_logits([prompt])[0].astype(np.float64)
+    assert lp[0] == pytest.approx(log_softmax(logits)[ctok[0]], abs=1e-4)
+    assert np.all(np.isfinite(lp)) and np.all(lp <= 0)
