@@ -113,6 +113,31 @@ def test_sweep_one_row_per_strength_and_zero_is_unsteered(score_run: tuple[dict,
     assert report["results"][0]["perplexity"]["pooled"] == pytest.approx(report["unsteered"]["perplexity"]["pooled"])
 
 
+def test_refusals_by_keywords_and_judge(score_run: tuple[dict, Path]) -> None:
+    report, out = score_run
+    asked = 0
+    for p in report["prompts"]:
+        for ans in [p["unsteered"], p["reference"], *p["steered"]]:
+            assert isinstance(ans["refusal"], bool)
+            assert ("judge_refusal" in ans) == (p["kind"] in ("harmful", "benign"))
+            asked += "judge_refusal" in ans
+    assert asked > 0
+    for kind, r in report["unsteered"]["refusal"].items():
+        if kind in ("harmful", "benign"):
+            assert r["judge_n"] == r["n"] and 0 <= r["judge_rate"] <= 1 and isinstance(r["disagree"], list)
+    assert "## Refusals" in (out / "summary.md").read_text()
+
+
+def test_each_distinct_answer_is_judged_once(score_run: tuple[dict, Path]) -> None:
+    report, _ = score_run
+    answers = [(p["prompt"], a["answer"]) for p in report["prompts"] for a in [p["unsteered"], p["reference"], *p["steered"]]]
+    # x0 and the reference (the same model) repeat the unsteered answers: each text is scored once.
+    assert report["judge"]["prompts_decoded"] == len(set(answers)) < len(answers)
+    risky = {(p["prompt"], a["answer"]) for p in report["prompts"] if p["kind"] in ("harmful", "benign")
+             for a in [p["unsteered"], p["reference"], *p["steered"]]}
+    assert report["judge"]["refusal_prompts_decoded"] == len(risky)
+
+
 def test_reference_gap_reported(score_run: tuple[dict, Path]) -> None:
     report, _ = score_run
     # The reference is the unsteered model itself: its net win is 0, so the gap is undefined and said so.
@@ -246,6 +271,20 @@ def test_cli_writes_report(tiny_model_path: Path, vector_path: Path, tmp_path: P
     assert report["complete"] and len(report["results"]) == 2
     assert (out / "summary.md").read_text().startswith("# alignez eval")
     assert "x1:" in r.stdout and "ETA" in r.stderr
+
+
+def test_cli_harmbench_plain_text_as_harmful(tiny_model_path: Path, vector_path: Path, tmp_path: Path) -> None:
+    harmbench = REPO.parent / "shared" / "data" / "harmbench_prompts.txt"
+    if not harmbench.is_file():
+        pytest.skip(f"{harmbench} is not on this machine")
+    out = tmp_path / "hb"
+    r = _cli("-m", tiny_model_path, "--judge", tiny_model_path, "--vector", vector_path, "--prompts", harmbench,
+             "--prompt-kind", "harmful", "--limit", 2, "--max-tokens", 4, "--threads", 1, "--top-n", 2,
+             "--judge-ctx", 2048, "--out", out)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompt_kinds"] == {"harmful": 2} and report["settings"]["prompt_kind"] == "harmful"
+    assert report["unsteered"]["refusal"]["harmful"]["judge_n"] == 2
 
 
 @pytest.mark.parametrize(
