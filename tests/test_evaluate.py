@@ -285,6 +285,7 @@ def test_cli_harmbench_plain_text_as_harmful(tiny_model_path: Path, vector_path:
     report = json.loads((out / "report.json").read_text())
     assert report["prompt_kinds"] == {"harmful": 2} and report["settings"]["prompt_kind"] == "harmful"
     assert report["unsteered"]["refusal"]["harmful"]["judge_n"] == 2
+    assert "unsteered: refusals harmful" in r.stdout and "by the judge" in r.stdout
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -95,6 +96,21 @@ def eval_command(
             f"x{r['strength']:g}: {j.get('wins', 0)} wins, {j.get('ties', 0)} ties, {j.get('losses', 0)} losses; "
             f"net win rate {'n/a' if net is None else f'{100 * net:+.1f}%'} (95% {ci})"
         )
+    for label, group in [("unsteered", report["unsteered"])] + [(f"x{r['strength']:g}", r) for r in report["results"]]:
+        line = _refusal_line(group)
+        if line:
+            click.echo(f"{label}: refusals {line}")
     if report.get("plot"):
         click.echo(report["plot"], err=True)
     click.echo(f"wrote {out / 'report.json'} and {out / 'summary.md'}", err=True)
+
+
+def _refusal_line(group: dict[str, Any]) -> str:
+    """Return "harmful 3/10 by keywords, 5/10 by the judge; benign ..." for one set of answers ('' when none)."""
+    parts = []
+    for kind in ("harmful", "benign"):
+        r = group.get("refusal", {}).get(kind)
+        if r and r.get("n"):
+            judged = f", {r['judge_refusals']}/{r['judge_n']} by the judge" if r.get("judge_n") else ""
+            parts.append(f"{kind} {r['refusals']}/{r['n']} by keywords{judged}")
+    return "; ".join(parts)
