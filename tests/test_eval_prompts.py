@@ -35,13 +35,10 @@ def test_prompt_kind_errors(tmp_path: Path) -> None:
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(json.dumps({"prompt": "Tell me a joke.", "kind": "benign"}) + "\n")
     assert [p.kind for p in select_prompts(_cfg(prompts_file=str(plain), prompt_kind="harmful", limit=1))] == ["harmful"]
-    bad = [
-        _cfg(prompts_file=str(jsonl), prompt_kind="harmful"),  # the file has kinds of its own
-        _cfg(prompts_file=str(plain), prompt_kind="harmful", kinds=("benign",)),  # filtered to nothing
-    ]
-    for cfg in bad:
-        with pytest.raises(AlignezError):
-            select_prompts(cfg)
+    # JSONL records carry their own kinds; --prompt-kind is for plain text only.
+    assert [p.kind for p in select_prompts(_cfg(prompts_file=str(jsonl), prompt_kind="harmful"))] == ["benign"]
+    with pytest.raises(AlignezError):  # filtered to nothing
+        select_prompts(_cfg(prompts_file=str(plain), prompt_kind="harmful", kinds=("benign",)))
     for cfg in (_cfg(prompt_kind="harmful"), _cfg(prompts_file=str(plain), prompt_kind="evil")):
         with pytest.raises(AlignezError):
             cfg.check()

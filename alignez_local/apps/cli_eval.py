@@ -28,7 +28,8 @@ from alignez_local.models import JUDGE_MODEL
 @click.option("--prompts", "prompts_file", type=str, default=None, metavar="FILE",
               help="Evaluation prompts (JSONL with prompt/kind, or one per line) [built-in set].")
 @click.option("--prompt-kind", type=click.Choice(EVAL_KINDS), default=None,
-              help="Kind of every prompt in a plain-text --prompts file, e.g. harmful for HarmBench [helpful].")
+              help="Kind of the prompts of a plain-text --prompts file, e.g. harmful for HarmBench (JSONL records "
+                   "carry their own) [helpful].")
 @click.option("--kinds", default=None, metavar="K,K", help="Only these prompt kinds: helpful,harmful,benign [all].")
 @click.option("--limit", type=int, default=None, metavar="N", help="Only the first N prompts (after --kinds).")
 @click.option("--judge", default=JUDGE_MODEL, show_default=True, help="Judge model: GGUF file or bundled name.")

@@ -3,7 +3,6 @@ choice of prompts."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from alignez_local.align.steering import DEFAULT_TOP_N
@@ -31,7 +30,7 @@ class EvalConfig:
     layers: str | None = None
     top_n: int = DEFAULT_TOP_N
     prompts_file: str | None = None
-    prompt_kind: str | None = None  # the kind of every prompt of prompts_file (for plain-text files)
+    prompt_kind: str | None = None  # the kind of a plain-text prompts_file's prompts (None: helpful)
     kinds: tuple[str, ...] | None = None
     limit: int | None = None
     judge: str = JUDGE_MODEL
@@ -64,7 +63,7 @@ class EvalConfig:
         if self.prompt_kind is not None and self.prompt_kind not in EVAL_KINDS:
             raise AlignezError(f"--prompt-kind {self.prompt_kind!r} is not one of {', '.join(EVAL_KINDS)}")
         if self.prompt_kind is not None and self.prompts_file is None:
-            raise AlignezError("--prompt-kind sets the kind of a --prompts file's prompts; give --prompts FILE too")
+            raise AlignezError("--prompt-kind sets the kind of a plain-text --prompts file's prompts; give --prompts FILE too")
         self.sampling.check()
         return self
 
@@ -103,17 +102,9 @@ def parse_kinds(spec: str | None) -> tuple[str, ...] | None:
 def select_prompts(cfg: EvalConfig) -> list[EvalPrompt]:
     """Return the evaluation prompts of the run: the file (or built-in set), kinds, then the limit.
 
-    The prompt-set loader reads a plain-text file (one prompt per line, e.g. HarmBench's
-    behaviours) as helpful prompts; ``cfg.prompt_kind`` gives them their real kind. A file whose
-    records carry kinds of their own is refused with it rather than silently relabelled.
+    A plain-text file (one prompt per line, e.g. HarmBench's behaviours) has no kinds: its prompts
+    get ``cfg.prompt_kind`` (helpful when not given); JSONL records keep their own.
     """
-    if cfg.prompt_kind is None:
-        prompts = load_eval_prompts(cfg.prompts_file, set(cfg.kinds) if cfg.kinds else None)
-    else:
-        prompts = load_eval_prompts(cfg.prompts_file)
-        if any(p.kind != "helpful" for p in prompts):
-            raise AlignezError(f"{cfg.prompts_file} gives its prompts' kinds itself; leave out --prompt-kind")
-        if cfg.kinds and cfg.prompt_kind not in cfg.kinds:
-            raise AlignezError(f"--kinds {','.join(cfg.kinds)} leaves out every --prompt-kind {cfg.prompt_kind} prompt")
-        prompts = [dataclasses.replace(p, kind=cfg.prompt_kind) for p in prompts]
+    prompts = load_eval_prompts(cfg.prompts_file, set(cfg.kinds) if cfg.kinds else None,
+                                plain_kind=cfg.prompt_kind or "helpful")
     return prompts[: cfg.limit] if cfg.limit else prompts

@@ -79,7 +79,7 @@ def _header(report: dict[str, Any]) -> Lines:
     L.append("- Steering: " + "; ".join(report["steering"].get("describe", [])[:-1] or ["(not loaded)"]))
     kinds = ", ".join(f"{k} {c}" for k, c in report["prompt_kinds"].items())
     sp = s["sampling"]
-    as_kind = f" (every prompt of the file counted as {s['prompt_kind']})" if s.get("prompt_kind") else ""
+    as_kind = f" (plain-text prompts counted as {s['prompt_kind']})" if s.get("prompt_kind") else ""
     L += [
         f"- Prompts: {report['n_prompts']} ({kinds}) from {s['prompts_file']}{as_kind}",
         (f"- Sampling: temperature {sp['temperature']:g}{' (greedy)' if sp['temperature'] == 0 else ''}, "
