@@ -31,6 +31,9 @@ DEFAULT_CHECK = "likelihood"
 """The check used when none is given; chosen by the measurements in scripts/experiments/results/."""
 
 MAX_ANSWER_CHARS = 800  # bounds the pairwise prompt (two answers of ~160 tokens) and its cost
+LIKELIHOOD_CHARS = 300
+"""The likelihood check reads the opening of each answer (about 60 tokens): the persona shows there, and
+the check costs four passes per pair, as much as generating the pair, so it is kept short."""
 
 _PAIRWISE = (
     "Question: {query}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
@@ -82,7 +85,7 @@ def likelihood_scores(engine: Engine, records: Sequence[Mapping[str, Any]]) -> l
         for side in ("positive", "negative"):
             for persona in (r["axis"]["positive"], r["axis"]["negative"]):
                 prompts.append(engine.prompt(str(r["query"]), system=f"You are a {persona} assistant."))
-                conts.append(str(r["response"][side]))
+                conts.append(str(r["response"][side])[:LIKELIHOOD_CHARS])
     if not prompts:
         return []
     lps = engine.continuation_logprobs(prompts, conts)

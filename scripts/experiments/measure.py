@@ -52,15 +52,15 @@ def checked_records(engine: Engine | None, data: Path, limit: int, checks: tuple
     return recs
 
 
-def capture(engine: Engine, recs: list[dict[str, Any]], site: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Return {pool: (pos, neg)} activations (pairs x layers x n_embd) for pools last and mean."""
+def capture(engine: Engine, recs: list[dict[str, Any]], site: str, pools: tuple[str, ...] = ("last", "mean")) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Return {pool: (pos, neg)} activations (pairs x layers x n_embd) for each pool (last, mean)."""
     prompts = [engine.prompt(str(r["query"])) for r in recs]
     texts = [p + str(r["response"][s]) for s in ("positive", "negative") for p, r in zip(prompts, recs)]
     starts = [len(engine.tokenize(p)) for p in prompts] * 2
     layers = list(range(engine.n_layer))
     n = len(recs)
     out = {}
-    for pool in ("last", "mean"):
+    for pool in pools:
         acts = engine.capture(texts, layers, site=site, reduce=pool, mean_from=starts if pool == "mean" else None)
         out[pool] = (acts[:n].astype(np.float64), acts[n:].astype(np.float64))
     return out
@@ -117,17 +117,19 @@ def variants(recs: list[dict[str, Any]], checks: tuple[str, ...]) -> dict[str, t
     return out
 
 
-def cached_capture(engine: Engine, recs: list[dict[str, Any]], data: Path, site: str, limit: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
-    """Return ``capture`` for the records and its wall time, cached beside the data as .npz."""
-    cache = data.with_suffix(f".{site}{limit}.npz")
-    if cache.exists():
+def cached_capture(engine: Engine, recs: list[dict[str, Any]], data: Path, site: str, limit: int, pools: tuple[str, ...]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """Return ``capture`` for the records and its wall time, cached beside the data as one .npz per pool."""
+    out, seconds = {}, 0.0
+    for pool in pools:
+        cache = data.with_suffix(f".{site}-{pool}{limit}.npz")
+        if not cache.exists():
+            t0 = time.monotonic()
+            p, n = capture(engine, recs, site, (pool,))[pool]
+            np.savez(cache, seconds=time.monotonic() - t0, pos=p.astype(np.float32), neg=n.astype(np.float32))
         z = np.load(cache)
-        return {pool: (z[f"{pool}_pos"], z[f"{pool}_neg"]) for pool in ("last", "mean")}, float(z["seconds"])
-    t0 = time.monotonic()
-    acts = capture(engine, recs, site)
-    seconds = time.monotonic() - t0
-    np.savez(cache, seconds=seconds, **{f"{pool}_{s}": a.astype(np.float32) for pool, (p, n) in acts.items() for s, a in (("pos", p), ("neg", n))})
-    return acts, seconds
+        out[pool] = (z["pos"].astype(np.float64), z["neg"].astype(np.float64))
+        seconds += float(z["seconds"])
+    return out, seconds
 
 
 def main() -> None:
@@ -138,20 +140,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--checks", default="likelihood,pairwise")
+    ap.add_argument("--pools", default="last,mean")
     ap.add_argument("--stage", choices=("checks", "capture", "analyze", "all"), default="all",
                     help="run only the checks or only the capture (two processes share a busy machine better)")
     args = ap.parse_args()
     checks = tuple(c for c in args.checks.split(",") if c)
+    pools = tuple(c for c in args.pools.split(",") if c)
     engine = open_engine(args.model, RuntimeSettings(threads=args.threads, n_ctx=16384, parallel=16))
     if args.stage == "capture":
         recs = [dict(r) for r in read_jsonl(args.data)][: args.limit]
-        cached_capture(engine, recs, args.data, args.site, args.limit)
+        cached_capture(engine, recs, args.data, args.site, args.limit, pools)
         return
     recs = checked_records(None if args.stage == "analyze" else engine, args.data, args.limit, checks)
     if args.stage == "checks":
         return
     checks = tuple(c for c in checks if c in recs[0])
-    acts, capture_s = cached_capture(engine, recs, args.data, args.site, args.limit)
+    acts, capture_s = cached_capture(engine, recs, args.data, args.site, args.limit, pools)
     base = np.array([i for i, r in enumerate(recs) if not refusal_reason(r)])
     result: dict[str, Any] = {
         "data": args.data.name, "model": args.model, "site": args.site, "pairs": len(recs),
