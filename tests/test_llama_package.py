@@ -82,3 +82,15 @@ def test_continuation_logprobs_are_the_log_softmax_of_the_logits(tiny_engine: En
     logits = e.next_token_logits([prompt])[0].astype(np.float64)
     assert lp[0] == pytest.approx(log_softmax(logits)[ctok[0]], abs=1e-4)
     assert np.all(np.isfinite(lp)) and np.all(lp <= 0)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=12), Sampling(max_tokens=12, temperature=1.5, top_k=5, repeat_penalty=1.3, seed=4)])
+def test_token_logprobs_equal_continuation_logprobs(tiny_engine: Engine, sampling: Sampling) -> None:
+    e = tiny_engine
+    prompts = [e.prompt(p) for p in ("Name a colour.", "Count to three.")]
+    comps = e.generate(prompts, sampling)
+    for p, c in zip(prompts, comps):
+        assert len(c.token_logprobs) == c.n_tokens > 0
+        # By token ids: the random model's text need not re-tokenize to the same tokens.
+        [ref] = e.continuation_logprobs([p], [c.tokens])
+        np.testing.assert_allclose(c.token_logprobs, ref, atol=1e-3)

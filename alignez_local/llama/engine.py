@@ -234,7 +234,10 @@ class Engine:
             raise ValueError("one Sampling per prompt, or a single one for all")
         seqs = [Seq(i, self.tokenize(p), sampling=sp.check()) for i, (p, sp) in enumerate(zip(prompts, sps))]
         self._sched.run(seqs, on_token=on_token)
-        return [Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens)) for s in seqs]
+        return [
+            Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens), np.asarray(s.logprobs), s.generated)
+            for s in seqs
+        ]
 
     def capture(
         self,
@@ -299,13 +302,17 @@ class Engine:
         self._sched.run([Seq(i, self.tokenize(p)) for i, p in enumerate(prompts)], on_logits=grab)
         return out
 
-    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[np.ndarray]:
+    def continuation_logprobs(
+        self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]]
+    ) -> list[np.ndarray]:
         """Return, per pair, the log-probability of each continuation token given the prompt and the
-        tokens before it (for perplexity). The continuation is tokenized after the prompt."""
+        tokens before it (for perplexity). A text continuation is tokenized after the prompt; a
+        list of token ids (``Completion.tokens``) is used as it is."""
         seqs: list[Seq] = []
         for i, (p, c) in enumerate(zip(prompts, continuations)):
             ptok = self.tokenize(p)
-            seqs.append(Seq(i, ptok + self.tokenize(c, add_bos=False), output_from=len(ptok) - 1))
+            ctok = self.tokenize(c, add_bos=False) if isinstance(c, str) else [int(t) for t in c]
+            seqs.append(Seq(i, ptok + ctok, output_from=len(ptok) - 1))
         res = [np.zeros(len(s.tokens) - 1 - (s.output_from or 0), dtype=np.float64) for s in seqs]
 
         def grab(s: Seq, pos: int, row: int) -> None:

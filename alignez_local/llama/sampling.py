@@ -4,8 +4,10 @@ sampler chain built from a ``Sampling``."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 import llama_cpp.llama_cpp as C
 
@@ -49,12 +51,20 @@ class Sampling:
 
 @dataclass
 class Completion:
-    """One generated answer."""
+    """One generated answer.
+
+    ``token_logprobs[i]`` is the log-probability the model gave generated token i: the
+    log-softmax of its raw logits (under the steering in force, before any sampler transform such
+    as temperature, top-p or repeat penalty). For an unsteered answer that is the perplexity data
+    without a second pass over the text.
+    """
 
     text: str
     n_tokens: int
     finish_reason: str  # "stop" (EOG token or stop string), "length", "interrupted"
     n_prompt_tokens: int
+    token_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tokens: list[int] = field(default_factory=list)  # the generated token ids
 
 
 def make_sampler(sp: Sampling, n_vocab: int) -> Any:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import logsumexp
 
 import llama_cpp.llama_cpp as C
 
@@ -40,6 +41,7 @@ class Seq:
     pending: int | None = None
     sampler: Any = None
     generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each generated token, raw logits
     decoder: Any = None
     text: str = ""
     emitted: int = 0
@@ -202,6 +204,9 @@ class Scheduler:
         if self.vocab.is_eog(tok):
             s.finish = "stop"
         else:
+            # The sampler works on its own copy, so the context's row still holds the raw logits.
+            logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, row), shape=(self.vocab.n_tokens,))
+            s.logprobs.append(float(logits[tok]) - float(logsumexp(logits.astype(np.float64))))
             s.generated.append(tok)
             s.text += s.decoder.decode(self.vocab.piece_bytes(tok))
             stops = sp.stop
