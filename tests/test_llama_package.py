@@ -94,3 +94,35 @@ def test_token_logprobs_equal_continuation_logprobs(tiny_engine: Engine, samplin
         # By token ids: the random model's text need not re-tokenize to the same tokens.
         [ref] = e.continuation_logprobs([p], [c.tokens])
         np.testing.assert_allclose(c.token_logprobs, ref, atol=1e-3)
+
+
+def test_shared_prefix_gives_the_unshared_results(tiny_engine: Engine) -> None:
+    from alignez_local.llama.scheduler import MIN_SHARED_PREFIX, Seq, shared_prefix_len
+
+    e = tiny_engine
+    instruction = "You are a judge. Rate the answer below from 1 to 10 for helpfulness and honesty. " * 3
+    prompts = [e.prompt(instruction + f"Question {q}: what is {q} plus {q}?") for q in range(5)]
+    answers = [f" It is {2 * q}, because {q} and {q} make {2 * q}." for q in range(5)]
+    toks = [e.tokenize(p) for p in prompts]
+    assert shared_prefix_len([Seq(i, t) for i, t in enumerate(toks)]) >= MIN_SHARED_PREFIX
+    shared = e.continuation_logprobs(prompts, answers)
+    alone = [e.continuation_logprobs([p], [a])[0] for p, a in zip(prompts, answers)]
+    for s, a in zip(shared, alone):
+        np.testing.assert_allclose(s, a, atol=1e-3)
+    np.testing.assert_allclose(e.next_token_logits(prompts), np.stack([e.next_token_logits([p])[0] for p in prompts]), atol=1e-3)
+    # more prompts than slots: later sequences get the prefix copied into a reused slot
+    small = Engine(e.path, n_ctx=2048, n_parallel=2)
+    many = small.continuation_logprobs(prompts, answers)
+    small.close()
+    for s, a in zip(many, alone):
+        np.testing.assert_allclose(s, a, atol=1e-3)
+
+
+def test_shared_prefix_stops_before_the_first_output() -> None:
+    from alignez_local.llama.scheduler import Seq, shared_prefix_len
+
+    base = list(range(40))
+    assert shared_prefix_len([Seq(0, base), Seq(1, base)]) == 39  # the last token must be fed to give logits
+    assert shared_prefix_len([Seq(0, base, output_from=10), Seq(1, base + [7])]) == 10
+    assert shared_prefix_len([Seq(0, base), Seq(1, [99] + base)]) == 0
+    assert shared_prefix_len([Seq(0, base)]) == 0

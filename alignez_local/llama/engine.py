@@ -125,7 +125,7 @@ class Engine:
         cp.n_ctx = n_ctx
         cp.n_batch = self.n_batch
         cp.n_ubatch = self.n_batch  # one ubatch per decode: captured rows map to batch tokens 1:1
-        cp.n_seq_max = self.n_parallel
+        cp.n_seq_max = self.n_parallel + 1  # one spare sequence id holds a shared prompt prefix
         cp.n_threads = self.n_threads
         cp.n_threads_batch = self.n_threads
         cp.kv_unified = True  # parallel sequences share the whole context, in batch order
@@ -299,7 +299,7 @@ class Engine:
         def grab(s: Seq, pos: int, row: int) -> None:
             out[s.key] = self._logits_row(row)
 
-        self._sched.run([Seq(i, self.tokenize(p)) for i, p in enumerate(prompts)], on_logits=grab)
+        self._sched.run([Seq(i, self.tokenize(p)) for i, p in enumerate(prompts)], on_logits=grab, share_prefix=True)
         return out
 
     def continuation_logprobs(
@@ -320,7 +320,7 @@ class Engine:
                 logits = self._logits_row(row).astype(np.float64)
                 res[s.key][pos - (s.output_from or 0)] = logits[s.tokens[pos + 1]] - logsumexp(logits)
 
-        self._sched.run(seqs, on_logits=grab)
+        self._sched.run(seqs, on_logits=grab, share_prefix=True)
         return res
 
     # --- steering ----------------------------------------------------------------------------

@@ -98,10 +98,16 @@ class Scheduler:
         self.n_batch = n_batch
         self.n_parallel = n_parallel
         self.n_ctx = int(C.llama_n_ctx(ctx))
+        self._prefix = 0  # tokens of the shared prefix held by sequence id n_parallel in this run
 
     def run(self, seqs: list[Seq], on_token: TokenFn | None = None, on_logits: LogitsFn | None = None,
-            on_done: Callable[[Seq], None] | None = None) -> None:
-        """Decode ``seqs`` as parallel sequences until every one is finished."""
+            on_done: Callable[[Seq], None] | None = None, share_prefix: bool = False) -> None:
+        """Decode ``seqs`` as parallel sequences until every one is finished.
+
+        ``share_prefix``: decode the token prefix all ``seqs`` share (before any output) once and
+        copy its KV cells into each sequence instead of re-reading it (for prefill-only runs whose
+        results do not depend on which sequence computed a prompt token).
+        """
         self._check(seqs)
         C.llama_memory_clear(self.mem, True)
         queue = deque(seqs)
@@ -110,8 +116,11 @@ class Scheduler:
         st = self.state
         st.abort = st.interrupted = False
         st.error = None
+        self._prefix = 0
         try:
             with self._interruptible():
+                if share_prefix:
+                    self._decode_prefix(seqs)
                 while queue or active:
                     while queue and free:
                         active.append(self._admit(queue.popleft(), free.pop(0)))
@@ -153,8 +162,23 @@ class Scheduler:
             if not s.tokens:
                 raise AlignezError("an empty prompt cannot be decoded; give some text")
 
+    def _decode_prefix(self, seqs: list[Seq]) -> None:
+        """Decode the shared prefix into the spare sequence id ``n_parallel`` (the context has one
+        more sequence than slots for it); ``_admit`` then copies it into each slot."""
+        n = shared_prefix_len(seqs)
+        if n < MIN_SHARED_PREFIX or any(e.all_tokens for e in self.state.edits):
+            return  # an every-token edit may depend on the sequence: it must see each one
+        pre = Seq(-1, seqs[0].tokens[:n], slot=self.n_parallel)
+        while pre.fed < n:
+            self._decode(self._fill([pre]), 1)
+        self._prefix = n
+
     def _admit(self, s: Seq, slot: int) -> Seq:
         s.slot = slot
+        if self._prefix:
+            # With a unified KV cache this tags the prefix cells with the slot too: no copy.
+            C.llama_memory_seq_cp(self.mem, self.n_parallel, slot, -1, -1)
+            s.fed = self._prefix
         if s.sampling is not None:
             s.sampler = make_sampler(s.sampling, self.vocab.n_tokens)
             s.decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -248,6 +272,26 @@ class Scheduler:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+# Below this many shared tokens the extra decode and bookkeeping are not worth it.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_len(seqs: list[Seq]) -> int:
+    """Return how many leading tokens all ``seqs`` share before the first token that must produce
+    an output (0 for fewer than two sequences)."""
+    if len(seqs) < 2:
+        return 0
+    first = seqs[0].tokens
+    n = min(len(s.tokens) - 1 if s.output_from is None else s.output_from for s in seqs)
+    for s in seqs[1:]:
+        toks = s.tokens
+        i = 0
+        while i < n and toks[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
 
 
 def _free_sampler(s: Seq) -> None:
