@@ -4,8 +4,9 @@ Work is counted in items (pairs, prompts) and, where the caller knows them, in t
 fed plus tokens generated, against a token budget (every prompt's tokens plus its ``max_tokens``).
 Items alone give a poor ETA when they differ in size; tokens alone overestimate the remaining work,
 because answers usually stop before their budget. ``estimate_remaining`` combines the two: once items
-have finished, the remaining items are expected to cost what the finished ones cost on average,
-capped by the budget still left. The pure function is tested on a recorded trace.
+have finished, the remaining items are expected to cost what the finished ones cost on average, at
+the token rate measured since the first finished batch (the first batch also pays for start-up).
+The line shows the tokens done against the budget. The pure function is tested on a recorded trace.
 """
 
 from __future__ import annotations
@@ -29,21 +30,25 @@ def token_work(prompt_tokens: int, generated_tokens: int) -> float:
     return PROMPT_TOKEN_COST * prompt_tokens + generated_tokens
 
 
-def estimate_remaining(elapsed: float, items_done: int, items_total: int, work_done: float, budget_left: float | None) -> float:
+def estimate_remaining(
+    elapsed: float, items_done: int, items_total: int, work_done: float,
+    anchor: tuple[float, float] | None = None,
+) -> float:
     """Return the estimated seconds left (nan while there is nothing to go on).
 
     ``work_done`` is the work of the items done so far in this run (tokens, or items when the caller
-    has no token counts), ``budget_left`` the most work the remaining items can take (None: unknown).
+    has no token counts). The token budget is not used as a cap: estimated from the prompts before
+    they are run, it was off by a few percent, and near the end a few percent of the budget is most
+    of what is left. ``anchor`` = (seconds, work) at the first finished batch: the rate is measured from there, because
+    the first batch also pays for start-up (loading, the first prompts) and would make the rate look slow.
     """
     if items_done >= items_total:
         return 0.0
-    if elapsed <= 0 or work_done <= 0 or items_done <= 0:
+    t0, w0 = anchor if anchor is not None else (0.0, 0.0)
+    if elapsed <= t0 or work_done <= w0 or items_done <= 0:
         return float("nan")
-    per_item = work_done / items_done
-    remaining = per_item * (items_total - items_done)
-    if budget_left is not None:
-        remaining = min(remaining, budget_left)
-    return remaining / (work_done / elapsed)
+    remaining = work_done / items_done * (items_total - items_done)
+    return remaining / ((work_done - w0) / (elapsed - t0))
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Progress:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self._last = 0.0
+        self._anchor: tuple[float, float] | None = None
         self.trace = Trace()
         self.update(0)
 
@@ -81,6 +87,8 @@ class Progress:
         if self.budget is not None:
             self.budget -= budget_used if budget_used is not None else (n if work is None else work)
         now = time.monotonic()
+        if self._anchor is None and n > 0:
+            self._anchor = (now - self.t0, self.work)
         self.trace.points.append((now - self.t0, self.done - self.start_done, self.work, self.budget))
         if self.quiet:
             return
@@ -93,13 +101,13 @@ class Progress:
     def eta(self, elapsed: float) -> float:
         """Return the estimated seconds left, ``elapsed`` seconds into the run."""
         return estimate_remaining(elapsed, self.done - self.start_done, self.total - self.start_done,
-                                  self.work, None if self.budget is None else max(0.0, self.budget))
+                                  self.work, self._anchor)
 
     def _write(self, elapsed: float, final: bool) -> None:
         eta = self.eta(elapsed)
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta_s = _fmt(eta) if eta == eta else "--"
-        tokens = f", {self.work:,.0f} tokens" if self.budget is not None else ""
+        tokens = f", {self.work:,.0f}/{self.work + max(0.0, self.budget):,.0f} tokens" if self.budget is not None else ""
         line = f"{self.label}: {self.done}/{self.total} ({pct:3.0f}%{tokens}) elapsed {_fmt(elapsed)} ETA {eta_s}"
         if self.tty:
             sys.stderr.write("\r\x1b[2K" + line + ("\n" if final else ""))
