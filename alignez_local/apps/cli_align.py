@@ -144,7 +144,7 @@ def export_cmd(model, threads, n_ctx, gpu_layers, parallel, verbose, profile_pat
 
     \b
     alignez export --profile helpful.profile.gguf -o helpful.gguf
-    llama-cli -m model.gguf --control-vector-scaled helpful.gguf:1.0
+    llama-completion -m model.gguf --control-vector-scaled helpful.gguf:1.0
     """
     out = check_writable(out_path)
     prof = load_profile(profile_path)
@@ -218,7 +218,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     p = res.paths
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model} --profile {p.profile}")
-    click.echo(f"         llama-cli -m {engine.path} --control-vector-scaled {p.vector}:1.0")
+    click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:1.0")
 
 
 align_commands = [generate, fit, export_cmd, inspect, import_cmd, steer]
