@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
+from alignez_local.align.calibrate import Calibration, calibrate_strength
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
 from alignez_local.align.fit import fit_profile
-from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_pairs
+from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
+from alignez_local.align.selfcheck import quality_line, select_pairs
+from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries
 from alignez_local.fileio import check_writable, write_json
@@ -42,6 +45,9 @@ HELDOUT_PROMPTS = 16
 STEER_QUERIES = 96
 # export's default number of calibration queries.
 EXPORT_QUERIES = 64
+# Held-out queries the default strength is calibrated on (see align/calibrate.py): enough to pool
+# about 500 answer tokens per strength, few enough that calibrating both files costs about a minute.
+CALIBRATION_PROMPTS = 12
 
 Notify = Callable[[str], None]
 
@@ -92,12 +98,31 @@ class FitSettings:
     max_cos: float = 0.8
     top_n: int = 5
     seed: int = 0
+    flip: bool = False  # swap pairs the model's self-check judged inverted, instead of dropping them
 
 
-def select_queries(queries_file: str | None = None, limit: int | None = None) -> list[str]:
-    """Return the generation queries (a file or the built-in set), the first ``limit`` of them."""
-    qs = load_queries(queries_file)
+def select_queries(queries_file: str | None = None, limit: int | None = None, axis: str | None = None) -> list[str]:
+    """Return the generation queries (a file or the axis's built-in set), the first ``limit`` of them."""
+    qs = load_queries(queries_file, axis=axis)
     return qs[:limit] if limit else qs
+
+
+def calibration_prompts(engine: Engine, axis: str | None, used: Sequence[str], n: int = CALIBRATION_PROMPTS) -> list[str]:
+    """Return ``n`` held-out prompts for calibrating a strength, formatted for ``engine``.
+
+    They are built-in queries of the axis the run did not generate from (the last ones of the set),
+    so the strength is chosen on prompts the direction was not fitted on, and never on the
+    evaluation prompts that later judge it. When the run used them all, the general set's unused
+    queries fill in; only when none is left do the evaluation prompts serve.
+    """
+    taken = set(used)
+    spare: list[str] = []
+    for source in (axis, None):
+        spare += [q for q in load_queries(None, axis=source) if q not in taken and q not in spare]
+        if len(spare) >= n:
+            break
+    texts = spare[-n:] if spare else [p.text for p in load_eval_prompts(kinds={"helpful"})[:n]]
+    return [engine.prompt(q) for q in texts]
 
 
 def heldout_prompts(engine: Engine) -> list[str]:
@@ -106,25 +131,34 @@ def heldout_prompts(engine: Engine) -> list[str]:
 
 
 def generate(engine: Engine, queries: Sequence[str], axis: PreferenceAxis, out: str | Path,
-             settings: GenerationSettings, model: ModelId) -> tuple[int, int]:
-    """Append the model's own preference pairs to ``out``; return (written now, already there)."""
+             settings: GenerationSettings, model: ModelId, recipe: str | None = None) -> tuple[int, int]:
+    """Append the model's own preference pairs to ``out``; return (written now, already there).
+    ``recipe`` None: the default recipe (align/recipes.py)."""
     try:
-        return generate_preferences(engine, list(queries), axis, Path(out), settings, model.sha256)
+        return generate_preferences(engine, list(queries), axis, Path(out), settings, model.sha256, recipe=recipe)
     except KeyboardInterrupt:
         raise Interrupted(f"every finished pair is saved in {out}", "continue where it stopped") from None
 
 
+def data_quality(prefs: str | Path, axis: str | None = None) -> dict[str, Any]:
+    """Return the self-check rule's counts over a preference file (``selfcheck.quality_line`` prints them)."""
+    return select_pairs(load_records(prefs, axis))[3]
+
+
 def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId,
-                  axis: str | None = None, name: str = "profile") -> SteeringProfile:
-    """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given)."""
-    pairs = load_pairs(prefs, axis)
+                  axis: str | None = None, name: str = "profile", on_status: Notify = _quiet) -> SteeringProfile:
+    """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given) that
+    pass the self-check rule (align/selfcheck.py); the data-quality line goes to ``on_status``."""
+    pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip)
+    on_status(quality_line(quality))
     layers = fit.layers
     if isinstance(layers, str) or layers is None:
         layers = parse_layer_list(layers, engine.n_layer)
     persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
-    return fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, layers=list(layers) if layers else None,
+    prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, layers=list(layers) if layers else None,
                        variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
                        model_sha256=model.sha256, model_bundled=model.bundled, name=name)
+    return dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)})
 
 
 def export_vector(engine: Engine, profile: SteeringProfile, calibration: Sequence[str], top_n: int | None = None,
@@ -167,17 +201,31 @@ def describe(path: str | Path) -> dict[str, Any]:
     path = str(path)
     kind = gguf_kind(path)
     if kind == "control-vector":
-        cv = read_control_vector(path)
-        return {"kind": kind, "path": path, "model_hint": cv.model_hint, "n_embd": cv.n_embd, "layers": cv.layers,
-                "norms": {L: round(float(np.linalg.norm(d)), 4) for L, d in cv.directions.items()},
-                "metadata": dict(cv.metadata)}
+        return {"kind": kind, "path": path, **_plain(read_control_vector(path).describe())}
     if kind == "profile":
         p = load_profile(path)
         return {"kind": kind, "path": path, "method": p.method, "site": p.site, "axis": dict(p.axis),
                 "layers": p.layers, "k": {L: int(s.shape[0]) for L, s in p.subspaces.items()},
-                "params": dict(p.params), "provenance": dict(p.provenance),
+                "default_strength": p.default_strength, "calibration": _plain(p.calibration),
+                "params": dict(p.params), "provenance": _plain(p.provenance),
                 "layer_stats": {L: dict(s) for L, s in p.layer_stats.items()}}
     return {"kind": kind, "path": path, **model_facts(path)}
+
+
+def calibrate_files(engine: Engine, profile: SteeringProfile, vector: ControlVector, prompts: Sequence[str],
+                    top_n: int | None = None, on_status: Notify = _quiet) -> tuple[SteeringProfile, ControlVector]:
+    """Return the profile and the vector with their calibrated default strengths stored
+    (``default_strength`` and the evidence in ``calibration``), each measured on ``prompts``."""
+    n = int(top_n or profile.params.get("top_n", 5))
+    pcal = calibrate_strength(engine, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=n), prompts)
+    on_status(pcal.line("profile"))
+    vcal = calibrate_strength(engine, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]), prompts)
+    on_status(vcal.line("vector"))
+    return _calibrated(profile, pcal), _calibrated(vector, vcal)
+
+
+def _calibrated(obj: Any, cal: Calibration) -> Any:
+    return dataclasses.replace(obj, default_strength=cal.strength, calibration=cal.as_dict())
 
 
 @dataclass(frozen=True)
@@ -219,24 +267,28 @@ class SteerResult:
 
 def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], folder: str | Path,
               generation: GenerationSettings, fit: FitSettings, model: ModelId,
-              on_status: Notify = _quiet) -> SteerResult:
-    """Generate preference pairs, fit a profile and export a control vector into ``folder``.
+              on_status: Notify = _quiet, recipe: str | None = None) -> SteerResult:
+    """Generate preference pairs, fit a profile and export a control vector into ``folder``,
+    then calibrate both files' default strengths on held-out queries.
 
     Re-running continues from the saved pairs. Writes preferences.jsonl, profile.gguf, vector.gguf
     and report.json (the provenance of the run).
     """
     paths = SteerPaths.prepare(folder)
     clock = _Clock()
-    written, had = generate(engine, queries, axis, paths.preferences, generation, model)
+    written, had = generate(engine, queries, axis, paths.preferences, generation, model, recipe)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
-        prof = fit_from_file(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name)
+        prof = fit_from_file(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name, on_status=on_status)
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
-        write_control_vector(paths.vector, cv)
         clock.lap("export_s")
+        prof, cv = calibrate_files(engine, prof, cv, calibration_prompts(engine, axis.name, queries), fit.top_n, on_status)
+        save_profile(paths.profile, prof)
+        write_control_vector(paths.vector, cv)
+        clock.lap("calibrate_s")
     except KeyboardInterrupt:
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
     result = SteerResult(paths, prof, cv, rep, written, had, clock.timings())
@@ -254,8 +306,20 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
         "profile": result.paths.profile.name, "vector": result.paths.vector.name,
         "layers": prof.layers, "method": fit.method, "site": fit.site,
         "layer_stats": {str(L): dict(s) for L, s in prof.layer_stats.items()},
+        "data_quality": _plain(prof.provenance.get("data_quality")),
+        "default_strength": {"profile": prof.default_strength, "vector": result.vector.default_strength},
+        "calibration": {"profile": _plain(prof.calibration), "vector": _plain(result.vector.calibration)},
         "approximation": result.approximation.__dict__, "timings": {k: round(v, 1) for k, v in result.timings.items()},
     }
+
+
+def _plain(value: Any) -> Any:
+    """Return ``value`` with the read-only mappings and tuples of a loaded file as dicts and lists (for JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 class _Clock:

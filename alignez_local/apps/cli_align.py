@@ -18,6 +18,8 @@ from alignez_local.fileio import check_writable
 from alignez_local.formats.control_vector import write_control_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.engine import Engine
+from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
+from alignez_local.align.selfcheck import quality_line
 from alignez_local.pipeline import FitSettings, ModelId, select_queries
 from alignez_local.specs import FIT_SITES, parse_layer_list
 
@@ -50,6 +52,8 @@ def generation_options(f: Any) -> Any:
     f = click.option("--response-tokens", type=click.IntRange(8, 4096), default=160, show_default=True)(f)
     f = click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)(f)
     f = click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=0, show_default=True)(f)
+    f = click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
+                     help="How the model is asked for its two answers (paper: the paper's two-step prompts).")(f)
     return f
 
 
@@ -86,7 +90,7 @@ def _interrupted(err: pipeline.Interrupted) -> AlignezError:
 @generation_options
 @click.option("-o", "--out", "out_path", required=True, metavar="FILE.jsonl", help="Preference data (appended; re-runs resume).")
 def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
-             responses, response_tokens, temperature, seed, out_path) -> None:
+             responses, response_tokens, temperature, seed, recipe, out_path) -> None:
     """Let the model write its own preference pairs (AlignEZ step 1).
 
     \b
@@ -94,15 +98,16 @@ def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, po
     alignez generate -o humor.jsonl --axis humor --queries my_queries.txt
     """
     axis = resolve_axis(axis_name, positive, negative)
-    queries = select_queries(queries_file, limit)
+    queries = select_queries(queries_file, limit, axis=axis.name)
     out = check_writable(out_path)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
     try:
         written, had = pipeline.generate(engine, queries, axis, out, _gen_settings(responses, response_tokens, temperature, seed),
-                                         ModelId.of(engine, model))
+                                         ModelId.of(engine, model), recipe=recipe)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     click.echo(f"{out}: {written} new pairs, {had} already there ({axis.name}: {axis.positive} vs {axis.negative})")
+    click.echo(quality_line(pipeline.data_quality(out, axis.name)))
 
 
 @click.command()
@@ -193,7 +198,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @fit_options
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
-          responses, response_tokens, temperature, seed, method, site, layers, variance, max_cos, top_n, out_dir) -> None:
+          responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir) -> None:
     """Generate preference data, fit a profile and export a control vector, in one go.
 
     \b
@@ -204,13 +209,13 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     """
     axis = resolve_axis(axis_name, positive, negative)
     folder = with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
-    queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES)
+    queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
     fit_settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
     try:
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
-                                 on_status=lambda line: click.echo(line, err=True))
+                                 on_status=lambda line: click.echo(line, err=True), recipe=recipe)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     click.echo(diagnostics_table(res.profile))
@@ -218,7 +223,8 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     p = res.paths
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model} --profile {p.profile}")
-    click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:1.0")
+    scale = res.vector.default_strength_or_one
+    click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
 
 
 align_commands = [generate, fit, export_cmd, inspect, import_cmd, steer]
