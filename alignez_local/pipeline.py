@@ -22,6 +22,7 @@ import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.calibrate import Calibration, calibrate_strength
+from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
 from alignez_local.align.fit import fit_profile
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
@@ -263,6 +264,7 @@ class SteerResult:
     pairs_written: int
     pairs_had: int
     timings: dict[str, float] = field(default_factory=dict)
+    recipe: str = DEFAULT_RECIPE
 
 
 def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], folder: str | Path,
@@ -291,7 +293,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         clock.lap("calibrate_s")
     except KeyboardInterrupt:
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
-    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings())
+    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name)
     write_json(paths.report, steer_report(result, axis, len(queries), fit, model))
     return result
 
@@ -306,7 +308,7 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
         "profile": result.paths.profile.name, "vector": result.paths.vector.name,
         "layers": prof.layers, "method": fit.method, "site": fit.site,
         "layer_stats": {str(L): dict(s) for L, s in prof.layer_stats.items()},
-        "data_quality": _plain(prof.provenance.get("data_quality")),
+        "recipe": result.recipe, "data_quality": _plain(prof.provenance.get("data_quality")),
         "default_strength": {"profile": prof.default_strength, "vector": result.vector.default_strength},
         "calibration": {"profile": _plain(prof.calibration), "vector": _plain(result.vector.calibration)},
         "approximation": result.approximation.__dict__, "timings": {k: round(v, 1) for k, v in result.timings.items()},

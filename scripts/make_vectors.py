@@ -1,7 +1,8 @@
 """Make the profiles and control vectors that ship in vectors/, with a provenance file each.
 
-    python scripts/make_vectors.py                      # every bundled model
+    python scripts/make_vectors.py                      # every bundled model, helpful axis
     python scripts/make_vectors.py smollm2-135m-instruct
+    python scripts/make_vectors.py --axis harmless smollm2-135m-instruct
 
 For each model this runs the project's own pipeline (`alignez steer`, default settings, seed 0)
 into vectors/<model>/ and records the exact command, seed, data hash and time taken. The model is
@@ -26,7 +27,7 @@ from alignez_local.models import BUNDLED
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"]
-AXIS = "helpful"
+AXES = ("helpful", "harmless")
 
 
 def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
@@ -40,10 +41,10 @@ def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def make(model: str) -> None:
+def make(model: str, axis: str = "helpful") -> None:
     out = ROOT / "vectors" / model
-    work = out / "run"
-    cmd = ["alignez", "steer", "-m", model, "--axis", AXIS, "--seed", "0", "-o", str(work.relative_to(ROOT))]
+    work = out / f"run-{axis}"
+    cmd = ["alignez", "steer", "-m", model, "--axis", axis, "--seed", "0", "-o", str(work.relative_to(ROOT))]
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "alignez_local", *cmd[1:]], cwd=ROOT, check=True)
     took = time.monotonic() - t0
@@ -51,9 +52,9 @@ def make(model: str) -> None:
     profile = json.loads(subprocess.run(
         [sys.executable, "-m", "alignez_local", "inspect", "--json", str(work / "profile.gguf")],
         cwd=ROOT, check=True, capture_output=True, text=True).stdout)
-    shutil.move(work / "profile.gguf", out / f"{AXIS}.profile.gguf")
-    shutil.move(work / "vector.gguf", out / f"{AXIS}.gguf")
-    shutil.move(work / "preferences.jsonl", out / f"{AXIS}.preferences.jsonl")
+    shutil.move(work / "profile.gguf", out / f"{axis}.profile.gguf")
+    shutil.move(work / "vector.gguf", out / f"{axis}.gguf")
+    shutil.move(work / "preferences.jsonl", out / f"{axis}.preferences.jsonl")
     provenance = {
         "command": " ".join(cmd),
         "made_by": "scripts/make_vectors.py (runs the command, then renames run/* into this folder)",
@@ -63,6 +64,10 @@ def make(model: str) -> None:
         "data_sha256": profile["provenance"]["data_sha256"],
         "n_queries": report["n_queries"],
         "method": report["method"], "site": report["site"], "layers": report["layers"],
+        "recipe": report.get("recipe"),
+        "data_quality": report.get("data_quality"),
+        "default_strength": report.get("default_strength"),
+        "calibration": report.get("calibration"),
         "approximation": report["approximation"],
         "timings_s": report["timings"],
         "wall_time_s": round(took, 1),
@@ -70,11 +75,17 @@ def make(model: str) -> None:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": profile["provenance"]["package_version"],
     }
-    (out / f"{AXIS}.provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (out / f"{axis}.provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     shutil.rmtree(work)
     print(f"{model}: {out} ({took:.0f}s)")
 
 
 if __name__ == "__main__":
-    for m in sys.argv[1:] or MODELS:
-        make(m)
+    args = sys.argv[1:]
+    chosen_axis = "helpful"
+    if args[:1] == ["--axis"]:
+        if len(args) < 2 or args[1] not in AXES:
+            raise SystemExit(f"--axis takes one of {', '.join(AXES)}")
+        chosen_axis, args = args[1], args[2:]
+    for m in args or MODELS:
+        make(m, chosen_axis)
