@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -154,7 +153,10 @@ def main() -> None:
     try:
         listed = httpx.get(url + "/v1/steering", headers={"Authorization": f"Bearer {key}"}).json()
         defaults = {d["name"]: d["default_strength"] for d in listed["data"]}
-        levels = [run_clients(url, key, texts, defaults, c, args.max_tokens) for c in (1, 4, 8, 16)]
+        levels = []
+        for c in (1, 4, 8, 16):
+            levels.append(run_clients(url, key, texts, defaults, c, args.max_tokens))
+            print(f"progress: {json.dumps(levels[-1])}", file=sys.stderr, flush=True)
         soak = None
         if args.soak:
             soak = run_clients(url, key, prompts(args.soak), defaults, 16, args.soak_tokens)
