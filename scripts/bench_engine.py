@@ -15,15 +15,29 @@ every repetition) so a slow-down of the shared machine hits them all; each ratio
 its per-repetition ratios. The control vector and the edit directions are tiny/arbitrary: their cost
 does not depend on their size, and ratios are per generated token so changed answers cannot bias them.
 
-Usage: ``python scripts/bench_engine.py [--reps 5] [--threads N] [--json]``. With ``--json`` the one
-JSON object goes to stdout and the table to stderr.
+With ``--batched`` it also measures llama.cpp's own ``llama-batched-bench`` (no Python in the loop:
+the ceiling for parallel generation) against our engine on the same model, threads and shapes
+(prompt 128, generation 128, 1/4/8/16 sequences), the two interleaved per repetition, on SmolLM2 and
+Gemma 3 270M (``--batched-models``). Keys: ``parallel_tok_s``, ``llama_batched_tok_s`` and
+``parallel_vs_llama_batched`` (generated tokens / wall time, prefill included, for both). The
+binary comes from ``--llama-batched-bench`` or the ``LLAMA_BATCHED_BENCH`` environment variable;
+build it with ``../shared/tools/build-llama-tools.sh`` (about 10 minutes on 2 cores).
+
+``--shared-prefix`` measures ``continuation_logprobs`` on a judge-like set (one long instruction
+before every answer) with the shared prefix decoded once, against re-reading it per answer.
+
+Usage: ``python scripts/bench_engine.py [--reps 5] [--threads N] [--json] [--batched] [--shared-prefix]
+[--skip-overheads]``. With ``--json`` the one JSON object goes to stdout and the table to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +215,102 @@ def measure_steering(engine: Engine, reps: int, max_tokens: int) -> dict[str, An
     }
 
 
+BATCHED_SHAPES = (1, 4, 8, 16)
+PROMPT_TOKENS = 128
+GEN_TOKENS = 128
+JUDGE_INSTRUCTION = (
+    "You are a careful judge. Read the question and the answer below. Rate the answer from 1 to 10 for "
+    "helpfulness: does it address the question, is it correct, is it clear and complete, and does it avoid "
+    "padding? Then rate it from 1 to 10 for harmlessness: does it avoid dangerous, deceptive or hurtful "
+    "content? Reply with the two numbers only, as 'helpful: N, harmless: M'.\n\n"
+)
+
+
+def find_batched_bench(flag: str | None) -> str:
+    """Return the llama-batched-bench path from the flag, $LLAMA_BATCHED_BENCH or PATH, or exit saying how to build it."""
+    path = flag or os.environ.get("LLAMA_BATCHED_BENCH") or shutil.which("llama-batched-bench")
+    if not path or not os.access(path, os.X_OK):
+        sys.exit("llama-batched-bench not found: give --llama-batched-bench PATH or set LLAMA_BATCHED_BENCH; build it "
+                 "with `LLAMA_TOOLS=../llama-tools ../shared/tools/build-llama-tools.sh` from the project root "
+                 "(about 10 minutes on 2 cores; it links the project's own llama.cpp libraries)")
+    return path
+
+
+def run_batched_bench(binary: str, model: Path, threads: int, shapes: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Return llama-batched-bench's results per parallel count, with our engine's settings (unified KV,
+    n_batch = n_ubatch = 512, flash attention off)."""
+    n_ctx = max(shapes) * (PROMPT_TOKENS + GEN_TOKENS)
+    cmd = [binary, "-m", str(model), "-c", str(n_ctx), "-b", "512", "-ub", "512", "-t", str(threads), "-tb", str(threads),
+           "-npp", str(PROMPT_TOKENS), "-ntg", str(GEN_TOKENS), "-npl", ",".join(map(str, shapes)), "-kvu",
+           "-fa", "off", "--output-format", "jsonl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out: dict[int, dict[str, float]] = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("{") and '"pl"' in line:
+            rec = json.loads(line)
+            out[int(rec["pl"])] = rec
+    return out
+
+
+def exact_prompt(engine: Engine, n_tokens: int, seed: int) -> str:
+    """Return a plain-text prompt of exactly ``n_tokens`` tokens (BOS included), varied by ``seed``."""
+    words = QUESTIONS[seed % len(QUESTIONS)] + " " + BODY * 4
+    toks = engine.tokenize(words)
+    k = n_tokens
+    for _ in range(20):
+        text = engine.detokenize(toks[:k])
+        got = len(engine.tokenize(text))
+        if got == n_tokens:
+            return text
+        k += n_tokens - got
+    raise RuntimeError("could not build a prompt of the exact length")
+
+
+def measure_batched(model_name: str, binary: str, threads: int | None, reps: int) -> dict[str, Any]:
+    """Return our tok/s and llama-batched-bench's at each parallel count, interleaved per repetition."""
+    path = resolve_model(model_name)
+    engine = Engine(path, n_ctx=max(BATCHED_SHAPES) * (PROMPT_TOKENS + GEN_TOKENS), n_parallel=max(BATCHED_SHAPES),
+                    n_threads=threads)
+    prompts = [exact_prompt(engine, PROMPT_TOKENS, i) for i in range(max(BATCHED_SHAPES))]
+    sp = Sampling(max_tokens=GEN_TOKENS)
+    ours: dict[int, list[float]] = {n: [] for n in BATCHED_SHAPES}
+    theirs: dict[int, list[float]] = {n: [] for n in BATCHED_SHAPES}
+    for _ in range(reps):
+        for n, rec in run_batched_bench(binary, path, engine.n_threads, BATCHED_SHAPES).items():
+            theirs[n].append(n * GEN_TOKENS / rec["t"])
+        for n in BATCHED_SHAPES:
+            t, comps = timed(lambda: engine.generate(prompts[:n], sp))
+            ours[n].append(gen_tokens(comps) / t)
+    engine.close()
+    med = {n: statistics.median(v) for n, v in ours.items()}
+    ref = {n: statistics.median(v) for n, v in theirs.items() if v}
+    return {
+        "model": model_name, "threads": engine.n_threads, "prompt_tokens": PROMPT_TOKENS, "gen_tokens": GEN_TOKENS,
+        "parallel_tok_s": {str(n): round(v, 1) for n, v in med.items()},
+        "llama_batched_tok_s": {str(n): round(v, 1) for n, v in ref.items()},
+        "parallel_vs_llama_batched": {str(n): round(med[n] / ref[n], 3) for n in ref},
+    }
+
+
+def measure_shared_prefix(engine: Engine, reps: int, n_answers: int = 16) -> dict[str, Any]:
+    """Return continuation_logprobs time on a judge-like set with the shared prefix on and off."""
+    prompts = [engine.prompt(JUDGE_INSTRUCTION + f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:") for i in range(n_answers)]
+    answers = [" " + BODY[: 120 + 20 * (i % 5)] for i in range(n_answers)]
+
+    def run(share: bool) -> Any:
+        engine.share_prefix = share
+        try:
+            return engine.continuation_logprobs(prompts, answers)
+        finally:
+            engine.share_prefix = True
+
+    res = interleaved({"shared": lambda: run(True), "unshared": lambda: run(False)}, reps)
+    sh, un = [t for t, _ in res["shared"]], [t for t, _ in res["unshared"]]
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(res["shared"][0][1], res["unshared"][0][1]))
+    return {"ratio": median_ratio(sh, un), "shared_s_median": statistics.median(sh), "unshared_s_median": statistics.median(un),
+            "answers": n_answers, "prompt_tokens": len(engine.tokenize(prompts[0])), "max_abs_diff_nats": diff}
+
+
 def verdict(name: str, value: float) -> str:
     """Return "met" or "not met" for a metric against its target."""
     op, target = TARGETS[name]
@@ -215,18 +325,9 @@ def table(rows: Sequence[tuple[str, float, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Return the exit code after measuring the four ratios and printing the table (and JSON)."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-m", "--model", default=DEFAULT_MODEL, help="GGUF file or bundled name [%(default)s]")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions per condition [%(default)s]")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads [physical cores]")
-    ap.add_argument("--max-tokens", type=int, default=48, help="tokens generated per sequence [%(default)s]")
-    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
-    args = ap.parse_args(argv)
-
+def measure_overheads(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Return the four overhead ratios (JSON part) and their table text."""
     engine = Engine(resolve_model(args.model), n_ctx=4096, n_parallel=8, n_threads=args.threads)
-    t0 = time.perf_counter()
     cap = measure_capture(engine, args.reps)
     par = measure_parallel(engine, args.reps, args.max_tokens)
     steer = measure_steering(engine, args.reps, args.max_tokens)
@@ -243,13 +344,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         "met": {n: verdict(n, v) == "met" for n, v in values.items()},
         "model": engine.name, "n_layer": engine.n_layer, "threads": engine.n_threads, "reps": args.reps,
         "details": {"capture": cap, "parallel": par, "steering": steer},
-        "wall_s": round(time.perf_counter() - t0, 1),
     }
-    engine.close()
     text = (f"{engine.name}: {engine.n_layer} layers, {engine.n_threads} threads, {args.reps} interleaved reps, "
             f"median of per-rep ratios\n" + table(rows)
             + f"\ncapture: {cap['tokens']} tokens, prefill {cap['prefill_tokens_per_s']:.0f} tok/s; "
             f"generation: {par['parallel_tokens_per_s_median']:.1f} tok/s x8 vs {par['serial_tokens_per_s_median']:.1f} tok/s x1")
+    engine.close()
+    return out, text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Return the exit code after measuring and printing the table (and JSON)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", default=DEFAULT_MODEL, help="GGUF file or bundled name [%(default)s]")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per condition [%(default)s]")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads [physical cores]")
+    ap.add_argument("--max-tokens", type=int, default=48, help="tokens generated per sequence [%(default)s]")
+    ap.add_argument("--json", action="store_true", help="print one JSON object on stdout (table on stderr)")
+    ap.add_argument("--skip-overheads", action="store_true", help="leave out the four overhead ratios")
+    ap.add_argument("--batched", action="store_true", help="compare with llama-batched-bench")
+    ap.add_argument("--batched-models", default="smollm2-135m-instruct,gemma3-270m", help="[%(default)s]")
+    ap.add_argument("--llama-batched-bench", default=None, help="path [$LLAMA_BATCHED_BENCH]")
+    ap.add_argument("--shared-prefix", action="store_true", help="measure the judge-like shared prefix saving")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    texts: list[str] = []
+    if not args.skip_overheads:
+        part, text = measure_overheads(args)
+        out.update(part)
+        texts.append(text)
+    if args.batched:
+        binary = find_batched_bench(args.llama_batched_bench)
+        out["batched"] = [measure_batched(m, binary, args.threads, args.reps) for m in args.batched_models.split(",")]
+        texts += [f"{b['model']} ({b['threads']} threads): ours {b['parallel_tok_s']} llama {b['llama_batched_tok_s']} "
+                  f"ratio {b['parallel_vs_llama_batched']}" for b in out["batched"]]
+    if args.shared_prefix:
+        engine = Engine(resolve_model(args.model), n_ctx=4096, n_parallel=8, n_threads=args.threads)
+        out["shared_prefix"] = sp = measure_shared_prefix(engine, args.reps)
+        engine.close()
+        texts.append(f"shared prefix: {sp['shared_s_median']:.2f} s vs {sp['unshared_s_median']:.2f} s "
+                     f"(ratio {sp['ratio']:.3f}, max diff {sp['max_abs_diff_nats']:.2e} nats)")
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    text = "\n".join(texts)
     if args.json:
         print(text, file=sys.stderr)
         print(json.dumps(out))

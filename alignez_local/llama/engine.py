@@ -82,6 +82,8 @@ class Engine:
         self.n_threads = n_threads or physical_cores()
         self.n_parallel = n_parallel
         self.n_batch = n_batch
+        # Decode a prompt prefix shared by all texts of a logits run once (False: rule it out, measure it).
+        self.share_prefix = True
         self._load_model(n_gpu_layers)
         try:
             self._read_model_facts()
@@ -299,7 +301,7 @@ class Engine:
         def grab(s: Seq, pos: int, row: int) -> None:
             out[s.key] = self._logits_row(row)
 
-        self._sched.run([Seq(i, self.tokenize(p)) for i, p in enumerate(prompts)], on_logits=grab, share_prefix=True)
+        self._sched.run([Seq(i, self.tokenize(p)) for i, p in enumerate(prompts)], on_logits=grab, share_prefix=self.share_prefix)
         return out
 
     def continuation_logprobs(
@@ -320,7 +322,7 @@ class Engine:
                 logits = self._logits_row(row).astype(np.float64)
                 res[s.key][pos - (s.output_from or 0)] = logits[s.tokens[pos + 1]] - logsumexp(logits)
 
-        self._sched.run(seqs, on_logits=grab, share_prefix=True)
+        self._sched.run(seqs, on_logits=grab, share_prefix=self.share_prefix)
         return res
 
     # --- steering ----------------------------------------------------------------------------
