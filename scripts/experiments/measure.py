@@ -191,7 +191,7 @@ def main() -> None:
                 "per_layer": layers,
             }
         result["variants"][name] = {"n_fit": len(idx), "stats": stats, "pools": per_pool}
-    out = HERE / "results" / (args.data.stem + f".{args.site}.json")
+    out = HERE / "results" / (args.data.stem + f".{args.site}.n{args.limit}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     summarize(result)
 
