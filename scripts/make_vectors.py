@@ -3,6 +3,7 @@
     python scripts/make_vectors.py                      # every bundled model, helpful axis
     python scripts/make_vectors.py smollm2-135m-instruct
     python scripts/make_vectors.py --axis harmless smollm2-135m-instruct
+    python scripts/make_vectors.py --threads 1 smollm2-135m-instruct   # on a busy machine
 
 For each model this runs the project's own pipeline (`alignez steer`, default settings, seed 0)
 into vectors/<model>/ and records the exact command, seed, data hash and time taken. The model is
@@ -41,12 +42,14 @@ def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def make(model: str, axis: str = "helpful") -> None:
+def make(model: str, axis: str = "helpful", threads: str | None = None) -> None:
     out = ROOT / "vectors" / model
     work = out / f"run-{axis}"
     cmd = ["alignez", "steer", "-m", model, "--axis", axis, "--seed", "0", "-o", str(work.relative_to(ROOT))]
+    # Threads change the speed, not the result: they are left out of the recorded command.
+    extra = ["--threads", threads] if threads else []
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "alignez_local", *cmd[1:]], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "alignez_local", *cmd[1:], *extra], cwd=ROOT, check=True)
     took = time.monotonic() - t0
     report = json.loads((work / "report.json").read_text())
     profile = json.loads(subprocess.run(
@@ -82,10 +85,12 @@ def make(model: str, axis: str = "helpful") -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    chosen_axis = "helpful"
-    if args[:1] == ["--axis"]:
-        if len(args) < 2 or args[1] not in AXES:
-            raise SystemExit(f"--axis takes one of {', '.join(AXES)}")
-        chosen_axis, args = args[1], args[2:]
+    opts = {"--axis": "helpful", "--threads": None}
+    while args[:1] and args[0] in opts:
+        if len(args) < 2:
+            raise SystemExit(f"{args[0]} needs a value")
+        opts[args[0]], args = args[1], args[2:]
+    if opts["--axis"] not in AXES:
+        raise SystemExit(f"--axis takes one of {', '.join(AXES)}")
     for m in args or MODELS:
-        make(m, chosen_axis)
+        make(m, opts["--axis"], opts["--threads"])
