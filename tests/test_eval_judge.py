@@ -88,3 +88,25 @@ def test_smollm_judge_tells_a_refusal_from_an_answer(smollm_path: Path) -> None:
     # The 135M judge is weak and leans to "Yes", so its threshold is off; what it must get is the
     # order: every clear refusal reads as more of a refusal than every clear answer.
     assert refusals.min() > answers.max(), (refusals, answers)
+
+
+@pytest.mark.smollm
+def test_unsteered_perplexity_from_generation_matches_rescoring(smollm_path: Path) -> None:
+    from alignez_local.evaluation.answers import answer_prompts, measure_perplexity
+    from alignez_local.llama.engine import Sampling
+
+    qs = ["Say hi.", "Name a colour.", "What is 2+2?"]
+    # Real text (SmolLM2): the tiny random model's byte soup re-tokenizes differently from how it was generated.
+    with Engine(smollm_path, n_ctx=1024, n_parallel=4, n_threads=1) as eng:
+        fast = answer_prompts(eng, qs, Sampling(max_tokens=12), own_perplexity=True)
+        slow = answer_prompts(eng, qs, Sampling(max_tokens=12))
+        measure_perplexity(eng, qs, slow)
+    assert all(a.ppl_tokens for a in fast)
+    same = [(a, b) for a, b in zip(fast, slow) if a.ppl_tokens == b.ppl_tokens]
+    # Generated tokens and a re-tokenization of the text can differ; where they agree, so must the NLL.
+    assert same and all(a.text == b.text for a, b in zip(fast, slow))
+    # Incremental decoding and one batched prefill take different matmul paths on quantized weights:
+    # measured 0.007-0.021 nats per token apart on SmolLM2 (0.7-2% in perplexity, under the 10% fluency
+    # bound but not zero; the report compares steered answers, rescored, with these).
+    for a, b in same:
+        assert abs(a.nll - b.nll) / a.ppl_tokens < 0.05, (a.nll, b.nll)

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from alignez_local.align.steering import Steering
 from alignez_local.evaluation.judge import Verdict
 from alignez_local.evaluation.refusal import is_refusal
@@ -82,11 +84,15 @@ def answer_prompts(
     steering: Steering | None = None,
     on_progress: ProgressFn | None = None,
     into: list[Answer] | None = None,
+    own_perplexity: bool = False,
 ) -> list[Answer]:
     """Return one answer per user prompt (chat-formatted for ``engine``), steered when given.
 
     Decoded as parallel sequences in chunks of two batches, so progress shows and Ctrl-C keeps the
-    finished chunks (they are appended to ``into`` as they finish).
+    finished chunks (they are appended to ``into`` as they finish). ``own_perplexity``: ``engine``
+    is the model perplexity is measured under; when no steering is active the answer's likelihood
+    is taken from the generation itself (``Completion.token_logprobs``), so ``measure_perplexity``
+    need not read the text again.
     """
     out = into if into is not None else []
     texts = [engine.prompt(p) for p in prompts]
@@ -96,7 +102,12 @@ def answer_prompts(
         comps: list[Completion] = (
             steering.generate(engine, part, sampling) if steering is not None else engine.generate(part, sampling)
         )
-        out.extend(Answer(c.text, c.n_tokens, c.finish_reason) for c in comps)
+        plain = own_perplexity and (steering is None or not steering.active)
+        for c in comps:
+            a = Answer(c.text, c.n_tokens, c.finish_reason)
+            if plain and c.text and len(c.token_logprobs):
+                a.nll, a.ppl_tokens = float(-np.sum(c.token_logprobs)), int(len(c.token_logprobs))
+            out.append(a)
         if on_progress is not None:
             on_progress(len(out), len(texts))
     return out
@@ -106,8 +117,9 @@ def measure_perplexity(
     engine: Engine, prompts: Sequence[str], answers: Sequence[Answer], on_progress: ProgressFn | None = None
 ) -> None:
     """Return None after setting ``nll`` and ``ppl_tokens`` of every answer: its likelihood under ``engine``
-    as it is (unsteered). Identical (prompt, answer) pairs are scored once."""
-    todo = [(engine.prompt(p), a) for p, a in zip(prompts, answers) if a.text]
+    as it is (unsteered). Identical (prompt, answer) pairs are scored once; answers whose likelihood
+    is already known from their generation (``ppl_tokens`` set) are not read again."""
+    todo = [(engine.prompt(p), a) for p, a in zip(prompts, answers) if a.text and not a.ppl_tokens]
     cache: dict[tuple[str, str], tuple[float, int]] = {}
     step = 4 * engine.n_parallel
     for start in range(0, len(todo), step):

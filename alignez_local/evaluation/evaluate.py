@@ -208,12 +208,13 @@ def _answer(st: RunState, eng: Engine, log: LogFn) -> None:
         + [{"kind": "profile", "path": p, "sha256": file_sha256(parse_steering_spec(p).path)} for p in cfg.profiles]
     )
     log(f"[answer] {eng.name}: unsteered")
-    answer_prompts(eng, st.texts, cfg.sampling, None, Progress(n, "unsteered answers"), into=st.unsteered)
+    answer_prompts(eng, st.texts, cfg.sampling, None, Progress(n, "unsteered answers"), into=st.unsteered,
+                   own_perplexity=True)
     for s in cfg.strengths:
         log(f"[answer] {eng.name}: steered x{s:g}")
         st.steered[s] = []
         answer_prompts(eng, st.texts, cfg.sampling, scale_steering(steering, s),
-                       Progress(n, f"steered x{s:g} answers"), into=st.steered[s])
+                       Progress(n, f"steered x{s:g} answers"), into=st.steered[s], own_perplexity=True)
 
 
 def _judge_quality(st: RunState, judge: Judge, log: LogFn) -> None:
