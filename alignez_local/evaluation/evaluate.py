@@ -6,7 +6,8 @@ The run, in the order models are loaded (one model in memory at a time):
 2. The answering model: answers every prompt unsteered, then steered at every strength multiplier
    (``--sweep``, default just 1: every vector and profile strength is multiplied by it), all with
    the same sampling settings and seed (greedy by default); then the perplexity of every answer
-   (unsteered, steered, reference) under the UNSTEERED model, the fluency measure; closed.
+   (unsteered, steered, reference) under the UNSTEERED model, the fluency measure (unsteered
+   answers' own from their generation's token log-probabilities, the rest by reading them); closed.
    The reference answers first so that its answers can be measured by the same unsteered model.
 3. The judge (``judge.py``): every steered answer, and the reference's, against the unsteered
    answer to the same prompt; then, on harmful and benign prompts, whether each answer refuses
