@@ -29,6 +29,10 @@ openai = pytest.importorskip("openai")
 
 KEY = "sk-test-key"
 CTX = 1024
+# The isolation tests need their 4 requests in ONE batch (like shapes). A batch starts as soon as it
+# is full (4 = --parallel), so this long wait only delays lone requests; 1 s was too short on a
+# loaded machine.
+BATCH_WAIT = 10.0
 
 
 class LiveServer:
@@ -200,10 +204,17 @@ def send_together(srv: LiveServer, bodies: list[dict[str, Any]]) -> list[str]:
     """Return the answers to ``bodies`` sent at the same time (the server batches them together).
 
     Every answer must run to max_tokens: a sequence that stops early changes the shape of the
-    later decode batches, and llama.cpp's numerics may depend on the batch shape.
+    later decode batches, and llama.cpp's numerics may depend on the batch shape (the order of the
+    sequences in the batch included).
     """
     with ThreadPoolExecutor(len(bodies)) as pool:
-        rs = list(pool.map(lambda b: srv.post("/v1/chat/completions", b), bodies))
+        futures = []
+        for b in bodies:
+            # One after another, so every run puts the same request in the same place of the batch
+            # (and of the KV cache): the arrival order is part of the batch shape.
+            futures.append(pool.submit(srv.post, "/v1/chat/completions", b))
+            time.sleep(0.3)
+        rs = [f.result() for f in futures]
     assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
     choices = [r.json()["choices"][0] for r in rs]
     assert all(c["finish_reason"] == "length" for c in choices), "pick prompts with longer answers"
@@ -222,7 +233,7 @@ def check_http_isolation(srv: LiveServer, prompts: list[str], steered: list[dict
 
 
 def test_http_isolation_tiny(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
-    srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=4, batch_wait=1.0)
+    srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=4, batch_wait=BATCH_WAIT)
     try:
         check_http_isolation(srv, ["Hi", "Tell me a story", "Count", "Why?"], [{"v": 3}, {"p": 2, "v": -1}])
     finally:
@@ -253,7 +264,7 @@ def test_steered_request_alone_equals_alignez_chat_tiny(live: LiveServer, tiny_m
 @pytest.mark.smollm
 def test_smollm_isolation_and_chat_equivalence(smollm_path: Path) -> None:
     vec, prof = SMOL_DIR / "helpful.gguf", SMOL_DIR / "helpful.profile.gguf"
-    srv = LiveServer(smollm_path, [f"v={vec}"], [f"p={prof}"], parallel=4, batch_wait=1.0)
+    srv = LiveServer(smollm_path, [f"v={vec}"], [f"p={prof}"], parallel=4, batch_wait=BATCH_WAIT)
     try:
         long = ["Write a long story about a dragon.", "Explain in detail how a car engine works.",
                 "Describe the history of Rome in detail.", "List twenty fruits with a sentence about each."]
