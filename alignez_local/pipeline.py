@@ -100,6 +100,7 @@ class FitSettings:
     top_n: int = 5
     seed: int = 0
     flip: bool = False  # swap pairs the model's self-check judged inverted, instead of dropping them
+    self_check: bool = True  # False: fit on every pair that is not a refusal, whatever the model's check said
 
 
 def select_queries(queries_file: str | None = None, limit: int | None = None, axis: str | None = None) -> list[str]:
@@ -150,7 +151,7 @@ def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: Mo
                   axis: str | None = None, name: str = "profile", on_status: Notify = _quiet) -> SteeringProfile:
     """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given) that
     pass the self-check rule (align/selfcheck.py); the data-quality line goes to ``on_status``."""
-    pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip)
+    pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip, use_check=fit.self_check)
     on_status(quality_line(quality))
     layers = fit.layers
     if isinstance(layers, str) or layers is None:

@@ -114,8 +114,10 @@ def test_profile_for_another_model(files, tmp_path: Path) -> None:
     prefs = tmp_path / "prefs.jsonl"
     assert run("generate", "-m", str(files["model"]), "--limit", "6", "--response-tokens", "12", "-o", str(prefs)).returncode == 0
     prof = tmp_path / "p.gguf"
-    res = run("fit", "-m", str(files["model"]), "--prefs", str(prefs), "--layers", "1-3", "-o", str(prof))
+    # The random-weight model's own check of its pairs is noise: fit on all of them here.
+    res = run("fit", "-m", str(files["model"]), "--prefs", str(prefs), "--layers", "1-3", "--no-self-check", "-o", str(prof))
     assert res.returncode == 0, res.stderr
+    assert "pairs kept 6 of 6" in res.stdout + res.stderr
     res = run("export", "-m", str(files["narrow_model"]), "--profile", str(prof), "-o", str(tmp_path / "v.gguf"))
     assert_one_line_error(res, "n_embd 64", "n_embd 32")
     assert not (tmp_path / "v.gguf").exists()

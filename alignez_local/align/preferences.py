@@ -268,15 +268,19 @@ def load_pairs(path: str | Path, axis: str | None = None) -> list[PreferencePair
 
 
 def load_selected_pairs(
-    path: str | Path, axis: str | None = None, flip: bool = False,
+    path: str | Path, axis: str | None = None, flip: bool = False, use_check: bool = True,
 ) -> tuple[list[PreferencePair], dict[str, Any]]:
     """Return the pairs to fit on after the self-check rule (``selfcheck.select_pairs``) and its stats.
 
     Refusal pairs and pairs the model judged inverted or unsure are dropped (inverted ones flipped
-    instead with ``flip``). Old records without a stored check are kept as they are.
+    instead with ``flip``). Old records without a stored check are kept as they are, and so is every
+    non-refusal pair when ``use_check`` is False.
     ``selfcheck.quality_line(stats)`` is the line to print.
     """
-    kept, flipped, _, stats = select_pairs(load_records(path, axis), flip=flip)
+    records = load_records(path, axis)
+    if not use_check:
+        records = [{k: v for k, v in r.items() if k != "selfcheck"} for r in records]
+    kept, flipped, _, stats = select_pairs(records, flip=flip)
     pairs = [to_pair(r) for r in kept + flipped]
     if len(pairs) < 4:
         raise AlignezError(

@@ -58,6 +58,9 @@ def generation_options(f: Any) -> Any:
 
 
 def fit_options(f: Any) -> Any:
+    f = click.option("--self-check/--no-self-check", "self_check", default=True, show_default=True,
+                     help="Fit only on pairs the model's own check agrees with (refusal pairs always leave).")(f)
+    f = click.option("--flip-inverted", is_flag=True, help="Swap pairs the self-check judged inverted instead of dropping them.")(f)
     f = click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
                      help="svd (the paper's subspace), ccs, or the mean / PCA baselines.")(f)
     f = click.option("--site", type=click.Choice(FIT_SITES), default="ffn_out", show_default=True,
@@ -74,9 +77,9 @@ def _gen_settings(responses: int, response_tokens: int, temperature: float, seed
 
 
 def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, variance: float, max_cos: float,
-                  top_n: int, seed: int) -> FitSettings:
+                  top_n: int, seed: int, self_check: bool = True, flip_inverted: bool = False) -> FitSettings:
     return FitSettings(method=method, site=site, layers=with_flag("--layers", parse_layer_list, layers, engine.n_layer),
-                       variance=variance, max_cos=max_cos, top_n=top_n, seed=seed)
+                       variance=variance, max_cos=max_cos, top_n=top_n, seed=seed, self_check=self_check, flip=flip_inverted)
 
 
 def _interrupted(err: pipeline.Interrupted) -> AlignezError:
@@ -118,7 +121,7 @@ def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, po
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", "out_path", required=True, metavar="PROFILE.gguf")
 def fit(model, threads, n_ctx, gpu_layers, parallel, verbose, method, site, layers, variance, max_cos, top_n, prefs,
-        axis_filter, seed, out_path) -> None:
+        axis_filter, seed, out_path, self_check, flip_inverted) -> None:
     """Find the preference subspace per layer and write a steering profile (AlignEZ step 2).
 
     \b
@@ -127,8 +130,9 @@ def fit(model, threads, n_ctx, gpu_layers, parallel, verbose, method, site, laye
     """
     out = check_writable(out_path)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
-    settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed)
-    prof = pipeline.fit_from_file(engine, prefs, settings, ModelId.of(engine, model), axis=axis_filter, name=out.name.split(".")[0])
+    settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted)
+    prof = pipeline.fit_from_file(engine, prefs, settings, ModelId.of(engine, model), axis=axis_filter, name=out.name.split(".")[0],
+                                  on_status=lambda line: click.echo(line, err=True))
     save_profile(out, prof)
     click.echo(diagnostics_table(prof))
     click.echo(f"{out}: {prof.method} on {prof.site}, layers {prof.layers}")
@@ -198,7 +202,8 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @fit_options
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
-          responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir) -> None:
+          responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
+          self_check, flip_inverted) -> None:
     """Generate preference data, fit a profile and export a control vector, in one go.
 
     \b
@@ -211,7 +216,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     folder = with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
     queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
-    fit_settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed)
+    fit_settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
     try:
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
