@@ -4,6 +4,7 @@
     python scripts/make_vectors.py smollm2-135m-instruct
     python scripts/make_vectors.py --axis harmless smollm2-135m-instruct
     python scripts/make_vectors.py --threads 1 smollm2-135m-instruct   # on a busy machine
+    python scripts/make_vectors.py --limit 40 smollm2-135m-instruct     # fewer queries (recorded)
 
 For each model this runs the project's own pipeline (`alignez steer`, default settings, seed 0)
 into vectors/<model>/ and records the exact command, seed, data hash and time taken. The model is
@@ -42,10 +43,12 @@ def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def make(model: str, axis: str = "helpful", threads: str | None = None) -> None:
+def make(model: str, axis: str = "helpful", threads: str | None = None, limit: str | None = None) -> None:
     out = ROOT / "vectors" / model
     work = out / f"run-{axis}"
     cmd = ["alignez", "steer", "-m", model, "--axis", axis, "--seed", "0", "-o", str(work.relative_to(ROOT))]
+    if limit:
+        cmd[6:6] = ["--limit", limit]  # fewer queries than steer's default: part of the recorded command
     # Threads change the speed, not the result: they are left out of the recorded command.
     extra = ["--threads", threads] if threads else []
     t0 = time.monotonic()
@@ -85,7 +88,7 @@ def make(model: str, axis: str = "helpful", threads: str | None = None) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    opts = {"--axis": "helpful", "--threads": None}
+    opts = {"--axis": "helpful", "--threads": None, "--limit": None}
     while args[:1] and args[0] in opts:
         if len(args) < 2:
             raise SystemExit(f"{args[0]} needs a value")
@@ -93,4 +96,4 @@ if __name__ == "__main__":
     if opts["--axis"] not in AXES:
         raise SystemExit(f"--axis takes one of {', '.join(AXES)}")
     for m in args or MODELS:
-        make(m, opts["--axis"], opts["--threads"])
+        make(m, opts["--axis"], opts["--threads"], opts["--limit"])
