@@ -214,16 +214,20 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {"kind": kind, "path": path, **model_facts(path)}
 
 
-def calibrate_files(engine: Engine, profile: SteeringProfile, vector: ControlVector, prompts: Sequence[str],
-                    top_n: int | None = None, on_status: Notify = _quiet) -> tuple[SteeringProfile, ControlVector]:
-    """Return the profile and the vector with their calibrated default strengths stored
-    (``default_strength`` and the evidence in ``calibration``), each measured on ``prompts``."""
+def calibrate_profile(engine: Engine, profile: SteeringProfile, prompts: Sequence[str], top_n: int | None = None,
+                      on_status: Notify = _quiet) -> SteeringProfile:
+    """Return ``profile`` with its calibrated default strength (and the evidence) stored."""
     n = int(top_n or profile.params.get("top_n", 5))
-    pcal = calibrate_strength(engine, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=n), prompts)
-    on_status(pcal.line("profile"))
-    vcal = calibrate_strength(engine, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]), prompts)
-    on_status(vcal.line("vector"))
-    return _calibrated(profile, pcal), _calibrated(vector, vcal)
+    cal = calibrate_strength(engine, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=n), prompts)
+    on_status(cal.line("profile"))
+    return _calibrated(profile, cal)
+
+
+def calibrate_vector(engine: Engine, vector: ControlVector, prompts: Sequence[str], on_status: Notify = _quiet) -> ControlVector:
+    """Return ``vector`` with its calibrated default strength (and the evidence) stored."""
+    cal = calibrate_strength(engine, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]), prompts)
+    on_status(cal.line("vector"))
+    return _calibrated(vector, cal)
 
 
 def _calibrated(obj: Any, cal: Calibration) -> Any:
@@ -288,7 +292,9 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         clock.lap("fit_s")
         cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
-        prof, cv = calibrate_files(engine, prof, cv, calibration_prompts(engine, axis.name, queries), fit.top_n, on_status)
+        held_out = calibration_prompts(engine, axis.name, queries)
+        prof = calibrate_profile(engine, prof, held_out, fit.top_n, on_status)
+        cv = calibrate_vector(engine, cv, held_out, on_status)
         save_profile(paths.profile, prof)
         write_control_vector(paths.vector, cv)
         clock.lap("calibrate_s")

@@ -153,16 +153,20 @@ def export_cmd(model, threads, n_ctx, gpu_layers, parallel, verbose, profile_pat
 
     \b
     alignez export --profile helpful.profile.gguf -o helpful.gguf
-    llama-completion -m model.gguf --control-vector-scaled helpful.gguf:1.0
+    llama-completion -m model.gguf --control-vector-scaled helpful.gguf:STRENGTH
+    The vector's default strength is calibrated on held-out queries (see alignez inspect).
     """
     out = check_writable(out_path)
     prof = load_profile(profile_path)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
     calibration = select_queries(queries_file, limit or pipeline.EXPORT_QUERIES)
     cv, rep = pipeline.export_vector(engine, prof, calibration, top_n=top_n, on_warning=_warn)
+    axis = str(prof.axis.get("name") or "") or None
+    cv = pipeline.calibrate_vector(engine, cv, pipeline.calibration_prompts(engine, axis, calibration),
+                                   on_status=lambda line: click.echo(line, err=True))
     write_control_vector(out, cv)
     click.echo("\n".join(rep.lines()))
-    click.echo(f"{out}: control vector, layers {cv.layers}")
+    click.echo(f"{out}: control vector, layers {cv.layers}, calibrated strength {cv.default_strength_or_one:g}")
 
 
 @click.command()
