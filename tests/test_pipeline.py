@@ -187,6 +187,13 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     assert rep["profile"] == "profile.gguf" and rep["vector"] == "vector.gguf"
     assert str(tmp_path) not in json.dumps(rep) and str(tiny_model_path.parent) not in json.dumps(dict(prof.provenance))
     assert "exact edit   vs control vec" in res.stdout
+    # the model's own check of its pairs, and a default strength measured for both files
+    assert "pairs kept" in res.stderr and rep["data_quality"]["total"] == 12
+    assert prof.default_strength is not None and cv.default_strength is not None
+    assert rep["default_strength"] == {"profile": prof.default_strength, "vector": cv.default_strength}
+    for cal, obj in ((rep["calibration"]["profile"], prof), (rep["calibration"]["vector"], cv)):
+        assert cal["n_prompts"] == 12 and cal["trials"] and cal["strength"] == pytest.approx(obj.default_strength)
+    assert f"--control-vector-scaled {out / 'vector.gguf'}:{cv.default_strength:g}" in res.stdout
     again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 new pairs, 12 already there" in again.stderr
@@ -260,3 +267,15 @@ def test_strength_comes_from_the_spec_then_the_file_then_one(tiny_engine: Engine
         ("p", 0.75, "given"), ("p-2", 1.0, "default"),
     ]
     assert "strength 0.5 (file default)" in st.describe()[1] and "strength 0.75 (given)" in st.describe()[3]
+
+
+def test_calibration_prompts_are_held_out(tiny_engine) -> None:
+    from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries
+    from alignez_local.pipeline import calibration_prompts
+
+    for axis in ("helpful", "harmless"):
+        used = load_queries(None, axis=axis)[:96]
+        prompts = calibration_prompts(tiny_engine, axis, used)
+        assert len(prompts) == 12
+        evals = {tiny_engine.prompt(p.text) for p in load_eval_prompts()}
+        assert not set(prompts) & ({tiny_engine.prompt(q) for q in used} | evals)
