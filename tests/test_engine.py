@@ -187,3 +187,26 @@ def test_bad_requests_are_refused(tiny_engine: Engine) -> None:
         e.generate(["the " * 3000], Sampling(max_tokens=4))
     with pytest.raises(AlignezError, match="top_p"):
         e.generate(["hi"], Sampling(top_p=0))
+
+
+def test_ffn_out_edit_runs_once_per_layer_with_a_control_vector(tiny_engine: Engine) -> None:
+    # With a control vector set, llama.cpp's graph has a second node named ffn_out-N (the residual
+    # sum); an edit or capture of ffn_out must see the MLP output once, not both nodes.
+    e = tiny_engine
+    prompts = [e.prompt(p) for p in PROMPTS[:2]]
+    calls: dict[int, int] = {}
+
+    def count(layer: int, x: np.ndarray, _keys: object) -> None:
+        calls[layer] = calls.get(layer, 0) + 1
+        return None
+
+    plain = e.capture(prompts, [1, 2], site="ffn_out")
+    v = np.random.default_rng(3).standard_normal(e.n_embd).astype(np.float32)
+    with e.control_vector({2: v}):
+        with_vec = e.capture(prompts, [1, 2], site="ffn_out")
+        with e.activation_edit(count, [1, 2], site="ffn_out"):
+            e.next_token_logits(prompts[:1])
+    # the vector is added after ffn_out-2, so neither layer's MLP output moves ...
+    np.testing.assert_array_equal(with_vec, plain)
+    # ... and each wanted node was handled once in the one decode
+    assert calls == {1: 1, 2: 1}

@@ -80,6 +80,10 @@ class HookState:
     interrupted: bool = False
     layout_checked: bool = False
     handle: int = 0
+    # Node names already said yes to in the graph being computed. With a control vector set,
+    # llama.cpp's graph holds a second node named ffn_out-N (the residual sum before the vector is
+    # added); only the first one is the MLP output, so each name is handled once per graph.
+    asked: set[bytes] = field(default_factory=set)
 
     def set_wanted(self) -> None:
         """Recompute the node names the callback says yes to from the edits and the capture."""
@@ -119,7 +123,13 @@ def eval_callback(t: int, ask: bool, user: Any) -> bool:
     try:
         if ask:
             # Hot path: runs for every node of every decode.
-            return bool(state.wanted) and B.tensor_name(t) in state.wanted
+            if not state.wanted:
+                return False
+            name = B.tensor_name(t)
+            if name not in state.wanted or name in state.asked:
+                return False
+            state.asked.add(name)
+            return True
         want = state.wanted.get(B.tensor_name(t))
         if want is not None:
             handle_node(state, t, *want)

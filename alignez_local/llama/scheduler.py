@@ -208,6 +208,7 @@ class Scheduler:
         self.batch.n_tokens = fill.n
         st = self.state
         st.layout = fill.layout()
+        st.asked.clear()  # one graph per decode (a batch is never split into ubatches here)
         rc = C.llama_decode(self.ctx, self.batch)
         if st.interrupted:
             raise KeyboardInterrupt
