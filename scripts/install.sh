@@ -13,5 +13,5 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 FIND=()
 if [ -d ../shared/wheels ]; then FIND=(--find-links ../shared/wheels); fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models,plot]'
+.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models,plot,serve]'
 echo "installed: $(.venv/bin/alignez --version)" >&2
