@@ -325,7 +325,7 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
 def _plain(value: Any) -> Any:
     """Return ``value`` with the read-only mappings and tuples of a loaded file as dicts and lists (for JSON)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
