@@ -132,9 +132,10 @@ def calibrate_strength(
     trials: list[StrengthTrial] = []
     for s in cands:
         steering = make_steering(s)
+        # One planning pass serves both reads (Steering.generate would plan the edit again).
         with steering.applied(engine, prompts):
             logits = engine.next_token_logits(prompts)
-        answers = [c.text for c in steering.generate(engine, prompts, greedy)]
+            answers = [c.text for c in engine.generate(prompts, greedy)]
         ratio = pooled_perplexity(engine, prompts, answers) / base_ppl
         kl, _ = _kl_and_entropy(logits, base_logits)
         trial = StrengthTrial(s, float(ratio), kl, bool(abs(ratio - 1) <= ppl_tolerance and kl <= kl_limit))
