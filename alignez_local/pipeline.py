@@ -24,7 +24,7 @@ from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.calibrate import Calibration, calibrate_strength
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
-from alignez_local.align.fit import fit_profile
+from alignez_local.align.fit import DEFAULT_POOL, fit_profile
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
 from alignez_local.align.selfcheck import quality_line, select_pairs
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
@@ -94,6 +94,7 @@ class FitSettings:
 
     method: str = "svd"
     site: str = "ffn_out"
+    pool: str = DEFAULT_POOL  # embed an answer by its last token or the mean over its tokens
     layers: str | Sequence[int] | None = None  # "8-20", "4,8,12", a list, or None/"auto": choose
     variance: float = 0.90
     max_cos: float = 0.8
@@ -157,7 +158,7 @@ def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: Mo
     if isinstance(layers, str) or layers is None:
         layers = parse_layer_list(layers, engine.n_layer)
     persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
-    prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, layers=list(layers) if layers else None,
+    prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=fit.pool, layers=list(layers) if layers else None,
                        variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
                        model_sha256=model.sha256, model_bundled=model.bundled, name=name)
     return dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)})

@@ -288,6 +288,19 @@ def test_cli_harmbench_plain_text_as_harmful(tiny_model_path: Path, vector_path:
     assert "unsteered: refusals harmful" in r.stdout and "by the judge" in r.stdout
 
 
+def test_no_quality_judge_counts_refusals_only(tiny_model_path: Path, vector_path: Path, tmp_path: Path) -> None:
+    # A safety run on many harmful prompts needs refusals, not helpfulness verdicts: the judge only
+    # answers "does it refuse?", and a run with no harmful or benign prompt never opens the judge.
+    report = run_eval(_cfg(tiny_model_path, vector_path, kinds=("harmful",), quality_judge=False), tmp_path / "a",
+                      log=lambda _m: None)
+    assert "judge" not in report["results"][0] and report["settings"]["quality_judge"] is False
+    assert report["unsteered"]["refusal"]["harmful"]["judge_n"] == 6
+    assert "--no-quality-judge: refusals only" in (tmp_path / "a" / "summary.md").read_text()
+    report = run_eval(_cfg(tiny_model_path, vector_path, kinds=("helpful",), quality_judge=False,
+                           judge=str(tiny_model_path)), tmp_path / "b", log=lambda _m: None)
+    assert "judge" not in report.get("models", {}) and "judge" not in report["results"][0]
+
+
 @pytest.mark.parametrize(
     "args",
     [

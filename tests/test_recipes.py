@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alignez_local.align.axes import custom_axis, get_axis
@@ -26,7 +27,7 @@ QUERIES = ["How do I boil an egg?", "Why is the sky blue?", "Name a prime number
 
 
 def test_the_papers_recipe_is_kept_and_the_default_is_known() -> None:
-    assert {"paper", "direct", "shared"} <= set(RECIPES)
+    assert {"paper", "direct", "shared", "contrast"} <= set(RECIPES)
     assert get_recipe(None).name == DEFAULT_RECIPE
     assert get_recipe(" Paper ").two_step
     with pytest.raises(AlignezError, match="unknown recipe 'chef'.*paper"):
@@ -61,7 +62,12 @@ def test_each_recipe_writes_complete_records(tiny_engine: Engine, tmp_path: Path
         assert r["recipe"] == recipe
         assert r["sampling"]["top_k"] == 40
         assert set(r["refusal"]) == {"positive", "negative"}
-        assert r["selfcheck"]["method"] == "likelihood" and isinstance(r["selfcheck"]["agree"], bool)
+        if recipe == "contrast":
+            # One persona-free answer, read under each persona: nothing for the self-check to compare.
+            assert r["response"]["positive"] == r["response"]["negative"] and "selfcheck" not in r
+            assert r["context"] == {s: get_axis("helpful").guide(s) for s in ("positive", "negative")}
+        else:
+            assert r["selfcheck"]["method"] == "likelihood" and isinstance(r["selfcheck"]["agree"], bool)
         assert r["id"] == pair_id(get_axis("helpful"), r["query"], 0, recipe)
         if recipe == "paper":
             assert r["characteristics"]["positive"]
@@ -114,3 +120,26 @@ def test_selected_pairs_come_back_flipped_and_too_few_is_one_clear_error(tmp_pat
     assert [(p.positive, p.negative) for p in flipped] == [("bad 3", "good 3"), ("bad 4", "good 4")]
     with pytest.raises(AlignezError, match="only 3 pairs pass the self-check"):
         load_selected_pairs(path, flip=False)
+
+
+def test_contrast_pairs_are_read_under_each_persona_and_a_refusal_stays(tiny_engine: Engine, tmp_path: Path) -> None:
+    from alignez_local.align.fit import capture_pairs, pair_texts
+
+    path = tmp_path / "contrast.jsonl"
+    axis = get_axis("helpful")
+    row = {"id": "c0", "query": "Q?", "recipe": "contrast", "axis": {"name": "helpful", "positive": axis.positive, "negative": axis.negative},
+           "context": {"positive": "Be kind.", "negative": "Be rude."}, "response": {"positive": "I'm sorry, but no.", "negative": "I'm sorry, but no."}}
+    path.write_text("".join(json.dumps({**row, "id": f"c{i}", "query": f"Q{i}?"}) + "\n" for i in range(4)))
+    pairs, stats = load_selected_pairs(path)
+    assert len(pairs) == 4 and stats["dropped_refusal"] == 0 and pairs[0].contexts == ("Be kind.", "Be rude.")
+    pos, neg, pos_start, neg_start = pair_texts(tiny_engine, pairs)
+    assert "Be kind." in pos[0] and "Be rude." not in pos[0] and "Be rude." in neg[0]
+    assert pos[0].endswith("I'm sorry, but no.") and neg[0].endswith("I'm sorry, but no.")
+    # The mean pool starts at the answer: the same number of answer tokens on both sides.
+    assert len(tiny_engine.tokenize(pos[0])) - pos_start[0] == len(tiny_engine.tokenize(neg[0])) - neg_start[0]
+    last_p, last_n = capture_pairs(tiny_engine, pairs, "ffn_out", pool="last", quiet=True)
+    mean_p, mean_n = capture_pairs(tiny_engine, pairs, "ffn_out", pool="mean", quiet=True)
+    # Both sides read the same tokens under different system prompts, so they differ, and pooling matters.
+    assert not np.allclose(last_p, last_n) and not np.allclose(mean_p, last_p)
+    with pytest.raises(AlignezError, match="unknown pool 'max'"):
+        capture_pairs(tiny_engine, pairs, "ffn_out", pool="max", quiet=True)

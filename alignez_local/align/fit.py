@@ -3,10 +3,15 @@ the preference subspace; keep the layers that separate the pairs best.
 
 Embedding choice (ours, documented): the text embedded for a pair side is the prompt the model
 sees at inference (its chat template around the query, or the plain base-model format) followed by
-the response, and the activation is read at the last token of the response. The paper embeds
-``query + " " + response``; using the inference-time format keeps the subspace in the same
-activation distribution the edit later acts on. The conditioning instruction (persona,
-characteristics) is never part of the embedded text.
+the response. The paper embeds ``query + " " + response``; using the inference-time format keeps the
+subspace in the same activation distribution the edit later acts on. The conditioning instruction
+(persona, characteristics) is never part of the embedded text, except for the ``contrast`` recipe,
+whose two sides are one answer read under each persona's system prompt (``PreferencePair.contexts``):
+there the persona is the whole contrast.
+
+Pooling (``POOLS``): ``last``, the activation at the last token of the response (the paper's), or
+``mean``, the mean over the response's tokens. One token of a 135M model's answer carries little
+of what the whole answer is like; see docs/method.md for the measurement that chose the default.
 """
 
 from __future__ import annotations
@@ -26,22 +31,34 @@ from alignez_local.formats.profile import SteeringProfile
 from alignez_local.progress import Progress
 from alignez_local.specs import FIT_SITES
 
-def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str]]:
-    """Return the texts embedded for the positive and the negative side of every pair."""
-    pos, neg = [], []
+POOLS = ("last", "mean")
+DEFAULT_POOL = "mean"
+
+
+def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str], list[int], list[int]]:
+    """Return the texts embedded for the positive and the negative side of every pair, and the token
+    index where each side's response starts (for ``mean`` pooling)."""
+    pos: list[str] = []
+    neg: list[str] = []
+    starts: tuple[list[int], list[int]] = ([], [])
+    sep = "" if engine.is_chat else " "
     for p in pairs:
-        prompt = engine.prompt(p.query)
-        sep = "" if engine.is_chat else " "
-        pos.append(prompt + sep + p.positive)
-        neg.append(prompt + sep + p.negative)
-    return pos, neg
+        for i, (out, answer) in enumerate(((pos, p.positive), (neg, p.negative))):
+            prompt = engine.prompt(p.query, system=p.contexts[i] or None)
+            out.append(prompt + sep + answer)
+            starts[i].append(len(engine.tokenize(prompt + sep)))
+    return pos, neg, starts[0], starts[1]
 
 
-def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Return (pos, neg) activations, each (pairs x n_layer x n_embd), at the last token."""
-    pos_t, neg_t = pair_texts(engine, pairs)
+def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, pool: str = DEFAULT_POOL,
+                  quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Return (pos, neg) activations, each (pairs x n_layer x n_embd), pooled by ``pool``."""
+    if pool not in POOLS:
+        raise AlignezError(f"unknown pool {pool!r}; use last (the response's last token) or mean (all its tokens)")
+    pos_t, neg_t, pos_s, neg_s = pair_texts(engine, pairs)
     bar = Progress(len(pos_t) + len(neg_t), "capture", quiet=quiet)
-    acts = engine.capture(pos_t + neg_t, list(range(engine.n_layer)), site=site, on_progress=lambda d, t: bar.update())
+    acts = engine.capture(pos_t + neg_t, list(range(engine.n_layer)), site=site, reduce=pool,
+                          mean_from=pos_s + neg_s if pool == "mean" else None, on_progress=lambda d, t: bar.update())
     bar.close()
     n = len(pairs)
     return acts[:n], acts[n:]
@@ -54,6 +71,7 @@ def fit_profile(
     *,
     method: str = "svd",
     site: str = "ffn_out",
+    pool: str = DEFAULT_POOL,
     layers: list[int] | None = None,
     max_layers: int | None = None,
     variance: float = 0.90,
@@ -72,7 +90,7 @@ def fit_profile(
     bundled name ``model_bundled``; never by a local path.
     """
     _check_args(method, site, variance, max_cos, len(pairs))
-    pos, neg = capture_pairs(engine, pairs, site, quiet=quiet)
+    pos, neg = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet)
     fits = _fit_layers(pos, neg, method=method, variance=variance, max_cos=max_cos, holdout=holdout, seed=seed)
     chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)
     missing = [x for x in chosen if x not in fits]
@@ -85,7 +103,7 @@ def fit_profile(
         method=method,
         axis=dict(axis),
         layer_stats=stats,
-        params={"variance": variance, "max_cos": max_cos, "holdout": holdout, "seed": seed, "top_n": top_n,
+        params={"pool": pool, "variance": variance, "max_cos": max_cos, "holdout": holdout, "seed": seed, "top_n": top_n,
                 "layer_choice": "manual" if layers is not None else "auto", "n_pairs": len(pairs)},
         provenance={
             "model_name": engine.name, "model_file": engine.path.name, "model_sha256": model_sha256,

@@ -115,7 +115,7 @@ def generate_preferences(
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
                 records, work, budget_used = _generate_chunk(engine, part, axis, settings, ident, how)
-                if selfcheck:
+                if selfcheck and not how.same_answer:  # one answer read twice: nothing to compare
                     check_records(engine, records, selfcheck)
                 for record in records:
                     out.append(record)
@@ -128,6 +128,8 @@ def generate_preferences(
 
 def _pair_budget(engine: Engine, recipe: Recipe, axis: PreferenceAxis, query: str, s: GenerationSettings) -> float:
     """Return the most work one pair can take: its prompts at full length, every step at its token limit."""
+    if recipe.same_answer:
+        return token_work(len(engine.tokenize(recipe.neutral_prompt(engine, query))), s.response_tokens)
     total = 0.0
     for side in SIDES:
         prompt = len(engine.tokenize(recipe.response_prompt(engine, query, axis, side)))
@@ -158,6 +160,8 @@ def _generate_chunk(
     ident: dict[str, Any], recipe: Recipe,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """Return the chunk's records, the work done (tokens) and the token budget that work had."""
+    if recipe.same_answer:
+        return _generate_same_answer(engine, part, axis, s, ident, recipe)
     stop = engine.default_stop
     done: list[tuple[Completion, int]] = []  # every completion with its max_tokens
     jobs = [(q, k, pid, side) for q, k, pid in part for side in SIDES]
@@ -211,6 +215,38 @@ def _generate_chunk(
     return records, work, budget_used
 
 
+def _generate_same_answer(
+    engine: Engine, part: list[tuple[str, int, str]], axis: PreferenceAxis, s: GenerationSettings,
+    ident: dict[str, Any], recipe: Recipe,
+) -> tuple[list[dict[str, Any]], float, float]:
+    """Return the chunk's records for a ``same_answer`` recipe: one persona-free answer per pair."""
+    answers = engine.generate(
+        [recipe.neutral_prompt(engine, q) for q, _, _ in part],
+        [_sampling(s, _seed(s, pid, "neutral", "r"), s.response_tokens, engine.default_stop) for _, _, pid in part],
+    )
+    records = []
+    for (q, k, pid), a in zip(part, answers):
+        text = a.text.strip()
+        records.append(
+            {
+                "id": pid,
+                "query": q,
+                "response_index": k,
+                "recipe": recipe.name,
+                "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
+                "context": {side: recipe.context(axis, side) for side in SIDES},
+                "response": {side: text for side in SIDES},
+                "refusal": {side: is_refusal(text) for side in SIDES},
+                "finish_reason": {side: a.finish_reason for side in SIDES},
+                "sampling": asdict(s),
+                "seed": {"neutral": _seed(s, pid, "neutral", "r")},
+                "model": ident,
+            }
+        )
+    work = sum(token_work(a.n_prompt_tokens, a.n_tokens) for a in answers)
+    return records, work, sum(token_work(a.n_prompt_tokens, s.response_tokens) for a in answers)
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     """One stored pair, as read back for fitting."""
@@ -223,6 +259,7 @@ class PreferencePair:
     personas: tuple[str, str] = ("", "")  # the axis's positive and negative persona
     recipe: str = "paper"  # records made before recipes existed were all the paper's
     flipped: bool = False  # the self-check judged the answers inverted and they were swapped
+    contexts: tuple[str, str] = ("", "")  # system prompts the (positive, negative) side is read under
 
 
 def load_records(path: str | Path, axis: str | None = None) -> list[dict[str, Any]]:
@@ -259,7 +296,15 @@ def to_pair(rec: dict[str, Any]) -> PreferencePair:
         str(rec["response"]["positive"]), str(rec["response"]["negative"]),
         (str(rec["axis"].get("positive", "")), str(rec["axis"].get("negative", ""))),
         str(rec.get("recipe", "paper")), bool(rec.get("flipped", False)),
+        _contexts(rec),
     )
+
+
+def _contexts(rec: dict[str, Any]) -> tuple[str, str]:
+    ctx = rec.get("context")
+    if not isinstance(ctx, dict):
+        return ("", "")
+    return (str(ctx.get("positive") or ""), str(ctx.get("negative") or ""))
 
 
 def load_pairs(path: str | Path, axis: str | None = None) -> list[PreferencePair]:
@@ -294,5 +339,6 @@ def data_sha256(pairs: Sequence[PreferencePair]) -> str:
     """Return a hash of the pairs' content (order-independent): the data identity in provenance."""
     h = hashlib.sha256()
     for pair in sorted(pairs, key=lambda x: x.id):
-        h.update(json.dumps([pair.id, pair.query, pair.positive, pair.negative]).encode())
+        h.update(json.dumps([pair.id, pair.query, pair.positive, pair.negative]
+                            + (list(pair.contexts) if any(pair.contexts) else [])).encode())
     return h.hexdigest()

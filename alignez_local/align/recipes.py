@@ -13,6 +13,12 @@ what an answer of that side looks like (``PreferenceAxis.guide``), and ask for t
   model with no persona. The two answers then differ only in how they go on, not in their opening
   (where a small model's persona most often shows as a canned phrase), and the negative side cannot
   open with a refusal.
+- ``contrast``: the model answers each query once, with no persona, and the pair is that one answer
+  read twice: under the positive persona's system prompt and under the negative one's
+  (``Recipe.context``). The difference between the two readings is the persona's effect on the
+  model's state over the same tokens, so a pair cannot be noisy or inverted the way two free answers
+  of a 135M model are (the representation-engineering contrast of repeng and CAA, built on AlignEZ's
+  self-made data). There is nothing for the self-check to compare, and a refusal is no contrast.
 
 The negative guide of every axis says "never refuse": a refusal is not the opposite behaviour, and a
 direction fitted on answer-vs-refuse pairs would strip the refusals of harmful requests. Pairs that
@@ -50,6 +56,11 @@ class Recipe:
     summary: str
     two_step: bool  # the paper's characteristics step first
     shared_prefix_tokens: int = 0  # >0: both personas continue the same first tokens
+    same_answer: bool = False  # one persona-free answer, read under each persona's system prompt
+
+    def context(self, axis: PreferenceAxis, side: str) -> str:
+        """Return the system prompt the ``side`` answer is read under when fitting ("": none)."""
+        return axis.guide(side) if self.same_answer else ""
 
     def characteristics_prompt(self, engine: Engine, query: str, axis: PreferenceAxis, side: str) -> str:
         """Return the prompt for the characteristics step (two-step recipes only)."""
@@ -77,6 +88,7 @@ RECIPES: dict[str, Recipe] = {
     "paper": Recipe("paper", "the paper's two steps: characteristics, then an answer conditioned on them", True),
     "direct": Recipe("direct", "persona in the system prompt, answered directly", False),
     "shared": Recipe("shared", "persona in the system prompt; both personas continue the same first 8 tokens", False, 8),
+    "contrast": Recipe("contrast", "one persona-free answer, read under each persona's system prompt", False, same_answer=True),
 }
 
 DEFAULT_RECIPE = "direct"

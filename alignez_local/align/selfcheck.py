@@ -111,8 +111,12 @@ def refusal_reason(record: Mapping[str, Any]) -> str | None:
     """Return why a pair must leave the contrast because of a refusal, or None.
 
     A refusing negative answer is no contrast at all. A refusing positive answer is the wanted
-    behaviour only on the harmless axis; elsewhere the pair would teach answer-vs-refuse.
+    behaviour only on the harmless axis; elsewhere the pair would teach answer-vs-refuse. A pair whose
+    two sides are one answer (the ``contrast`` recipe) contrasts personas, not answers: a refusal in
+    it teaches nothing about refusing.
     """
+    if record["response"]["positive"] == record["response"]["negative"]:
+        return None
     flags = record.get("refusal")
     if not isinstance(flags, Mapping):  # records made before refusals were stored
         flags = {s: is_refusal(str(record["response"][s])) for s in ("positive", "negative")}
@@ -163,8 +167,9 @@ def select_pairs(
     kept: list[dict[str, Any]] = []
     flipped: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
-    n_refusal = n_checked = n_agree = 0
+    n_refusal = n_checked = n_agree = n_same = 0
     for r in records:
+        n_same += r["response"]["positive"] == r["response"]["negative"]
         if refusal_reason(r):
             n_refusal += 1
             dropped.append(dict(r))
@@ -185,7 +190,7 @@ def select_pairs(
         "total": len(records), "kept": len(kept), "flipped": len(flipped), "dropped": len(dropped),
         "dropped_refusal": n_refusal, "dropped_selfcheck": len(dropped) - n_refusal,
         "checked": n_checked, "agreement": (n_agree / n_checked) if n_checked else None,
-        "position_bias": bias,
+        "position_bias": bias, "same_answer": n_same,
     }
     return kept, flipped, dropped, stats
 
@@ -194,6 +199,8 @@ def quality_line(stats: Mapping[str, Any]) -> str:
     """Return the one-line data-quality summary printed after generate/steer/fit."""
     agree = stats.get("agreement")
     agree_s = f"{100.0 * agree:.0f}%" if agree is not None else "n/a (no self-check stored)"
+    if agree is None and stats.get("same_answer") == stats["total"]:
+        agree_s = "n/a (each pair is one answer read under both personas)"
     return (
         f"pairs kept {stats['kept'] + stats['flipped']} of {stats['total']}, dropped {stats['dropped']} "
         f"(refusals {stats['dropped_refusal']}, self-check {stats['dropped_selfcheck']}), flipped {stats['flipped']}, "

@@ -43,7 +43,7 @@ class VectorSlot:
     path: str | None = None
 
 
-@dataclass(init=False)
+@dataclass
 class ProfileSlot:
     """A steering profile and its strength (the multiplier of the exact edit's delta)."""
 
@@ -52,22 +52,6 @@ class ProfileSlot:
     strength: float = 1.0
     origin: str = GIVEN
     path: str | None = None
-
-    def __init__(self, name: str, profile: SteeringProfile, strength: float = 1.0, origin: str = GIVEN,
-                 path: str | None = None, *, weight: float | None = None) -> None:
-        # ``weight`` is the name ``strength`` had before vectors and profiles shared one word; it is
-        # still accepted (and wins, so ``dataclasses.replace(slot, weight=...)`` keeps working).
-        self.name, self.profile, self.origin, self.path = name, profile, origin, path
-        self.strength = strength if weight is None else weight
-
-    @property
-    def weight(self) -> float:
-        """The old name of ``strength``."""
-        return self.strength
-
-    @weight.setter
-    def weight(self, value: float) -> None:
-        self.strength = value
 
 
 @dataclass
@@ -179,7 +163,7 @@ class Steering:
                 for site, weighted in by_site.items():
                     layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
                     if layers:
-                        stack.enter_context(engine.activation_edit(_profile_edit(weighted), layers, site=site))
+                        stack.enter_context(engine.activation_edit(profile_edit(weighted), layers, site=site))
             yield
 
     def generate(
@@ -194,7 +178,7 @@ class Steering:
             return engine.generate(prompts, sampling, on_token=on_token)
 
 
-def _profile_edit(weighted: list[tuple[float, list[EditPlan]]]):
+def profile_edit(weighted: list[tuple[float, list[EditPlan]]]):
     """Return the eval-callback edit applying every profile's per-prompt plan, times its strength."""
 
     def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:

@@ -10,7 +10,7 @@ import click
 from alignez_local import pipeline
 from alignez_local.align.axes import PreferenceAxis, custom_axis, get_axis
 from alignez_local.align.directions import METHODS
-from alignez_local.align.fit import diagnostics_table
+from alignez_local.align.fit import DEFAULT_POOL, POOLS, diagnostics_table
 from alignez_local.align.preferences import GenerationSettings
 from alignez_local.apps.cli_options import model_options, open_engine, with_flag
 from alignez_local.errors import AlignezError
@@ -65,6 +65,8 @@ def fit_options(f: Any) -> Any:
                      help="svd (the paper's subspace), ccs, or the mean / PCA baselines.")(f)
     f = click.option("--site", type=click.Choice(FIT_SITES), default="ffn_out", show_default=True,
                      help="MLP output (the paper's) or residual stream.")(f)
+    f = click.option("--pool", type=click.Choice(POOLS), default=DEFAULT_POOL, show_default=True,
+                     help="Embed an answer by its last token (the paper's) or the mean over its tokens.")(f)
     f = click.option("--layers", default=None, metavar="A-B|auto", help="Layers to keep [auto: best held-out accuracy].")(f)
     f = click.option("--variance", type=float, default=0.90, show_default=True, help="Explained variance kept by svd.")(f)
     f = click.option("--max-cos", type=float, default=0.8, show_default=True, help="Drop pairs more similar than this.")(f)
@@ -77,8 +79,9 @@ def _gen_settings(responses: int, response_tokens: int, temperature: float, seed
 
 
 def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, variance: float, max_cos: float,
-                  top_n: int, seed: int, self_check: bool = True, flip_inverted: bool = False) -> FitSettings:
-    return FitSettings(method=method, site=site, layers=with_flag("--layers", parse_layer_list, layers, engine.n_layer),
+                  top_n: int, seed: int, self_check: bool = True, flip_inverted: bool = False,
+                  pool: str = DEFAULT_POOL) -> FitSettings:
+    return FitSettings(method=method, site=site, pool=pool, layers=with_flag("--layers", parse_layer_list, layers, engine.n_layer),
                        variance=variance, max_cos=max_cos, top_n=top_n, seed=seed, self_check=self_check, flip=flip_inverted)
 
 
@@ -121,7 +124,7 @@ def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, po
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", "out_path", required=True, metavar="PROFILE.gguf")
 def fit(model, threads, n_ctx, gpu_layers, parallel, verbose, method, site, layers, variance, max_cos, top_n, prefs,
-        axis_filter, seed, out_path, self_check, flip_inverted) -> None:
+        axis_filter, seed, out_path, self_check, flip_inverted, pool) -> None:
     """Find the preference subspace per layer and write a steering profile (AlignEZ step 2).
 
     \b
@@ -130,7 +133,7 @@ def fit(model, threads, n_ctx, gpu_layers, parallel, verbose, method, site, laye
     """
     out = check_writable(out_path)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
-    settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted)
+    settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool)
     prof = pipeline.fit_from_file(engine, prefs, settings, ModelId.of(engine, model), axis=axis_filter, name=out.name.split(".")[0],
                                   on_status=lambda line: click.echo(line, err=True))
     save_profile(out, prof)
@@ -207,7 +210,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
           responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
-          self_check, flip_inverted) -> None:
+          self_check, flip_inverted, pool) -> None:
     """Generate preference data, fit a profile and export a control vector, in one go.
 
     \b
@@ -220,7 +223,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     folder = with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
     queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
-    fit_settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted)
+    fit_settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
     try:
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),

@@ -39,10 +39,12 @@ from alignez_local.models import JUDGE_MODEL
               help="Tie when the judge's margin is under this many nats.")
 @click.option("--refusal-judge/--no-refusal-judge", default=True, show_default=True,
               help="Also ask the judge whether answers to harmful and benign prompts refuse or deflect.")
+@click.option("--quality-judge/--no-quality-judge", default=True, show_default=True,
+              help="Judge each answer's quality; --no-quality-judge only counts refusals (fast safety runs).")
 @click.option("--reference", default=None, metavar="MODEL",
               help="Also answer with this model and report the share of its net win that steering recovers.")
 @click.option("--sweep", default=None, metavar="S,S,...",
-              help="Strength multipliers applied to every vector strength and profile weight, e.g. 0,0.5,1,2 [1].")
+              help="Strength multipliers applied to every vector and profile strength, e.g. 0,0.5,1,2 [1].")
 @click.option("--judge-parallel", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Judge prompts decoded together.")
 @click.option("--judge-ctx", type=click.IntRange(512, 1 << 20), default=8192, show_default=True,
@@ -54,7 +56,7 @@ def eval_command(
     vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int,
     temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int, repeat_penalty: float,
     prompts_file: str | None, prompt_kind: str | None, kinds: str | None, limit: int | None, judge: str,
-    mode: str, margin: float, refusal_judge: bool, reference: str | None, sweep: str | None,
+    mode: str, margin: float, refusal_judge: bool, quality_judge: bool, reference: str | None, sweep: str | None,
     judge_parallel: int, judge_ctx: int, out_dir: str,
 ) -> None:
     """Judge steered against unsteered answers with a local model.
@@ -71,13 +73,14 @@ def eval_command(
     \b
     alignez eval --vector v.gguf:4 --limit 20
     alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p
-    alignez eval --vector v.gguf --prompts harmbench_prompts.txt --prompt-kind harmful
+    alignez eval --vector v.gguf --prompts harmbench_prompts.txt --prompt-kind harmful --no-quality-judge
     """
     try:
         cfg = EvalConfig(
             model=model, vectors=vectors, profiles=profiles, layers=layers, top_n=top_n,
             prompts_file=prompts_file, prompt_kind=prompt_kind, kinds=parse_kinds(kinds), limit=limit,
-            judge=judge, mode=mode, margin=margin, refusal_judge=refusal_judge, reference=reference,
+            judge=judge, mode=mode, margin=margin, refusal_judge=refusal_judge, quality_judge=quality_judge,
+            reference=reference,
             strengths=parse_strengths(sweep) if sweep is not None else (1.0,),
             sampling=make_sampling(temperature, top_p, top_k, seed, max_tokens, repeat_penalty),
             threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel,

@@ -37,6 +37,7 @@ class EvalConfig:
     mode: str = DEFAULT_MODE
     margin: float = DEFAULT_MARGIN
     refusal_judge: bool = True
+    quality_judge: bool = True  # False: no helpfulness verdicts (a safety run that only counts refusals)
     reference: str | None = None
     strengths: tuple[float, ...] = (1.0,)
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=200))

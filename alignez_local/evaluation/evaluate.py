@@ -183,14 +183,19 @@ def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path
             log(f"[fluency] perplexity of {len(everything)} answers under the unsteered model")
             measure_perplexity(eng, st.texts * len(st.groups()), everything,
                                Progress(len(everything), "perplexity"))
+    refusals = cfg.refusal_judge and any(p.kind in REFUSAL_KINDS for p in st.prompts)
+    if not (cfg.quality_judge or refusals):
+        st.stage = "done"
+        return
     with Judge.open(str(judge_path), cfg.mode, cfg.margin, cfg.judge_runtime) as judge:
         st.models["judge"] = _model_info(judge_path, judge.engine)
         st.judge = judge.describe()
-        with st.stage_timer("judging", "judge_s"):
-            _judge_quality(st, judge, log)
-            st.judged = True
+        if cfg.quality_judge:
+            with st.stage_timer("judging", "judge_s"):
+                _judge_quality(st, judge, log)
+                st.judged = True
         st.judge["prompts_decoded"] = judge.calls
-        if cfg.refusal_judge:
+        if refusals:
             with st.stage_timer("refusal judging", "refusal_judge_s"):
                 _judge_refusals(st, judge, log)
             st.judge["refusal_prompts_decoded"] = judge.calls - st.judge["prompts_decoded"]

@@ -97,6 +97,7 @@ def _settings(st: RunState) -> dict[str, Any]:
         "top_n": cfg.top_n, "prompts_file": cfg.prompts_file or "built-in eval_prompts.jsonl",
         "prompt_kind": cfg.prompt_kind, "kinds": list(cfg.kinds) if cfg.kinds else None, "limit": cfg.limit,
         "judge": cfg.judge, "mode": cfg.mode, "margin_nats": cfg.margin, "refusal_judge": cfg.refusal_judge,
+        "quality_judge": cfg.quality_judge,
         "reference": cfg.reference, "strengths": list(cfg.strengths),
         "sampling": dataclasses.asdict(cfg.sampling), "threads": cfg.threads, "n_ctx": cfg.n_ctx,
         "parallel": cfg.parallel, "judge_ctx": cfg.judge_ctx, "judge_parallel": cfg.judge_parallel,

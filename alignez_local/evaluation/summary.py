@@ -105,7 +105,8 @@ def _verdicts(report: dict[str, Any]) -> Lines:
     """Return the steered-vs-unsteered verdict table (or a note that nothing was judged)."""
     s, results = report["settings"], report["results"]
     if not any("judge" in r for r in results):
-        return ["## Judge", "", "No verdicts (the run stopped before judging).", ""]
+        why = "--no-quality-judge: refusals only" if s.get("quality_judge") is False else "the run stopped before judging"
+        return ["## Judge", "", f"No verdicts ({why}).", ""]
     L: Lines = [
         "## Steered vs unsteered (judge)",
         "",

@@ -9,7 +9,7 @@ which sequence (``key`` = the request's index in the batch) each row belongs to.
   unsteered capture of that request's prompt, as ``Steering.applied`` does for one user.
 
 The arithmetic is ``align/steering.py``'s (``Steering.vector_sum``, ``Steering.plans``,
-``_profile_edit``), reused, so a request steered alone gets the tokens ``alignez chat`` gives.
+``profile_edit``), reused, so a request steered alone gets the tokens ``alignez chat`` gives.
 Rows of requests that chose nothing are written back unchanged.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.edit import EditPlan
-from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, _profile_edit
+from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
@@ -178,7 +178,7 @@ class SteeringSet:
         for site, weighted in by_site.items():
             layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
             if layers:
-                edits.append(BatchEdit(_profile_edit(weighted), layers, site, False))
+                edits.append(BatchEdit(profile_edit(weighted), layers, site, False))
         return edits
 
     def _profile_plans(
