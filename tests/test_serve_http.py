@@ -39,8 +39,9 @@ class LiveServer:
     """The app on a free port in a background thread, with its own engine."""
 
     def __init__(self, model: Path, vectors: Sequence[str] = (), profiles: Sequence[str] = (),
-                 api_key: str | None = KEY, parallel: int = 4, batch_wait: float = 0.0, max_tokens: int = 16) -> None:
-        self.engine = Engine(model, n_ctx=CTX, n_threads=1, n_parallel=parallel)
+                 api_key: str | None = KEY, parallel: int = 4, batch_wait: float = 0.0, max_tokens: int = 16,
+                 ctx: int = CTX) -> None:
+        self.engine = Engine(model, n_ctx=ctx, n_threads=1, n_parallel=parallel)
         steering, _ = SteeringSet.load(self.engine, vectors, profiles)
         self.app = create_app(self.engine, steering, ServeConfig("test-model", api_key, max_tokens, batch_wait), parallel)
         sock = socket.socket()
@@ -309,3 +310,74 @@ def test_signal_stops_the_server_cleanly(tiny_model_path: Path, sig: int) -> Non
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class LongStream:
+    """A long streaming completion read on a background thread, noting when it ended and how."""
+
+    def __init__(self, srv: LiveServer, max_tokens: int = 900) -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stop": ["never-appears"], "stream_options": {"include_usage": True}}
+        self.srv, self.body = srv, body
+        self.first_text = threading.Event()
+        self.ended_at: float | None = None
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        assert self.first_text.wait(60), "the long stream sent no text"
+
+    def _read(self) -> None:
+        with httpx.stream("POST", self.srv.url + "/v1/completions", json=self.body, headers=self.srv.headers, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.lines.append(line[6:])
+                    if '"text":""' not in line:
+                        self.first_text.set()
+        self.ended_at = time.monotonic()
+
+    def result(self) -> tuple[str, dict[str, Any]]:
+        """Return (finish_reason, usage) once the stream ended."""
+        self.thread.join(300)
+        assert self.lines[-1] == "[DONE]", self.lines[-3:]
+        chunks = [json.loads(x) for x in self.lines[:-1]]
+        finish = next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+        return finish, chunks[-1]["usage"]
+
+
+def test_request_sent_during_a_long_stream_is_admitted_and_finishes_first(live: LiveServer) -> None:
+    wait_idle(live)
+    long = LongStream(live)
+    r = live.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    short_done = time.monotonic()
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    # It was admitted into the running decode, not queued behind the long one.
+    assert long.ended_at is None, "the long stream ended before the short request: nothing to prove"
+    finish, usage = long.result()
+    assert long.ended_at is not None and short_done < long.ended_at
+    assert finish == "length" and usage["completion_tokens"] == 900
+    assert wait_idle(live)["slots_total"] == 4
+
+
+def test_a_disconnect_frees_its_slot_while_the_others_decode(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    # A longer context than the shared server's, so the long stream outlasts the hang-ups by far
+    # (measured: 900 tokens take ~3 s here, one hang-up and its slot freed ~0.35 s).
+    srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], ctx=4096)
+    try:
+        long = LongStream(srv, max_tokens=3500)
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0.8, "stream": True})
+        for _ in range(8):
+            with httpx.stream("POST", srv.url + "/v1/completions", content=body, headers=srv.headers, timeout=60) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: ") and '"text":""' not in line)
+            # Hung up mid-stream: its slot is free again while the long stream still decodes.
+            deadline = time.monotonic() + 30
+            while srv.health()["slots_processing"] != 1:
+                assert time.monotonic() < deadline and long.ended_at is None, srv.health()
+                time.sleep(0.02)
+        ok = srv.post("/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        assert long.ended_at is None, "the long stream ended early: nothing to prove"
+        finish, usage = long.result()
+        assert finish == "length" and usage["completion_tokens"] == 3500
+        assert wait_idle(srv) == {"status": "ok", "slots_total": 4, "slots_processing": 0, "requests_waiting": 0}
+    finally:
+        srv.close()

@@ -41,11 +41,11 @@ from alignez_local.llama.chat_format import PLAIN_STOP, format_chat
 from alignez_local.llama.cvec import check_vectors, cvec_buffer
 from alignez_local.llama.hooks import Capture, Edit, EditFn, HookState
 from alignez_local.llama.sampling import Completion, Sampling, TokenFn
-from alignez_local.llama.scheduler import Scheduler, Seq
+from alignez_local.llama.scheduler import CANCELLED, AdmitFn, Scheduler, Seq
 from alignez_local.llama.vocab import Vocab
 from alignez_local.specs import CAPTURE_SITES
 
-__all__ = ["Completion", "EditFn", "Engine", "Sampling", "TokenFn", "physical_cores"]
+__all__ = ["CANCELLED", "AdmitFn", "Completion", "EditFn", "Engine", "Sampling", "Seq", "TokenFn", "physical_cores"]
 
 physical_cores = bindings.physical_cores
 
@@ -236,10 +236,25 @@ class Engine:
             raise ValueError("one Sampling per prompt, or a single one for all")
         seqs = [Seq(i, self.tokenize(p), sampling=sp.check()) for i, (p, sp) in enumerate(zip(prompts, sps))]
         self._sched.run(seqs, on_token=on_token)
-        return [
-            Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens), np.asarray(s.logprobs), s.generated)
-            for s in seqs
-        ]
+        return [self.completion(s) for s in seqs]
+
+    @staticmethod
+    def completion(s: Seq) -> Completion:
+        """Return the completion of a finished generating sequence."""
+        return Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens), np.asarray(s.logprobs), s.generated)
+
+    def generate_live(
+        self, admit: AdmitFn, on_token: TokenFn | None = None, on_done: Callable[[Seq], None] | None = None
+    ) -> None:
+        """Decode the sequences ``admit()`` hands in, each as soon as a slot is free, until none is
+        left (continuous admission: the server's requests join a running decode).
+
+        ``admit`` is asked before every decode step, on this thread; it may also ``Seq.cancel`` a
+        sequence, which then leaves at once (KV cells removed, slot free). A sequence with
+        ``sampling=None`` is prefilled only (for an edit callback to read its last prompt token).
+        Keys are the caller's: they reach ``on_token``, ``on_done`` and activation edits.
+        """
+        self._sched.run([], on_token=on_token, on_done=on_done, admit=admit)
 
     def capture(
         self,

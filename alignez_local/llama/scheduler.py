@@ -2,6 +2,10 @@
 (continuous batching: a new prompt takes the slot of a finished one), with per-sequence sampling,
 stop strings and streaming.
 
+A run can also take sequences while it decodes (``admit``, asked between decode steps: the server
+uses it so a request joins the running decode) and drop one at once (``Seq.cancel``: its KV cells
+are removed and its slot is free for the next sequence while the others keep decoding).
+
 Every run starts from an empty KV cache and leaves it empty, so nothing computed under other
 settings is ever reused.
 """
@@ -46,6 +50,18 @@ class Seq:
     text: str = ""
     emitted: int = 0
     finish: str | None = None
+
+    def cancel(self) -> None:
+        """Drop this sequence at the next step (call it between decode steps, e.g. from ``admit``)."""
+        if self.finish is None:
+            self.finish = CANCELLED
+
+
+# The finish reason of a cancelled sequence.
+CANCELLED = "cancelled"
+
+# admit(): called before every decode step of a run; returns the sequences to start now.
+AdmitFn = Callable[[], "list[Seq]"]
 
 
 # on_logits(sequence, token index, batch row): called for each output row after a decode.
@@ -101,12 +117,16 @@ class Scheduler:
         self._prefix = 0  # tokens of the shared prefix held by sequence id n_parallel in this run
 
     def run(self, seqs: list[Seq], on_token: TokenFn | None = None, on_logits: LogitsFn | None = None,
-            on_done: Callable[[Seq], None] | None = None, share_prefix: bool = False) -> None:
+            on_done: Callable[[Seq], None] | None = None, share_prefix: bool = False,
+            admit: AdmitFn | None = None) -> None:
         """Decode ``seqs`` as parallel sequences until every one is finished.
 
         ``share_prefix``: decode the token prefix all ``seqs`` share (before any output) once and
         copy its KV cells into each sequence instead of re-reading it (for prefill-only runs whose
         results do not depend on which sequence computed a prompt token).
+        ``admit``: asked before every decode step for more sequences; they take free slots as they
+        come (the rest wait in order) and the run lasts until nothing is active or waiting.
+        Sequences cancelled (``Seq.cancel``) leave before the next step; ``on_done`` sees them too.
         """
         self._check(seqs)
         C.llama_memory_clear(self.mem, True)
@@ -121,24 +141,20 @@ class Scheduler:
             with self._interruptible():
                 if share_prefix:
                     self._decode_prefix(seqs)
-                while queue or active:
+                while True:
+                    if admit is not None:
+                        new = admit()
+                        self._check(new)
+                        queue.extend(new)
+                    # Cancelled sequences leave first, so a newcomer can take the slot in this step.
+                    self._reap(active, free, on_done)
+                    self._drop_cancelled(queue, on_done)
                     while queue and free:
                         active.append(self._admit(queue.popleft(), free.pop(0)))
-                    fill = self._fill(active)
-                    self._decode(fill, len(active))
-                    for i, s in enumerate(fill.out_seq):
-                        if on_logits is not None:
-                            on_logits(s, fill.out_tok[i], fill.out_rows[i])
-                        if s.sampling is not None and s.fed == len(s.tokens) + len(s.generated) and s.finish is None:
-                            self._sample_next(s, fill.out_rows[i], on_token)
-                    for s in [s for s in active if s.finish is not None or (s.sampling is None and s.fed >= len(s.tokens))]:
-                        active.remove(s)
-                        C.llama_memory_seq_rm(self.mem, s.slot, -1, -1)
-                        free.append(s.slot)
-                        free.sort()
-                        _free_sampler(s)
-                        if on_done is not None:
-                            on_done(s)
+                    if not active:
+                        break
+                    self._step(active, on_token, on_logits)
+                    self._reap(active, free, on_done)
         except KeyboardInterrupt:
             for s in active:
                 if s.sampling is not None and s.finish is None:
@@ -150,6 +166,35 @@ class Scheduler:
             st.layout = None
             st.abort = False
             C.llama_memory_clear(self.mem, True)
+
+    def _step(self, active: list[Seq], on_token: TokenFn | None, on_logits: LogitsFn | None) -> None:
+        """Decode the next tokens of ``active`` and sample where a sequence has read all it was given."""
+        fill = self._fill(active)
+        self._decode(fill, len(active))
+        for i, s in enumerate(fill.out_seq):
+            if on_logits is not None:
+                on_logits(s, fill.out_tok[i], fill.out_rows[i])
+            if s.sampling is not None and s.fed == len(s.tokens) + len(s.generated) and s.finish is None:
+                self._sample_next(s, fill.out_rows[i], on_token)
+
+    def _reap(self, active: list[Seq], free: list[int], on_done: Callable[[Seq], None] | None) -> None:
+        """Remove finished and cancelled sequences: their KV cells go at once and the slot is free."""
+        for s in [s for s in active if s.finish is not None or (s.sampling is None and s.fed >= len(s.tokens))]:
+            active.remove(s)
+            C.llama_memory_seq_rm(self.mem, s.slot, -1, -1)
+            free.append(s.slot)
+            free.sort()
+            _free_sampler(s)
+            if on_done is not None:
+                on_done(s)
+
+    @staticmethod
+    def _drop_cancelled(queue: deque[Seq], on_done: Callable[[Seq], None] | None) -> None:
+        """Drop waiting sequences cancelled before they got a slot."""
+        for s in [s for s in queue if s.finish == CANCELLED]:
+            queue.remove(s)
+            if on_done is not None:
+                on_done(s)
 
     def _check(self, seqs: list[Seq]) -> None:
         for s in seqs:

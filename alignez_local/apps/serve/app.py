@@ -40,7 +40,7 @@ class ServeConfig:
     model_id: str
     api_key: str | None = None
     default_max_tokens: int = 512
-    batch_wait: float = 0.0  # seconds a batch waits for more requests after its first
+    batch_wait: float = 0.0  # seconds an idle server waits after a first request for others to start with it
 
 
 class _Server:

@@ -60,13 +60,14 @@ def _server_class() -> type:
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True,
               help="Tokens to generate when a request gives no max_tokens.")
 @click.option("--batch-wait-ms", type=click.IntRange(0, 10000), default=0, show_default=True,
-              help="How long a batch waits for more requests after its first (fuller batches, later first token).")
+              help="How long an idle server waits after a first request for others to start with it "
+                   "(later requests join the running decode anyway).")
 def serve_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
     host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int,
 ) -> None:
-    """Serve the OpenAI API; every request picks its own steering, all batched together.
+    """Serve the OpenAI API; every request picks its own steering, all decoded together.
 
     \b
     alignez serve --vector helpful=vectors/smollm2-135m-instruct/helpful.gguf:4 --port 8080

@@ -11,6 +11,9 @@ which sequence (``key`` = the request's index in the batch) each row belongs to.
 The arithmetic is ``align/steering.py``'s (``Steering.vector_sum``, ``Steering.plans``,
 ``profile_edit``), reused, so a request steered alone gets the tokens ``alignez chat`` gives.
 Rows of requests that chose nothing are written back unchanged.
+
+``batch_edits`` steers a fixed batch (one ``Engine.generate``); ``LiveSteering`` steers a running
+decode that requests join and leave (``Engine.generate_live``, what the server's worker runs).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from alignez_local.align.edit import EditPlan
+from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector, read_control_vector
@@ -198,6 +201,105 @@ class SteeringSet:
             w = choices[k][name]
             groups.setdefault(w, [empty] * len(choices))[k] = by_key[k]
         return list(groups.items())
+
+
+class LiveSteering:
+    """Per-sequence steering of a running decode that sequences join and leave between steps.
+
+    Entering an edit clears the KV cache (``Engine.activation_edit``), so the edits are entered
+    once per run (``edits``) and cover every layer a loaded vector or profile can touch; they look
+    each row's key up in tables that change between decode steps (``start`` / ``forget``), on the
+    engine thread, so never while a decode reads them. A key with no entry is left unchanged,
+    which is what keeps one request's steering off every other request's tokens.
+
+    A profile's plan needs the UNSTEERED activation at the request's last prompt token (as
+    ``Steering.plans`` reads it with ``Engine.capture``, which would clear the running cache): the
+    request's prompt is first decoded as a prefill-only planning sequence, whose rows the profile
+    edits record instead of editing (``plan``), then the plan is made from them (``start``).
+    """
+
+    def __init__(self, steering: SteeringSet) -> None:
+        self.set = steering
+        self.profiles = [s for s in steering.items.values() if s.kind == "profile"]
+        self._vectors: dict[int, dict[int, np.ndarray]] = {}
+        self._plans: dict[int, list[tuple[str, float, EditPlan]]] = {}  # key -> (site, strength, plan)
+        self._planning: set[int] = set()
+        self._captured: dict[int, dict[tuple[str, int], np.ndarray]] = {}
+
+    @property
+    def needs_planning(self) -> bool:
+        """True when requests must be decoded once unsteered first (a profile is loaded)."""
+        return bool(self.profiles)
+
+    def edits(self) -> list[BatchEdit]:
+        """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""
+        n = self.set.n_layer
+        out: list[BatchEdit] = []
+        vec_layers = sorted({L for s in self.set.items.values() if s.kind == "vector" for L in s.layers if 1 <= L < n})
+        if vec_layers:
+            out.append(BatchEdit(_vector_edit(self._vectors), vec_layers, "l_out", True))
+        by_site: dict[str, set[int]] = {}
+        for prof in self.profiles:
+            by_site.setdefault(prof.item.site, set()).update(L for L in prof.layers if 0 <= L < n)  # type: ignore[union-attr]
+        for site, layers in by_site.items():
+            if layers:
+                out.append(BatchEdit(self._profile_edit(site), sorted(layers), site, False))
+        return out
+
+    def plan(self, key: int) -> None:
+        """Record the rows of ``key`` (a prefill-only sequence of a prompt) at every profile layer."""
+        self._planning.add(key)
+
+    def start(self, key: int, choice: Choice, planned_by: int | None = None) -> None:
+        """Steer ``key``'s rows by ``choice``; profile plans come from the rows ``planned_by`` recorded."""
+        slots = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items() if self.set.items[n].kind == "vector"]
+        if slots:
+            self._vectors[key] = Steering(vectors=slots).vector_sum(self.set.n_layer)  # type: ignore[arg-type]
+        acts = self._captured.pop(planned_by, {}) if planned_by is not None else {}
+        if planned_by is not None:
+            self._planning.discard(planned_by)
+        plans = [(p.item.site, choice[p.name], self._plan_one(p, acts)) for p in self.profiles if choice.get(p.name, 0) != 0]  # type: ignore[union-attr]
+        if plans:
+            self._plans[key] = plans
+
+    def forget(self, key: int) -> None:
+        """Drop everything held for ``key`` (its sequence has left)."""
+        self._vectors.pop(key, None)
+        self._plans.pop(key, None)
+        self._planning.discard(key)
+        self._captured.pop(key, None)
+
+    def _plan_one(self, prof: Served, acts: Mapping[tuple[str, int], np.ndarray]) -> EditPlan:
+        """Return one profile's plan from recorded activations, as ``Steering.plans`` makes it."""
+        site = prof.item.site  # type: ignore[union-attr]
+        subspaces = {L: s for L, s in prof.item.subspaces.items() if 0 <= L < self.set.n_layer}  # type: ignore[union-attr]
+        missing = [L for L in subspaces if (site, L) not in acts]
+        if missing:
+            raise AlignezError(f"no planning activation for {prof.name} at {site}-{missing[0]}")
+        return plan_edit({L: acts[(site, L)] for L in subspaces}, subspaces, top_n=self.set.top_n)
+
+    def _profile_edit(self, site: str) -> EditFn:
+        """Return the edit of one site: record planning rows, apply each steered key's plans."""
+
+        def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
+            touched = False
+            for row, key in enumerate(keys):
+                if key in self._planning:
+                    self._captured.setdefault(key, {})[(site, layer)] = x[row].copy()
+                    continue
+                delta = None
+                for psite, strength, plan in self._plans.get(key, ()):
+                    dirs = plan.directions.get(layer) if psite == site else None
+                    if dirs is not None:
+                        # Summed from zero in the profiles' order, then added: profile_edit's arithmetic.
+                        delta = np.zeros_like(x[row]) if delta is None else delta
+                        delta += strength * edit_delta(x[row], dirs)
+                if delta is not None:
+                    x[row] = x[row] + delta
+                    touched = True
+            return x if touched else None
+
+        return edit
 
 
 def _vector_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:

@@ -4,38 +4,42 @@ An Engine is single-threaded, so every llama.cpp call after start-up happens on 
 HTTP side (asyncio) puts a ``Job`` on a queue and reads the job's events from its own
 ``asyncio.Queue``; the worker pushes events with ``loop.call_soon_threadsafe``.
 
-Batching: the worker takes every waiting job (up to ``--parallel``, and only as many as fit the
-context together: the KV cache is unified, so the prompts plus their max_tokens must fit n_ctx)
-and runs them as the sequences of one ``Engine.generate`` call, each with its own sampler and its
-own steering (``SteeringSet.batch_edits``). Jobs that arrive during a batch join the next one.
+Continuous admission: the worker runs one ``Engine.generate_live`` while there is work. Between
+decode steps the engine asks the worker (``_admit``) for sequences to start; a job that arrived
+meanwhile joins the running decode at once when a slot is free and its KV budget fits: the KV
+cache is unified, so the prompts plus max_tokens of the running jobs must fit n_ctx together.
+Each job is steered by its own choice through ``LiveSteering``. With a profile loaded, a job is
+decoded twice, as the single-user path does: a prefill-only planning sequence (the unsteered
+activation the exact edit's plan needs), then the generating sequence. Every job takes this path
+then, steered or not, so the batch shapes a request sees never depend on its neighbours' choices.
 
-A job whose client went away is marked cancelled: if it has not started it is dropped; if it is
-running its text is discarded, and once every job of the batch is cancelled (or the server is
-stopping) the batch is abandoned at the next token. (The engine has no way yet to stop just one
-sequence of a batch, or to admit new ones into a running batch.)
+A job whose client went away is cancelled: waiting, it is dropped; running, its sequence leaves
+the decode before the next step (KV cells removed, slot free) while the others keep decoding.
+When the server stops, the running decode is abandoned before its next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from alignez_local.apps.serve.steering import Choice, SteeringSet
+from alignez_local.apps.serve.steering import Choice, LiveSteering, SteeringSet
 from alignez_local.errors import AlignezError
-from alignez_local.llama.engine import Completion, Engine, Sampling
+from alignez_local.llama.engine import CANCELLED, Completion, Engine, Sampling, Seq
 
 log = logging.getLogger("alignez.serve")
 
 
 class _Abandoned(Exception):
-    """Every client of the running batch has gone, or the server is stopping."""
+    """The server is stopping: the running decode ends before its next step."""
 
 
 @dataclass(frozen=True)
@@ -88,23 +92,36 @@ def asyncio_sink(loop: asyncio.AbstractEventLoop, q: "asyncio.Queue[Event]") -> 
     return emit
 
 
+@dataclass
+class _Live:
+    """A job inside the running decode: its current sequence (planning, then generating)."""
+
+    job: Job
+    seq: Seq
+    planning: bool
+
+
 class Worker:
-    """Owns the Engine; runs waiting jobs together in batches until stopped."""
+    """Owns the Engine; runs jobs as sequences of one continuing decode until stopped."""
 
     def __init__(
         self, engine: Engine, steering: SteeringSet, parallel: int | None = None, batch_wait: float = 0.0
     ) -> None:
         self.engine = engine
         self.steering = steering
-        # Seconds to wait after a batch's first job for others to join it (0: start at once).
+        # Seconds an idle worker waits after a first job for others to start with it (0: at once).
         self.batch_wait = batch_wait
         self.parallel = min(parallel or engine.n_parallel, engine.n_parallel)
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._held: list[Job] = []  # taken from the queue but not yet run (did not fit the last batch)
+        self._held: list[Job] = []  # taken from the queue but not started (no slot or no room yet)
         self._lock = threading.Lock()
         self.running: list[Job] = []
         self.waiting = 0
         self._stopping = False
+        self._live: dict[int, _Live] = {}  # sequence key -> its job
+        self._ready: list[Seq] = []  # generating sequences of planned jobs, to hand in next step
+        self._keys = itertools.count()
+        self._steer = LiveSteering(steering)
         self._thread = threading.Thread(target=self._loop, name="alignez-engine", daemon=True)
 
     # --- HTTP side ---------------------------------------------------------------------------
@@ -113,7 +130,7 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; it runs in the next batch with room."""
+        """Queue ``job``; it joins the running decode as soon as a slot is free."""
         if self._stopping:
             raise AlignezError("the server is shutting down")
         with self._lock:
@@ -134,69 +151,53 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> bool:
         """Stop taking jobs, fail the waiting ones, and return True once the engine thread ended."""
         self._stopping = True
-        for j in list(self.running):
-            j.cancel()
         self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    # --- engine thread -----------------------------------------------------------------------
+    # --- engine thread: between runs ---------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                break
-            with self._lock:
-                self.running = batch
-                self.waiting -= len(batch)
-            try:
-                self._run(batch)
-            finally:
-                with self._lock:
-                    self.running = []
+        while self._wait_for_work():
+            self._run()
         for j in self._drain():
             j.send(Event("error", "the server is shutting down"))
 
-    def _take(self) -> list[Job] | None:
-        """Return the next batch (blocking for its first job), or None when stopping."""
-        pending = self._held
-        self._held = []
-        if not pending:
-            first = self._queue.get()
-            if first is None or self._stopping:
-                if first is not None:
-                    pending.append(first)
-                self._held = pending
-                return None
-            pending.append(first)
+    def _wait_for_work(self) -> bool:
+        """Block until a job is held (then wait ``batch_wait`` for company); False when stopping."""
+        while not self._held:
+            if not self._pull(block=True):
+                return False
         deadline = time.monotonic() + self.batch_wait
+        while len(self._held) < self.parallel and (left := deadline - time.monotonic()) > 0:
+            if not self._pull(block=True, timeout=left):
+                return False
+        return not self._stopping
+
+    def _pull(self, block: bool = False, timeout: float | None = None) -> bool:
+        """Move queued jobs to ``_held`` (one when blocking, else all); False once told to stop."""
+        try:
+            j = self._queue.get(timeout=timeout) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return not self._stopping
         while True:
-            try:
-                left = deadline - time.monotonic()
-                full = len(pending) >= self.parallel
-                j = self._queue.get(timeout=left) if left > 0 and not full else self._queue.get_nowait()
-            except queue.Empty:
-                break
             if j is None:
                 self._stopping = True
-                break
-            pending.append(j)
-        batch: list[Job] = []
-        used = 0
-        for j in pending:
-            if j.cancelled:
-                with self._lock:
-                    self.waiting -= 1
-                j.finished.set()
-            elif len(batch) < self.parallel and used + j.budget <= self.engine.n_ctx:
-                batch.append(j)
-                used += j.budget
+            elif j.cancelled:
+                self._forget_waiting(j)
             else:
                 self._held.append(j)
-        if self._stopping and not batch:
-            return None
-        return batch
+            if block:
+                return not self._stopping
+            try:
+                j = self._queue.get_nowait()
+            except queue.Empty:
+                return not self._stopping
+
+    def _forget_waiting(self, j: Job) -> None:
+        with self._lock:
+            self.waiting -= 1
+        j.finished.set()
 
     def _drain(self) -> list[Job]:
         out = self._held
@@ -209,38 +210,111 @@ class Worker:
             if j is not None:
                 out.append(j)
 
-    def _run(self, batch: Sequence[Job]) -> None:
-        """Run ``batch`` as one generate call with per-job steering; every job gets done or error."""
-        prompts = [j.prompt for j in batch]
-        for j in batch:
-            j.started = True
+    # --- engine thread: one run --------------------------------------------------------------
 
-        def on_token(i: int, text: str) -> None:
-            # Raised here, outside llama.cpp's callbacks, so generate unwinds cleanly and frees the
-            # KV cache: nobody wants this batch's tokens any more.
-            if self._stopping or all(j.cancelled for j in batch):
-                raise _Abandoned
-            batch[i].send(Event("text", text))
-
+    def _run(self) -> None:
+        """Run one continuing decode until no job is left; every job started gets done or error."""
         try:
-            edits = self.steering.batch_edits(self.engine, prompts, [j.steering for j in batch])
             with ExitStack() as stack:
-                for e in edits:
+                for e in self._steer.edits():
                     stack.enter_context(self.engine.activation_edit(e.fn, e.layers, e.site, e.all_tokens))
-                done = self.engine.generate(prompts, [j.sampling for j in batch], on_token=on_token)
+                self.engine.generate_live(self._admit, on_token=self._on_token, on_done=self._on_done)
         except _Abandoned:
-            for j in batch:
-                j.send(Event("error", "the server is shutting down"))
-            return
+            self._fail_running("the server is shutting down")
         except AlignezError as err:
-            for j in batch:
-                j.send(Event("error", str(err)))
-            return
-        except Exception as err:  # noqa: BLE001 - one bad batch must not end the server
-            log.error("batch failed: %s", "".join(traceback.format_exception(err)))
-            for j in batch:
-                j.send(Event("error", f"internal error: {type(err).__name__}: {err}"))
-            return
-        for j, c in zip(batch, done):
-            j.send(Event("done", completion=c))
+            self._fail_running(str(err))
+        except Exception as err:  # noqa: BLE001 - one bad run must not end the server
+            log.error("decode failed: %s", "".join(traceback.format_exception(err)))
+            self._fail_running(f"internal error: {type(err).__name__}: {err}")
+        finally:
+            for key in list(self._live):
+                self._steer.forget(key)
+            self._live.clear()
+            self._ready.clear()
+            with self._lock:
+                self.running = []
 
+    def _fail_running(self, message: str) -> None:
+        for live in list(self._live.values()):
+            live.job.send(Event("error", message))
+
+    def _admit(self) -> list[Seq]:
+        """Between decode steps: cancel the sequences of gone clients, hand in new sequences."""
+        # Raised here, between steps and outside llama.cpp's callbacks, so the run unwinds cleanly.
+        if self._stopping:
+            raise _Abandoned
+        self._pull()
+        if self._stopping:
+            raise _Abandoned
+        for live in self._live.values():
+            if live.job.cancelled:
+                live.seq.cancel()  # its KV cells and slot are freed before this step's decode
+        for j in [j for j in self._held if j.cancelled]:
+            self._held.remove(j)
+            self._forget_waiting(j)
+        new, self._ready = self._ready, []
+        # In arrival order: a big job waits for room rather than being overtaken forever.
+        while self._held and self._fits(self._held[0]):
+            seq = self._start(self._held.pop(0))
+            if seq is not None:
+                new.append(seq)
+        return new
+
+    def _fits(self, job: Job) -> bool:
+        """True when ``job`` gets a slot and its KV budget fits beside the running jobs'."""
+        running = [live.job for live in self._live.values()]
+        return len(running) < self.parallel and sum(j.budget for j in running) + job.budget <= self.engine.n_ctx
+
+    def _start(self, job: Job) -> Seq | None:
+        """Return the first sequence of ``job``: its planning prefill, or its generation."""
+        job.started = True
+        with self._lock:
+            self.waiting -= 1
+        tokens = self.engine.tokenize(job.prompt)
+        if self._steer.needs_planning:
+            seq = Seq(next(self._keys), tokens)
+            self._steer.plan(seq.key)
+            self._live[seq.key] = _Live(job, seq, planning=True)
+            self._sync_running()
+            return seq
+        return self._generating(job, tokens, None)
+
+    def _generating(self, job: Job, tokens: list[int], planned_by: int | None) -> Seq | None:
+        """Return ``job``'s generating sequence, steered by its choice (None: the job failed)."""
+        seq = Seq(next(self._keys), tokens, sampling=job.sampling)
+        try:
+            job.sampling.check()
+            self._steer.start(seq.key, job.steering, planned_by)
+        except AlignezError as err:  # this job's problem only: the others keep decoding
+            self._steer.forget(seq.key)
+            job.send(Event("error", str(err)))
+            self._sync_running()
+            return None
+        self._live[seq.key] = _Live(job, seq, planning=False)
+        self._sync_running()
+        return seq
+
+    def _sync_running(self) -> None:
+        with self._lock:
+            self.running = [live.job for live in self._live.values()]
+
+    def _on_token(self, key: int, text: str) -> None:
+        live = self._live.get(key)
+        if live is not None:
+            live.job.send(Event("text", text))
+
+    def _on_done(self, seq: Seq) -> None:
+        """A sequence left the decode: plan and queue a job's generation, or finish the job."""
+        live = self._live.pop(seq.key)
+        job = live.job
+        if live.planning and seq.finish is None and not job.cancelled:
+            gen = self._generating(job, seq.tokens, seq.key)
+            if gen is not None:
+                self._ready.append(gen)  # takes the slot the planning sequence just left
+            return
+        self._steer.forget(seq.key)
+        if seq.finish == CANCELLED or job.cancelled:
+            job.finished.set()
+        else:
+            job.send(Event("done", completion=self.engine.completion(seq)))
+        self._sync_running()
