@@ -123,15 +123,15 @@ def test_selected_pairs_come_back_flipped_and_too_few_is_one_clear_error(tmp_pat
 
 
 def test_contrast_pairs_are_read_under_each_persona_and_a_refusal_stays(tiny_engine: Engine, tmp_path: Path) -> None:
-    from alignez_local.align.fit import capture_pairs, pair_texts
+    from alignez_local.align.fit import capture_pairs, fit_profile, pair_texts
 
     path = tmp_path / "contrast.jsonl"
     axis = get_axis("helpful")
     row = {"id": "c0", "query": "Q?", "recipe": "contrast", "axis": {"name": "helpful", "positive": axis.positive, "negative": axis.negative},
            "context": {"positive": "Be kind.", "negative": "Be rude."}, "response": {"positive": "I'm sorry, but no.", "negative": "I'm sorry, but no."}}
-    path.write_text("".join(json.dumps({**row, "id": f"c{i}", "query": f"Q{i}?"}) + "\n" for i in range(4)))
+    path.write_text("".join(json.dumps({**row, "id": f"c{i}", "query": f"Q{i}?"}) + "\n" for i in range(8)))
     pairs, stats = load_selected_pairs(path)
-    assert len(pairs) == 4 and stats["dropped_refusal"] == 0 and pairs[0].contexts == ("Be kind.", "Be rude.")
+    assert len(pairs) == 8 and stats["dropped_refusal"] == 0 and pairs[0].contexts == ("Be kind.", "Be rude.")
     pos, neg, pos_start, neg_start = pair_texts(tiny_engine, pairs)
     assert "Be kind." in pos[0] and "Be rude." not in pos[0] and "Be rude." in neg[0]
     assert pos[0].endswith("I'm sorry, but no.") and neg[0].endswith("I'm sorry, but no.")
@@ -143,3 +143,6 @@ def test_contrast_pairs_are_read_under_each_persona_and_a_refusal_stays(tiny_eng
     assert not np.allclose(last_p, last_n) and not np.allclose(mean_p, last_p)
     with pytest.raises(AlignezError, match="unknown pool 'max'"):
         capture_pairs(tiny_engine, pairs, "ffn_out", pool="max", quiet=True)
+    # The two readings of one answer are near-parallel by construction: the too-similar filter is off.
+    prof = fit_profile(tiny_engine, pairs, {"name": "helpful", "positive": "kind", "negative": "rude"}, method="mean", quiet=True)
+    assert prof.params["max_cos"] == 1.0 and prof.params["pool"] == "mean" and prof.layers

@@ -90,6 +90,11 @@ def fit_profile(
     bundled name ``model_bundled``; never by a local path.
     """
     _check_args(method, site, variance, max_cos, len(pairs))
+    if pairs and all(p.positive == p.negative for p in pairs):
+        # One answer read under two personas: its two embeddings are the same tokens, near-parallel by
+        # construction, and the persona's small shift between them is the whole signal. The paper's
+        # too-similar filter (written for two different answers) would drop every such pair.
+        max_cos = 1.0
     pos, neg = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet)
     fits = _fit_layers(pos, neg, method=method, variance=variance, max_cos=max_cos, holdout=holdout, seed=seed)
     chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)
