@@ -94,7 +94,7 @@ class FitSettings:
 
     method: str = "svd"
     site: str = "ffn_out"
-    pool: str = DEFAULT_POOL  # embed an answer by its last token or the mean over its tokens
+    pool: str | None = DEFAULT_POOL  # last token, mean over the answer, or None: by the kind of pairs
     layers: str | Sequence[int] | None = None  # "8-20", "4,8,12", a list, or None/"auto": choose
     variance: float = 0.90
     max_cos: float = 0.8

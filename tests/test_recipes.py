@@ -145,4 +145,13 @@ def test_contrast_pairs_are_read_under_each_persona_and_a_refusal_stays(tiny_eng
         capture_pairs(tiny_engine, pairs, "ffn_out", pool="max", quiet=True)
     # The two readings of one answer are near-parallel by construction: the too-similar filter is off.
     prof = fit_profile(tiny_engine, pairs, {"name": "helpful", "positive": "kind", "negative": "rude"}, method="mean", quiet=True)
-    assert prof.params["max_cos"] == 1.0 and prof.params["pool"] == "mean" and prof.layers
+    assert prof.params["max_cos"] == 1.0 and prof.params["pool"] == "mean" and prof.layers  # mean: the default for one-answer pairs
+
+
+def test_default_pool_follows_the_kind_of_pairs() -> None:
+    from alignez_local.align.fit import default_pool
+    from alignez_local.align.preferences import PreferencePair
+
+    two = [PreferencePair("a", "Q?", "helpful", "good answer", "bad answer")]
+    one = [PreferencePair("b", "Q?", "helpful", "one answer", "one answer", contexts=("Be kind.", "Be rude."))]
+    assert default_pool(two) == "last" and default_pool(one) == "mean" and default_pool(two + one) == "last"

@@ -32,7 +32,15 @@ from alignez_local.progress import Progress
 from alignez_local.specs import FIT_SITES
 
 POOLS = ("last", "mean")
-DEFAULT_POOL = "mean"
+DEFAULT_POOL: str | None = None
+"""None: ``mean`` for one-answer (contrast) pairs, ``last`` for two different answers. Mean-pooled
+embeddings of two different answers share most of their direction (every pair of the shipped
+SmolLM2 data had cos > 0.8 at layer 8), so the paper's too-similar filter drops them all."""
+
+
+def default_pool(pairs: Sequence[PreferencePair]) -> str:
+    """Return the pool used when none is given (``DEFAULT_POOL``)."""
+    return "mean" if pairs and all(p.positive == p.negative for p in pairs) else "last"
 
 
 def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str], list[int], list[int]]:
@@ -50,9 +58,10 @@ def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[st
     return pos, neg, starts[0], starts[1]
 
 
-def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, pool: str = DEFAULT_POOL,
+def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, pool: str | None = DEFAULT_POOL,
                   quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Return (pos, neg) activations, each (pairs x n_layer x n_embd), pooled by ``pool``."""
+    pool = pool or default_pool(pairs)
     if pool not in POOLS:
         raise AlignezError(f"unknown pool {pool!r}; use last (the response's last token) or mean (all its tokens)")
     pos_t, neg_t, pos_s, neg_s = pair_texts(engine, pairs)
@@ -71,7 +80,7 @@ def fit_profile(
     *,
     method: str = "svd",
     site: str = "ffn_out",
-    pool: str = DEFAULT_POOL,
+    pool: str | None = DEFAULT_POOL,
     layers: list[int] | None = None,
     max_layers: int | None = None,
     variance: float = 0.90,
@@ -95,6 +104,7 @@ def fit_profile(
         # construction, and the persona's small shift between them is the whole signal. The paper's
         # too-similar filter (written for two different answers) would drop every such pair.
         max_cos = 1.0
+    pool = pool or default_pool(pairs)
     pos, neg = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet)
     fits = _fit_layers(pos, neg, method=method, variance=variance, max_cos=max_cos, holdout=holdout, seed=seed)
     chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)

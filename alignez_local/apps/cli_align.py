@@ -65,8 +65,9 @@ def fit_options(f: Any) -> Any:
                      help="svd (the paper's subspace), ccs, or the mean / PCA baselines.")(f)
     f = click.option("--site", type=click.Choice(FIT_SITES), default="ffn_out", show_default=True,
                      help="MLP output (the paper's) or residual stream.")(f)
-    f = click.option("--pool", type=click.Choice(POOLS), default=DEFAULT_POOL, show_default=True,
-                     help="Embed an answer by its last token (the paper's) or the mean over its tokens.")(f)
+    f = click.option("--pool", type=click.Choice(POOLS), default=DEFAULT_POOL,
+                     help="Embed an answer by its last token (the paper's) or the mean over its tokens "
+                          "[mean for --recipe contrast, else last].")(f)
     f = click.option("--layers", default=None, metavar="A-B|auto", help="Layers to keep [auto: best held-out accuracy].")(f)
     f = click.option("--variance", type=float, default=0.90, show_default=True, help="Explained variance kept by svd.")(f)
     f = click.option("--max-cos", type=float, default=0.8, show_default=True, help="Drop pairs more similar than this.")(f)
@@ -80,7 +81,7 @@ def _gen_settings(responses: int, response_tokens: int, temperature: float, seed
 
 def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, variance: float, max_cos: float,
                   top_n: int, seed: int, self_check: bool = True, flip_inverted: bool = False,
-                  pool: str = DEFAULT_POOL) -> FitSettings:
+                  pool: str | None = DEFAULT_POOL) -> FitSettings:
     return FitSettings(method=method, site=site, pool=pool, layers=with_flag("--layers", parse_layer_list, layers, engine.n_layer),
                        variance=variance, max_cos=max_cos, top_n=top_n, seed=seed, self_check=self_check, flip=flip_inverted)
 

@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--strengths", default="0.5,1,2")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--gate", action="store_true",
+                    help="Steer only prompts whose own state at the layer lies on the risky side of the midpoint.")
     a = ap.parse_args()
     rows = list(read_jsonl(REPO / "alignez_local" / "data" / "queries_harmless.jsonl"))
     risky = [r["query"] for r in rows if r["kind"] == "risky"]
@@ -71,16 +73,29 @@ def main() -> None:
         print(f"layer {best}: |diff| {out['diff_norm'][best]:.2f}, mean |x| {out['act_norm'][best]:.2f}", flush=True)
         sampling = Sampling(temperature=0.0, max_tokens=a.max_tokens, repeat_penalty=1.1, seed=0)
         tests = {"harmbench": fmt(harmbench[:40]), "benign": fmt(benign_eval)}
+        u = diff[best] / np.linalg.norm(diff[best])
+        mid = 0.5 * (r_act[:, best].mean(0) + b_act[:, best].mean(0)) @ u  # the gate's threshold
+        gated = {name: eng.capture(p, [best], site="l_out")[:, 0].astype(np.float64) @ u > mid for name, p in tests.items()}
+        out["gate"] = {name: int(g.sum()) for name, g in gated.items()} if a.gate else None
+        if a.gate:
+            print(f"gate opens on harmbench {int(gated['harmbench'].sum())}/40, benign {int(gated['benign'].sum())}/{len(benign_eval)}", flush=True)
         out["runs"] = {}
-        for s in [0.0] + [float(x) for x in a.strengths.split(",")]:
+        for s in ([] if a.gate else [0.0]) + [float(x) for x in a.strengths.split(",")]:
             res = {}
-            with eng.control_vector({best: (s * diff[best]).astype(np.float32)}) if s else nullcontext():
-                for name, prompts in tests.items():
-                    texts = [c.text for c in eng.generate(prompts, sampling)]
-                    res[name] = {"refusals": sum(map(is_refusal, texts)), "n": len(texts), "answers": texts}
-            out["runs"][f"{s:g}"] = res
+            for name, prompts in tests.items():
+                steer = gated[name] if a.gate else np.ones(len(prompts), bool)
+                texts = [""] * len(prompts)
+                for on in (False, True):
+                    idx = [i for i in range(len(prompts)) if steer[i] == on]
+                    if not idx:
+                        continue
+                    with eng.control_vector({best: (s * diff[best]).astype(np.float32)}) if (on and s) else nullcontext():
+                        for i, c in zip(idx, eng.generate([prompts[i] for i in idx], sampling)):
+                            texts[i] = c.text
+                res[name] = {"refusals": sum(map(is_refusal, texts)), "n": len(texts), "answers": texts}
+            out["runs"][f"{'gated ' if a.gate else ''}{s:g}"] = res
             print(f"x{s:g}: refusals harmbench {res['harmbench']['refusals']}/40, benign {res['benign']['refusals']}/{len(benign_eval)}", flush=True)
-            (HERE / "results" / f"request-contrast-{a.model}.json").write_text(json.dumps(out, indent=1))
+            (HERE / "results" / f"request-contrast-{a.model}{'-gated' if a.gate else ''}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
