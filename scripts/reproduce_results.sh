@@ -16,3 +16,19 @@ $A eval -m smollm2-135m-instruct --profile $S/helpful.profile.gguf --kinds harmf
     "${COMMON[@]}" --out docs/results/smollm2-profile-safety
 $A eval -m gemma3-270m --profile $G/helpful.profile.gguf --kinds helpful --limit 32 \
     --sweep 0.5,1,2 "${COMMON[@]}" --out docs/results/gemma3-profile-helpful
+
+# 2026-11-28, second session (docs/results.md, "why steering does not help"): the persona ceiling,
+# the edit's anatomy, the screens of the contrast and direct vectors, Qwen's request contrast.
+X=scripts/experiments
+.venv/bin/python $X/screen.py ceiling system:positive system:negative
+.venv/bin/python $X/screen.py ceiling-qwen system:positive system:negative --model qwen2.5-coder-0.5b-instruct
+.venv/bin/python $X/screen.py ceiling-harmless-smol system:positive system:negative --axis harmless \
+    --prompts ../shared/data/harmbench_prompts.txt --start 0 --n 40 --no-judge
+.venv/bin/python $X/screen.py ceiling-harmless-qwen system:positive system:negative --axis harmless \
+    --prompts ../shared/data/harmbench_prompts.txt --start 0 --n 40 --no-judge --model qwen2.5-coder-0.5b-instruct
+.venv/bin/python $X/edit_anatomy.py
+.venv/bin/python $X/request_contrast.py --strengths 0.5,1
+.venv/bin/python $X/request_contrast.py --gate --strengths 1,2
+# The shipped SmolLM2 profile (contrast recipe), judged on 64 helpful prompts at its calibrated strength.
+$A eval -m smollm2-135m-instruct --profile $S/helpful.profile.gguf --kinds helpful --limit 64 \
+    "${COMMON[@]}" --out docs/results/smollm2-profile-helpful-contrast

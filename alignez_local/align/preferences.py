@@ -235,6 +235,7 @@ def _generate_same_answer(
                 "recipe": recipe.name,
                 "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
                 "context": {side: recipe.context(axis, side) for side in SIDES},
+                "characteristics": {side: "" for side in SIDES},
                 "response": {side: text for side in SIDES},
                 "refusal": {side: is_refusal(text) for side in SIDES},
                 "finish_reason": {side: a.finish_reason for side in SIDES},
