@@ -406,6 +406,9 @@ class Terminal:
         if pid == 0:  # the child: become the chat command
             try:
                 os.chdir(REPO)
+                # A user's terminal program starts with the default Ctrl-C; a test run launched as a
+                # background job (nohup, CI runners) would hand its ignored SIGINT down instead.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(sys.executable, [*CLI, *map(str, args)], env)
             finally:
                 os._exit(127)
