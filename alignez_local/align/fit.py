@@ -38,9 +38,14 @@ embeddings of two different answers share most of their direction (every pair of
 SmolLM2 data had cos > 0.8 at layer 8), so the paper's too-similar filter drops them all."""
 
 
+def one_answer_pairs(pairs: Sequence[PreferencePair]) -> bool:
+    """True when every pair is one answer read twice (the ``contrast`` recipe)."""
+    return bool(pairs) and all(p.positive == p.negative for p in pairs)
+
+
 def default_pool(pairs: Sequence[PreferencePair]) -> str:
     """Return the pool used when none is given (``DEFAULT_POOL``)."""
-    return "mean" if pairs and all(p.positive == p.negative for p in pairs) else "last"
+    return "mean" if one_answer_pairs(pairs) else "last"
 
 
 def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str], list[int], list[int]]:
@@ -99,7 +104,7 @@ def fit_profile(
     bundled name ``model_bundled``; never by a local path.
     """
     _check_args(method, site, variance, max_cos, len(pairs))
-    if pairs and all(p.positive == p.negative for p in pairs):
+    if one_answer_pairs(pairs):
         # One answer read under two personas: its two embeddings are the same tokens, near-parallel by
         # construction, and the persona's small shift between them is the whole signal. The paper's
         # too-similar filter (written for two different answers) would drop every such pair.

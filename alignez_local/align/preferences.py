@@ -196,23 +196,36 @@ def _generate_chunk(
     records = []
     for i in range(0, len(jobs), 2):
         q, k, pid, _ = jobs[i]
-        records.append(
-            {
-                "id": pid,
-                "query": q,
-                "response_index": k,
-                "recipe": recipe.name,
-                "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
-                "characteristics": {"positive": char_text[i], "negative": char_text[i + 1]},
-                "response": {"positive": texts[i], "negative": texts[i + 1]},
-                "refusal": {"positive": is_refusal(texts[i]), "negative": is_refusal(texts[i + 1])},
-                "finish_reason": {"positive": answers[i].finish_reason, "negative": answers[i + 1].finish_reason},
-                "sampling": asdict(s),
-                "seed": {side: _seed(s, pid, side, "r") for side in SIDES},
-                "model": ident,
-            }
-        )
+        records.append(_record(
+            pid, q, k, recipe, axis, s, ident,
+            chars=dict(zip(SIDES, char_text[i : i + 2])), texts=dict(zip(SIDES, texts[i : i + 2])),
+            finish=dict(zip(SIDES, (a.finish_reason for a in answers[i : i + 2]))),
+            seed={side: _seed(s, pid, side, "r") for side in SIDES},
+        ))
     return records, work, budget_used
+
+
+def _record(
+    pid: str, query: str, k: int, recipe: Recipe, axis: PreferenceAxis, s: GenerationSettings, ident: dict[str, Any],
+    *, chars: dict[str, str], texts: dict[str, str], finish: dict[str, str], seed: dict[str, int],
+    context: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Return one stored pair (``context``: the system prompts a one-answer pair is read under)."""
+    return {
+        "id": pid,
+        "query": query,
+        "response_index": k,
+        "recipe": recipe.name,
+        "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
+        **({"context": context} if context is not None else {}),
+        "characteristics": chars,
+        "response": texts,
+        "refusal": {side: is_refusal(texts[side]) for side in SIDES},
+        "finish_reason": finish,
+        "sampling": asdict(s),
+        "seed": seed,
+        "model": ident,
+    }
 
 
 def _generate_same_answer(
@@ -224,26 +237,12 @@ def _generate_same_answer(
         [recipe.neutral_prompt(engine, q) for q, _, _ in part],
         [_sampling(s, _seed(s, pid, "neutral", "r"), s.response_tokens, engine.default_stop) for _, _, pid in part],
     )
-    records = []
-    for (q, k, pid), a in zip(part, answers):
-        text = a.text.strip()
-        records.append(
-            {
-                "id": pid,
-                "query": q,
-                "response_index": k,
-                "recipe": recipe.name,
-                "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
-                "context": {side: recipe.context(axis, side) for side in SIDES},
-                "characteristics": {side: "" for side in SIDES},
-                "response": {side: text for side in SIDES},
-                "refusal": {side: is_refusal(text) for side in SIDES},
-                "finish_reason": {side: a.finish_reason for side in SIDES},
-                "sampling": asdict(s),
-                "seed": {"neutral": _seed(s, pid, "neutral", "r")},
-                "model": ident,
-            }
-        )
+    records = [
+        _record(pid, q, k, recipe, axis, s, ident, context={side: recipe.context(axis, side) for side in SIDES},
+                chars={side: "" for side in SIDES}, texts={side: a.text.strip() for side in SIDES},
+                finish={side: a.finish_reason for side in SIDES}, seed={"neutral": _seed(s, pid, "neutral", "r")})
+        for (q, k, pid), a in zip(part, answers)
+    ]
     work = sum(token_work(a.n_prompt_tokens, a.n_tokens) for a in answers)
     return records, work, sum(token_work(a.n_prompt_tokens, s.response_tokens) for a in answers)
 
