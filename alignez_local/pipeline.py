@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
-from alignez_local.align.calibrate import Calibration, calibrate_strength
+from alignez_local.align.calibrate import Baseline, Calibration, calibrate_strength, unsteered_baseline
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
 from alignez_local.align.fit import DEFAULT_POOL, fit_profile
@@ -216,17 +216,21 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def calibrate_profile(engine: Engine, profile: SteeringProfile, prompts: Sequence[str], top_n: int | None = None,
-                      on_status: Notify = _quiet) -> SteeringProfile:
-    """Return ``profile`` with its calibrated default strength (and the evidence) stored."""
+                      on_status: Notify = _quiet, baseline: Baseline | None = None) -> SteeringProfile:
+    """Return ``profile`` with its calibrated default strength (and the evidence) stored.
+    ``baseline``: the unsteered model's measurements on ``prompts``, when already taken."""
     n = int(top_n or profile.params.get("top_n", 5))
-    cal = calibrate_strength(engine, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=n), prompts)
+    cal = calibrate_strength(engine, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=n), prompts,
+                             baseline=baseline)
     on_status(cal.line("profile"))
     return _calibrated(profile, cal)
 
 
-def calibrate_vector(engine: Engine, vector: ControlVector, prompts: Sequence[str], on_status: Notify = _quiet) -> ControlVector:
-    """Return ``vector`` with its calibrated default strength (and the evidence) stored."""
-    cal = calibrate_strength(engine, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]), prompts)
+def calibrate_vector(engine: Engine, vector: ControlVector, prompts: Sequence[str], on_status: Notify = _quiet,
+                     baseline: Baseline | None = None) -> ControlVector:
+    """Return ``vector`` with its calibrated default strength (and the evidence) stored.
+    ``baseline``: the unsteered model's measurements on ``prompts``, when already taken."""
+    cal = calibrate_strength(engine, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]), prompts, baseline=baseline)
     on_status(cal.line("vector"))
     return _calibrated(vector, cal)
 
@@ -294,8 +298,9 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
         held_out = calibration_prompts(engine, axis.name, queries)
-        prof = calibrate_profile(engine, prof, held_out, fit.top_n, on_status)
-        cv = calibrate_vector(engine, cv, held_out, on_status)
+        base = unsteered_baseline(engine, held_out)  # once for both files
+        prof = calibrate_profile(engine, prof, held_out, fit.top_n, on_status, baseline=base)
+        cv = calibrate_vector(engine, cv, held_out, on_status, baseline=base)
         save_profile(paths.profile, prof)
         write_control_vector(paths.vector, cv)
         clock.lap("calibrate_s")

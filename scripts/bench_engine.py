@@ -49,6 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignez_local.align.edit import edit_delta
+from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import DEFAULT_MODEL, resolve_model
 
@@ -377,9 +378,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts.append(text)
     if args.batched:
         binary = find_batched_bench(args.llama_batched_bench)
-        out["batched"] = [measure_batched(m, binary, args.threads, args.reps) for m in args.batched_models.split(",")]
-        texts += [f"{b['model']} ({b['threads']} threads): ours {b['parallel_tok_s']} llama {b['llama_batched_tok_s']} "
-                  f"ratio {b['parallel_vs_llama_batched']}" for b in out["batched"]]
+        models = args.batched_models.split(",")
+        for m in models:  # a missing model fails now, not after an hour of measuring the others
+            try:
+                resolve_model(m)
+            except AlignezError as err:
+                sys.exit(f"error: {err}")
+        out["batched"] = []
+        for m in models:
+            b = measure_batched(m, binary, args.threads, args.reps)
+            out["batched"].append(b)
+            texts.append(f"{b['model']} ({b['threads']} threads): ours {b['parallel_tok_s']} llama {b['llama_batched_tok_s']} "
+                         f"ratio {b['parallel_vs_llama_batched']}")
+            print(texts[-1], file=sys.stderr, flush=True)  # each model's figures as soon as they exist
     if args.shared_prefix:
         engine = Engine(resolve_model(args.model), n_ctx=4096, n_parallel=8, n_threads=args.threads)
         out["shared_prefix"] = sp = measure_shared_prefix(engine, args.reps)

@@ -118,6 +118,34 @@ def test_shared_prefix_gives_the_unshared_results(tiny_engine: Engine) -> None:
         np.testing.assert_allclose(s, a, atol=1e-3)
 
 
+@pytest.mark.parametrize("reduce", ["last", "mean"])
+def test_capture_with_a_shared_system_prompt_equals_unshared(tiny_model_path, reduce: str) -> None:
+    # steer captures each side of its pairs under one system prompt: decoded once, copied to every slot
+    # (2 slots for 5 texts, so slots are reused), and never counted as a text of its own.
+    e = Engine(tiny_model_path, n_ctx=2048, n_parallel=2)
+    system = "You are a careful assistant. Answer in plain words and check every fact twice. " * 2
+    prompts = [e.prompt(f"What is {q} plus {q}?", system=system) for q in range(5)]
+    texts = [p + f" It is {2 * q}, because {q} and {q} make {2 * q}." for q, p in enumerate(prompts)]
+    starts = [len(e.tokenize(p)) for p in prompts]
+    layers = list(range(e.n_layer))
+    shared = e.capture(texts, layers, site="l_out", reduce=reduce, mean_from=starts if reduce == "mean" else None)
+    e.share_prefix = False
+    unshared = e.capture(texts, layers, site="l_out", reduce=reduce, mean_from=starts if reduce == "mean" else None)
+    e.close()
+    # The prefix decoded on its own rounds differently (F16 KV cache) than inside each whole text.
+    np.testing.assert_allclose(shared, unshared, rtol=1e-2, atol=5e-3)
+    assert np.abs(shared[0] - shared[1]).max() > 1e-3
+
+
+def test_first_logits_of_generation_equal_next_token_logits(tiny_engine: Engine) -> None:
+    e = tiny_engine
+    prompts = [e.prompt(f"Tell me about the number {q}.") for q in range(3)]
+    comps, first = e.generate_with_first_logits(prompts, Sampling(temperature=0.0, max_tokens=4, repeat_penalty=1.0))
+    assert [c.text for c in comps] == [c.text for c in e.generate(prompts, Sampling(temperature=0.0, max_tokens=4, repeat_penalty=1.0))]
+    np.testing.assert_allclose(first, e.next_token_logits(prompts), atol=1e-3)
+    assert all(not c.tokens or int(np.argmax(row)) == c.tokens[0] for row, c in zip(first, comps))
+
+
 def test_shared_prefix_stops_before_the_first_output() -> None:
     from alignez_local.llama.scheduler import Seq, shared_prefix_len
 

@@ -202,7 +202,10 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
 def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "prefs.jsonl"
     cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "-o", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A user's terminal gives the program the default Ctrl-C; a background job (nohup, some CI
+    # runners) would hand down an ignored SIGINT instead, and the signal would never arrive.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while len(_lines(out)) < 4 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

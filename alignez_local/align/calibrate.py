@@ -26,6 +26,11 @@ candidate fails, it is returned with ``passed=False`` so callers can warn.
 The steering itself comes from a callable (strength -> Steering), so one routine calibrates a
 profile's exact edit and a control vector alike. Answers are greedy: the comparison is between
 strengths, not between samples.
+
+Cost: every trial generates and rescores answers, so the work is kept to what the measure needs.
+The next-token logits come from the generation pass itself (``Engine.generate_with_first_logits``),
+not from a second read of the prompts, and the unsteered measurements (``Baseline``) are taken once
+and shared when ``steer`` calibrates its profile and its vector on the same prompts.
 """
 
 from __future__ import annotations
@@ -100,6 +105,37 @@ def _kl_and_entropy(steered: np.ndarray, base: np.ndarray) -> tuple[float, float
     return float(kl.mean()), float(ent.mean())
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The unsteered model on the calibration prompts: measured once, shared by every file
+    calibrated on the same prompts (``steer`` calibrates a profile and a vector)."""
+
+    prompts: tuple[str, ...]
+    max_tokens: int
+    logits: np.ndarray  # next-token logits at the end of each prompt (prompts x n_vocab)
+    ppl: float  # pooled perplexity of the greedy answers under the unsteered model
+    entropy: float  # mean next-token entropy at the end of the prompts, nats
+
+
+def greedy_answers(engine: Engine, prompts: Sequence[str], max_tokens: int) -> tuple[list[str], np.ndarray]:
+    """Return the greedy answers to ``prompts`` as ``engine`` is steered now and, from the same
+    pass, the next-token logits at the end of each prompt."""
+    comps, logits = engine.generate_with_first_logits(prompts, Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1))
+    return [c.text for c in comps], logits
+
+
+def unsteered_baseline(engine: Engine, prompts: Sequence[str], max_tokens: int = 48) -> Baseline:
+    """Return the ``Baseline`` of the unsteered ``engine`` on ``prompts`` (chat-formatted)."""
+    if not prompts:
+        raise AlignezError("calibrating a strength needs held-out prompts; give at least one")
+    answers, logits = greedy_answers(engine, prompts, max_tokens)
+    ppl = pooled_perplexity(engine, prompts, answers)
+    if not np.isfinite(ppl):
+        raise AlignezError("the unsteered model answered every calibration prompt with nothing; give other prompts")
+    _, entropy = _kl_and_entropy(logits, logits)
+    return Baseline(tuple(prompts), max_tokens, logits, ppl, entropy)
+
+
 def calibrate_strength(
     engine: Engine,
     make_steering: Callable[[float], Steering],
@@ -109,35 +145,35 @@ def calibrate_strength(
     ppl_tolerance: float = PPL_TOLERANCE,
     kl_limit: float | None = None,
     max_tokens: int = 48,
+    baseline: Baseline | None = None,
     on_trial: Callable[[StrengthTrial], None] | None = None,
 ) -> Calibration:
     """Return the largest candidate strength that keeps answers fluent and the next-token change
     bounded on ``prompts`` (chat-formatted), trying candidates in increasing order.
 
     ``kl_limit`` None uses the mean unsteered next-token entropy on the prompts (see above).
+    ``baseline``: the unsteered measurements on the same prompts and ``max_tokens``, when already
+    taken (``unsteered_baseline``); None measures them here.
     """
     if not prompts:
         raise AlignezError("calibrating a strength needs held-out prompts; give at least one")
     cands = sorted(float(c) for c in candidates if c > 0)
     if not cands:
         raise AlignezError("calibration needs at least one positive candidate strength")
-    greedy = Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1)
-    base_logits = engine.next_token_logits(prompts)
-    base_answers = [c.text for c in engine.generate(prompts, greedy)]
-    base_ppl = pooled_perplexity(engine, prompts, base_answers)
-    if not np.isfinite(base_ppl):
-        raise AlignezError("the unsteered model answered every calibration prompt with nothing; give other prompts")
+    if baseline is None:
+        baseline = unsteered_baseline(engine, prompts, max_tokens)
+    elif baseline.prompts != tuple(prompts) or baseline.max_tokens != max_tokens:
+        raise ValueError("the baseline was measured on other prompts or another answer length")
     if kl_limit is None:
-        _, kl_limit = _kl_and_entropy(base_logits, base_logits)
+        kl_limit = baseline.entropy
     trials: list[StrengthTrial] = []
     for s in cands:
         steering = make_steering(s)
-        # One planning pass serves both reads (Steering.generate would plan the edit again).
+        # One planning pass serves the answers and the next-token logits (Steering.generate would plan again).
         with steering.applied(engine, prompts):
-            logits = engine.next_token_logits(prompts)
-            answers = [c.text for c in engine.generate(prompts, greedy)]
-        ratio = pooled_perplexity(engine, prompts, answers) / base_ppl
-        kl, _ = _kl_and_entropy(logits, base_logits)
+            answers, logits = greedy_answers(engine, prompts, max_tokens)
+        ratio = pooled_perplexity(engine, prompts, answers) / baseline.ppl
+        kl, _ = _kl_and_entropy(logits, baseline.logits)
         trial = StrengthTrial(s, float(ratio), kl, bool(abs(ratio - 1) <= ppl_tolerance and kl <= kl_limit))
         trials.append(trial)
         if on_trial is not None:
@@ -146,4 +182,4 @@ def calibrate_strength(
             break
     good = [t for t in trials if t.passed]
     chosen = good[-1].strength if good else cands[0]
-    return Calibration(chosen, bool(good), ppl_tolerance, float(kl_limit), base_ppl, len(prompts), max_tokens, trials)
+    return Calibration(chosen, bool(good), ppl_tolerance, float(kl_limit), baseline.ppl, len(prompts), max_tokens, trials)

@@ -71,11 +71,13 @@ def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, po
         raise AlignezError(f"unknown pool {pool!r}; use last (the response's last token) or mean (all its tokens)")
     pos_t, neg_t, pos_s, neg_s = pair_texts(engine, pairs)
     bar = Progress(len(pos_t) + len(neg_t), "capture", quiet=quiet)
-    acts = engine.capture(pos_t + neg_t, list(range(engine.n_layer)), site=site, reduce=pool,
-                          mean_from=pos_s + neg_s if pool == "mean" else None, on_progress=lambda d, t: bar.update())
+    # One side at a time: each side's texts share its system prompt (the persona guide of a
+    # contrast pair, or the chat template's default), which the engine then decodes only once.
+    acts = [engine.capture(texts, list(range(engine.n_layer)), site=site, reduce=pool,
+                           mean_from=starts if pool == "mean" else None, on_progress=lambda d, t: bar.update())
+            for texts, starts in ((pos_t, pos_s), (neg_t, neg_s))]
     bar.close()
-    n = len(pairs)
-    return acts[:n], acts[n:]
+    return acts[0], acts[1]
 
 
 def fit_profile(

@@ -231,12 +231,32 @@ class Engine:
         ``on_token(i, text)`` streams new text of prompt i as it is decided. Each sequence has its
         own sampler, so a prompt's output does not depend on which others share the batch.
         """
+        seqs = self._generating(prompts, sampling)
+        self._sched.run(seqs, on_token=on_token)
+        return [self.completion(s) for s in seqs]
+
+    def generate_with_first_logits(
+        self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling] = Sampling()
+    ) -> tuple[list[Completion], np.ndarray]:
+        """Return ``generate``'s completions and, from the same pass, the raw next-token logits at
+        the end of each prompt (prompts x n_vocab, float32): what ``next_token_logits`` would give,
+        without reading every prompt a second time."""
+        seqs = self._generating(prompts, sampling)
+        out = np.zeros((len(prompts), self.n_vocab), dtype=np.float32)
+
+        def grab(s: Seq, pos: int, row: int) -> None:
+            if pos == len(s.tokens) - 1:  # the prompt's last token: the first answer token's distribution
+                out[s.key] = self._logits_row(row)
+
+        self._sched.run(seqs, on_logits=grab)
+        return [self.completion(s) for s in seqs], out
+
+    def _generating(self, prompts: Sequence[str], sampling: Sampling | Sequence[Sampling]) -> list[Seq]:
+        """Return the generating sequences for ``prompts`` (one Sampling for all, or one each)."""
         sps = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
         if len(sps) != len(prompts):
             raise ValueError("one Sampling per prompt, or a single one for all")
-        seqs = [Seq(i, self.tokenize(p), sampling=sp.check()) for i, (p, sp) in enumerate(zip(prompts, sps))]
-        self._sched.run(seqs, on_token=on_token)
-        return [self.completion(s) for s in seqs]
+        return [Seq(i, self.tokenize(p), sampling=sp.check()) for i, (p, sp) in enumerate(zip(prompts, sps))]
 
     @staticmethod
     def completion(s: Seq) -> Completion:
@@ -270,7 +290,8 @@ class Engine:
         ``site``: ``ffn_out`` (MLP output), ``l_out`` (residual stream after the layer, where
         control vectors are added) or ``attn_out``. ``reduce``: ``last`` token, or ``mean`` over the
         tokens from ``mean_from[i]`` (token index, default 0) to the end. Only the needed rows are
-        copied out of each node, so memory holds one batch of raw tensors at most.
+        copied out of each node, so memory holds one batch of raw tensors at most. With
+        ``share_prefix`` on, the token prefix every text shares (a system prompt) is decoded once.
         """
         self._check_site(site, "capture")
         if reduce not in ("last", "mean"):
@@ -297,7 +318,7 @@ class Engine:
         st.capture, st.capture_site = cap, site
         st.set_wanted()
         try:
-            self._sched.run(seqs, on_done=progress)
+            self._sched.run(seqs, on_done=progress, share_prefix=self.share_prefix)
         finally:
             st.capture = None
             st.set_wanted()

@@ -213,7 +213,7 @@ class Scheduler:
         n = shared_prefix_len(seqs)
         if n < MIN_SHARED_PREFIX or any(e.all_tokens for e in self.state.edits):
             return  # an every-token edit may depend on the sequence: it must see each one
-        pre = Seq(-1, seqs[0].tokens[:n], slot=self.n_parallel)
+        pre = Seq(PREFIX_KEY, seqs[0].tokens[:n], slot=self.n_parallel)
         while pre.fed < n:
             self._decode(self._fill([pre]), 1)
         self._prefix = n
@@ -243,7 +243,9 @@ class Scheduler:
             if s.fed < len(s.tokens) and fill.n < self.n_batch:
                 take = min(len(s.tokens) - s.fed, self.n_batch - fill.n)
                 fill.spans.append((s.key, fill.n, take, s.fed))
-                last = len(s.tokens) - 1
+                # The shared prefix produces no output: no caller reads it, and a capture or an edit
+                # must never see it as one of the caller's sequences.
+                last = len(s.tokens) - 1 if s.slot != self.n_parallel else -1
                 for p in range(s.fed, s.fed + take):
                     fill.put(s, s.tokens[p], p, p == last or (s.output_from is not None and p >= s.output_from))
                 s.fed += take
@@ -319,6 +321,10 @@ class Scheduler:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+
+# The key of the shared-prefix sequence (it decodes into the spare slot ``n_parallel``). A capture's
+# keys are text indices (>= 0), so its hooks can tell the prefix's rows from the texts'.
+PREFIX_KEY = -1
 
 # Below this many shared tokens the extra decode and bookkeeping are not worth it.
 MIN_SHARED_PREFIX = 16

@@ -226,10 +226,10 @@ class LiveSteering:
         self._planning: set[int] = set()
         self._captured: dict[int, dict[tuple[str, int], np.ndarray]] = {}
 
-    @property
-    def needs_planning(self) -> bool:
-        """True when requests must be decoded once unsteered first (a profile is loaded)."""
-        return bool(self.profiles)
+    def needs_planning(self, choice: Choice) -> bool:
+        """True when a request steered by ``choice`` must be decoded once unsteered first: it uses
+        a profile. Unsteered and vector-only requests skip that prefill."""
+        return any(choice.get(p.name, 0) != 0 for p in self.profiles)
 
     def edits(self) -> list[BatchEdit]:
         """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""
