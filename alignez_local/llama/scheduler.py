@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.special import logsumexp
 
 import llama_cpp.llama_cpp as C
 
@@ -278,7 +277,7 @@ class Scheduler:
         else:
             # The sampler works on its own copy, so the context's row still holds the raw logits.
             logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, row), shape=(self.vocab.n_tokens,))
-            s.logprobs.append(float(logits[tok]) - float(logsumexp(logits.astype(np.float64))))
+            s.logprobs.append(float(logits[tok]) - _logsumexp(logits))
             s.generated.append(tok)
             s.text += s.decoder.decode(self.vocab.piece_bytes(tok))
             stops = sp.stop
@@ -344,6 +343,14 @@ def shared_prefix_len(seqs: list[Seq]) -> int:
             i += 1
         n = i
     return max(n, 0)
+
+
+def _logsumexp(logits: np.ndarray) -> float:
+    """Return log(sum(exp(logits))) of one row: float32 exponentials, summed in float64. Runs for
+    every generated token; scipy's version (a float64 copy of the whole vocabulary first) cost 2.6%
+    of generation time at 8 sequences on SmolLM2."""
+    m = float(logits.max())
+    return m + float(np.log(np.exp(logits - np.float32(m)).sum(dtype=np.float64)))
 
 
 def _free_sampler(s: Seq) -> None:
