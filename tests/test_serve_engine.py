@@ -159,13 +159,10 @@ def live_set(live_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> S
 
 
 def run_live(engine: Engine, st: SteeringSet, schedule: dict[int, list[tuple[int, str, Sampling, dict[str, float]]]],
-             cancel_at: dict[int, int] | None = None, on_left: Callable[[Seq], None] | None = None,
-             plan_all: bool = False) -> dict[int, Seq]:
+             cancel_at: dict[int, int] | None = None, on_left: Callable[[Seq], None] | None = None) -> dict[int, Seq]:
     """Run ``schedule`` (admit step -> [(key, prompt, sampling, steering)]) as the worker does: a
-    planning prefill first when the steering uses a profile, then the generating sequence.
-    ``plan_all``: plan every job, steered or not, so that runs with different steering decode the
-    same batch shapes. ``cancel_at``: step -> key to cancel then. Return the generating sequences
-    by key once all have left."""
+    planning prefill first when a profile is loaded, then the generating sequence. ``cancel_at``:
+    step -> key to cancel then. Return the generating sequences by key once all have left."""
     live = LiveSteering(st)
     step, ready, running, done = 0, [], {}, {}
     plan_of: dict[int, tuple[int, list[int], Sampling, dict[str, float]]] = {}
@@ -183,7 +180,7 @@ def run_live(engine: Engine, st: SteeringSet, schedule: dict[int, list[tuple[int
         new, ready = ready, []
         for key, prompt, sp, choice in schedule.get(step, []):
             toks = engine.tokenize(prompt)
-            if plan_all or live.needs_planning(choice):
+            if live.needs_planning:
                 plan_of[-1 - key] = (key, toks, sp, choice)
                 live.plan(-1 - key)
                 new.append(Seq(-1 - key, toks))
@@ -229,14 +226,14 @@ def test_admitted_mid_decode_gets_the_tokens_it_gets_alone(live_engine: Engine) 
 
 
 def test_admitted_steering_never_reaches_the_other_sequence(live_engine: Engine, live_set: SteeringSet) -> None:
-    """Same admission schedule, same batch shapes (every job is planned here, steered or not): a
+    """Same admission schedule, same batch shapes (every job is planned, steered or not): a
     sequence's bits do not depend on the steering of the one admitted beside it, either way."""
     e = live_engine
     pa, pb = e.prompt(PROMPTS[2]), e.prompt(PROMPTS[3])
     steer = {"v": 3.0, "p": 2.0}
 
     def go(a: dict[str, float], b: dict[str, float]) -> dict[int, Seq]:
-        return run_live(e, live_set, {1: [(0, pa, LONG, a)], 6: [(1, pb, SHORT, b)]}, plan_all=True)
+        return run_live(e, live_set, {1: [(0, pa, LONG, a)], 6: [(1, pb, SHORT, b)]})
 
     quiet, b_steered, a_steered = go({}, {}), go({}, steer), go(steer, {})
     assert b_steered[0].logprobs == quiet[0].logprobs and b_steered[0].generated == quiet[0].generated
@@ -279,9 +276,3 @@ def test_cancel_frees_the_slot_at_once_and_the_others_go_on(live_engine: Engine)
     assert c.slot == a.slot  # the cancelled sequence's slot went to the newcomer in the same step
     assert b.finish == "length" and b.generated == full[1].generated  # B decoded on to the end
     assert c.generated == e.generate([pc], SHORT)[0].tokens
-
-
-def test_only_profile_requests_pay_the_planning_prefill(live_set: SteeringSet) -> None:
-    live = LiveSteering(live_set)
-    assert live.needs_planning({"p": 2.0}) and live.needs_planning({"v": 1.0, "p": -1.0})
-    assert not live.needs_planning({}) and not live.needs_planning({"v": 3.0})

@@ -226,10 +226,17 @@ class LiveSteering:
         self._planning: set[int] = set()
         self._captured: dict[int, dict[tuple[str, int], np.ndarray]] = {}
 
-    def needs_planning(self, choice: Choice) -> bool:
-        """True when a request steered by ``choice`` must be decoded once unsteered first: it uses
-        a profile. Unsteered and vector-only requests skip that prefill."""
-        return any(choice.get(p.name, 0) != 0 for p in self.profiles)
+    @property
+    def needs_planning(self) -> bool:
+        """True when requests must be decoded once unsteered first (a profile is loaded).
+
+        Every request is planned then, steered or not, although only profile requests use the plan:
+        a planning prefill only for them would make the decode's batch shapes depend on the
+        neighbours' steering, and llama.cpp's numerics depend on batch shapes (on SmolLM2 an
+        unsteered answer then changed with its neighbours' choice). Tried on 2026-11-28: 8 clients
+        rose from about 0.8x to 0.87x of the engine, and the HTTP isolation test failed.
+        """
+        return bool(self.profiles)
 
     def edits(self) -> list[BatchEdit]:
         """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""

@@ -271,7 +271,7 @@ class Worker:
         with self._lock:
             self.waiting -= 1
         tokens = self.engine.tokenize(job.prompt)
-        if self._steer.needs_planning(job.steering):
+        if self._steer.needs_planning:
             seq = Seq(next(self._keys), tokens)
             self._steer.plan(seq.key)
             self._live[seq.key] = _Live(job, seq, planning=True)
