@@ -234,7 +234,7 @@ class LiveSteering:
         a planning prefill only for them would make the decode's batch shapes depend on the
         neighbours' steering, and llama.cpp's numerics depend on batch shapes (on SmolLM2 an
         unsteered answer then changed with its neighbours' choice). Tried on 2026-11-28: 8 clients
-        rose from about 0.8x to 0.87x of the engine, and the HTTP isolation test failed.
+        rose from 0.70x to 0.87x of the engine (docs/performance.md), and the HTTP isolation test failed.
         """
         return bool(self.profiles)
 
