@@ -3,7 +3,7 @@
 same command (issue 12: "evaluation in minutes").
 
     python scripts/bench_eval.py --before 2fcb4b8 --prompts FILE [--max-tokens 160] [--threads N]
-        [--vector vectors/smollm2-135m-instruct/helpful.gguf:0.5] [--json]
+        [--vector vectors/smollm2-135m-instruct/helpful.gguf:0.5] [--out DIR] [--json]
 
 The older commit is checked out into a git worktree beside this one (``../alignez-eval-<commit>``,
 made once) and run with this checkout's Python environment; both runs use the same vector file
@@ -58,13 +58,15 @@ def main() -> int:
     ap.add_argument("--vector", default="vectors/smollm2-135m-instruct/helpful.gguf:0.5", help="[%(default)s]")
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="keep the two eval folders (before/, after/) here [a temporary folder]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     old = worktree(args.before)
     with tempfile.TemporaryDirectory() as tmp:
-        before = run_eval(old, args, Path(tmp) / "before")
+        where = Path(args.out) if args.out else Path(tmp)  # --out keeps both reports to compare verdicts
+        before = run_eval(old, args, where / "before")
         print(f"before ({args.before}): {before}", file=sys.stderr, flush=True)
-        after = run_eval(ROOT, args, Path(tmp) / "after")
+        after = run_eval(ROOT, args, where / "after")
         print(f"after: {after}", file=sys.stderr, flush=True)
     out = {"before_commit": args.before, "before": before, "after": after,
            "wall_ratio": round(after["wall_s"] / before["wall_s"], 3), "threads": args.threads, "max_tokens": args.max_tokens}
