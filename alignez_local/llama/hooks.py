@@ -199,8 +199,6 @@ def _capture_mean(cap: Capture, t: int, layer: int, lay: Layout, by_output: bool
     col = cap.col[layer]
     ne0 = B.tensor_rows(t)[0]
     for key, row0, n, tok0 in lay.spans:
-        if key < 0:
-            continue  # the shared prompt prefix (scheduler.PREFIX_KEY): no caller's text
         start = cap.mean_from[key] if cap.mean_from is not None else 0
         lo = max(tok0, start)
         if lo >= tok0 + n:

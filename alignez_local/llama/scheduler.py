@@ -241,10 +241,12 @@ class Scheduler:
         for s in active:
             if s.fed < len(s.tokens) and fill.n < self.n_batch:
                 take = min(len(s.tokens) - s.fed, self.n_batch - fill.n)
-                fill.spans.append((s.key, fill.n, take, s.fed))
-                # The shared prefix produces no output: no caller reads it, and a capture or an edit
-                # must never see it as one of the caller's sequences.
-                last = len(s.tokens) - 1 if s.slot != self.n_parallel else -1
+                # The shared prefix (in the spare slot) has no span and no output: no caller reads
+                # it, and a capture or an edit must never see it as one of the caller's sequences.
+                prefix = s.slot == self.n_parallel
+                if not prefix:
+                    fill.spans.append((s.key, fill.n, take, s.fed))
+                last = len(s.tokens) - 1 if not prefix else -1
                 for p in range(s.fed, s.fed + take):
                     fill.put(s, s.tokens[p], p, p == last or (s.output_from is not None and p >= s.output_from))
                 s.fed += take
@@ -321,8 +323,8 @@ class Scheduler:
             signal.signal(signal.SIGINT, previous)
 
 
-# The key of the shared-prefix sequence (it decodes into the spare slot ``n_parallel``). A capture's
-# keys are text indices (>= 0), so its hooks can tell the prefix's rows from the texts'.
+# The key of the shared-prefix sequence (it decodes into the spare slot ``n_parallel``); callers'
+# keys are their own, so the prefix is told apart by its slot, never by this key.
 PREFIX_KEY = -1
 
 # Below this many shared tokens the extra decode and bookkeeping are not worth it.
