@@ -25,13 +25,16 @@ from alignez_local.align.calibrate import Baseline, Calibration, calibrate_stren
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
 from alignez_local.align.fit import DEFAULT_POOL, fit_profile
+from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
 from alignez_local.align.selfcheck import quality_line, select_pairs
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries
+from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries, load_request_kinds
 from alignez_local.fileio import check_writable, write_json
-from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
+from alignez_local.formats.control_vector import (
+    GATE_SITE, META_N_LAYER, ControlVector, read_control_vector, write_control_vector,
+)
 from alignez_local.formats.gguf_file import gguf_kind, read_gguf
 from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
 from alignez_local.llama.engine import Engine
@@ -308,6 +311,64 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
     result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name)
     write_json(paths.report, steer_report(result, axis, len(queries), fit, model))
+    return result
+
+
+@dataclass
+class RequestSteerResult:
+    """What one ``steer --recipe request`` run made: the gated vector, its fit and timings (seconds)."""
+
+    vector_path: Path
+    report_path: Path
+    vector: ControlVector
+    contrast: RequestContrast
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
+                      queries_file: str | None = None, seed: int = 0, on_status: Notify = _quiet) -> RequestSteerResult:
+    """Fit a gated vector from the model's own state on risky and benign requests
+    (align/request_contrast.py) and calibrate its default strength on held-out risky ones.
+
+    Writes vector.gguf and report.json into ``folder``. Nothing is generated, so there is no
+    preference file and no profile; Ctrl-C loses only the capture in progress.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise AlignezError(f"output folder {out} is a file; give a folder")
+    vector_path, report_path = out / "vector.gguf", out / "report.json"
+    kinds = load_request_kinds(queries_file, axis.name)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (vector_path, report_path):
+        check_writable(path)
+    clock = _Clock()
+    layers = list(range(engine.n_layer))
+    states = {}
+    for kind, qs in kinds.items():
+        on_status(f"reading the model's state on {len(qs)} {kind} requests")
+        states[kind] = engine.capture([engine.prompt(q) for q in qs], layers, site=GATE_SITE)
+    fitted = fit_request_contrast(states["risky"], states["benign"], layers, candidate_layers(engine.n_layer), seed=seed)
+    on_status(fitted.line())
+    clock.lap("fit_s")
+    meta = {
+        "alignez.source": "request-contrast",
+        "alignez.axis": axis.name,
+        META_N_LAYER: engine.n_layer,
+        "alignez.model.sha256": model.sha256,
+        "alignez.request.heldout_auc": round(fitted.heldout_auc[fitted.layer], 4),
+    }
+    cv = ControlVector({fitted.layer: fitted.vector}, model_hint=engine.arch, metadata=meta, name=axis.name, gate=fitted.gate)
+    held_out = [engine.prompt(kinds["risky"][i]) for i in fitted.heldout_risky][:CALIBRATION_PROMPTS]
+    cv = calibrate_vector(engine, cv, held_out, on_status)
+    clock.lap("calibrate_s")
+    write_control_vector(vector_path, cv)
+    result = RequestSteerResult(vector_path, report_path, cv, fitted, clock.timings())
+    write_json(report_path, {
+        "model": model.as_dict(), "axis": {"name": axis.name}, "recipe": "request",
+        "queries": {k: len(v) for k, v in kinds.items()}, "vector": vector_path.name,
+        "request_contrast": fitted.stats(), "default_strength": cv.default_strength,
+        "calibration": _plain(cv.calibration), "timings": {k: round(v, 1) for k, v in result.timings.items()},
+    })
     return result
 
 

@@ -7,20 +7,24 @@ directions the prompt does not already carry and picks the top-n layers, and the
 with an eval-callback edit that applies the rule to the last prompt token and to every generated
 token, per sequence. Several profiles are combined as a strength-weighted sum of their deltas, each
 computed from the same unedited activation.
+
+A gated control vector (``ControlVector.gate``) is decided the same way before generation: its
+gate reads each prompt's unsteered state at its layer, and the vector is then added, as a
+per-sequence edit of ``l_out`` at every token, only to the prompts the gate opened on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from alignez_local.formats.control_vector import ControlVector, read_control_vector
+from alignez_local.formats.control_vector import GATE_SITE, ControlVector, read_control_vector
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
-from alignez_local.llama.engine import Completion, Engine, Sampling, TokenFn
+from alignez_local.llama.engine import Completion, EditFn, Engine, Sampling, TokenFn
 from alignez_local.errors import AlignezError
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.specs import SteeringSpec, parse_layer_range, parse_steering_spec
@@ -111,10 +115,11 @@ class Steering:
         r = self.layer_range
         return r is None or r[0] <= layer <= r[1]
 
-    def vector_sum(self, n_layer: int) -> dict[int, np.ndarray]:
-        """Return layer -> the sum of strength x direction over all vectors, inside the layer range."""
+    def vector_sum(self, n_layer: int, slots: Sequence[VectorSlot] | None = None) -> dict[int, np.ndarray]:
+        """Return layer -> the sum of strength x direction over ``slots`` (default: all vectors),
+        inside the layer range."""
         total: dict[int, np.ndarray] = {}
-        for slot in self.vectors:
+        for slot in self.vectors if slots is None else slots:
             for layer, d in slot.vector.directions.items():
                 if self._in_range(layer) and 1 <= layer < n_layer and slot.strength != 0:
                     total[layer] = total.get(layer, 0) + slot.strength * d
@@ -124,7 +129,8 @@ class Steering:
         """Return one line per active vector/profile (what, strength, layers) for display."""
         lines = []
         for v in self.vectors:
-            lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}")
+            gate = f", gated at layer {v.vector.gate.layer}" if v.vector.gate else ""
+            lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}")
         for p in self.profiles:
             lines.append(
                 f"profile {p.name}: {_strength_text(p)}, {p.profile.method} on {p.profile.site}, "
@@ -147,6 +153,28 @@ class Steering:
             for i in range(len(prompts))
         ]
 
+    def gates(self, engine: Engine, prompts: Sequence[str], slot: VectorSlot) -> np.ndarray:
+        """Return, for a gated vector, one bool per prompt: does its gate open (unsteered state)?"""
+        gate = slot.vector.gate
+        if gate is None:
+            return np.ones(len(prompts), dtype=bool)
+        states = engine.capture(prompts, [gate.layer], site=GATE_SITE)[:, 0]
+        return gate.opens(states)
+
+    def gated_sums(self, engine: Engine, prompts: Sequence[str]) -> dict[int, dict[int, np.ndarray]]:
+        """Return prompt index -> layer -> the summed gated vectors whose gate opened on that prompt."""
+        per_key: dict[int, dict[int, np.ndarray]] = {}
+        for slot in self.vectors:
+            if slot.vector.gate is None or slot.strength == 0:
+                continue
+            vecs = self.vector_sum(engine.n_layer, [slot])
+            for key in np.flatnonzero(self.gates(engine, prompts, slot)):
+                mine = per_key.setdefault(int(key), {})
+                for layer, v in vecs.items():
+                    mine[layer] = mine[layer] + v if layer in mine else v
+        # float32, as the edit adds it to float32 rows (what ggml_add does for a control vector)
+        return {k: {L: np.asarray(v, dtype=np.float32) for L, v in vs.items()} for k, vs in per_key.items()}
+
     @contextmanager
     def applied(self, engine: Engine, prompts: Sequence[str]) -> Iterator[None]:
         """Steer ``engine`` for generating from ``prompts`` inside this block (nothing when off)."""
@@ -157,9 +185,13 @@ class Steering:
                 for slot in self.profiles:
                     if slot.strength != 0:
                         by_site.setdefault(slot.profile.site, []).append((slot.strength, self.plans(engine, prompts, slot)))
-                vecs = self.vector_sum(engine.n_layer)
+                gated = self.gated_sums(engine, prompts)
+                vecs = self.vector_sum(engine.n_layer, [v for v in self.vectors if v.vector.gate is None])
                 if vecs:
                     stack.enter_context(engine.control_vector(vecs))
+                layers = sorted({L for vs in gated.values() for L in vs})
+                if layers:
+                    stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE, all_tokens=True))
                 for site, weighted in by_site.items():
                     layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
                     if layers:
@@ -191,6 +223,21 @@ def profile_edit(weighted: list[tuple[float, list[EditPlan]]]):
                     delta[row] += strength * edit_delta(x[row], dirs)
                     touched = True
         return x + delta if touched else None
+
+    return edit
+
+
+def vector_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
+    """Return an edit adding each key's summed vector at a layer to that key's rows only."""
+
+    def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
+        touched = False
+        for row, key in enumerate(keys):
+            v = per_key.get(key, {}).get(layer)
+            if v is not None:
+                x[row] += v  # float32 + float32, exactly what ggml_add does for a control vector
+                touched = True
+        return x if touched else None
 
     return edit
 

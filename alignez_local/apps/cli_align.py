@@ -19,6 +19,7 @@ from alignez_local.formats.control_vector import write_control_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.engine import Engine
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
+from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
 from alignez_local.pipeline import FitSettings, ModelId, select_queries
 from alignez_local.specs import FIT_SITES, parse_layer_list
@@ -47,13 +48,15 @@ def query_options(f: Any) -> Any:
     return f
 
 
-def generation_options(f: Any) -> Any:
+def generation_options(f: Any, recipes: tuple[str, ...] = tuple(RECIPES)) -> Any:
     f = click.option("--responses", type=click.IntRange(1, 16), default=1, show_default=True, help="Pairs per query.")(f)
     f = click.option("--response-tokens", type=click.IntRange(8, 4096), default=160, show_default=True)(f)
     f = click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)(f)
     f = click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=0, show_default=True)(f)
-    f = click.option("--recipe", type=click.Choice(list(RECIPES)), default=DEFAULT_RECIPE, show_default=True,
-                     help="How the model is asked for its two answers (paper: the paper's two-step prompts).")(f)
+    f = click.option("--recipe", type=click.Choice(list(recipes)), default=DEFAULT_RECIPE, show_default=True,
+                     help="How the model is asked for its two answers (paper: the paper's two-step prompts)"
+                          + ("; request: no answers, a gated vector from the model's own state on risky vs benign "
+                             "requests (harmless axis)." if REQUEST_RECIPE in recipes else "."))(f)
     return f
 
 
@@ -206,7 +209,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @model_options
 @axis_options
 @query_options
-@generation_options
+@lambda f: generation_options(f, (*RECIPES, REQUEST_RECIPE))
 @fit_options
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
@@ -217,10 +220,16 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     \b
     alignez steer                      # helpful axis, default model, 96 built-in queries
     alignez steer --axis humor -o humor/
-    Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json.
+    alignez steer --axis harmless --recipe request   # a gated vector, no answers generated
+    Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
+    (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
     """
     axis = resolve_axis(axis_name, positive, negative)
+    if recipe == REQUEST_RECIPE:
+        _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis, queries_file, seed,
+                       out_dir or f"steer-{axis.name}")
+        return
     folder = with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
     queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
@@ -238,6 +247,23 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     click.echo(f"try it:  alignez chat -m {model} --profile {p.profile}")
     scale = res.vector.default_strength_or_one
     click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+
+
+def _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis: PreferenceAxis, queries_file: str | None,
+                   seed: int, folder: str) -> None:
+    """``steer --recipe request``: the gated vector (align/request_contrast.py)."""
+    engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
+    try:
+        res = pipeline.run_request_steer(engine, axis, folder, ModelId.of(engine, model), queries_file, seed,
+                                         on_status=lambda line: click.echo(line, err=True))
+    except KeyboardInterrupt:
+        raise AlignezError("interrupted: nothing was written (this recipe keeps no partial state); run the same command again") from None
+    scale = res.vector.default_strength_or_one
+    click.echo(f"vector:  {res.vector_path} (layer {res.contrast.layer}, gated)\nreport:  {res.report_path}\n"
+               f"took {res.timings['total_s']:.0f}s")
+    click.echo(f"try it:  alignez chat -m {model} --vector {res.vector_path}")
+    click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {res.vector_path}:{scale:g}")
+    click.echo("         (llama.cpp ignores the gate: there the vector steers every prompt, benign ones too)")
 
 
 align_commands = [generate, fit, export_cmd, inspect, import_cmd, steer]

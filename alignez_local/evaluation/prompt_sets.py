@@ -80,6 +80,40 @@ def load_queries(path: str | Path | None = None, axis: str | None = None) -> lis
     return _dedupe(queries)
 
 
+REQUEST_KINDS = ("risky", "benign")
+"""Kinds of query the ``request`` recipe contrasts: requests to steer away from, and look-alikes to leave alone."""
+
+
+def load_request_kinds(path: str | Path | None = None, axis: str | None = "harmless") -> dict[str, list[str]]:
+    """Return {"risky": [...], "benign": [...]} from ``path`` (JSONL with ``"kind"``) or the axis's
+    built-in set; each kind needs at least 8 queries so a held-out part is left for checking."""
+    if path is None:
+        if query_file(axis) == _QUERIES_FILE:
+            raise AlignezError(
+                f"the {axis or 'default'} axis has no built-in risky and benign queries; use --axis harmless, "
+                'or give --queries FILE with JSONL lines like {"query": "...", "kind": "risky"} (or "benign")'
+            )
+        name, content = _builtin_text(query_file(axis))
+    else:
+        name, content = _read_user_file(path, "query file")
+    out: dict[str, list[str]] = {k: [] for k in REQUEST_KINDS}
+    for line in _parse_lines(content, name, _JSONL_HINT):
+        if line.record is None:
+            raise AlignezError(
+                f'{name} line {line.number}: the request recipe needs JSONL lines like '
+                '{"query": "...", "kind": "risky"} (or "benign")'
+            )
+        kind = _optional_field(line, name, "kind", "")
+        if kind not in out:
+            raise AlignezError(f'{name} line {line.number}: "kind" must be "risky" or "benign", not {kind!r}')
+        out[kind].append(_text_field(line, name, ("query", "prompt")))
+    out = {k: _dedupe(v) for k, v in out.items()}
+    for kind, qs in out.items():
+        if len(qs) < 8:
+            raise AlignezError(f'{name} has {len(qs)} queries of kind "{kind}"; the request recipe needs at least 8 of each')
+    return out
+
+
 def query_file(axis: str | None) -> str:
     """Return the name of the built-in query file for ``axis``."""
     return AXIS_QUERY_FILES.get((axis or "").strip().lower(), _QUERIES_FILE)

@@ -10,11 +10,17 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
   layer count, when known, is stored as ``alignez.model.n_layer`` and is also what we write as
   ``controlvector.layer_count`` (cvector-generator writes the number of directions, repeng the
   number of layers it trained, so that key is never trusted on reading). ``alignez.default_strength``
-  (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``).
+  (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``);
+  ``alignez.gate`` (JSON) holds an optional ``Gate``.
+
+A gated vector steers only the prompts its gate opens on (our runtime decides per prompt, from the
+prompt's own unsteered state). llama.cpp does not read the gate: there the vector steers every
+prompt, as any control vector does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +41,7 @@ from alignez_local.formats.steering_file import (
     RESERVED_KEYS,
     SteeringFile,
     finite_scalar,
+    is_int,
     is_number,
     layer_array,
     read_calibration,
@@ -45,8 +52,67 @@ KEY_MODEL_HINT = "controlvector.model_hint"
 KEY_LAYER_COUNT = "controlvector.layer_count"
 META_PREFIX = "alignez."
 META_N_LAYER = "alignez.model.n_layer"
+KEY_GATE = "alignez.gate"
+
+# Gate sites: where the gate reads a prompt's state. Only the layer output, the node llama.cpp
+# adds control vectors to, so a gate and its vector live in the same place.
+GATE_SITE = "l_out"
 
 MetaValue = str | int | float
+
+
+@dataclass(frozen=True, eq=False)
+class Gate:
+    """When a vector applies: to prompts whose state at ``l_out-layer`` (the last prompt token,
+    unsteered) projects onto ``direction`` above ``threshold``.
+
+    ``direction`` is a unit float32 (n_embd,) array. The rule is linear: ``x @ direction > threshold``.
+    """
+
+    layer: int
+    direction: np.ndarray
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not is_int(self.layer) or not 0 <= int(self.layer) <= MAX_LAYER:
+            raise AlignezError(f"a gate's layer must be an integer in 0..{MAX_LAYER}, got {self.layer!r}")
+        arr = np.array(self.direction, dtype=np.float32)
+        if arr.ndim != 1 or not 1 <= arr.size <= MAX_N_EMBD or not np.all(np.isfinite(arr)):
+            raise AlignezError(f"a gate's direction must be 1-D with 1..{MAX_N_EMBD} finite values")
+        if not np.any(arr):
+            raise AlignezError("a gate's direction is zero; it cannot tell prompts apart")
+        arr.setflags(write=False)
+        object.__setattr__(self, "layer", int(self.layer))
+        object.__setattr__(self, "direction", arr)
+        object.__setattr__(self, "threshold", finite_scalar(self.threshold, "a gate's threshold"))
+
+    def opens(self, states: np.ndarray) -> np.ndarray:
+        """Return one bool per row of ``states`` (n, n_embd): True where the gate lets the vector act."""
+        proj = np.atleast_2d(np.asarray(states, dtype=np.float64)) @ self.direction.astype(np.float64)
+        return proj > self.threshold
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Gate):
+            return NotImplemented
+        return (self.layer, self.threshold) == (other.layer, other.threshold) and np.array_equal(self.direction, other.direction)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"site": GATE_SITE, "layer": self.layer, "threshold": self.threshold,
+                "direction": [float(v) for v in self.direction]}
+
+    @classmethod
+    def from_json(cls, raw: object, where: str) -> "Gate":
+        """Return the gate stored as JSON text in a file, or raise AlignezError (the file is damaged)."""
+        try:
+            d = json.loads(raw) if isinstance(raw, str) else None
+        except (ValueError, RecursionError):
+            d = None
+        if not isinstance(d, dict) or d.get("site", GATE_SITE) != GATE_SITE or not isinstance(d.get("direction"), list) \
+                or not all(is_number(v) for v in d["direction"]):
+            raise AlignezError(f"{where}: {KEY_GATE} is not a gate (site, layer, threshold, direction); the file is damaged")
+        return cls(d.get("layer"), np.array(d["direction"], dtype=np.float32), d.get("threshold"))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -63,6 +129,7 @@ class ControlVector(SteeringFile):
     model_hint: str | None = None
     metadata: Mapping[str, MetaValue] = field(default_factory=dict)
     name: str = "vector"
+    gate: Gate | None = None
 
     _ARRAYS = "directions"
 
@@ -91,7 +158,7 @@ class ControlVector(SteeringFile):
         for k, v in dict(self.metadata).items():
             if not isinstance(k, str) or not k.startswith(META_PREFIX):
                 raise AlignezError(f"control vector metadata key {k!r} must start with {META_PREFIX!r}")
-            if k in RESERVED_KEYS:
+            if k in RESERVED_KEYS or k == KEY_GATE:
                 raise AlignezError(f"control vector metadata key {k!r} is set through its own field, not metadata")
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (str, int, float, np.integer, np.floating)):
                 raise AlignezError(f"control vector metadata {k!r} must be a str, int or float, got {type(v).__name__}")
@@ -102,18 +169,25 @@ class ControlVector(SteeringFile):
         object.__setattr__(self, "directions", MappingProxyType(dict(sorted(dirs.items()))))
         object.__setattr__(self, "metadata", MappingProxyType(meta))
         object.__setattr__(self, "name", str(self.name))
+        if self.gate is not None:
+            if not isinstance(self.gate, Gate):
+                raise AlignezError(f"{where}: gate must be a Gate or None, got {type(self.gate).__name__}")
+            if self.gate.direction.size != width:
+                raise AlignezError(f"{where}: the gate has width {self.gate.direction.size} but the directions have {width}")
         self._check_calibration(where)
 
     def _eq_fields(self) -> dict[str, Any]:
         """Return hint, metadata and name, with the calibration fields."""
-        return {**super()._eq_fields(), "hint": self.model_hint, "meta": dict(self.metadata), "name": self.name}
+        return {**super()._eq_fields(), "hint": self.model_hint, "meta": dict(self.metadata), "name": self.name,
+                "gate": self.gate}
 
     # Makes numpy scalars defer to our __rmul__ (np.float64(2) * cv) instead of wrapping cv in an array.
     __array_ufunc__ = None
 
     def _repr_fields(self) -> dict[str, Any]:
         """Return what the repr shows (not the arrays)."""
-        return {"name": self.name, "n_embd": self.n_embd, "layers": self.layers, "model_hint": self.model_hint}
+        out = {"name": self.name, "n_embd": self.n_embd, "layers": self.layers, "model_hint": self.model_hint}
+        return {**out, "gated_at": self.gate.layer} if self.gate else out
 
     def describe(self) -> dict[str, Any]:
         """Return the facts ``inspect`` shows: hint, width, layers, per-layer norms, metadata, calibration."""
@@ -123,12 +197,16 @@ class ControlVector(SteeringFile):
             "layers": self.layers,
             "norms": {L: round(float(np.linalg.norm(d)), 4) for L, d in self.directions.items()},
             "metadata": dict(self.metadata),
+            "gate": None if self.gate is None else
+            {"site": GATE_SITE, "layer": self.gate.layer, "threshold": round(self.gate.threshold, 4)},
             **super().describe(),
         }
 
     # -- arithmetic (like repeng) ----------------------------------------------------------------
     # Results carry no default_strength or calibration: a sum or a rescaled vector was not the one
-    # calibrated, so its users get 1.0 until it is calibrated again.
+    # calibrated, so its users get 1.0 until it is calibrated again. A rescaled vector keeps its
+    # gate; a sum keeps a gate only when both sides have the same one (one gate cannot decide for
+    # the other side's directions, and dropping it would steer prompts it was made to leave alone).
 
     def _combine(self, other: ControlVector, sign: float, op: str) -> ControlVector:
         """Return the per-layer sum ``self + sign * other`` over the union of layers."""
@@ -146,17 +224,22 @@ class ControlVector(SteeringFile):
                 if layer in other.directions:
                     acc += sign * other.directions[layer].astype(np.float64)
                 out[layer] = acc.astype(np.float32)
+        if self.gate != other.gate:
+            raise AlignezError(
+                f"cannot combine vector {self.name!r} with {other.name!r}: their gates differ (a gated vector "
+                "steers only the prompts its gate opens on); load them as two vectors instead"
+            )
         # Keep only metadata both sides agree on: anything else would describe just one of them.
         meta = {k: v for k, v in self.metadata.items() if other.metadata.get(k) == v}
         # Like repeng, the left operand's hint wins; a missing hint is filled from the right one.
         hint = self.model_hint if self.model_hint is not None else other.model_hint
-        return ControlVector(out, hint, meta, f"{self.name}{op}{other.name}")
+        return ControlVector(out, hint, meta, f"{self.name}{op}{other.name}", gate=self.gate)
 
     def _scaled(self, k: float, label: str) -> ControlVector:
         """Return every direction multiplied by ``k``."""
         with np.errstate(over="ignore", invalid="ignore"):
             out = {L: (v.astype(np.float64) * k).astype(np.float32) for L, v in self.directions.items()}
-        return ControlVector(out, self.model_hint, dict(self.metadata), label)
+        return ControlVector(out, self.model_hint, dict(self.metadata), label, gate=self.gate)
 
     def __add__(self, other: object) -> ControlVector:
         """Return the per-layer sum (union of layers)."""
@@ -222,6 +305,8 @@ class ControlVector(SteeringFile):
                 "it was made for another model"
             )
         self._check_layers(n_layer)
+        if self.gate is not None and self.gate.layer >= n_layer:
+            raise AlignezError(f"vector {self.name} is gated at layer {self.gate.layer} but the model has {n_layer} layers")
         warnings: list[str] = []
         if self.model_hint and arch and self.model_hint != arch:
             warnings.append(f"vector {self.name} was made for {self.model_hint!r}, model is {arch!r}")
@@ -307,7 +392,7 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
     hint = md.get(KEY_MODEL_HINT)
     meta: dict[str, MetaValue] = {}
     for key, value in md.items():
-        if key.startswith(META_PREFIX) and key not in RESERVED_KEYS and isinstance(value, (str, int, float)) \
+        if key.startswith(META_PREFIX) and key not in RESERVED_KEYS and key != KEY_GATE and isinstance(value, (str, int, float)) \
                 and not isinstance(value, bool):
             meta[key] = value
     return ControlVector(
@@ -315,6 +400,7 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
         model_hint=hint if isinstance(hint, str) and hint else None,
         metadata=meta,
         name=contents.path.stem,
+        gate=Gate.from_json(md[KEY_GATE], str(contents.path)) if KEY_GATE in md else None,
         **read_calibration(contents, str(contents.path)),
     )
 
@@ -357,5 +443,7 @@ def write_control_vector(path: str | os.PathLike[str], cv: ControlVector) -> Pat
     kvs.append((KEY_LAYER_COUNT, GGUFValueType.UINT32, int(layer_count)))
     kvs.extend(_meta_kv(k, v) for k, v in sorted(cv.metadata.items()))
     kvs.extend(cv.calibration_kvs())
+    if cv.gate is not None:
+        kvs.append((KEY_GATE, GGUFValueType.STRING, json.dumps(cv.gate.as_json())))
     tensors = [(f"direction.{layer}", cv.directions[layer].astype("<f4")) for layer in cv.layers]
     return write_gguf(path, CONTROL_VECTOR_ARCH, kvs, tensors)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
-from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit
+from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
@@ -109,6 +109,11 @@ class SteeringSet:
                 if any(s.name == name for s in items):
                     raise AlignezError(f"two steering files are named {name!r}; give one a name with NAME=FILE")
                 item = read_control_vector(path) if kind == "vector" else load_profile(path)
+                if isinstance(item, ControlVector) and item.gate is not None:
+                    raise AlignezError(
+                        f"{path} is a gated vector (it steers only the prompts its gate opens on), which the "
+                        "server cannot apply yet; use it with alignez chat or eval, or in llama.cpp as a plain vector"
+                    )
                 warnings += [f"{name}: {w}" for w in item.check_compatible(engine.n_layer, engine.n_embd, engine.arch)]
                 own = getattr(item, "default_strength", None)  # the file's calibrated strength, if any
                 default = strength if strength is not None else (1.0 if own is None else float(own))
@@ -171,7 +176,7 @@ class SteeringSet:
                 per_key[key] = Steering(vectors=slots).vector_sum(self.n_layer)  # type: ignore[arg-type]
         layers = sorted({layer for vecs in per_key.values() for layer in vecs})
         if layers:
-            edits.append(BatchEdit(_vector_edit(per_key), layers, "l_out", True))
+            edits.append(BatchEdit(vector_edit(per_key), layers, "l_out", True))
         by_site: dict[str, list[tuple[float, list[EditPlan]]]] = {}
         for name, served in self.items.items():
             if served.kind == "profile":
@@ -244,7 +249,7 @@ class LiveSteering:
         out: list[BatchEdit] = []
         vec_layers = sorted({L for s in self.set.items.values() if s.kind == "vector" for L in s.layers if 1 <= L < n})
         if vec_layers:
-            out.append(BatchEdit(_vector_edit(self._vectors), vec_layers, "l_out", True))
+            out.append(BatchEdit(vector_edit(self._vectors), vec_layers, "l_out", True))
         by_site: dict[str, set[int]] = {}
         for prof in self.profiles:
             by_site.setdefault(prof.item.site, set()).update(L for L in prof.layers if 0 <= L < n)  # type: ignore[union-attr]
@@ -307,18 +312,3 @@ class LiveSteering:
             return x if touched else None
 
         return edit
-
-
-def _vector_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
-    """Return an edit adding each key's summed vector at a layer to that key's rows only."""
-
-    def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
-        touched = False
-        for row, key in enumerate(keys):
-            v = per_key.get(key, {}).get(layer)
-            if v is not None:
-                x[row] += v  # float32 + float32, exactly what ggml_add does for a control vector
-                touched = True
-        return x if touched else None
-
-    return edit

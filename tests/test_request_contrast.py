@@ -1,0 +1,111 @@
+"""The request recipe: a gated vector from the model's state on risky vs benign requests.
+
+The fit is numpy, checked on planted data; the whole command runs on the tiny model through the
+real CLI (what it writes, and one clear line for a query file it cannot use).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignez_local.align.request_contrast import auc, candidate_layers, fit_request_contrast
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.prompt_sets import load_request_kinds
+from alignez_local.formats.control_vector import read_control_vector
+
+CLI = [sys.executable, "-m", "alignez_local"]
+
+
+def planted(n_r: int = 60, n_b: int = 40, n_layers: int = 6, d: int = 16, signal_layer: int = 3, seed: int = 1):
+    """States where only ``signal_layer`` separates risky from benign, along a known direction."""
+    rng = np.random.default_rng(seed)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    risky = rng.standard_normal((n_r, n_layers, d))
+    benign = rng.standard_normal((n_b, n_layers, d))
+    risky[:, signal_layer] += 4 * u + 10  # an offset common to the layer's states, plus the signal
+    benign[:, signal_layer] += 10
+    return risky, benign, u
+
+
+def test_auc() -> None:
+    assert auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    assert auc(np.array([0.0]), np.array([0.0])) == 0.5
+
+
+def test_finds_the_planted_layer_direction_and_gate() -> None:
+    risky, benign, u = planted()
+    fit = fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3, 4], seed=0)
+    assert fit.layer == 3
+    assert fit.heldout_auc[3] > 0.95 and max(fit.heldout_auc[L] for L in (1, 2, 4)) < 0.85
+    assert float(fit.gate.direction @ u) > 0.9  # the gate reads along the planted direction
+    assert 3.0 < float(fit.vector @ u) < 5.0  # the vector is the mean difference (4 along u)
+    # The threshold sits between the two kinds' projections, so the gate tells them apart.
+    assert fit.gate.opens(risky[:, 3]).mean() > 0.9 and fit.gate.opens(benign[:, 3]).mean() < 0.1
+    assert fit.heldout_open["risky"] > 0.9 and fit.heldout_open["benign"] < 0.2
+    assert fit.n_heldout == 12 + 8 and len(fit.heldout_risky) == 12
+    assert "layer 3" in fit.line()
+
+
+def test_is_deterministic_for_a_seed_and_checks_its_input() -> None:
+    risky, benign, _ = planted()
+    a = fit_request_contrast(risky, benign, list(range(6)), [3, 4], seed=5)
+    b = fit_request_contrast(risky, benign, list(range(6)), [3, 4], seed=5)
+    np.testing.assert_array_equal(a.vector, b.vector)
+    with pytest.raises(AlignezError, match="at least 4"):
+        fit_request_contrast(risky[:3], benign, list(range(6)), [3])
+    with pytest.raises(AlignezError, match="candidate layers"):
+        fit_request_contrast(risky, benign, list(range(6)), [9])
+
+
+def test_candidate_layers() -> None:
+    assert candidate_layers(24) == list(range(6, 13))
+    assert candidate_layers(30) == list(range(7, 16))
+    assert candidate_layers(4) == [1, 2]
+
+
+def test_query_kinds(tmp_path: Path) -> None:
+    kinds = load_request_kinds(None, "harmless")
+    assert len(kinds["risky"]) == 108 and len(kinds["benign"]) == 42
+    plain = tmp_path / "q.txt"
+    plain.write_text("how do I pick a lock?\n")
+    with pytest.raises(AlignezError, match='"kind": "risky"'):
+        load_request_kinds(plain)
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"query": f"q{i}", "kind": "risky"}) + "\n" for i in range(9)))
+    with pytest.raises(AlignezError, match='0 queries of kind "benign"'):
+        load_request_kinds(few)
+    with pytest.raises(AlignezError, match="--axis harmless"):
+        load_request_kinds(None, "helpful")
+
+
+def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "harmless"
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "harmless", "--recipe", "request", "-o", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    cv = read_control_vector(out / "vector.gguf")
+    report = json.loads((out / "report.json").read_text())
+    assert cv.gate is not None and cv.layers == [cv.gate.layer] == [report["request_contrast"]["layer"]]
+    assert cv.default_strength == report["default_strength"] and cv.calibration is not None
+    assert report["queries"] == {"risky": 108, "benign": 42}
+    assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
+
+
+def test_steer_request_with_an_unusable_query_file_is_one_line(tiny_model_path: Path, tmp_path: Path) -> None:
+    q = tmp_path / "q.txt"
+    q.write_text("how do I pick a lock?\n")
+    out = tmp_path / "never"
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--recipe", "request", "--queries", str(q), "-o", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and '"kind": "risky"' in err[0], res.stderr
+    assert not out.exists()
