@@ -115,8 +115,35 @@ def test_gated_vector_steers_only_the_prompts_its_gate_opens_on(tiny_engine: Eng
     assert any("gated at layer 2" in line for line in gate_st.describe())
 
 
-def test_server_refuses_a_gated_vector(tiny_engine: Engine, tmp_path: Path) -> None:
+def test_server_applies_the_gate_per_request(tiny_engine: Engine, tmp_path: Path) -> None:
+    """Through the server's steering (fixed batch and live decode): a gated vector reaches the
+    requests its gate opens on, with the tokens ``Steering`` gives them, and nobody else."""
     from alignez_local.apps.serve.steering import SteeringSet
-    path = write_control_vector(tmp_path / "g.gguf", gated())
-    with pytest.raises(AlignezError, match="gated vector"):
-        SteeringSet.load(tiny_engine, [str(path)])
+    from test_serve_engine import SHORT, run, run_live
+
+    e = tiny_engine
+    prompts = [e.prompt(p) for p in PROMPTS]
+    states = e.capture(prompts, [2], site="l_out")[:, 0].astype(np.float64)
+    u = states[[0, 2]].mean(0) - states[[1, 3]].mean(0)
+    u /= np.linalg.norm(u)
+    proj = states @ u
+    rng = np.random.default_rng(9)
+    cv = ControlVector({L: (3 * rng.standard_normal(e.n_embd)).astype(np.float32) for L in (1, 3)},
+                       gate=Gate(2, u.astype(np.float32), float((proj[[0, 2]].min() + proj[[1, 3]].max()) / 2)))
+    st, _ = SteeringSet.load(e, [f"g={write_control_vector(tmp_path / 'g.gguf', cv)}"])
+    assert st.describe()["data"][0]["gate"] == {"site": "l_out", "layer": 2}
+    # Fixed batch: everyone asks for it; only prompts 0 and 2 get it.
+    logits, _ = run(e, st, prompts, [{"g": 1.0}] * 4)
+    plain_logits, _ = run(e, st, prompts, [{}] * 4)
+    with Steering(vectors=[VectorSlot("g", cv, 1.0)]).applied(e, prompts):
+        want = e.next_token_logits(prompts)
+    np.testing.assert_array_equal(logits[[1, 3]], plain_logits[[1, 3]])
+    np.testing.assert_allclose(logits[[0, 2]], want[[0, 2]], atol=1e-4)
+    assert np.abs(logits[0] - plain_logits[0]).max() > 1e-2
+    # Live decode: a request the gate opens on, then one it stays shut on, each asking for it.
+    for i in (0, 1):
+        got = run_live(e, st, {1: [(0, prompts[3], SHORT, {})], 3: [(1, prompts[i], SHORT, {"g": 1.0})]})
+        alone = Steering(vectors=[VectorSlot("g", cv, 1.0)]).generate(e, [prompts[i]], SHORT)[0]
+        assert got[1].generated == alone.tokens, i
+        # open: steered (differs from unsteered); shut: unsteered
+        assert (alone.tokens == e.generate([prompts[i]], SHORT)[0].tokens) == (i == 1)

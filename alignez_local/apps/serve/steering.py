@@ -6,7 +6,9 @@ which sequence (``key`` = the request's index in the batch) each row belongs to.
 - a control vector becomes an ``all_tokens`` edit on ``l_out`` that adds strength x direction to
   the rows of the requests that asked for it (what llama.cpp's control vector does, per sequence);
 - a profile becomes the exact AlignEZ edit on its site with a plan per request, made from an
-  unsteered capture of that request's prompt, as ``Steering.applied`` does for one user.
+  unsteered capture of that request's prompt, as ``Steering.applied`` does for one user;
+- a gated vector is that vector edit for the requests whose gate opened on the same unsteered
+  capture, and no edit for the others.
 
 The arithmetic is ``align/steering.py``'s (``Steering.vector_sum``, ``Steering.plans``,
 ``profile_edit``), reused, so a request steered alone gets the tokens ``alignez chat`` gives.
@@ -30,7 +32,7 @@ import numpy as np
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import ControlVector, read_control_vector
+from alignez_local.formats.control_vector import GATE_SITE, ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.llama.engine import EditFn, Engine
 from alignez_local.specs import MAX_STRENGTH, check_strength, parse_steering_spec
@@ -59,6 +61,8 @@ class Served:
             "name": self.name, "kind": self.kind, "path": self.path,
             "layers": self.layers, "default_strength": self.default_strength,
         }
+        if isinstance(self.item, ControlVector) and self.item.gate is not None:
+            out["gate"] = {"site": GATE_SITE, "layer": self.item.gate.layer}
         if isinstance(self.item, SteeringProfile):
             out["site"] = self.item.site
             out["method"] = self.item.method
@@ -109,11 +113,6 @@ class SteeringSet:
                 if any(s.name == name for s in items):
                     raise AlignezError(f"two steering files are named {name!r}; give one a name with NAME=FILE")
                 item = read_control_vector(path) if kind == "vector" else load_profile(path)
-                if isinstance(item, ControlVector) and item.gate is not None:
-                    raise AlignezError(
-                        f"{path} is a gated vector (it steers only the prompts its gate opens on), which the "
-                        "server cannot apply yet; use it with alignez chat or eval, or in llama.cpp as a plain vector"
-                    )
                 warnings += [f"{name}: {w}" for w in item.check_compatible(engine.n_layer, engine.n_embd, engine.arch)]
                 own = getattr(item, "default_strength", None)  # the file's calibrated strength, if any
                 default = strength if strength is not None else (1.0 if own is None else float(own))
@@ -170,10 +169,12 @@ class SteeringSet:
         """
         edits: list[BatchEdit] = []
         per_key: dict[int, dict[int, np.ndarray]] = {}
+        opens = self._gates(engine, prompts, choices)
         for key, choice in enumerate(choices):
-            slots = [VectorSlot(n, self.items[n].item, w) for n, w in choice.items() if self.items[n].kind == "vector"]
+            slots = [VectorSlot(n, self.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
+                     if self.items[n].kind == "vector" and opens.get((n, key), True)]
             if slots:
-                per_key[key] = Steering(vectors=slots).vector_sum(self.n_layer)  # type: ignore[arg-type]
+                per_key[key] = Steering(vectors=slots).vector_sum(self.n_layer)
         layers = sorted({layer for vecs in per_key.values() for layer in vecs})
         if layers:
             edits.append(BatchEdit(vector_edit(per_key), layers, "l_out", True))
@@ -188,6 +189,19 @@ class SteeringSet:
             if layers:
                 edits.append(BatchEdit(profile_edit(weighted), layers, site, False))
         return edits
+
+    def _gates(self, engine: Engine, prompts: Sequence[str], choices: Sequence[Choice]) -> dict[tuple[str, int], bool]:
+        """Return (gated vector name, batch key) -> does its gate open on that prompt, for the keys that chose it."""
+        out: dict[tuple[str, int], bool] = {}
+        for name, served in self.items.items():
+            if served.kind != "vector" or served.item.gate is None:  # type: ignore[union-attr]
+                continue
+            keys = [k for k, c in enumerate(choices) if c.get(name, 0) != 0]
+            if keys:
+                slot = VectorSlot(name, served.item, 1.0)  # type: ignore[arg-type]
+                for k, ok in zip(keys, Steering().gates(engine, [prompts[k] for k in keys], slot)):
+                    out[(name, k)] = bool(ok)
+        return out
 
     def _profile_plans(
         self, engine: Engine, prompts: Sequence[str], choices: Sequence[Choice], name: str
@@ -226,6 +240,7 @@ class LiveSteering:
     def __init__(self, steering: SteeringSet) -> None:
         self.set = steering
         self.profiles = [s for s in steering.items.values() if s.kind == "profile"]
+        self.gated = [s for s in steering.items.values() if s.kind == "vector" and s.item.gate is not None]  # type: ignore[union-attr]
         self._vectors: dict[int, dict[int, np.ndarray]] = {}
         self._plans: dict[int, list[tuple[str, float, EditPlan]]] = {}  # key -> (site, strength, plan)
         self._planning: set[int] = set()
@@ -241,7 +256,7 @@ class LiveSteering:
         unsteered answer then changed with its neighbours' choice). Tried on 2026-11-28: 8 clients
         rose from 0.70x to 0.87x of the engine (docs/performance.md), and the HTTP isolation test failed.
         """
-        return bool(self.profiles)
+        return bool(self.profiles or self.gated)
 
     def edits(self) -> list[BatchEdit]:
         """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""
@@ -256,6 +271,9 @@ class LiveSteering:
         for site, layers in by_site.items():
             if layers:
                 out.append(BatchEdit(self._profile_edit(site), sorted(layers), site, False))
+        gate_layers = sorted({g.item.gate.layer for g in self.gated if g.item.gate.layer < n})  # type: ignore[union-attr]
+        if gate_layers:
+            out.append(BatchEdit(self._gate_record, gate_layers, GATE_SITE, False))
         return out
 
     def plan(self, key: int) -> None:
@@ -263,11 +281,12 @@ class LiveSteering:
         self._planning.add(key)
 
     def start(self, key: int, choice: Choice, planned_by: int | None = None) -> None:
-        """Steer ``key``'s rows by ``choice``; profile plans come from the rows ``planned_by`` recorded."""
-        slots = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items() if self.set.items[n].kind == "vector"]
-        if slots:
-            self._vectors[key] = Steering(vectors=slots).vector_sum(self.set.n_layer)  # type: ignore[arg-type]
+        """Steer ``key``'s rows by ``choice``; profile plans and gates come from the rows ``planned_by`` recorded."""
         acts = self._captured.pop(planned_by, {}) if planned_by is not None else {}
+        slots = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
+                 if self.set.items[n].kind == "vector" and self._gate_opens(self.set.items[n], acts)]
+        if slots:
+            self._vectors[key] = Steering(vectors=slots).vector_sum(self.set.n_layer)
         if planned_by is not None:
             self._planning.discard(planned_by)
         plans = [(p.item.site, choice[p.name], self._plan_one(p, acts)) for p in self.profiles if choice.get(p.name, 0) != 0]  # type: ignore[union-attr]
@@ -280,6 +299,21 @@ class LiveSteering:
         self._plans.pop(key, None)
         self._planning.discard(key)
         self._captured.pop(key, None)
+
+    def _gate_opens(self, vec: Served, acts: Mapping[tuple[str, int], np.ndarray]) -> bool:
+        """Return whether a vector applies to a request: always when ungated, else by its gate on the recorded state."""
+        gate = vec.item.gate  # type: ignore[union-attr]
+        if gate is None:
+            return True
+        if (GATE_SITE, gate.layer) not in acts:
+            raise AlignezError(f"no planning activation for the gate of {vec.name} at {GATE_SITE}-{gate.layer}")
+        return bool(gate.opens(acts[(GATE_SITE, gate.layer)])[0])
+
+    def _gate_record(self, layer: int, x: np.ndarray, keys: Sequence[int]) -> None:
+        """Record the rows of planning sequences at a gate's layer (a profile on l_out may record them too: same rows)."""
+        for row, key in enumerate(keys):
+            if key in self._planning:
+                self._captured.setdefault(key, {})[(GATE_SITE, layer)] = x[row].copy()
 
     def _plan_one(self, prof: Served, acts: Mapping[tuple[str, int], np.ndarray]) -> EditPlan:
         """Return one profile's plan from recorded activations, as ``Steering.plans`` makes it."""
