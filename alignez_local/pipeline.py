@@ -37,7 +37,8 @@ from alignez_local.formats.control_vector import (
 )
 from alignez_local.formats.gguf_file import gguf_kind, read_gguf
 from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
-from alignez_local.llama.engine import Engine
+from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import BUNDLED, file_sha256, resolve_model
 from alignez_local.specs import parse_layer_list
 
@@ -325,6 +326,18 @@ class RequestSteerResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# The answers that label the model's own refusals: greedy and short, since a refusal shows in the
+# first sentence (the keyword detector reads the first 200 characters).
+REFUSAL_PROBE = Sampling(temperature=0.0, max_tokens=48, repeat_penalty=1.1)
+
+
+def own_refusals(engine: Engine, queries: Sequence[str], on_status: Notify = _quiet) -> np.ndarray:
+    """Return one bool per query: does the model, unsteered, refuse it (keyword detector on its greedy answer)?"""
+    on_status(f"answering the {len(queries)} risky requests to see which ones the model refuses")
+    answers = engine.generate([engine.prompt(q) for q in queries], REFUSAL_PROBE)
+    return np.array([is_refusal(a.text) for a in answers], dtype=bool)
+
+
 def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
                       queries_file: str | None = None, seed: int = 0, on_status: Notify = _quiet) -> RequestSteerResult:
     """Fit a gated vector from the model's own state on risky and benign requests
@@ -347,15 +360,20 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     for kind, qs in kinds.items():
         on_status(f"reading the model's state on {len(qs)} {kind} requests")
         states[kind] = engine.capture([engine.prompt(q) for q in qs], layers, site=GATE_SITE)
-    fitted = fit_request_contrast(states["risky"], states["benign"], layers, candidate_layers(engine.n_layer), seed=seed)
+    clock.lap("capture_s")
+    refused = own_refusals(engine, kinds["risky"], on_status)
+    clock.lap("answers_s")
+    fitted = fit_request_contrast(states["risky"], states["benign"], layers, candidate_layers(engine.n_layer),
+                                  refused, seed=seed)
     on_status(fitted.line())
     clock.lap("fit_s")
     meta = {
         "alignez.source": "request-contrast",
+        "alignez.request.contrast": fitted.contrast,
         "alignez.axis": axis.name,
         META_N_LAYER: engine.n_layer,
         "alignez.model.sha256": model.sha256,
-        "alignez.request.heldout_auc": round(fitted.heldout_auc[fitted.layer], 4),
+        "alignez.request.heldout_separation": round(fitted.heldout_score[fitted.layer], 4),
     }
     cv = ControlVector({fitted.layer: fitted.vector}, model_hint=engine.arch, metadata=meta, name=axis.name, gate=fitted.gate)
     held_out = [engine.prompt(kinds["risky"][i]) for i in fitted.heldout_risky][:CALIBRATION_PROMPTS]

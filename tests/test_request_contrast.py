@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignez_local.align.request_contrast import auc, candidate_layers, fit_request_contrast
+from alignez_local.align.request_contrast import REFUSED, RISKY, auc, candidate_layers, fit_request_contrast, separation
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.prompt_sets import load_request_kinds
 from alignez_local.formats.control_vector import read_control_vector
@@ -34,16 +34,18 @@ def planted(n_r: int = 60, n_b: int = 40, n_layers: int = 6, d: int = 16, signal
     return risky, benign, u
 
 
-def test_auc() -> None:
+def test_auc_and_separation() -> None:
     assert auc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
     assert auc(np.array([0.0]), np.array([0.0])) == 0.5
+    assert separation(np.array([1.0, 3.0]), np.array([-1.0, -3.0])) == 4.0  # gap 4, spread 1
 
 
 def test_finds_the_planted_layer_direction_and_gate() -> None:
     risky, benign, u = planted()
     fit = fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3, 4], seed=0)
-    assert fit.layer == 3
+    assert fit.layer == 3 and fit.contrast == RISKY and fit.n_refused == 0
     assert fit.heldout_auc[3] > 0.95 and max(fit.heldout_auc[L] for L in (1, 2, 4)) < 0.85
+    assert fit.heldout_score[3] > 2 * max(fit.heldout_score[L] for L in (1, 2, 4))
     assert float(fit.gate.direction @ u) > 0.9  # the gate reads along the planted direction
     assert 3.0 < float(fit.vector @ u) < 5.0  # the vector is the mean difference (4 along u)
     # The threshold sits between the two kinds' projections, so the gate tells them apart.
@@ -51,6 +53,29 @@ def test_finds_the_planted_layer_direction_and_gate() -> None:
     assert fit.heldout_open["risky"] > 0.9 and fit.heldout_open["benign"] < 0.2
     assert fit.n_heldout == 12 + 8 and len(fit.heldout_risky) == 12
     assert "layer 3" in fit.line()
+
+
+def test_the_vector_is_the_models_own_refused_minus_complied_state() -> None:
+    """Half the risky queries are 'refused', marked along another direction ``w`` at layer 2;
+    the gate still reads risky vs benign (layer 2 carries that too)."""
+    risky, benign, u = planted(signal_layer=2)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(16)
+    w -= (w @ u) * u
+    w /= np.linalg.norm(w)
+    refused = np.arange(len(risky)) % 2 == 0
+    risky[refused, 2] += 3 * w
+    fit = fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3], refused, seed=0)
+    assert fit.layer == 2 and fit.contrast == REFUSED and fit.n_refused == 30
+    v = fit.vector / np.linalg.norm(fit.vector)
+    assert float(v @ w) > 0.9 and abs(float(v @ u)) < 0.3
+    assert 2.0 < float(fit.vector @ w) < 4.0
+    assert float(fit.gate.direction @ u) > 0.85 and fit.heldout_open["benign"] < 0.2
+    assert "refused 30 of 60" in fit.line()
+    # Too few refusals: back to risky minus benign.
+    few = np.zeros(len(risky), bool)
+    few[:3] = True
+    assert fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3], few).contrast == RISKY
 
 
 def test_is_deterministic_for_a_seed_and_checks_its_input() -> None:
@@ -95,6 +120,7 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert cv.gate is not None and cv.layers == [cv.gate.layer] == [report["request_contrast"]["layer"]]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
     assert report["queries"] == {"risky": 108, "benign": 42}
+    assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
 

@@ -21,7 +21,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add -m/--model and the llama.cpp runtime options."""
     decorators = [
         click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-                     help="GGUF file or bundled name (smollm2-135m-instruct, gemma3-270m)."),
+                     help="GGUF file or bundled name (smollm2-135m-instruct, gemma3-270m, qwen2.5-coder-0.5b-instruct)."),
         click.option("--threads", type=click.IntRange(1, 512), default=None, help="CPU threads [physical cores]."),
         click.option("--ctx", "n_ctx", type=click.IntRange(64, 1 << 20), default=4096, show_default=True, help="Context size in tokens."),
         click.option("--gpu-layers", type=click.IntRange(0, 10000), default=0, show_default=True, help="Layers to offload to a GPU build."),
