@@ -40,6 +40,7 @@ from alignez_local.formats.profile import SteeringProfile, load_profile, save_pr
 from alignez_local.evaluation.refusal import is_refusal
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import BUNDLED, file_sha256, resolve_model
+from alignez_local.progress import Progress
 from alignez_local.specs import parse_layer_list
 
 # Held-out prompts for the approximation report: the built-in evaluation set, written apart from
@@ -331,11 +332,18 @@ class RequestSteerResult:
 REFUSAL_PROBE = Sampling(temperature=0.0, max_tokens=48, repeat_penalty=1.1)
 
 
-def own_refusals(engine: Engine, queries: Sequence[str], on_status: Notify = _quiet) -> np.ndarray:
+def own_refusals(engine: Engine, queries: Sequence[str], quiet: bool = False) -> np.ndarray:
     """Return one bool per query: does the model, unsteered, refuse it (keyword detector on its greedy answer)?"""
-    on_status(f"answering the {len(queries)} risky requests to see which ones the model refuses")
-    answers = engine.generate([engine.prompt(q) for q in queries], REFUSAL_PROBE)
-    return np.array([is_refusal(a.text) for a in answers], dtype=bool)
+    bar = Progress(len(queries), "answers to the risky requests (which does the model refuse?)", quiet=quiet)
+    refused: list[bool] = []
+    # Chunks only for the progress line: batching gains little on a CPU, so the chunk tails cost little.
+    step = 2 * engine.n_parallel
+    for start in range(0, len(queries), step):
+        part = [engine.prompt(q) for q in queries[start:start + step]]
+        refused += [is_refusal(a.text) for a in engine.generate(part, REFUSAL_PROBE)]
+        bar.update(len(part))
+    bar.close()
+    return np.array(refused, dtype=bool)
 
 
 def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
@@ -358,10 +366,11 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     layers = list(range(engine.n_layer))
     states = {}
     for kind, qs in kinds.items():
-        on_status(f"reading the model's state on {len(qs)} {kind} requests")
-        states[kind] = engine.capture([engine.prompt(q) for q in qs], layers, site=GATE_SITE)
+        bar = Progress(len(qs), f"state at the end of the {kind} requests")
+        states[kind] = engine.capture([engine.prompt(q) for q in qs], layers, site=GATE_SITE, on_progress=bar)
+        bar.close()
     clock.lap("capture_s")
-    refused = own_refusals(engine, kinds["risky"], on_status)
+    refused = own_refusals(engine, kinds["risky"])
     clock.lap("answers_s")
     fitted = fit_request_contrast(states["risky"], states["benign"], layers, candidate_layers(engine.n_layer),
                                   refused, seed=seed)

@@ -5,6 +5,7 @@
     python scripts/make_vectors.py --axis harmless smollm2-135m-instruct
     python scripts/make_vectors.py --threads 1 smollm2-135m-instruct   # on a busy machine
     python scripts/make_vectors.py --limit 40 smollm2-135m-instruct     # fewer queries (recorded)
+    python scripts/make_vectors.py --axis harmless --recipe request qwen2.5-coder-0.5b-instruct  # gated vector
 
 For each model this runs the project's own pipeline (`alignez steer`, default settings, seed 0)
 into vectors/<model>/ and records the exact command, seed, data hash and time taken. The model is
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from alignez_local import __version__
 from alignez_local.models import BUNDLED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,18 +45,37 @@ def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def make(model: str, axis: str = "helpful", threads: str | None = None, limit: str | None = None) -> None:
+def make(model: str, axis: str = "helpful", threads: str | None = None, limit: str | None = None,
+         recipe: str | None = None) -> None:
     out = ROOT / "vectors" / model
     work = out / f"run-{axis}"
     cmd = ["alignez", "steer", "-m", model, "--axis", axis, "--seed", "0", "-o", str(work.relative_to(ROOT))]
     if limit:
         cmd[6:6] = ["--limit", limit]  # fewer queries than steer's default: part of the recorded command
+    if recipe:
+        cmd[6:6] = ["--recipe", recipe]
     # Threads change the speed, not the result: they are left out of the recorded command.
     extra = ["--threads", threads] if threads else []
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "alignez_local", *cmd[1:], *extra], cwd=ROOT, check=True)
     took = time.monotonic() - t0
     report = json.loads((work / "report.json").read_text())
+    if report.get("recipe") == "request":  # a gated vector: no pairs, no profile
+        shutil.move(work / "vector.gguf", out / f"{axis}.gguf")
+        provenance = {
+            "command": " ".join(cmd), "made_by": "scripts/make_vectors.py (runs the command, then renames run/* into this folder)",
+            "seed": 0, "axis": report["axis"], "model": model_record(model, report["model"]), "recipe": "request",
+            "queries": report["queries"], "request_contrast": report["request_contrast"],
+            "default_strength": report["default_strength"], "calibration": report["calibration"],
+            "timings_s": report["timings"], "wall_time_s": round(took, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "package_version": __version__,
+        }
+        (out / f"{axis}.provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        shutil.rmtree(work)
+        print(f"{model}: {out} ({took:.0f}s)")
+        return
     profile = json.loads(subprocess.run(
         [sys.executable, "-m", "alignez_local", "inspect", "--json", str(work / "profile.gguf")],
         cwd=ROOT, check=True, capture_output=True, text=True).stdout)
@@ -88,7 +109,7 @@ def make(model: str, axis: str = "helpful", threads: str | None = None, limit: s
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    opts = {"--axis": "helpful", "--threads": None, "--limit": None}
+    opts = {"--axis": "helpful", "--threads": None, "--limit": None, "--recipe": None}
     while args[:1] and args[0] in opts:
         if len(args) < 2:
             raise SystemExit(f"{args[0]} needs a value")
@@ -96,4 +117,4 @@ if __name__ == "__main__":
     if opts["--axis"] not in AXES:
         raise SystemExit(f"--axis takes one of {', '.join(AXES)}")
     for m in args or MODELS:
-        make(m, opts["--axis"], opts["--threads"], opts["--limit"])
+        make(m, opts["--axis"], opts["--threads"], opts["--limit"], opts["--recipe"])
