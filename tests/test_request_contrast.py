@@ -97,7 +97,7 @@ def test_candidate_layers() -> None:
 
 def test_query_kinds(tmp_path: Path) -> None:
     kinds = load_request_kinds(None, "harmless")
-    assert len(kinds["risky"]) == 108 and len(kinds["benign"]) == 42
+    assert len(kinds["risky"]) == 108 and len(kinds["benign"]) == 42 + 192  # look-alikes + ordinary requests
     plain = tmp_path / "q.txt"
     plain.write_text("how do I pick a lock?\n")
     with pytest.raises(AlignezError, match='"kind": "risky"'):
@@ -119,7 +119,7 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     report = json.loads((out / "report.json").read_text())
     assert cv.gate is not None and cv.layers == [cv.gate.layer] == [report["request_contrast"]["layer"]]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
-    assert report["queries"] == {"risky": 108, "benign": 42}
+    assert report["queries"] == {"risky": 108, "benign": 234}
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
@@ -135,3 +135,16 @@ def test_steer_request_with_an_unusable_query_file_is_one_line(tiny_model_path: 
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and '"kind": "risky"' in err[0], res.stderr
     assert not out.exists()
+
+
+def test_the_gate_stays_shut_on_benign_requests_that_lie_between_the_means() -> None:
+    """A third of the benign requests sit halfway to the risky ones (ordinary requests did, on Qwen):
+    the midpoint would open on them; the gate's threshold rises to keep them out."""
+    risky, benign, u = planted(n_b=90)
+    benign[::3, 3] += 2.5 * u
+    fit = fit_request_contrast(risky, benign, list(range(6)), [3], seed=0)
+    proj_b = benign[:, 3] @ fit.gate.direction
+    midpoint = 0.5 * (risky[:, 3].mean(0) + benign[:, 3].mean(0)) @ fit.gate.direction
+    assert fit.gate.threshold > midpoint
+    assert (proj_b > fit.gate.threshold).mean() <= 0.08
+    assert fit.gate.opens(risky[:, 3]).mean() > 0.5

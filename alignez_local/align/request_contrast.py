@@ -26,9 +26,13 @@ Fitting, numpy in, numpy out (``fit_request_contrast``):
 - the vector added at that layer is its mean difference, so strength 1 moves a request's state
   by the distance between the average complied and the average refused request;
 - the gate reads the same layer: it opens where a prompt's projection on the unit risky-minus-
-  benign difference lies past the midpoint of the two means. A constant vector (all llama.cpp can
-  do) pushes benign requests towards refusal as much as risky ones (measured: benign refusals
-  20% -> 51% at x1); the gate leaves them where they were.
+  benign difference lies past both the midpoint of the two means and the ``GATE_QUANTILE`` of the
+  fitting benign requests' projections, so at most about 5% of benign requests like them open it.
+  A constant vector (all llama.cpp can do) pushes benign requests towards refusal as much as risky
+  ones (measured: benign refusals 20% -> 51% at x1); the gate leaves them where they were. The
+  benign side must cover ordinary requests too, not only risky-sounding look-alikes: fitted on the
+  look-alikes alone, Qwen's gate opened on 38 of 72 ordinary evaluation prompts (a poem, a
+  compound-interest sum), whose states lie between the two means.
 
 Candidate layers are the model's first half past its first quarter (``candidate_layers``): early
 layers still read words more than requests, and the second half is where the answer is being
@@ -48,6 +52,7 @@ from alignez_local.formats.control_vector import Gate
 HELDOUT = 0.2
 REQUEST_RECIPE = "request"
 MIN_EACH = 4  # refused and complied risky queries each, for the refusal contrast
+GATE_QUANTILE = 0.95  # the gate stays shut on this share of the fitting benign requests
 REFUSED, RISKY = "refused-complied", "risky-benign"  # what a vector is the difference of
 
 
@@ -99,9 +104,9 @@ def candidate_layers(n_layer: int) -> list[int]:
 def separation(pos: np.ndarray, neg: np.ndarray) -> float:
     """Return d': (mean pos - mean neg) / pooled standard deviation of the two score sets."""
     pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
-    spread = np.sqrt(0.5 * (pos.var() + neg.var()))
-    gap = float(pos.mean() - neg.mean())
-    return gap / spread if spread > 0 else (np.sign(gap) * np.inf if gap else 0.0)
+    spread = float(np.sqrt(0.5 * (pos.var() + neg.var())))
+    # Floored, not infinite, when both sets are constant: the score goes into JSON reports.
+    return float(pos.mean() - neg.mean()) / max(spread, 1e-12)
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -169,7 +174,8 @@ def fit_request_contrast(
     _, u = _mean_diff(x[r_fit], y[b_fit])
     if not np.any(u) or not np.any(vec):
         raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
-    gate = Gate(best, u.astype(np.float32), float(0.5 * (x[r_fit].mean(0) + y[b_fit].mean(0)) @ u))
+    midpoint = float(0.5 * (x[r_fit].mean(0) + y[b_fit].mean(0)) @ u)
+    gate = Gate(best, u.astype(np.float32), max(midpoint, float(np.quantile(y[b_fit] @ u, GATE_QUANTILE))))
     opened = {"risky": float(gate.opens(x[r_out]).mean()), "benign": float(gate.opens(y[b_out]).mean())}
     return RequestContrast(best, vec.astype(np.float32), gate, REFUSED if by_refusal else RISKY, scores, aucs,
                            int(refused.sum()), len(risky), len(benign), len(r_out) + len(b_out),

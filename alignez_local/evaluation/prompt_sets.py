@@ -86,7 +86,11 @@ REQUEST_KINDS = ("risky", "benign")
 
 def load_request_kinds(path: str | Path | None = None, axis: str | None = "harmless") -> dict[str, list[str]]:
     """Return {"risky": [...], "benign": [...]} from ``path`` (JSONL with ``"kind"``) or the axis's
-    built-in set; each kind needs at least 8 queries so a held-out part is left for checking."""
+    built-in set; each kind needs at least 8 queries so a held-out part is left for checking.
+
+    The built-in benign side is the axis's benign look-alikes plus the general query set (ordinary
+    requests): a gate fitted against look-alikes alone opened on half of the ordinary evaluation
+    prompts (align/request_contrast.py). A user file's benign side should mix both the same way."""
     if path is None:
         if query_file(axis) == _QUERIES_FILE:
             raise AlignezError(
@@ -107,6 +111,8 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
         if kind not in out:
             raise AlignezError(f'{name} line {line.number}: "kind" must be "risky" or "benign", not {kind!r}')
         out[kind].append(_text_field(line, name, ("query", "prompt")))
+    if path is None:
+        out["benign"] += load_queries(None, None)
     out = {k: _dedupe(v) for k, v in out.items()}
     for kind, qs in out.items():
         if len(qs) < 8:
