@@ -32,3 +32,18 @@ X=scripts/experiments
 # The shipped SmolLM2 profile (contrast recipe), judged on 64 helpful prompts at its calibrated strength.
 $A eval -m smollm2-135m-instruct --profile $S/helpful.profile.gguf --kinds helpful --limit 64 \
     "${COMMON[@]}" --out docs/results/smollm2-profile-helpful-contrast
+# The shipped SmolLM2 control vector, judged on 64 helpful prompts at its calibrated strength.
+$A eval -m smollm2-135m-instruct --vector $S/helpful.gguf --kinds helpful --limit 64 \
+    "${COMMON[@]}" --out docs/results/smollm2-vector-helpful-contrast
+
+# 2026-11-28, fourth session (docs/results.md §7): the gated refusal vector of the request recipe.
+# The vectors are made by `scripts/make_vectors.py --axis harmless --recipe request MODEL`.
+Q=vectors/qwen2.5-coder-0.5b-instruct
+.venv/bin/python $X/refusal_contrast.py --strengths 1,2
+$A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/harmless.gguf --prompts ../shared/data/harmbench_prompts.txt \
+    --prompt-kind harmful --limit 80 --no-quality-judge --max-tokens 64 --seed 0 --out docs/results/qwen-harmless-gated-harmbench
+$A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/harmless.gguf --kinds helpful,benign \
+    --max-tokens 64 --seed 0 --out docs/results/qwen-harmless-gated-helpful-benign
+$A eval -m smollm2-135m-instruct --vector $S/harmless.gguf --prompts ../shared/data/harmbench_prompts.txt \
+    --prompt-kind harmful --limit 80 --no-quality-judge --no-refusal-judge --max-tokens 64 --seed 0 --out docs/results/smollm2-harmless-gated-harmbench
+.venv/bin/python $X/gate_check.py
