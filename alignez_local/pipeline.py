@@ -351,8 +351,9 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     """Fit a gated vector from the model's own state on risky and benign requests
     (align/request_contrast.py) and calibrate its default strength on held-out risky ones.
 
-    Writes vector.gguf and report.json into ``folder``. Nothing is generated, so there is no
-    preference file and no profile; Ctrl-C loses only the capture in progress.
+    Writes vector.gguf and report.json into ``folder``. Only short answers are generated (they
+    label the model's refusals), so there is no preference file and no profile; Ctrl-C writes
+    nothing, and running it again starts over (about 20 minutes for Qwen-0.5B on one thread).
     """
     out = Path(folder)
     if out.exists() and not out.is_dir():
