@@ -364,7 +364,7 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     for path in (vector_path, report_path):
         check_writable(path)
     clock = _Clock()
-    layers = list(range(engine.n_layer))
+    layers = candidate_layers(engine.n_layer)  # the only layers the fit reads
     states = {}
     for kind, qs in kinds.items():
         bar = Progress(len(qs), f"state at the end of the {kind} requests")
@@ -373,8 +373,7 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     clock.lap("capture_s")
     refused = own_refusals(engine, kinds["risky"])
     clock.lap("answers_s")
-    fitted = fit_request_contrast(states["risky"], states["benign"], layers, candidate_layers(engine.n_layer),
-                                  refused, seed=seed)
+    fitted = fit_request_contrast(states["risky"], states["benign"], layers, layers, refused, seed=seed)
     on_status(fitted.line())
     clock.lap("fit_s")
     meta = {
