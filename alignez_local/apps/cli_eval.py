@@ -51,13 +51,16 @@ from alignez_local.models import JUDGE_MODEL
               help="Judge context size in tokens (shared by its parallel prompts).")
 @click.option("--out", "out_dir", default="alignez-eval", show_default=True, metavar="DIR",
               help="Folder for report.json, summary.md and sweep.png.")
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the unfinished run in --out (same settings): reuse its finished answers, "
+                   "answer the rest; perplexity and judging are redone.")
 def eval_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int,
     temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int, repeat_penalty: float,
     prompts_file: str | None, prompt_kind: str | None, kinds: str | None, limit: int | None, judge: str,
     mode: str, margin: float, refusal_judge: bool, quality_judge: bool, reference: str | None, sweep: str | None,
-    judge_parallel: int, judge_ctx: int, out_dir: str,
+    judge_parallel: int, judge_ctx: int, out_dir: str, resume: bool,
 ) -> None:
     """Judge steered against unsteered answers with a local model.
 
@@ -71,8 +74,14 @@ def eval_command(
     on subtle quality: read the intervals.
 
     \b
+    The partial report is saved after every piece (the reference's and the unsteered answers, each
+    strength's, perplexity, judging), and Ctrl-C or kill (SIGTERM) saves what is done: a stopped run
+    loses at most the piece that was running, and the same command with --resume continues it.
+
+    \b
     alignez eval --vector v.gguf:4 --limit 20
     alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p
+    alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p --resume    # after a kill
     alignez eval --vector v.gguf --prompts harmbench_prompts.txt --prompt-kind harmful --no-quality-judge
     """
     try:
@@ -84,12 +93,12 @@ def eval_command(
             strengths=parse_strengths(sweep) if sweep is not None else (1.0,),
             sampling=make_sampling(temperature, top_p, top_k, seed, max_tokens, repeat_penalty),
             threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel,
-            judge_ctx=judge_ctx, judge_parallel=judge_parallel, verbose=verbose,
+            judge_ctx=judge_ctx, judge_parallel=judge_parallel, verbose=verbose, resume=resume,
         )
         report = run_eval(cfg, out_dir)
     except EvalInterrupted as stop:
         click.echo(stop.message, err=True)
-        sys.exit(130)
+        sys.exit(stop.exit_code)
     out = Path(out_dir)
     for r in report["results"]:
         j = r.get("judge", {})

@@ -61,6 +61,15 @@ class Answer:
             d["verdict"] = self.verdict.to_json()
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Answer:
+        """Return the answer of a ``to_json`` record: its text, length and finish reason only.
+
+        Scores, verdicts and the likelihood are left unmeasured (the record keeps only a rounded
+        perplexity), so ``measure_perplexity`` reads the answer again and the judge judges it again.
+        """
+        return cls(str(d["answer"]), int(d["n_tokens"]), str(d["finish"]))
+
 
 def _round(x: float | None, nd: int = 4) -> float | None:
     """Return ``x`` rounded for JSON, or None when missing or not finite."""

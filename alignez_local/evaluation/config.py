@@ -48,6 +48,9 @@ class EvalConfig:
     judge_ctx: int = 8192
     judge_parallel: int = 4
     verbose: bool = False
+    # Reuse the finished answer groups of the unfinished report.json in the output folder. Not a
+    # setting of the results, so not recorded in the report's settings (which it compares).
+    resume: bool = False
 
     def check(self) -> EvalConfig:
         """Return self after checking the values that need no model (AlignezError otherwise)."""

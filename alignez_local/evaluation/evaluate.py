@@ -18,19 +18,34 @@ text) is scored for perplexity once and judged once.
 
 The numbers are in ``statistics.py``, the report files in ``report.py``, ``summary.py`` and
 ``sweep_plot.py``. Outputs in the output folder, all written atomically: ``report.json``,
-``summary.md``, ``sweep.png`` when a sweep ran and matplotlib is importable. Ctrl-C stops cleanly
-and saves what is done (``EvalInterrupted``).
+``summary.md``, ``sweep.png`` when a sweep ran and matplotlib is importable.
+
+Stopping and resuming: after every finished piece (the reference answers, the unsteered answers,
+each strength's answers, perplexity, quality judging, refusal judging) the partial report
+(``"complete": false``) is written as a checkpoint, so even a ``kill -9`` loses at most the piece
+that was running. Ctrl-C and SIGTERM (``kill``; a background run ignores Ctrl-C) stop cleanly and
+save what is done (``EvalInterrupted``). ``resume=True`` (``--resume``) reads an unfinished
+``report.json`` made with the same settings, prompts, answering model and steering files, and reuses
+every answer group that covers all prompts; the rest is generated, and perplexity and judging, which
+are deterministic, are recomputed. Reused answers' perplexity is measured by reading them, as the
+steered ones' always is (the report keeps no log-likelihoods): for unsteered answers it can differ from
+a fresh run's, taken from the generation, by 0.005-0.02 nats per token (SmolLM2), more where the
+decoded text does not tokenize back into the generated tokens.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from alignez_local.align.steering import Steering
@@ -39,7 +54,7 @@ from alignez_local.evaluation.answers import Answer, answer_prompts, measure_per
 from alignez_local.evaluation.config import REFUSAL_KINDS, EvalConfig, parse_kinds, parse_strengths, select_prompts
 from alignez_local.evaluation.judge import Judge, verdicts_from_scores
 from alignez_local.evaluation.prompt_sets import EvalPrompt
-from alignez_local.evaluation.report import build_report, kind_counts
+from alignez_local.evaluation.report import REPORT_FORMAT, build_report, json_safe, kind_counts, settings_of
 from alignez_local.evaluation.summary import summary_markdown
 from alignez_local.evaluation.sweep_plot import write_sweep_plot
 from alignez_local.fileio import write_json, write_text
@@ -60,17 +75,19 @@ def _stderr(msg: str) -> None:
 
 
 class EvalInterrupted(Exception):
-    """Ctrl-C during a run: ``message`` says what was saved (one line)."""
+    """Ctrl-C or SIGTERM during a run: ``message`` says what was saved (one line); ``exit_code`` is
+    the shell's code for that signal (130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def __init__(self, message: str) -> None:
-        """Return the exception carrying its one-line ``message``."""
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        """Return the exception carrying its one-line ``message`` and exit code."""
         super().__init__(message)
         self.message = message
+        self.exit_code = exit_code
 
 
 @dataclass
 class RunState:
-    """What the run has produced so far (saved as is when interrupted)."""
+    """What the run has produced so far (saved as is after every piece and when interrupted)."""
 
     cfg: EvalConfig
     prompts: list[EvalPrompt]
@@ -85,6 +102,8 @@ class RunState:
     judged: bool = False
     timing: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    resumed: dict[str, Any] = field(default_factory=dict)  # what --resume reused (in the report when set)
+    checkpointed: bool = False  # a checkpoint of this run is in report.json
 
     @property
     def texts(self) -> list[str]:
@@ -108,8 +127,11 @@ class RunState:
 def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict[str, Any]:
     """Return the report of a full evaluation run, after writing it to ``out_dir``.
 
-    Raises ``EvalInterrupted`` on Ctrl-C after saving what was done; AlignezError for bad input
-    (checked before any model is loaded where possible).
+    The partial report is written to ``out_dir`` after every finished piece (a checkpoint).
+    ``cfg.resume`` continues the unfinished run saved there (see the module docstring). Raises
+    ``EvalInterrupted`` on Ctrl-C or SIGTERM after saving what was done; AlignezError for bad input,
+    a ``--resume`` that cannot continue included (checked before any model is loaded and before
+    anything is written, where possible).
     """
     cfg.check()
     out = Path(out_dir)
@@ -120,39 +142,283 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
     model_path = resolve_model(cfg.model)
     ref_path = resolve_model(cfg.reference) if cfg.reference else None
     judge_path = resolve_model(cfg.judge)
+    st = RunState(cfg, prompts)
+    saved = out / "report.json"
+    if cfg.resume:
+        _resume(st, saved, model_path, ref_path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise AlignezError(f"cannot create --out folder {out}: {err.strerror or err}") from None
 
-    st = RunState(cfg, prompts)
-    t_run = time.monotonic()
-    try:
-        _run(st, model_path, ref_path, judge_path, log)
-    except KeyboardInterrupt:
-        st.timing["total_s"] = round(time.monotonic() - t_run, 2)
-        raise _save_interrupted(st, out) from None
-    st.timing["total_s"] = round(time.monotonic() - t_run, 2)
-    report = build_report(st, complete=True)
-    report["plot"] = write_sweep_plot(report, out / "sweep.png") if len(cfg.strengths) > 1 else None
-    write_json(out / "report.json", report)
-    write_text(out / "summary.md", summary_markdown(report))
+    header = (f"evaluating on {len(prompts)} prompts "
+              f"({', '.join(f'{k} {c}' for k, c in kind_counts(prompts).items())}); "
+              f"strength multipliers {', '.join(f'{s:g}' for s in cfg.strengths)}; judge mode {cfg.mode}")
+    if not cfg.resume and _unfinished(saved):
+        header += f"; replacing the unfinished run in {saved} (--resume would reuse its answers)"
+
+    with _sigterm_as_ctrl_c() as sigterm:
+
+        def stop_if_terminated() -> None:
+            # SIGTERM noted but not acted on: it came inside a callback from C, or the decode guard
+            # took it just as its decode ended (the guard then forgets it).
+            if sigterm.seen:
+                raise KeyboardInterrupt
+
+        def save(next_stage: str) -> None:
+            stop_if_terminated()
+            _checkpoint(st, out, next_stage)
+
+        def run_log(msg: str) -> None:
+            stop_if_terminated()
+            log(msg)
+
+        t_run = time.monotonic()
+        try:
+            run_log(header)
+            if cfg.resume:
+                run_log(_resume_line(st, saved))
+            _run(st, model_path, ref_path, judge_path, run_log, save)
+            st.timing["total_s"] = round(time.monotonic() - t_run, 2)
+            report = build_report(st, complete=True)
+            st.stage = "writing the report"
+            report["plot"] = write_sweep_plot(report, out / "sweep.png") if len(cfg.strengths) > 1 else None
+            write_json(saved, report)
+            write_text(out / "summary.md", summary_markdown(report))
+        except KeyboardInterrupt:
+            st.timing["total_s"] = round(time.monotonic() - t_run, 2)
+            raise _save_interrupted(st, out, terminated=sigterm.seen) from None
     return report
 
 
-def _save_interrupted(st: RunState, out: Path) -> EvalInterrupted:
+@dataclass
+class _SigtermSeen:
+    """Whether SIGTERM arrived during the run (the stop it causes is a plain KeyboardInterrupt)."""
+
+    seen: bool = False
+
+
+# Python functions that llama.cpp calls from C: an exception raised in one is printed and dropped.
+_C_CALLBACKS = frozenset({"_log_sink", "eval_callback", "abort_callback"})
+
+
+def _in_c_callback(frame: FrameType | None) -> bool:
+    """Return True when ``frame`` (a signal handler's) runs inside one of our ctypes callbacks."""
+    while frame is not None:
+        if frame.f_code.co_name in _C_CALLBACKS and str(frame.f_globals.get("__name__", "")).startswith(
+                "alignez_local.llama."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[_SigtermSeen]:
+    """Return a context in which SIGTERM (``kill``) stops the run as Ctrl-C does, so that a run started
+    in the background, where Ctrl-C is ignored, still saves what it did; the previous handler is put
+    back after. Only the main thread may set handlers (``signal.signal`` raises elsewhere): there
+    SIGTERM keeps its handler.
+
+    During a decode the scheduler's own SIGINT handler is in place: it aborts the decode cleanly and
+    raises KeyboardInterrupt after it, and SIGTERM calls it. Elsewhere SIGTERM raises KeyboardInterrupt,
+    except inside a callback from C (llama.cpp's log while a model loads), where the exception would be
+    printed and dropped: there it is only noted, and the run stops at its next log line or checkpoint
+    (``seen``).
+    """
+    seen = _SigtermSeen()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        seen.seen = True
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(ctrl_c) and ctrl_c is not signal.default_int_handler:
+            ctrl_c(signum, frame)  # the decode's guard: it only sets flags, safe anywhere
+        elif not _in_c_callback(frame):
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield seen
+    finally:
+        # None: a handler not set from Python, which cannot be put back; the default is the nearest.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _checkpoint(st: RunState, out: Path, next_stage: str) -> None:
+    """Return None after writing the partial report of what is done (and its summary) to ``out``.
+
+    Called after every finished piece, so a kill loses at most the piece that was running. The
+    report names ``next_stage`` as the stage reached: the one that runs until the next checkpoint.
+    """
+    st.stage = next_stage
+    report = build_report(st, complete=False)
+    write_json(out / "report.json", report)
+    write_text(out / "summary.md", summary_markdown(report))
+    st.checkpointed = True
+
+
+def _save_interrupted(st: RunState, out: Path, terminated: bool = False) -> EvalInterrupted:
     """Return the EvalInterrupted to raise after saving the partial report (if a second Ctrl-C allows)."""
+    how, code = ("terminated (SIGTERM)", 143) if terminated else ("interrupted", 130)
     report = build_report(st, complete=False)
     try:
         write_json(out / "report.json", report)
         write_text(out / "summary.md", summary_markdown(report))
     except KeyboardInterrupt:
-        return EvalInterrupted(f"interrupted during {st.stage}; nothing was saved")
+        kept = (f"{out / 'report.json'} holds the last checkpoint" if st.checkpointed or st.resumed
+                else "nothing was saved")
+        return EvalInterrupted(f"{how} during {st.stage}, and again while saving; {kept}", code)
     n_ans = sum(len(g) for g in st.groups())
     return EvalInterrupted(
-        f"interrupted during {st.stage}: saved {n_ans} answers"
-        f"{' and verdicts' if st.judged else ' (no verdicts)'} to {out / 'report.json'} and {out / 'summary.md'}"
+        f"{how} during {st.stage}: saved {n_ans} answers"
+        f"{' and verdicts' if st.judged else ' (no verdicts)'} to {out / 'report.json'} and {out / 'summary.md'}",
+        code,
     )
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """Return the evaluation report saved at ``path``, None when there is none (AlignezError when it
+    cannot be read as one)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AlignezError(f"--resume: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError:
+        raise AlignezError(f"--resume: {path} is not valid JSON; use another --out or run without --resume") from None
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise AlignezError(f"--resume: {path} is not an alignez eval report ({REPORT_FORMAT}); use another --out")
+    return report
+
+
+def _unfinished(path: Path) -> bool:
+    """Return True when ``path`` holds the report of an unfinished run (what --resume would continue)."""
+    try:
+        report = _read_report(path)
+    except AlignezError:
+        return False
+    return report is not None and report.get("complete") is False
+
+
+def _resume(st: RunState, path: Path, model_path: Path, ref_path: Path | None) -> None:
+    """Return None after filling ``st`` with every complete answer group of the unfinished run saved at
+    ``path``: the reference, the unsteered and each strength whose answers cover every prompt.
+
+    AlignezError, before anything is loaded or written, when there is nothing to resume or the saved
+    run differs from this one: a setting, a prompt, the answering or reference model file, a steering
+    file (by SHA-256).
+    """
+    saved = _read_report(path)
+    if saved is None:
+        raise AlignezError(f"--resume: there is no {path} to resume; run without --resume to start a new run")
+    if saved.get("complete") is not False:
+        raise AlignezError(f"--resume: {path} is a finished run, nothing to resume; "
+                           "run without --resume to redo it, or use another --out")
+    diff = _first_difference(saved.get("settings"), json_safe(settings_of(st)))
+    if diff is not None:
+        name, old, new = diff
+        raise AlignezError(f"--resume: the saved run used {name} {_show(old)}, this one {_show(new)}; "
+                           "use another --out or the same settings")
+    records = saved.get("prompts")
+    if not isinstance(records, list) or len(records) != len(st.prompts):
+        raise AlignezError(f"--resume: {path} has {len(records) if isinstance(records, list) else 'no'} prompt "
+                           f"records, this run {len(st.prompts)}; use another --out")
+    for i, (rec, p) in enumerate(zip(records, st.prompts)):
+        if not isinstance(rec, dict) or rec.get("prompt") != p.text or rec.get("kind") != p.kind:
+            raise AlignezError(f"--resume: prompt {i + 1} of the saved run is not this run's (was the prompts file "
+                               "changed?); use another --out")
+    try:  # a record of the wrong shape (an edited file) raises one of the errors caught below
+        models = saved.get("models") or {}
+        if "answer" in models:
+            _check_same_file(models["answer"], model_path, "the answering model")
+        saved_files = (saved.get("steering") or {}).get("files") or []
+        for old_file, new_file in zip(saved_files, _steering_files(st.cfg)):
+            if old_file.get("sha256") != new_file["sha256"]:
+                raise AlignezError(f"--resume: the {new_file['kind']} file {new_file['path']} changed since the saved "
+                                   "run (its SHA-256 differs); use another --out or the same file")
+        reference = _complete_group(records, lambda r: r.get("reference"))
+        if reference and ref_path is not None and "reference" in models:
+            _check_same_file(models["reference"], ref_path, "the reference model")
+            st.reference, st.models["reference"] = reference, models["reference"]
+        st.unsteered = _complete_group(records, lambda r: r.get("unsteered"))
+        if st.unsteered:  # steered answers are only reused beside their unsteered ones
+            for s in st.cfg.strengths:
+                group = _complete_group(records, lambda r, s=s: next(
+                    (a for a in r.get("steered") or [] if a.get("strength") == s), None))
+                if group:
+                    st.steered[s] = group
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise AlignezError(f"--resume: {path} has a damaged record; use another --out") from None
+    reused = (["reference"] if st.reference else []) + (["unsteered"] if st.unsteered else []) + [
+        f"x{s:g}" for s in st.cfg.strengths if s in st.steered]
+    st.resumed = {"from": str(path), "saved_created": saved.get("created"), "reused": reused}
+
+
+def _complete_group(records: list[dict[str, Any]], pick: Callable[[dict[str, Any]], Any]) -> list[Answer]:
+    """Return the answers ``pick`` finds in every prompt record, or [] when any record lacks one."""
+    found = [pick(r) for r in records]
+    return [Answer.from_json(a) for a in found] if found and all(a is not None for a in found) else []
+
+
+def _check_same_file(saved_info: dict[str, Any], path: Path, role: str) -> None:
+    """Return None when the model file at ``path`` is the one the saved run recorded (by SHA-256)."""
+    if saved_info.get("sha256") != _sha256(path):
+        raise AlignezError(f"--resume: {role} {path} is not the file the saved run used (its SHA-256 differs); "
+                           "use another --out or the same model")
+
+
+def _sha256(path: str | Path) -> str:
+    """Return the SHA-256 of a file (AlignezError when it cannot be read)."""
+    try:
+        return file_sha256(path)
+    except OSError as err:
+        raise AlignezError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _first_difference(old: Any, new: Any, name: str = "settings") -> tuple[str, Any, Any] | None:
+    """Return (name, saved value, new value) of the first setting that differs, None when all agree.
+    Nested blocks (sampling) are compared key by key, so the name is the innermost one."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in [*new, *(k for k in old if k not in new)]:
+            diff = _first_difference(old.get(key), new.get(key), key)
+            if diff is not None:
+                return diff
+        return None
+    return None if old == new else (name, old, new)
+
+
+def _show(value: Any) -> str:
+    """Return a setting's value as a user types it: 0,1 for lists, none for None."""
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _resume_line(st: RunState, path: Path) -> str:
+    """Return the log line saying what --resume reused and what is left to answer."""
+    reused = st.resumed["reused"]
+    if not reused:
+        return f"--resume: {path} has no finished answer group to reuse; answering everything"
+    todo = ((["reference"] if st.cfg.reference and not st.reference else []) + ([] if st.unsteered else ["unsteered"])
+            + [f"x{s:g}" for s in st.cfg.strengths if s not in st.steered])
+    return (f"--resume: reusing the {', '.join(reused)} answers ({len(st.prompts)} prompts each) of {path}; "
+            f"{'answering ' + ', '.join(todo) if todo else 'nothing left to answer'}; "
+            "perplexity and judging are recomputed")
+
+
+# --- the stages -----------------------------------------------------------------------------------
 
 
 def _model_info(path: Path, engine: Engine | None = None) -> dict[str, Any]:
@@ -163,30 +429,40 @@ def _model_info(path: Path, engine: Engine | None = None) -> dict[str, Any]:
     return info
 
 
-def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path, log: LogFn) -> None:
-    """Return None after running every stage, filling ``st`` as each piece finishes (so Ctrl-C can save it)."""
+def _steering_files(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Return the kind, path and SHA-256 of every steering file (the report's record of what steered)."""
+    return ([{"kind": "vector", "path": v, "sha256": _sha256(parse_steering_spec(v).path)} for v in cfg.vectors]
+            + [{"kind": "profile", "path": p, "sha256": _sha256(parse_steering_spec(p).path)} for p in cfg.profiles])
+
+
+def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path, log: LogFn,
+         save: Callable[[str], None]) -> None:
+    """Return None after running every stage, filling ``st`` as each piece finishes (so Ctrl-C can save
+    it) and calling ``save(next stage)`` after each piece (the checkpoints). Answer groups already
+    in ``st`` (from --resume) are not answered again."""
     cfg = st.cfg
-    log(f"evaluating on {len(st.prompts)} prompts ({', '.join(f'{k} {c}' for k, c in kind_counts(st.prompts).items())}); "
-        f"strength multipliers {', '.join(f'{s:g}' for s in cfg.strengths)}; judge mode {cfg.mode}")
-    if ref_path is not None:
+    if ref_path is not None and not st.reference:
         with st.stage_timer("reference answers", "reference_answers_s"), open_engine(ref_path, cfg.runtime) as ref:
             st.models["reference"] = _model_info(ref_path, ref)
             log(f"[reference] {ref.name}: answering")
             answer_prompts(ref, st.texts, cfg.sampling, None, Progress(len(st.texts), "reference answers"),
                            into=st.reference)
+        save("answers")
     with open_engine(model_path, cfg.runtime) as eng:
         st.models["answer"] = _model_info(model_path, eng)
         with st.stage_timer("answers", "answers_s"):
-            _answer(st, eng, log)
+            _answer(st, eng, log, save)
         with st.stage_timer("perplexity", "perplexity_s"):
             everything = [a for grp in st.groups() for a in grp]
             log(f"[fluency] perplexity of {len(everything)} answers under the unsteered model")
+            # Reused answers come without their likelihood (ppl_tokens 0), so this reads them.
             measure_perplexity(eng, st.texts * len(st.groups()), everything,
                                Progress(len(everything), "perplexity"))
     refusals = cfg.refusal_judge and any(p.kind in REFUSAL_KINDS for p in st.prompts)
     if not (cfg.quality_judge or refusals):
         st.stage = "done"
         return
+    save("judging" if cfg.quality_judge else "refusal judging")
     with Judge.open(str(judge_path), cfg.mode, cfg.margin, cfg.judge_runtime) as judge:
         st.models["judge"] = _model_info(judge_path, judge.engine)
         st.judge = judge.describe()
@@ -196,31 +472,41 @@ def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path
                 st.judged = True
         st.judge["prompts_decoded"] = judge.calls
         if refusals:
+            if cfg.quality_judge:
+                save("refusal judging")
             with st.stage_timer("refusal judging", "refusal_judge_s"):
                 _judge_refusals(st, judge, log)
             st.judge["refusal_prompts_decoded"] = judge.calls - st.judge["prompts_decoded"]
+    save("writing the report")
     st.stage = "done"
 
 
-def _answer(st: RunState, eng: Engine, log: LogFn) -> None:
-    """Return None after the answering model has answered unsteered and at every strength."""
+def _answer(st: RunState, eng: Engine, log: LogFn, save: Callable[[str], None]) -> None:
+    """Return None after the answering model has answered unsteered and at every strength, with a
+    checkpoint after each (a group already in ``st``, from --resume, is skipped)."""
     cfg, n = st.cfg, len(st.texts)
     steering = Steering.from_specs(eng, cfg.vectors, cfg.profiles, cfg.layers, cfg.top_n)
     for w in steering.warnings:
         log(f"warning: {w}")
     st.steering_desc = steering.describe()
-    st.steering_files = (
-        [{"kind": "vector", "path": v, "sha256": file_sha256(parse_steering_spec(v).path)} for v in cfg.vectors]
-        + [{"kind": "profile", "path": p, "sha256": file_sha256(parse_steering_spec(p).path)} for p in cfg.profiles]
-    )
-    log(f"[answer] {eng.name}: unsteered")
-    answer_prompts(eng, st.texts, cfg.sampling, None, Progress(n, "unsteered answers"), into=st.unsteered,
-                   own_perplexity=True)
-    for s in cfg.strengths:
+    st.steering_files = _steering_files(cfg)
+    # Each checkpoint names the stage that comes next.
+    next_stages = [f"steered x{s:g} answers" for s in cfg.strengths] + ["perplexity"]
+    if not st.unsteered:  # --resume brings only complete groups
+        st.stage = "unsteered answers"
+        log(f"[answer] {eng.name}: unsteered")
+        answer_prompts(eng, st.texts, cfg.sampling, None, Progress(n, "unsteered answers"), into=st.unsteered,
+                       own_perplexity=True)
+        save(next_stages[0])
+    for s, next_stage in zip(cfg.strengths, next_stages[1:]):
+        if s in st.steered:
+            continue
+        st.stage = f"steered x{s:g} answers"
         log(f"[answer] {eng.name}: steered x{s:g}")
         st.steered[s] = []
         answer_prompts(eng, st.texts, cfg.sampling, scale_steering(steering, s),
                        Progress(n, f"steered x{s:g} answers"), into=st.steered[s], own_perplexity=True)
+        save(next_stage)
 
 
 def _judge_quality(st: RunState, judge: Judge, log: LogFn) -> None:

@@ -89,8 +89,8 @@ def _result_rows(st: RunState, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _settings(st: RunState) -> dict[str, Any]:
-    """Return the run's settings as recorded in the report."""
+def settings_of(st: RunState) -> dict[str, Any]:
+    """Return the run's settings as recorded in the report (``--resume`` compares them to the saved run's)."""
     cfg = st.cfg
     return {
         "model": cfg.model, "vectors": list(cfg.vectors), "profiles": list(cfg.profiles), "layers": cfg.layers,
@@ -114,7 +114,7 @@ def build_report(st: RunState, complete: bool) -> dict[str, Any]:
         "stage_reached": st.stage,
         "created": st.created,
         "alignez_version": __version__,
-        "settings": _settings(st),
+        "settings": settings_of(st),
         "models": st.models,
         "steering": {"files": st.steering_files, "describe": st.steering_desc},
         "judge": st.judge,
@@ -127,6 +127,8 @@ def build_report(st: RunState, complete: bool) -> dict[str, Any]:
     }
     if st.reference:
         report["reference"] = group_stats(st.reference, st.prompts, seed)
+    if st.resumed:
+        report["resumed"] = st.resumed
     return json_safe(report)
 
 
