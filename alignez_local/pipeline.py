@@ -364,7 +364,7 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     for path in (vector_path, report_path):
         check_writable(path)
     clock = _Clock()
-    layers = candidate_layers(engine.n_layer)  # the only layers the fit reads
+    layers = candidate_layers(engine.n_layer)  # the only layers the fit reads (the vector's and the gate's)
     states = {}
     for kind, qs in kinds.items():
         bar = Progress(len(qs), f"state at the end of the {kind} requests")

@@ -295,7 +295,7 @@ HARMBENCH = Path("/work/shared/data/harmbench_prompts.txt")
 
 def test_harmless_axis_has_its_own_query_set() -> None:
     harmless = load_queries(axis="harmless")
-    assert 140 <= len(harmless) <= 170
+    assert 190 <= len(harmless) <= 210
     assert not set(harmless) & set(load_queries())
     assert load_queries(axis="helpful") == load_queries() == load_queries(axis="humor")
     rows = data_rows("queries_harmless.jsonl")
@@ -309,7 +309,10 @@ def test_harmless_axis_has_its_own_query_set() -> None:
 
 
 def test_harmless_queries_are_kept_apart_from_evaluation_and_harmbench() -> None:
-    queries = [words(q) for q in load_queries(axis="harmless")]
+    # The request recipe's benign side also reads the ordinary task requests.
+    ordinary = [r["query"] for r in data_rows("requests_ordinary.jsonl")]
+    assert len(ordinary) == 94 and not set(ordinary) & set(load_queries())
+    queries = [words(q) for q in load_queries(axis="harmless") + ordinary]
     others = [p.text for p in load_eval_prompts()]
     if HARMBENCH.is_file():
         others += load_eval_prompts_texts(HARMBENCH)

@@ -78,6 +78,25 @@ def test_the_vector_is_the_models_own_refused_minus_complied_state() -> None:
     assert fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3], few).contrast == RISKY
 
 
+def test_the_gate_reads_its_own_layer() -> None:
+    """Refusals are marked at layer 2, risky vs benign separates best at layer 4: the vector goes
+    to layer 2, the gate reads layer 4 (it reads the unsteered state, so any layer will do)."""
+    risky, benign, u = planted(signal_layer=4)
+    risky[:, 4] += 2.0 * u  # risky 6 along u at layer 4: the 99th benign percentile leaves most of them open
+    risky[:, 2] += 1.0 * u  # layer 2 tells risky from benign too, but worse
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(16)
+    w /= np.linalg.norm(w)
+    refused = np.arange(len(risky)) % 2 == 0
+    risky[refused, 2] += 3 * w
+    fit = fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3], refused, gate_layers=range(1, 6), seed=0)
+    assert fit.layer == 2 and fit.gate.layer == 4 and float(fit.gate.direction @ u) > 0.9
+    assert fit.gate_cv_j[4] == max(fit.gate_cv_j.values()) and fit.heldout_open["risky"] > 0.8
+    assert fit.stats()["gate_layer"] == 4 and "gate (layer 4)" in fit.line()
+    with pytest.raises(AlignezError, match="gate layers"):
+        fit_request_contrast(risky, benign, list(range(6)), [2], refused, gate_layers=[9])
+
+
 def test_is_deterministic_for_a_seed_and_checks_its_input() -> None:
     risky, benign, _ = planted()
     a = fit_request_contrast(risky, benign, list(range(6)), [3, 4], seed=5)
@@ -97,7 +116,7 @@ def test_candidate_layers() -> None:
 
 def test_query_kinds(tmp_path: Path) -> None:
     kinds = load_request_kinds(None, "harmless")
-    assert len(kinds["risky"]) == 108 and len(kinds["benign"]) == 42 + 192  # look-alikes + ordinary requests
+    assert len(kinds["risky"]) == 108 + 48 and len(kinds["benign"]) == 42 + 192 + 94  # look-alikes + ordinary questions + tasks
     plain = tmp_path / "q.txt"
     plain.write_text("how do I pick a lock?\n")
     with pytest.raises(AlignezError, match='"kind": "risky"'):
@@ -117,9 +136,10 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert res.returncode == 0, res.stderr
     cv = read_control_vector(out / "vector.gguf")
     report = json.loads((out / "report.json").read_text())
-    assert cv.gate is not None and cv.layers == [cv.gate.layer] == [report["request_contrast"]["layer"]]
+    assert cv.gate is not None and cv.layers == [report["request_contrast"]["layer"]]
+    assert cv.gate.layer == report["request_contrast"]["gate_layer"]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
-    assert report["queries"] == {"risky": 108, "benign": 234}
+    assert report["queries"] == {"risky": 156, "benign": 328}
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
@@ -141,10 +161,11 @@ def test_the_gate_stays_shut_on_benign_requests_that_lie_between_the_means() -> 
     """A third of the benign requests sit halfway to the risky ones (ordinary requests did, on Qwen):
     the midpoint would open on them; the gate's threshold rises to keep them out."""
     risky, benign, u = planted(n_b=90)
+    risky[:, 3] += 3 * u  # risky 7 along u, a third of the benign 2.5: apart, as on Qwen
     benign[::3, 3] += 2.5 * u
     fit = fit_request_contrast(risky, benign, list(range(6)), [3], seed=0)
     proj_b = benign[:, 3] @ fit.gate.direction
     midpoint = 0.5 * (risky[:, 3].mean(0) + benign[:, 3].mean(0)) @ fit.gate.direction
     assert fit.gate.threshold > midpoint
-    assert (proj_b > fit.gate.threshold).mean() <= 0.08
-    assert fit.gate.opens(risky[:, 3]).mean() > 0.5
+    assert (proj_b > fit.gate.threshold).mean() <= 0.03
+    assert fit.gate.opens(risky[:, 3]).mean() > 0.8

@@ -25,14 +25,19 @@ Fitting, numpy in, numpy out (``fit_request_contrast``):
   contrast (refused vs complied, else risky vs benign);
 - the vector added at that layer is its mean difference, so strength 1 moves a request's state
   by the distance between the average complied and the average refused request;
-- the gate reads the same layer: it opens where a prompt's projection on the unit risky-minus-
-  benign difference lies past both the midpoint of the two means and the ``GATE_QUANTILE`` of the
-  fitting benign requests' projections, so at most about 5% of benign requests like them open it.
-  A constant vector (all llama.cpp can do) pushes benign requests towards refusal as much as risky
-  ones (measured: benign refusals 20% -> 51% at x1); the gate leaves them where they were. The
-  benign side must cover ordinary requests too, not only risky-sounding look-alikes: fitted on the
-  look-alikes alone, Qwen's gate opened on 38 of 72 ordinary evaluation prompts (a poem, a
-  compound-interest sum), whose states lie between the two means.
+- the gate reads one of the candidate layers, chosen on its own (``gate_layers``; it reads the
+  unsteered state, so it need not be the vector's layer) by cross-validated Youden's J: the share
+  of risky requests it opens on minus the share of benign ones. Its direction is the shrinkage-LDA
+  direction of risky vs benign (``gate_direction``), its threshold the ``GATE_QUANTILE`` of
+  out-of-fold benign projections (``fit_gate``), so about 1% of benign requests like the fitting
+  ones open it. A constant vector (all llama.cpp can do) pushes benign requests towards refusal as
+  much as risky ones (measured: benign refusals 20% -> 51% at x1); the gate leaves them where they
+  were. Its benign side must cover ordinary requests of every shape, not only risky-sounding
+  look-alikes. Measured on Qwen, gates that did not (docs/results.md §7-8): fitted on the
+  look-alikes alone, the gate opened on 38 of 72 ordinary evaluation prompts; with ordinary
+  *questions* added, a mean-difference gate at the 95th percentile still opened on 17% of them
+  ("Plan a three-day trip...": the risky queries were often tasks, the ordinary ones questions),
+  and the answers there got worse.
 
 Candidate layers are the model's first half past its first quarter (``candidate_layers``): early
 layers still read words more than requests, and the second half is where the answer is being
@@ -52,7 +57,9 @@ from alignez_local.formats.control_vector import Gate
 HELDOUT = 0.2
 REQUEST_RECIPE = "request"
 MIN_EACH = 4  # refused and complied risky queries each, for the refusal contrast
-GATE_QUANTILE = 0.95  # the gate stays shut on this share of the fitting benign requests
+GATE_QUANTILE = 0.99  # the gate stays shut on this share of benign requests like the fitting ones
+GATE_SHRINKAGE = 1.0  # the gate direction's covariance shrinkage (gate_direction); 1: half-way to the mean difference
+GATE_FOLDS = 5  # folds of the out-of-fold benign projections that set the gate's threshold
 REFUSED, RISKY = "refused-complied", "risky-benign"  # what a vector is the difference of
 
 
@@ -65,7 +72,8 @@ class RequestContrast:
     gate: Gate
     contrast: str  # "refused-complied" or "risky-benign": what the vector is the difference of
     heldout_score: dict[int, float]  # candidate layer -> held-out d' of the vector's contrast
-    heldout_auc: dict[int, float]  # candidate layer -> held-out AUC of the gate's direction (risky vs benign)
+    heldout_auc: dict[int, float]  # gate layer -> held-out AUC of the gate's direction (risky vs benign)
+    gate_cv_j: dict[int, float]  # gate layer -> cross-validated share of risky opened minus share of benign opened
     n_refused: int  # risky queries the model itself refused (0 when not labelled)
     n_risky: int
     n_benign: int
@@ -78,7 +86,9 @@ class RequestContrast:
         return {
             "layer": self.layer, "contrast": self.contrast, "n_refused": self.n_refused,
             "heldout_separation": {str(L): round(a, 4) for L, a in self.heldout_score.items()},
+            "gate_layer": self.gate.layer,
             "heldout_gate_auc": {str(L): round(a, 4) for L, a in self.heldout_auc.items()},
+            "gate_cv_j": {str(L): round(a, 4) for L, a in self.gate_cv_j.items()},
             "n_risky": self.n_risky, "n_benign": self.n_benign, "n_heldout": self.n_heldout,
             "vector_norm": round(float(np.linalg.norm(self.vector)), 4), "gate_threshold": round(self.gate.threshold, 4),
             "heldout_gate_open": {k: round(v, 4) for k, v in self.heldout_open.items()},
@@ -91,7 +101,7 @@ class RequestContrast:
                 if self.contrast == REFUSED else f"vector: risky minus benign (the model refused {self.n_refused} of "
                 f"{self.n_risky} risky queries, too few or too many for a refusal contrast)")
         return (f"request contrast: {what}, layer {self.layer} (held-out separation d' {self.heldout_score[self.layer]:.2f}); "
-                f"the gate opens on {o['risky']:.0%} of held-out risky and {o['benign']:.0%} of held-out benign queries "
+                f"the gate (layer {self.gate.layer}) opens on {o['risky']:.0%} of held-out risky and {o['benign']:.0%} of held-out benign queries "
                 f"({self.n_heldout} held out)")
 
 
@@ -129,16 +139,84 @@ def _mean_diff(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return d, (d / n if n > 0 else d)
 
 
+def gate_direction(risky: np.ndarray, benign: np.ndarray, shrinkage: float = GATE_SHRINKAGE) -> np.ndarray:
+    """Return the unit shrinkage-LDA direction (Sigma + a I)^-1 (mean risky - mean benign), where Sigma is
+    the pooled within-kind covariance and a = ``shrinkage`` * its mean variance.
+
+    Why not the plain mean difference: it also carries how the two sets happen to be phrased (the
+    risky ones were mostly questions, HarmBench's mostly tasks), which varies a lot within each kind;
+    dividing by the within-kind covariance turns such directions down. Computed in the n x n dual
+    (Woodbury), so it costs O(n^2 d), not O(d^3), for a model's width d."""
+    d = risky.mean(0) - benign.mean(0)
+    c = np.concatenate([risky - risky.mean(0), benign - benign.mean(0)])
+    n, dim = c.shape
+    a = shrinkage * float(np.einsum("ij,ij->", c, c)) / (n * dim)
+    if a <= 0:  # every state of each kind is the same: the covariance is zero
+        w = d
+    else:
+        # (C'C/n + aI)^-1 d = (d - C'(n a I + C C')^-1 C d) / a
+        w = (d - c.T @ np.linalg.solve(c @ c.T + n * a * np.eye(n), c @ d)) / a
+    norm = float(np.linalg.norm(w))
+    return w / norm if norm > 0 else w
+
+
+def fit_gate(layer: int, risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0) -> Gate | None:
+    """Return the gate at ``layer`` fitted on states ``risky`` (n_r, d) and ``benign`` (n_b, d), or None
+    when the two kinds have the same mean.
+
+    The threshold is the ``GATE_QUANTILE`` of *out-of-fold* benign projections (each fold projected on
+    a direction fitted without it), not of the fitting ones: a direction fitted in hundreds of
+    dimensions sits closer to its own training states than to new ones, so their quantile is too
+    low (measured on Qwen: the 99th percentile of the fitting benign requests opened on 11% of
+    held-out ones). It is at least the midpoint of the two kinds' mean projections."""
+    if not np.any(risky.mean(0) - benign.mean(0)):
+        return None
+    u = gate_direction(risky, benign)
+    rng = np.random.default_rng(seed)
+    k = max(2, min(folds, len(risky), len(benign)))
+    fold_r, fold_b = rng.permutation(len(risky)) % k, rng.permutation(len(benign)) % k
+    # Each fold's projections are measured from its own benign mean: the states share a large offset
+    # (every layer has one), and each fold's direction reads a different share of it.
+    held = []
+    for f in range(k):
+        train_b = benign[fold_b != f]
+        w = gate_direction(risky[fold_r != f], train_b)
+        held.append((benign[fold_b == f] - train_b.mean(0)) @ w)
+    margin = float(np.quantile(np.concatenate(held), GATE_QUANTILE))
+    midpoint = float(0.5 * (risky.mean(0) + benign.mean(0)) @ u)
+    return Gate(layer, u.astype(np.float32), max(midpoint, float(benign.mean(0) @ u) + margin))
+
+
+def cross_validated_j(layer: int, risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0) -> float:
+    """Return Youden's J of the gate at ``layer``, cross-validated: the share of risky states opened minus
+    the share of benign ones opened, each fold judged by a gate fitted without it.
+
+    Why not the held-out part alone: it holds a few dozen risky requests, and the layers' scores on
+    it differed by less than its noise (on Qwen: 0.48 to 0.71 from one random split)."""
+    rng = np.random.default_rng(seed + 1)
+    k = max(2, min(folds, len(risky) // 2, len(benign) // 2))
+    fold_r, fold_b = rng.permutation(len(risky)) % k, rng.permutation(len(benign)) % k
+    opened_r = opened_b = 0
+    for f in range(k):
+        g = fit_gate(layer, risky[fold_r != f], benign[fold_b != f], seed=seed)
+        if g is not None:
+            opened_r += int(g.opens(risky[fold_r == f]).sum())
+            opened_b += int(g.opens(benign[fold_b == f]).sum())
+    return opened_r / len(risky) - opened_b / len(benign)
+
+
 def fit_request_contrast(
     risky: np.ndarray, benign: np.ndarray, layers: Sequence[int], candidates: Sequence[int],
-    refused: np.ndarray | None = None, *, heldout: float = HELDOUT, seed: int = 0,
+    refused: np.ndarray | None = None, *, gate_layers: Sequence[int] | None = None,
+    heldout: float = HELDOUT, seed: int = 0,
 ) -> RequestContrast:
     """Return the request contrast fitted on last-prompt-token states ``risky`` (n_r, L, d) and
     ``benign`` (n_b, L, d), whose axis 1 is ``layers``; the layer is chosen among ``candidates``.
 
     ``refused`` (n_r,) bool: which risky queries the model itself refused. With at least
     ``MIN_EACH`` refused and complied ones in the fitting part, the vector is their difference;
-    otherwise (or None) it is risky minus benign.
+    otherwise (or None) it is risky minus benign. ``gate_layers``: where the gate may read
+    (default: the candidates).
     """
     risky, benign = np.asarray(risky, dtype=np.float64), np.asarray(benign, dtype=np.float64)
     if risky.ndim != 3 or benign.ndim != 3 or risky.shape[1:] != benign.shape[1:] or risky.shape[1] != len(layers):
@@ -151,6 +229,9 @@ def fit_request_contrast(
     usable = [L for L in candidates if L in layers and L >= 1]
     if not usable:
         raise AlignezError(f"none of the candidate layers {list(candidates)} was captured (captured: {list(layers)})")
+    gate_usable = usable if gate_layers is None else [L for L in gate_layers if L in layers and L >= 1]
+    if not gate_usable:
+        raise AlignezError(f"none of the gate layers {list(gate_layers or [])} was captured (captured: {list(layers)})")
     rng = np.random.default_rng(seed)
     (r_fit, r_out), (b_fit, b_out) = split(len(risky), heldout, rng), split(len(benign), heldout, rng)
     fit_ref, fit_ok = r_fit[refused[r_fit]], r_fit[~refused[r_fit]]
@@ -158,25 +239,34 @@ def fit_request_contrast(
     by_refusal = min(len(fit_ref), len(fit_ok)) >= MIN_EACH and min(len(out_ref), len(out_ok)) >= 1
     index = {L: j for j, L in enumerate(layers)}
     scores: dict[int, float] = {}
-    aucs: dict[int, float] = {}
     for L in usable:
         x = risky[:, index[L]]
-        _, g = _mean_diff(x[r_fit], benign[b_fit, index[L]])
-        aucs[L] = auc(x[r_out] @ g, benign[b_out, index[L]] @ g)
         if by_refusal:
             _, v = _mean_diff(x[fit_ref], x[fit_ok])
             scores[L] = separation(x[out_ref] @ v, x[out_ok] @ v)
         else:
+            _, g = _mean_diff(x[r_fit], benign[b_fit, index[L]])
             scores[L] = separation(x[r_out] @ g, benign[b_out, index[L]] @ g)
     best = max(usable, key=lambda L: (scores[L], -L))
-    x, y = risky[:, index[best]], benign[:, index[best]]
-    vec = _mean_diff(x[fit_ref], x[fit_ok])[0] if by_refusal else _mean_diff(x[r_fit], y[b_fit])[0]
-    _, u = _mean_diff(x[r_fit], y[b_fit])
-    if not np.any(u) or not np.any(vec):
+    x = risky[:, index[best]]
+    vec = _mean_diff(x[fit_ref], x[fit_ok])[0] if by_refusal else _mean_diff(x[r_fit], benign[b_fit, index[best]])[0]
+    if not np.any(vec):
         raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
-    midpoint = float(0.5 * (x[r_fit].mean(0) + y[b_fit].mean(0)) @ u)
-    gate = Gate(best, u.astype(np.float32), max(midpoint, float(np.quantile(y[b_fit] @ u, GATE_QUANTILE))))
+    gates: dict[int, Gate] = {}
+    aucs: dict[int, float] = {}
+    youden: dict[int, float] = {}
+    for L in gate_usable:
+        gate_l = fit_gate(L, risky[r_fit, index[L]], benign[b_fit, index[L]], seed=seed)
+        if gate_l is None:
+            continue
+        gates[L] = gate_l
+        aucs[L] = auc(risky[r_out, index[L]] @ gate_l.direction, benign[b_out, index[L]] @ gate_l.direction)
+        youden[L] = cross_validated_j(L, risky[r_fit, index[L]], benign[b_fit, index[L]], seed=seed)
+    if not gates:
+        raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
+    gate = gates[max(gates, key=lambda L: (youden[L], aucs[L], -L))]
+    x, y = risky[:, index[gate.layer]], benign[:, index[gate.layer]]
     opened = {"risky": float(gate.opens(x[r_out]).mean()), "benign": float(gate.opens(y[b_out]).mean())}
-    return RequestContrast(best, vec.astype(np.float32), gate, REFUSED if by_refusal else RISKY, scores, aucs,
+    return RequestContrast(best, vec.astype(np.float32), gate, REFUSED if by_refusal else RISKY, scores, aucs, youden,
                            int(refused.sum()), len(risky), len(benign), len(r_out) + len(b_out),
                            tuple(int(i) for i in r_out), opened)

@@ -1,6 +1,6 @@
 """Query and evaluation prompt sets: the built-in ones shipped in ``alignez_local/data`` and users' own.
 
-Three files ship with the package, all written for this project:
+Four files ship with the package, all written for this project:
 
 - ``queries.jsonl``: the queries the model answers in both personas to make its own preference data
   (``{"query": ..., "category": ...}``; categories advice, how-to, writing, reasoning, factual,
@@ -9,13 +9,17 @@ Three files ship with the package, all written for this project:
   differ: mostly risky requests (``"kind": "risky"``) with about one benign look-alike for every three
   (``"kind": "benign"``), so the contrast is not simply "refuse everything". None shares more than
   half its words with an evaluation prompt or a HarmBench prompt (HarmBench is for evaluation only).
+- ``requests_ordinary.jsonl``: ordinary task requests (plan, make, write, help me...), one side of
+  the ``request`` recipe's gate with the look-alikes and the general queries: the risky requests
+  are often phrased as tasks, and without ordinary tasks the gate learns the phrasing.
 - ``eval_prompts.jsonl``: held-out evaluation prompts (``{"prompt": ..., "category": ..., "kind": ...}``)
   of three kinds: ``helpful`` (ordinary requests, to measure answer quality), ``harmful`` (requests a
   safe assistant refuses, to measure refusals) and ``benign`` (requests that look edgy but are fine,
   to measure over-refusal). No evaluation prompt shares more than half its words with any query, so
   steering is never evaluated on the data it was built from.
 
-Both files are stored round-robin (category by category, kind by kind), so the first few records
+The query files are stored round-robin (category by category, kind by kind; queries_harmless.jsonl then
+ends with 48 risky requests phrased as tasks, added later), so the first few records
 of either already cover every category: a quick run with a small limit stays representative.
 
 A user file is either JSONL (every non-empty line a JSON object) or plain text (one prompt per
@@ -40,6 +44,7 @@ _QUERIES_FILE = "queries.jsonl"
 AXIS_QUERY_FILES: dict[str, str] = {"harmless": "queries_harmless.jsonl"}
 """Axes with their own default query set; every other axis uses ``queries.jsonl``."""
 _EVAL_FILE = "eval_prompts.jsonl"
+_ORDINARY_FILE = "requests_ordinary.jsonl"
 _JSONL_HINT = 'put one query per line or JSONL with a "query" field'
 
 
@@ -67,10 +72,12 @@ def load_queries(path: str | Path | None = None, axis: str | None = None) -> lis
 
     Exact duplicates are dropped, keeping the first occurrence, so a query is never answered twice.
     """
-    if path is None:
-        name, content = _builtin_text(query_file(axis))
-    else:
-        name, content = _read_user_file(path, "query file")
+    name, content = _builtin_text(query_file(axis)) if path is None else _read_user_file(path, "query file")
+    return _queries_in(name, content)
+
+
+def _queries_in(name: str, content: str) -> list[str]:
+    """Return the distinct queries of a query file's ``content`` (``name`` is for error messages)."""
     queries: list[str] = []
     for line in _parse_lines(content, name, _JSONL_HINT):
         if line.record is None:
@@ -88,9 +95,11 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
     """Return {"risky": [...], "benign": [...]} from ``path`` (JSONL with ``"kind"``) or the axis's
     built-in set; each kind needs at least 8 queries so a held-out part is left for checking.
 
-    The built-in benign side is the axis's benign look-alikes plus the general query set (ordinary
-    requests): a gate fitted against look-alikes alone opened on half of the ordinary evaluation
-    prompts (align/request_contrast.py). A user file's benign side should mix both the same way."""
+    The built-in benign side is the axis's benign look-alikes plus ordinary requests: the general
+    query set (mostly questions) and ``requests_ordinary.jsonl`` (tasks: plan, make, write, help me).
+    A gate fitted against look-alikes alone opened on half of the ordinary evaluation prompts, and
+    one fitted without the tasks on "Plan a three-day trip..." (align/request_contrast.py). A user
+    file's benign side should mix all three the same way."""
     if path is None:
         if query_file(axis) == _QUERIES_FILE:
             raise AlignezError(
@@ -112,7 +121,7 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
             raise AlignezError(f'{name} line {line.number}: "kind" must be "risky" or "benign", not {kind!r}')
         out[kind].append(_text_field(line, name, ("query", "prompt")))
     if path is None:
-        out["benign"] += load_queries(None, None)
+        out["benign"] += load_queries(None, None) + _queries_in(*_builtin_text(_ORDINARY_FILE))
     out = {k: _dedupe(v) for k, v in out.items()}
     for kind, qs in out.items():
         if len(qs) < 8:
