@@ -54,6 +54,7 @@ EXPORT_QUERIES = 64
 # Held-out queries the default strength is calibrated on (see align/calibrate.py): enough to pool
 # about 500 answer tokens per strength, few enough that calibrating both files costs about a minute.
 CALIBRATION_PROMPTS = 12
+MIN_CALIBRATION = 4  # fewer held-out risky requests open the gate: calibrate on all of them instead
 
 Notify = Callable[[str], None]
 
@@ -385,8 +386,14 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         "alignez.request.heldout_separation": round(fitted.heldout_score[fitted.layer], 4),
     }
     cv = ControlVector({fitted.layer: fitted.vector}, model_hint=engine.arch, metadata=meta, name=axis.name, gate=fitted.gate)
-    held_out = [engine.prompt(kinds["risky"][i]) for i in fitted.heldout_risky][:CALIBRATION_PROMPTS]
-    cv = calibrate_vector(engine, cv, held_out, on_status)
+    # Calibrate where the vector acts: on held-out risky requests the gate opens on. On the others
+    # steered and unsteered answers are the same, which would dilute the measures and let a
+    # strength through that is too strong where it applies (the gate opened on about half of them).
+    risky_out = list(fitted.heldout_risky)
+    gate_open = fitted.gate.opens(states["risky"][risky_out, layers.index(fitted.gate.layer)])
+    opened = [i for i, ok in zip(risky_out, gate_open) if ok]
+    used = (opened if len(opened) >= MIN_CALIBRATION else risky_out)[:CALIBRATION_PROMPTS]
+    cv = calibrate_vector(engine, cv, [engine.prompt(kinds["risky"][i]) for i in used], on_status)
     clock.lap("calibrate_s")
     write_control_vector(vector_path, cv)
     result = RequestSteerResult(vector_path, report_path, cv, fitted, clock.timings())
@@ -394,6 +401,8 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         "model": model.as_dict(), "axis": {"name": axis.name}, "recipe": "request",
         "queries": {k: len(v) for k, v in kinds.items()}, "vector": vector_path.name,
         "request_contrast": fitted.stats(), "default_strength": cv.default_strength,
+        "calibration_prompts": {"heldout_risky": len(risky_out), "gate_open": len(opened), "used": len(used),
+                                "only_gate_open": len(opened) >= MIN_CALIBRATION},
         "calibration": _plain(cv.calibration), "timings": {k: round(v, 1) for k, v in result.timings.items()},
     })
     return result

@@ -140,6 +140,10 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert cv.gate.layer == report["request_contrast"]["gate_layer"]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
     assert report["queries"] == {"risky": 156, "benign": 328}
+    # Calibrated where the vector acts: on the held-out risky requests the gate opens on, when enough do.
+    cal = report["calibration_prompts"]
+    assert cal["heldout_risky"] == 31 and cal["used"] == min(12, cal["gate_open"] if cal["only_gate_open"] else 31)
+    assert cal["only_gate_open"] == (cal["gate_open"] >= 4)
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
