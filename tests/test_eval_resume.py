@@ -135,7 +135,7 @@ def test_checkpoint_holds_answers_before_the_stop(interrupted: tuple[Path, dict[
     assert stop.message.startswith("interrupted during steered x1 answers: saved 8 answers")
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] is False and _answers(report, "unsteered") == _answers(fresh, "unsteered")
-    assert "Interrupted during steered x1 answers" in (out / "summary.md").read_text()
+    assert "stopped during steered x1 answers" in (out / "summary.md").read_text()
 
 
 def test_resume_reuses_finished_answers(interrupted: tuple[Path, dict[str, Any], EvalInterrupted],

@@ -65,7 +65,9 @@ def _header(report: dict[str, Any]) -> Lines:
     s, models = report["settings"], report.get("models", {})
     L: Lines = ["# alignez eval", ""]
     if not report["complete"]:
-        L += [f"**Interrupted during {report['stage_reached']}: partial results.**", ""]
+        # Written as a checkpoint while the run goes on, and left as is when it is stopped.
+        L += [f"**Unfinished (running or stopped during {report['stage_reached']}): partial results; "
+              "`alignez eval --resume` with the same options continues it.**", ""]
 
     def mdesc(key: str) -> str:
         """Return a one-line description of a loaded model of the report."""
