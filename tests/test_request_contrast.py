@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alignez_local.apps.cli_align import default_recipe
 from alignez_local.align.request_contrast import REFUSED, RISKY, auc, candidate_layers, fit_request_contrast, separation
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.prompt_sets import load_request_kinds
@@ -131,7 +132,8 @@ def test_query_kinds(tmp_path: Path) -> None:
 
 def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "harmless"
-    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "harmless", "--recipe", "request", "-o", str(out)],
+    # No --recipe: on the harmless axis with its built-in queries, steer's default is the request recipe.
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "harmless", "-o", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     cv = read_control_vector(out / "vector.gguf")
@@ -147,6 +149,11 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
+
+
+def test_default_recipe() -> None:
+    assert default_recipe("harmless", None) == "request"
+    assert default_recipe("harmless", "mine.jsonl") == default_recipe("helpful", None) == "contrast"
 
 
 def test_steer_request_with_an_unusable_query_file_is_one_line(tiny_model_path: Path, tmp_path: Path) -> None:

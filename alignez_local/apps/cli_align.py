@@ -53,10 +53,15 @@ def generation_options(f: Any, recipes: tuple[str, ...] = tuple(RECIPES)) -> Any
     f = click.option("--response-tokens", type=click.IntRange(8, 4096), default=160, show_default=True)(f)
     f = click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)(f)
     f = click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=0, show_default=True)(f)
-    f = click.option("--recipe", type=click.Choice(list(recipes)), default=DEFAULT_RECIPE, show_default=True,
+    with_request = REQUEST_RECIPE in recipes
+    # steer defaults to the request recipe on the harmless axis (the one measured to work there), so
+    # its default is decided once the axis is known (default_recipe).
+    f = click.option("--recipe", type=click.Choice(list(recipes)), default=None if with_request else DEFAULT_RECIPE,
+                     show_default=not with_request,
                      help="How the model is asked for its two answers (paper: the paper's two-step prompts)"
                           + ("; request: no answers, a gated vector from the model's own state on risky vs benign "
-                             "requests (harmless axis)." if REQUEST_RECIPE in recipes else "."))(f)
+                             f"requests [request for --axis harmless with its built-in queries, else {DEFAULT_RECIPE}]."
+                             if with_request else "."))(f)
     return f
 
 
@@ -220,12 +225,13 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     \b
     alignez steer                      # helpful axis, default model, 96 built-in queries
     alignez steer --axis humor -o humor/
-    alignez steer --axis harmless --recipe request   # a gated vector, no answers generated
+    alignez steer --axis harmless      # the request recipe: a gated vector, no answers generated
     Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
     (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
     """
     axis = resolve_axis(axis_name, positive, negative)
+    recipe = recipe or default_recipe(axis.name, queries_file)
     if recipe == REQUEST_RECIPE:
         _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis, queries_file, seed,
                        out_dir or f"steer-{axis.name}")
@@ -247,6 +253,14 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     click.echo(f"try it:  alignez chat -m {model} --profile {p.profile}")
     scale = res.vector.default_strength_or_one
     click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+
+
+def default_recipe(axis: str, queries_file: str | None) -> str:
+    """Return steer's recipe when none is given: ``request`` on the harmless axis with its built-in
+    queries (the persona recipes moved no refusals there: docs/results.md §1; the request recipe
+    added 44-46 points on Qwen, §7-8), else the default persona recipe. A user's query file may
+    lack the risky/benign kinds the request recipe needs, so it keeps the persona default."""
+    return REQUEST_RECIPE if axis == "harmless" and queries_file is None else DEFAULT_RECIPE
 
 
 def _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis: PreferenceAxis, queries_file: str | None,
