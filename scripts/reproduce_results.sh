@@ -37,7 +37,9 @@ $A eval -m smollm2-135m-instruct --vector $S/helpful.gguf --kinds helpful --limi
     "${COMMON[@]}" --out docs/results/smollm2-vector-helpful-contrast
 
 # 2026-11-28, fourth session (docs/results.md §7): the gated refusal vector of the request recipe.
-# The vectors are made by `scripts/make_vectors.py --axis harmless --recipe request MODEL`.
+# The vectors are made by `scripts/make_vectors.py --axis harmless --recipe request MODEL`. The Qwen
+# figures of §7 came from the file of commit e6356c4 (`git show e6356c4:vectors/...`); the fifth
+# session replaced it (§8), so the Qwen lines below now measure the new file.
 Q=vectors/qwen2.5-coder-0.5b-instruct
 .venv/bin/python $X/refusal_contrast.py --strengths 1,2
 $A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/harmless.gguf --prompts ../shared/data/harmbench_prompts.txt \
@@ -47,3 +49,20 @@ $A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/harmless.gguf --kinds helpful
 $A eval -m smollm2-135m-instruct --vector $S/harmless.gguf --prompts ../shared/data/harmbench_prompts.txt \
     --prompt-kind harmful --limit 80 --no-quality-judge --no-refusal-judge --max-tokens 64 --seed 0 --out docs/results/smollm2-harmless-gated-harmbench
 .venv/bin/python $X/gate_check.py
+
+# 2026-11-28, fifth session (docs/results.md §8-9): the rebuilt gate and Qwen's helpful files.
+# Files made by `scripts/make_vectors.py --axis harmless --recipe request qwen2.5-coder-0.5b-instruct`
+# and `scripts/make_vectors.py qwen2.5-coder-0.5b-instruct`.
+.venv/bin/python $X/gate_layers.py --vector $Q/harmless.gguf
+$A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/harmless.gguf --prompts ../shared/data/harmbench_prompts.txt \
+    --prompt-kind harmful --limit 80 --no-quality-judge --no-refusal-judge --max-tokens 64 --seed 0 --sweep 1,4 \
+    --out docs/results/qwen-harmless-gated2-harmbench
+$A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/harmless.gguf --kinds helpful,benign --no-quality-judge \
+    --no-refusal-judge --max-tokens 64 --seed 0 --out docs/results/qwen-harmless-gated2-helpful-benign
+$A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/helpful.gguf --kinds helpful --limit 64 "${COMMON[@]}" \
+    --out docs/results/qwen-vector-helpful
+$A eval -m qwen2.5-coder-0.5b-instruct --profile $Q/helpful.profile.gguf --kinds helpful --limit 64 "${COMMON[@]}" \
+    --out docs/results/qwen-profile-helpful
+$A eval -m qwen2.5-coder-0.5b-instruct --vector $Q/helpful.gguf --prompts ../shared/data/harmbench_prompts.txt \
+    --prompt-kind harmful --limit 80 --no-quality-judge --no-refusal-judge --max-tokens 64 --seed 0 \
+    --out docs/results/qwen-vector-helpful-harmbench

@@ -58,7 +58,7 @@ HELDOUT = 0.2
 REQUEST_RECIPE = "request"
 MIN_EACH = 4  # refused and complied risky queries each, for the refusal contrast
 GATE_QUANTILE = 0.99  # the gate stays shut on this share of benign requests like the fitting ones
-GATE_SHRINKAGE = 1.0  # the gate direction's covariance shrinkage (gate_direction); 1: half-way to the mean difference
+GATE_SHRINKAGE = 1.0  # ridge added to the gate's covariance, in units of its mean variance (0: plain LDA; large: mean difference)
 GATE_FOLDS = 5  # folds of the out-of-fold benign projections that set the gate's threshold
 REFUSED, RISKY = "refused-complied", "risky-benign"  # what a vector is the difference of
 
@@ -143,9 +143,10 @@ def gate_direction(risky: np.ndarray, benign: np.ndarray, shrinkage: float = GAT
     """Return the unit shrinkage-LDA direction (Sigma + a I)^-1 (mean risky - mean benign), where Sigma is
     the pooled within-kind covariance and a = ``shrinkage`` * its mean variance.
 
-    Why not the plain mean difference: it also carries how the two sets happen to be phrased (the
-    risky ones were mostly questions, HarmBench's mostly tasks), which varies a lot within each kind;
-    dividing by the within-kind covariance turns such directions down. Computed in the n x n dual
+    Why not the plain mean difference: it also carries how the two sets happen to be phrased, which
+    varies a lot within each kind (on Qwen, with ordinary tasks on the benign side, it became
+    "question vs task" and opened on none of HarmBench 0-79); dividing by the within-kind
+    covariance turns such directions down. Computed in the n x n dual
     (Woodbury), so it costs O(n^2 d), not O(d^3), for a model's width d."""
     d = risky.mean(0) - benign.mean(0)
     c = np.concatenate([risky - risky.mean(0), benign - benign.mean(0)])
