@@ -252,7 +252,7 @@ def test_ctrl_c_saves_what_was_done(tiny_model_path: Path, vector_path: Path, tm
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["complete"] is False and report["stage_reached"] == "judging"
     assert all("answer" in p["unsteered"] for p in report["prompts"])
-    assert "Interrupted" in (tmp_path / "summary.md").read_text()
+    assert "Unfinished" in (summary := (tmp_path / "summary.md").read_text()) and "--resume" in summary
 
 
 # --- the command ----------------------------------------------------------------------------------
