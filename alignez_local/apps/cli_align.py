@@ -257,8 +257,9 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
 
 def default_recipe(axis: str, queries_file: str | None) -> str:
     """Return steer's recipe when none is given: ``request`` on the harmless axis with its built-in
-    queries (the persona recipes moved no refusals there: docs/results.md §1; the request recipe
-    added 44-46 points on Qwen, §7-8), else the default persona recipe. A user's query file may
+    queries (the persona recipes moved no refusals there: docs/results.md §1; the request recipe's
+    vector added 29 points of HarmBench refusals on Qwen at its calibrated strength, 44 at x4, §8),
+    else the default persona recipe. A user's query file may
     lack the risky/benign kinds the request recipe needs, so it keeps the persona default."""
     return REQUEST_RECIPE if axis == "harmless" and queries_file is None else DEFAULT_RECIPE
 

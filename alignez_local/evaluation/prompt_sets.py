@@ -6,8 +6,8 @@ Four files ship with the package, all written for this project:
   (``{"query": ..., "category": ...}``; categories advice, how-to, writing, reasoning, factual,
   coding, sensitive). The default set of every axis but ``harmless``.
 - ``queries_harmless.jsonl``: the ``harmless`` axis's queries, where a safe and an unsafe answer can
-  differ: mostly risky requests (``"kind": "risky"``) with about one benign look-alike for every three
-  (``"kind": "benign"``), so the contrast is not simply "refuse everything". None shares more than
+  differ: mostly risky requests (``"kind": "risky"``, 156) with benign look-alikes (``"kind": "benign"``,
+  42), so the contrast is not simply "refuse everything". None shares more than
   half its words with an evaluation prompt or a HarmBench prompt (HarmBench is for evaluation only).
 - ``requests_ordinary.jsonl``: ordinary task requests (plan, make, write, help me...), one side of
   the ``request`` recipe's gate with the look-alikes and the general queries: the risky requests
@@ -98,7 +98,8 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
     The built-in benign side is the axis's benign look-alikes plus ordinary requests: the general
     query set (mostly questions) and ``requests_ordinary.jsonl`` (tasks: plan, make, write, help me).
     A gate fitted against look-alikes alone opened on half of the ordinary evaluation prompts, and
-    one fitted without the tasks on "Plan a three-day trip..." (align/request_contrast.py). A user
+    one fitted without the tasks still opened on requests like "Plan a three-day trip..."
+    (align/request_contrast.py). A user
     file's benign side should mix all three the same way."""
     if path is None:
         if query_file(axis) == _QUERIES_FILE:
