@@ -339,6 +339,7 @@ def _resume(st: RunState, path: Path, model_path: Path, ref_path: Path | None) -
         models = saved.get("models") or {}
         if "answer" in models:
             _check_same_file(models["answer"], model_path, "the answering model")
+            st.models["answer"] = models["answer"]  # verified: _run takes its SHA-256 from here, not from the file again
         saved_files = (saved.get("steering") or {}).get("files") or []
         for old_file, new_file in zip(saved_files, _steering_files(st.cfg)):
             if old_file.get("sha256") != new_file["sha256"]:
@@ -421,9 +422,10 @@ def _resume_line(st: RunState, path: Path) -> str:
 # --- the stages -----------------------------------------------------------------------------------
 
 
-def _model_info(path: Path, engine: Engine | None = None) -> dict[str, Any]:
-    """Return a model's identity for the report: path, SHA-256, size and, when loaded, its facts."""
-    info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+def _model_info(path: Path, engine: Engine | None = None, sha256: str | None = None) -> dict[str, Any]:
+    """Return a model's identity for the report: path, SHA-256 (``sha256`` when already checked; a
+    model file takes seconds to hash), size and, when loaded, its facts."""
+    info: dict[str, Any] = {"path": str(path), "sha256": sha256 or file_sha256(path), "bytes": path.stat().st_size}
     if engine is not None:
         info.update(name=engine.name, arch=engine.arch, n_layer=engine.n_layer, n_embd=engine.n_embd)
     return info
@@ -449,7 +451,7 @@ def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path
                            into=st.reference)
         save("answers")
     with open_engine(model_path, cfg.runtime) as eng:
-        st.models["answer"] = _model_info(model_path, eng)
+        st.models["answer"] = _model_info(model_path, eng, sha256=st.models.get("answer", {}).get("sha256"))
         with st.stage_timer("answers", "answers_s"):
             _answer(st, eng, log, save)
         with st.stage_timer("perplexity", "perplexity_s"):
