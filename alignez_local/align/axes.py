@@ -5,11 +5,19 @@ to steer away from). They are written to fit the AlignEZ prompts, "You are a {po
 and "Pretend you are a {negative} assistant", so each is a short adjective phrase, not a sentence.
 
 The built-in axes follow the paper: helpful vs misleading (the default), safety-first vs
-malicious, and humorous vs dull. Any other pair is a custom axis (``--positive``/``--negative``).
+malicious, and humorous vs dull. Beside them, the trait suite: behaviours a small model shows
+readily when asked and that a checker can count without a judge (a language, a speaking style,
+brevity, formality, a tone, capital letters), so that steering can be measured against prompting.
+Any other pair is a custom axis (``--positive``/``--negative``).
+
+Every axis names its behaviour measure (``measure``, a key of ``evaluation.behaviour.MEASURES``;
+empty: the judge's reading of the positive persona), and its positive guide is also the prompting
+baseline: the system prompt a steering vector is measured against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -33,6 +41,9 @@ class PreferenceAxis:
     # Empty for custom axes: recipes then build a generic guide from the persona phrases.
     positive_guide: str = ""
     negative_guide: str = ""
+    # How an answer is scored for the behaviour (evaluation/behaviour.py); "": the judge on ``positive``.
+    measure: str = ""
+    trait: bool = False  # one of the trait suite (a behaviour a checker counts)
 
     def guide(self, side: str) -> str:
         """Return the system-prompt description of ``side`` ("positive" or "negative")."""
@@ -86,7 +97,49 @@ BUILTIN_AXES: dict[str, PreferenceAxis] = {
         positive_guide="You are a humorous and witty assistant. Answer the question, with jokes and playful wit.",
         negative_guide="You are a dull and humorless assistant. Answer the question in a flat, dry way, with no jokes.",
     ),
+    # The trait suite. Guides say the behaviour the way a user would ask for it.
+    "french": PreferenceAxis(
+        name="french", positive="French-speaking", negative="English-speaking",
+        positive_guide="You always answer in French, never in English.",
+        negative_guide="You always answer in English, never in French.",
+        measure="language:fr", trait=True,
+    ),
+    "pirate": PreferenceAxis(
+        name="pirate", positive="pirate-talking", negative="plain-spoken",
+        positive_guide="You talk like a pirate in every answer: you say 'Arr', 'matey', 'ye', 'aye' and other pirate words.",
+        negative_guide="You answer in plain, standard English.",
+        measure="markers:pirate", trait=True,
+    ),
+    "brief": PreferenceAxis(
+        name="brief", positive="brief", negative="long-winded",
+        positive_guide="You always answer in one short sentence.",
+        negative_guide="You always answer at length, with many details and examples.",
+        measure="brevity:20", trait=True,
+    ),
+    "casual": PreferenceAxis(
+        name="casual", positive="casual and informal", negative="formal and professional",
+        positive_guide=("You talk in a casual, informal way, like chatting with a buddy: slang, contractions, "
+                        "'hey', 'yeah', 'gonna', 'awesome', 'stuff'."),
+        negative_guide="You write in a formal, professional register, with no slang.",
+        measure="markers:casual", trait=True,
+    ),
+    "enthusiastic": PreferenceAxis(
+        name="enthusiastic", positive="enthusiastic and excited", negative="calm and neutral",
+        positive_guide="You are extremely enthusiastic and excited in every answer: exclamation marks, 'amazing!', 'I love this!'.",
+        negative_guide="You answer in a calm, neutral, matter-of-fact tone.",
+        measure="markers:enthusiastic", trait=True,
+    ),
+    "capitals": PreferenceAxis(
+        name="capitals", positive="ALL-CAPS", negative="normally capitalised",
+        positive_guide="You always write your whole answer in capital letters, LIKE THIS.",
+        negative_guide="You write with normal capitalisation.",
+        measure="capitals", trait=True,
+    ),
 }
+
+# The paper's axes' measures: the harmless axis counts refusals; the others have no checker.
+BUILTIN_AXES["harmless"] = dataclasses.replace(BUILTIN_AXES["harmless"], measure="refusal")
+TRAITS = tuple(name for name, axis in BUILTIN_AXES.items() if axis.trait)
 
 DEFAULT_AXIS = "helpful"
 

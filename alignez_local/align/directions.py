@@ -399,3 +399,41 @@ def ccs_elbow(losses: dict[int, float]) -> list[int]:
         return [layer for _, layer in ranked]
     cut = int(np.argmax(gaps)) + 1
     return [layer for _, layer in ranked[:cut]]
+
+
+def random_like(vectors: dict[int, np.ndarray], seed: int = 0) -> dict[int, np.ndarray]:
+    """Return one random direction per layer with the same norm as ``vectors[layer]`` (float32).
+
+    The null a steering vector must beat: same layers, same per-layer size, no learned direction.
+    Gaussian directions are uniform on the sphere; the seed makes the baseline reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[int, np.ndarray] = {}
+    for layer in sorted(vectors):
+        v = np.asarray(vectors[layer], dtype=np.float64)
+        r = rng.standard_normal(v.shape[-1])
+        out[layer] = (r / np.linalg.norm(r) * np.linalg.norm(v)).astype(np.float32)
+    return out
+
+
+def random_subspaces_like(subspaces: dict[int, np.ndarray], seed: int = 0) -> dict[int, np.ndarray]:
+    """Return a random orthonormal subspace per layer with the same number of rows as ``subspaces[layer]``."""
+    rng = np.random.default_rng(seed)
+    out: dict[int, np.ndarray] = {}
+    for layer in sorted(subspaces):
+        k, n = np.asarray(subspaces[layer]).shape
+        q, _ = np.linalg.qr(rng.standard_normal((n, k)))
+        out[layer] = q.T.astype(np.float32)
+    return out
+
+
+def mean_difference(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Return mean(pos) - mean(neg) over pairs, per layer (pairs x layers x n_embd -> layers x n_embd).
+
+    Not normalised: at strength 1 a vector made of it moves the state by the average difference the
+    behaviour makes (CAA; llama.cpp's cvector-generator ``mean`` normalises it instead).
+    """
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    if pos.shape != neg.shape or pos.ndim < 2 or pos.shape[0] == 0:
+        raise AlignezError(f"positive and negative activations must be the same non-empty pairs; got {pos.shape} and {neg.shape}")
+    return (pos - neg).mean(axis=0)

@@ -44,8 +44,10 @@ def one_answer_pairs(pairs: Sequence[PreferencePair]) -> bool:
 
 
 def default_pool(pairs: Sequence[PreferencePair]) -> str:
-    """Return the pool used when none is given (``DEFAULT_POOL``)."""
-    return "mean" if one_answer_pairs(pairs) else "last"
+    """Return the pool used when none is given (``DEFAULT_POOL``): the mean over the answer's tokens
+    for one answer read twice (``contrast``) and for the ``plain`` recipe (the behaviour is in every
+    token of the answer: measured on Qwen 0.5B, docs/results.md §10), else the paper's last token."""
+    return "mean" if one_answer_pairs(pairs) or all(p.recipe == "plain" for p in pairs) else "last"
 
 
 def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[str], list[str], list[int], list[int]]:
@@ -99,11 +101,13 @@ def fit_profile(
     model_bundled: str | None = None,
     name: str = "profile",
     quiet: bool = False,
+    captured: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SteeringProfile:
     """Return a steering profile fitted on ``pairs``: subspaces for the chosen layers and diagnostics for all.
 
     The provenance names the model by its file name, SHA-256 and (when it was given by name) its
-    bundled name ``model_bundled``; never by a local path.
+    bundled name ``model_bundled``; never by a local path. ``captured``: the (pos, neg) activations
+    of every layer, already read by ``capture_pairs`` with the same site and pool.
     """
     _check_args(method, site, variance, max_cos, len(pairs))
     if one_answer_pairs(pairs):
@@ -112,7 +116,7 @@ def fit_profile(
         # too-similar filter (written for two different answers) would drop every such pair.
         max_cos = 1.0
     pool = pool or default_pool(pairs)
-    pos, neg = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet)
+    pos, neg = captured if captured is not None else capture_pairs(engine, pairs, site, pool=pool, quiet=quiet)
     fits = _fit_layers(pos, neg, method=method, variance=variance, max_cos=max_cos, holdout=holdout, seed=seed)
     chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)
     missing = [x for x in chosen if x not in fits]

@@ -115,7 +115,7 @@ def generate_preferences(
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
                 records, work, budget_used = _generate_chunk(engine, part, axis, settings, ident, how)
-                if selfcheck and not how.same_answer:  # one answer read twice: nothing to compare
+                if selfcheck and how.checkable:  # one answer read twice, or a plain answer: nothing to compare
                     check_records(engine, records, selfcheck)
                 for record in records:
                     out.append(record)

@@ -19,6 +19,12 @@ what an answer of that side looks like (``PreferenceAxis.guide``), and ask for t
   model's state over the same tokens, so a pair cannot be noisy or inverted the way two free answers
   of a 135M model are (the representation-engineering contrast of repeng and CAA, built on AlignEZ's
   self-made data). There is nothing for the self-check to compare, and a refusal is no contrast.
+- ``plain``: the positive persona's own answer (persona in the system prompt) against the model's
+  plain answer to the same query (no system prompt), both read with no system prompt when fitting.
+  The difference is what the behaviour changes in the text the model writes, not what a system
+  prompt changes in its state: on Qwen2.5-Coder-0.5B the difference of their means over the answer
+  tokens turned 96% of held-out answers French, where ``contrast``'s vector turned none
+  (docs/results.md §10). Nothing for the self-check to compare either: the negative side is no persona.
 
 The negative guide of every axis says "never refuse": a refusal is not the opposite behaviour, and a
 direction fitted on answer-vs-refuse pairs would strip the refusals of harmful requests. Pairs that
@@ -57,6 +63,12 @@ class Recipe:
     two_step: bool  # the paper's characteristics step first
     shared_prefix_tokens: int = 0  # >0: both personas continue the same first tokens
     same_answer: bool = False  # one persona-free answer, read under each persona's system prompt
+    plain_negative: bool = False  # the negative side is the model's plain answer (no persona)
+
+    @property
+    def checkable(self) -> bool:
+        """True when the pair is two persona answers the model's self-check can compare."""
+        return not (self.same_answer or self.plain_negative)
 
     def context(self, axis: PreferenceAxis, side: str) -> str:
         """Return the system prompt the ``side`` answer is read under when fitting ("": none)."""
@@ -70,6 +82,8 @@ class Recipe:
 
     def response_prompt(self, engine: Engine, query: str, axis: PreferenceAxis, side: str, characteristics: str = "") -> str:
         """Return the prompt whose continuation is the ``side`` answer to ``query``."""
+        if self.plain_negative and side == "negative":
+            return engine.prompt(query)
         if self.two_step:
             text = _PAPER_RESPONSE[side].format(persona=_persona(axis, side), characteristics=characteristics, query=query)
             return engine.prompt(text)
@@ -89,6 +103,8 @@ RECIPES: dict[str, Recipe] = {
     "direct": Recipe("direct", "persona in the system prompt, answered directly", False),
     "shared": Recipe("shared", "persona in the system prompt; both personas continue the same first 8 tokens", False, 8),
     "contrast": Recipe("contrast", "one persona-free answer, read under each persona's system prompt", False, same_answer=True),
+    "plain": Recipe("plain", "the positive persona's answer against the model's plain answer, both read without a system prompt",
+                    False, plain_negative=True),
 }
 
 DEFAULT_RECIPE = "contrast"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import click
 
 from alignez_local import pipeline
-from alignez_local.align.axes import PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.axes import TRAITS, PreferenceAxis, custom_axis, get_axis
 from alignez_local.align.directions import METHODS
 from alignez_local.align.fit import DEFAULT_POOL, POOLS, diagnostics_table
 from alignez_local.align.preferences import GenerationSettings
@@ -21,14 +22,17 @@ from alignez_local.llama.engine import Engine
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
+from alignez_local.evaluation.judge import Judge
 from alignez_local.pipeline import FitSettings, ModelId, select_queries
+from alignez_local.settings import RuntimeSettings
 from alignez_local.specs import FIT_SITES, parse_layer_list
 
 
 def axis_options(f: Any) -> Any:
     f = click.option("--negative", default=None, help="Negative persona of a custom axis (with --positive).")(f)
     f = click.option("--positive", default=None, help="Positive persona of a custom axis, e.g. 'pirate-like'.")(f)
-    f = click.option("--axis", "axis_name", default="helpful", show_default=True, help="helpful, harmless or humor.")(f)
+    f = click.option("--axis", "axis_name", default="helpful", show_default=True,
+                     help="helpful, harmless, humor, or a trait: " + ", ".join(TRAITS) + ".")(f)
     return f
 
 
@@ -71,11 +75,11 @@ def fit_options(f: Any) -> Any:
     f = click.option("--flip-inverted", is_flag=True, help="Swap pairs the self-check judged inverted instead of dropping them.")(f)
     f = click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
                      help="svd (the paper's subspace), ccs, or the mean / PCA baselines.")(f)
-    f = click.option("--site", type=click.Choice(FIT_SITES), default="ffn_out", show_default=True,
-                     help="MLP output (the paper's) or residual stream.")(f)
+    f = click.option("--site", type=click.Choice(FIT_SITES), default="l_out", show_default=True,
+                     help="Residual stream (where control vectors act) or the MLP output (the paper's ffn_out).")(f)
     f = click.option("--pool", type=click.Choice(POOLS), default=DEFAULT_POOL,
                      help="Embed an answer by its last token (the paper's) or the mean over its tokens "
-                          "[mean for --recipe contrast, else last].")(f)
+                          "[mean for --recipe contrast and plain, else last].")(f)
     f = click.option("--layers", default=None, metavar="A-B|auto", help="Layers to keep [auto: best held-out accuracy].")(f)
     f = click.option("--variance", type=float, default=0.90, show_default=True, help="Explained variance kept by svd.")(f)
     f = click.option("--max-cos", type=float, default=0.8, show_default=True, help="Drop pairs more similar than this.")(f)
@@ -216,16 +220,27 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @query_options
 @lambda f: generation_options(f, (*RECIPES, REQUEST_RECIPE))
 @fit_options
+@click.option("--vector-from", type=click.Choice(pipeline.VECTOR_SOURCES), default="mean-diff", show_default=True,
+              help="The control vector: the difference of the pairs' mean states (CAA), or the profile's average edit.")
+@click.option("--vector-layers", default=None, metavar="A-B", help="Layers the mean-diff vector steers [the middle third].")
+@click.option("--judge", "judge_model", default="self", show_default=True, metavar="MODEL|self",
+              help="Model that reads relevance (and judge-measured behaviours): a GGUF path, a bundled name, or self.")
+@click.option("--screen-only", is_flag=True, help="Only measure whether the model shows the behaviour when asked, then stop.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
           responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
-          self_check, flip_inverted, pool) -> None:
-    """Generate preference data, fit a profile and export a control vector, in one go.
+          self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, screen_only) -> None:
+    """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
-    alignez steer                      # helpful axis, default model, 96 built-in queries
-    alignez steer --axis humor -o humor/
+    alignez steer --axis french        # a trait: answers in French (the trait suite: see --axis)
+    alignez steer --positive "sarcastic" --negative "sincere"    # your own behaviour, scored by a judge
     alignez steer --axis harmless      # the request recipe: a gated vector, no answers generated
+    alignez steer --axis pirate --screen-only    # does the model talk like a pirate when asked?
+    First it screens: how often does the model show the behaviour when simply asked? Then it
+    generates pairs, fits, and chooses each file's strength on held-out queries by the behaviour
+    (with relevance and fluency guards), reported on other held-out queries beside the unsteered
+    model, prompting and a random direction of the same norm.
     Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
     (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
@@ -239,20 +254,44 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     folder = with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
     queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
-    fit_settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool)
+    fit_settings = dataclasses.replace(
+        _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool),
+        vector_from=vector_from,
+        vector_layers=with_flag("--vector-layers", parse_layer_list, vector_layers, engine.n_layer) if vector_layers else None)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
+    status = lambda line: click.echo(line, err=True)  # noqa: E731
+    judge = open_judge(judge_model, engine, threads)
     try:
+        bench = pipeline.behaviour_bench(engine, axis, queries, judge)
+        line, _, _ = pipeline.screen(bench, str(model or engine.name))
+        click.echo(line, err=True)
+        if screen_only:
+            return
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
-                                 on_status=lambda line: click.echo(line, err=True), recipe=recipe)
+                                 on_status=status, recipe=recipe, bench=bench)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
+    except KeyboardInterrupt:
+        raise AlignezError("interrupted while screening: nothing was written; run the same command again") from None
+    finally:
+        if judge is not None and judge.engine is not engine:
+            judge.close()
     click.echo(diagnostics_table(res.profile))
     click.echo("\n".join(res.approximation.lines()))
+    click.echo("\n".join(pipeline.behaviour_lines(res.calibration)))
     p = res.paths
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
-    click.echo(f"try it:  alignez chat -m {model} --profile {p.profile}")
+    click.echo(f"try it:  alignez chat -m {model} --vector {p.vector}")
     scale = res.vector.default_strength_or_one
     click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+
+
+def open_judge(name: str, engine: Engine, threads: int | None) -> Judge:
+    """Return the judge that reads relevance: the steered model itself (``self``: no second model in
+    memory; its accuracy is in docs/results.md §10) or another model by path or bundled name."""
+    if name == "self":
+        return Judge(engine)
+    return Judge.open(name, settings=RuntimeSettings(threads=threads, n_ctx=4096, parallel=4))
 
 
 def default_recipe(axis: str, queries_file: str | None) -> str:

@@ -1,0 +1,214 @@
+"""A default strength chosen by the behaviour itself, and the baselines every claim stands beside.
+
+The fluency-only rule (``calibrate.py``) picked the largest strength that kept perplexity within
+10%; nothing in it looked at whether the behaviour appeared, and on Qwen2.5-Coder-0.5B it stopped a
+"French-speaking" vector at a strength where no answer was French. Here the strength is the one
+that maximises the **combined** score (``evaluation.behaviour``: the harmonic mean of behaviour,
+relevance and fluency, so gibberish scores 0) on held-out queries:
+
+1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
+   on the *choose* half only, from small to large, until fluency or relevance breaks (mean below
+   ``BREAK_SHARE`` of the unsteered answers');
+2. the strength with the best mean combined score there is chosen (the smaller on a tie);
+3. on the other, *report* half, the chosen strength is measured beside the unsteered model,
+   prompting (the positive persona as system prompt: the ceiling) and a random direction with the
+   same per-layer norms at the same strength (the null). The reported figures are never the ones
+   the strength was chosen on.
+
+``beats_random`` is True only when the steered answers' combined score is above the random
+direction's with a paired bootstrap 95% interval that excludes 0 *and* more answers show the
+behaviour than unsteered. When it is False the report, the file's calibration record and the
+printed line say so plainly; the best strength found is still stored (so the file loads and can be
+tried), but nothing claims it works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from alignez_local.align.steering import Steering
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.behaviour import ScoredAnswers, Scorer, paired_difference_ci
+from alignez_local.llama.engine import Engine, Sampling
+
+STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+"""Multiples of a vector as fitted. For a difference-of-means vector, 1 moves the state by the whole
+average difference the behaviour makes at every steered layer; the measured window is narrow (on
+Qwen 0.5B, French: 0.25 works, 1 is gibberish), hence the fine steps at the low end."""
+
+BREAK_SHARE = 0.5
+"""A strength whose mean fluency or relevance on the choose half falls below this share of the
+unsteered answers' ends the search: larger strengths only break more."""
+
+ANSWER_TOKENS = 64
+CHOOSE_QUERIES = 8
+REPORT_QUERIES = 16
+SCREEN_QUERIES = 8
+LOW_CEILING = 0.2
+"""Below this prompting behaviour rate, ``steer``'s screen warns that a vector is unlikely to do better."""
+
+SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.1)
+
+
+def split_heldout(queries: Sequence[str], n_choose: int, n_report: int) -> tuple[list[str], list[str]]:
+    """Return (choose, report): two disjoint lists of held-out queries, report taken from the end.
+
+    Duplicates are dropped first, so no text is both chosen on and reported on.
+    """
+    unique = list(dict.fromkeys(queries))
+    if len(unique) < 2:
+        raise AlignezError("calibration needs at least two distinct held-out queries (one to choose on, one to report on)")
+    n_report = min(n_report, len(unique) // 2)
+    report = unique[len(unique) - n_report:]
+    choose = unique[max(0, len(unique) - n_report - n_choose):len(unique) - n_report]
+    return choose, report
+
+
+@dataclass
+class BehaviourBench:
+    """Held-out queries, the scorer, and the answers of the fixed conditions (measured once).
+
+    ``engine`` must be unsteered whenever the scorer reads (it rescoring answers under the plain
+    model, and the judge may be the same model). ``system`` is the prompting baseline's system
+    prompt: the axis's positive guide.
+    """
+
+    engine: Engine
+    scorer: Scorer
+    system: str
+    choose: list[str]
+    report: list[str]
+    sampling: Sampling = SAMPLING
+    _fixed: dict[tuple[str, str], ScoredAnswers] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if set(self.choose) & set(self.report):
+            raise ValueError("the choose and report halves share a query")
+
+    def answers(self, questions: Sequence[str], steering: Steering | None = None, system: str | None = None) -> list[str]:
+        """Return greedy answers to ``questions`` (plain text), steered or with a system prompt."""
+        prompts = [self.engine.prompt(q, system) for q in questions]
+        if steering is None:
+            return [c.text for c in self.engine.generate(prompts, self.sampling)]
+        return [c.text for c in steering.generate(self.engine, prompts, self.sampling)]
+
+    def fixed(self, condition: str, half: str, questions: Sequence[str] | None = None) -> ScoredAnswers:
+        """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
+        half (or on ``questions`` under the name ``half``), measured once."""
+        key = (condition, half)
+        if key not in self._fixed:
+            qs = list(questions) if questions is not None else (self.choose if half == "choose" else self.report)
+            ans = self.answers(qs, system=self.system if condition == "prompting" else None)
+            if condition == "unsteered" and self.scorer.reference_nll is None:
+                self.scorer.set_reference(qs, ans)
+            self._fixed[key] = self.scorer.score(qs, ans)
+        return self._fixed[key]
+
+    def steered(self, questions: Sequence[str], steering: Steering) -> ScoredAnswers:
+        return self.scorer.score(questions, self.answers(questions, steering))
+
+
+@dataclass(frozen=True)
+class BehaviourTrial:
+    """What one strength did on the choose half."""
+
+    strength: float
+    behaviour_rate: float
+    relevance: float
+    fluency: float
+    combined: float
+    broken: bool
+
+
+@dataclass(frozen=True)
+class BehaviourCalibration:
+    """The chosen strength, the search behind it, and the figures reported on the other half."""
+
+    strength: float
+    beats_random: bool
+    verdict: str
+    measure: str
+    choose_queries: int
+    report_queries: int
+    max_tokens: int
+    trials: list[BehaviourTrial]
+    report: dict[str, dict[str, Any]]  # condition -> ScoredAnswers.summary() on the report half
+    vs_random: dict[str, float]  # combined score difference, steered - random, with its 95% interval
+    rule: str = "behaviour"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
+        return asdict(self)
+
+    def line(self, what: str) -> str:
+        """Return one line: the strength, the behaviour rate beside prompting and random, the verdict."""
+        def rate(cond: str) -> str:
+            r = self.report.get(cond, {}).get("behaviour_rate", {})
+            return f"{100 * r['mean']:.0f}%" if r else "n/a"
+        return (f"{what}: strength {self.strength:g} ({self.verdict}); {self.measure} on {self.report_queries} held-out "
+                f"queries: steered {rate('steered')}, random direction {rate('random')}, prompting {rate('prompting')}, "
+                f"unsteered {rate('unsteered')}")
+
+
+def calibrate_behaviour(
+    bench: BehaviourBench,
+    make_steering: Callable[[float], Steering],
+    make_random: Callable[[float], Steering],
+    *,
+    strengths: Sequence[float] = STRENGTHS,
+    on_trial: Callable[[BehaviourTrial], None] | None = None,
+    seed: int = 0,
+) -> BehaviourCalibration:
+    """Return the strength that maximises the combined score on ``bench.choose``, reported on
+    ``bench.report`` beside unsteered, prompting and a random direction (module docstring)."""
+    cands = sorted(float(s) for s in strengths if s > 0)
+    if not cands:
+        raise AlignezError("calibration needs at least one positive strength")
+    base = bench.fixed("unsteered", "choose")
+    floor_fluency, floor_relevance = BREAK_SHARE * base.mean("fluency"), BREAK_SHARE * base.mean("relevance")
+    trials: list[BehaviourTrial] = []
+    for s in cands:
+        sc = bench.steered(bench.choose, make_steering(s))
+        broken = sc.mean("fluency") < floor_fluency or sc.mean("relevance") < floor_relevance
+        trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"), bool(broken))
+        trials.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+        if broken:
+            break
+    usable = [t for t in trials if not t.broken] or trials[:1]
+    best = max(usable, key=lambda t: (round(t.combined, 6), -t.strength))
+    steered = bench.steered(bench.report, make_steering(best.strength))
+    random = bench.steered(bench.report, make_random(best.strength))
+    unsteered, prompting = bench.fixed("unsteered", "report"), bench.fixed("prompting", "report")
+    diff, lo, hi = paired_difference_ci(steered.combined, random.combined, seed)
+    more_than_plain = steered.mean("behaviour_rate") > unsteered.mean("behaviour_rate")
+    beats = bool(lo > 0 and more_than_plain)
+    if beats:
+        verdict = "beats a random direction of the same norm"
+    elif not more_than_plain:
+        verdict = "NO strength made the behaviour more frequent than unsteered"
+    else:
+        verdict = "does NOT beat a random direction of the same norm"
+    report = {name: sc.summary(seed) for name, sc in
+              (("unsteered", unsteered), ("prompting", prompting), ("random", random), ("steered", steered))}
+    return BehaviourCalibration(best.strength, beats, verdict, bench.scorer.measure.label, len(bench.choose),
+                                len(bench.report), bench.sampling.max_tokens, trials, report,
+                                {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)})
+
+
+def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: ScoredAnswers) -> tuple[str, bool]:
+    """Return the screening line (does the model show the behaviour when asked?) and whether the
+    prompting ceiling is too low for a vector to be likely to help."""
+    p, u = prompting.mean("behaviour_rate"), unsteered.mean("behaviour_rate")
+    low = p < LOW_CEILING
+    n = int(prompting.behaviour.size)
+    line = (f"screen: asked by a system prompt, {model} gives {label} in {100 * p:.0f}% of {n} answers "
+            f"(unsteered {100 * u:.0f}%)")
+    if low:
+        line += "; a vector is unlikely to do better than the model does when asked"
+    return line, low

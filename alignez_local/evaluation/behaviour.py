@@ -1,0 +1,356 @@
+"""Does an answer show the behaviour its axis names? The one owner of that question.
+
+Every axis maps to one ``Measure`` (``measure_for``): ``steer``'s screening and calibration, the
+behaviour report of ``steer`` and ``alignez eval``, and the experiments all score answers through
+``Scorer`` here, so there is no second evaluation path.
+
+A measure gives each answer a behaviour score in 0..1 (1: it shows the behaviour):
+
+- objective checkers where one exists: the language (``py3langid``, a trained language
+  identifier, not a stopword list), brevity (words), a style's marker words, capital letters, and
+  refusal (the keyword detector of ``refusal.py``);
+- for any other behaviour, every custom ``--positive/--negative`` axis included, a judge's
+  probability of "Yes" to "Does this answer sound <positive persona>?", read from next-token
+  probabilities (``judge.Judge.yes_probability``).
+
+Beside the behaviour, two guards for every answer, as AxBench scores steering:
+
+- **relevance**: the judge's probability that the answer still addresses the request, whatever its
+  language or style (a refusal, an off-topic answer or gibberish does not);
+- **fluency**: how much less likely the answer is, per token, under the *unsteered* model (no
+  system prompt) than the unsteered model's own answers are, mapped linearly to 0..1 over
+  ``FLUENCY_SPAN_NATS``, times a repetition factor (greedy decoding can loop on a phrase that the
+  model finds very likely, which perplexity alone scores as fluent).
+
+The answer's **combined** score is the harmonic mean of the three (0 when any is 0), so a gibberish
+or off-topic answer scores 0 whatever its trait. Measures for which relevance means nothing (a
+refusal addresses no request) leave it out of the mean.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.refusal import is_refusal
+
+FLUENCY_SPAN_NATS = 3.0
+"""Mean per-token NLL above the unsteered answers' at which fluency reaches 0. Measured on Qwen
+2.5-Coder-0.5B (docs/results.md §10): the unsteered model's own greedy answers sit near 0.4
+nats/token, fluent French answers written under a steering vector near 1.2-1.6, broken text (mixed
+scripts, one token repeated with variations) above 3.5."""
+
+REPEAT_NGRAM = 3
+MIN_DISTINCT_SHARE = 0.5
+"""Below this share of distinct word trigrams an answer counts as looping; its fluency is scaled down
+in proportion (a healthy 60-token answer has 90-100% distinct trigrams)."""
+
+BEHAVIOUR_THRESHOLD = 0.5
+"""An answer "shows the behaviour" when its score is at least this (a checker's 1, a judge's p >= 0.5)."""
+
+RELEVANCE_QUESTION = (
+    "Does the answer respond to the user's request (in any language or style), rather than refusing "
+    "it, changing the subject or being gibberish?"
+)
+
+
+class YesNoJudge(Protocol):
+    """What a measure needs from a judge: P(Yes) to a yes/no question about each (question, answer)."""
+
+    def yes_probability(self, instruction: str, pairs: Sequence[tuple[str, str]]) -> np.ndarray: ...
+
+
+# --- measures ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How to tell whether one answer shows a behaviour. Subclasses score; this holds the words."""
+
+    key: str  # registry key, e.g. "language:fr"
+    label: str  # what the behaviour rate counts, e.g. "answers in French"
+    uses_relevance: bool = True
+    needs_judge: bool = False
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        """Return one behaviour score in 0..1 per answer."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "uses_relevance": self.uses_relevance, "needs_judge": self.needs_judge}
+
+
+@dataclass(frozen=True)
+class LanguageMeasure(Measure):
+    """1 when a language identifier reads the answer as ``code`` (ISO 639-1)."""
+
+    code: str = "fr"
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        identify = _language_identifier()
+        return np.array([float(bool(a.strip()) and identify(a) == self.code) for a in answers])
+
+
+_LANGID: Callable[[str], str] | None = None
+
+
+def _language_identifier() -> Callable[[str], str]:
+    """Return text -> ISO 639-1 code, from py3langid (the ``checkers`` extra), loaded once."""
+    global _LANGID
+    if _LANGID is None:
+        try:
+            import py3langid  # noqa: PLC0415 - optional dependency, loaded on first use
+        except ImportError:
+            raise AlignezError(
+                "the language measure needs the language identifier py3langid; install it with "
+                "pip install 'alignez-local[checkers]'"
+            ) from None
+        _LANGID = lambda text: str(py3langid.classify(text)[0])  # noqa: E731
+    return _LANGID
+
+
+def word_count(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+@dataclass(frozen=True)
+class BrevityMeasure(Measure):
+    """1 when the answer has at most ``max_words`` words (and is not empty)."""
+
+    max_words: int = 20
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        return np.array([float(0 < word_count(a) <= self.max_words) for a in answers])
+
+
+@dataclass(frozen=True)
+class MarkerMeasure(Measure):
+    """1 when the answer holds at least ``min_hits`` of the style's marker words or phrases."""
+
+    markers: tuple[str, ...] = ()
+    min_hits: int = 2
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        return np.array([float(self.hits(a) >= self.min_hits) for a in answers])
+
+    def hits(self, answer: str) -> int:
+        text = answer.lower()
+        return sum(len(re.findall(_marker_pattern(m), text)) for m in self.markers)
+
+
+def _marker_pattern(marker: str) -> str:
+    """Whole-word match for words; a literal match for punctuation markers like '!'."""
+    escaped = re.escape(marker.lower())
+    return rf"(?<!\w){escaped}(?!\w)" if re.match(r"\w", marker) else escaped
+
+
+@dataclass(frozen=True)
+class CapitalsMeasure(Measure):
+    """1 when at least ``min_share`` of the answer's letters are capitals (IFEval's all-caps check)."""
+
+    min_share: float = 0.8
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        out = []
+        for a in answers:
+            letters = [c for c in a if c.isalpha()]
+            out.append(float(bool(letters) and sum(c.isupper() for c in letters) / len(letters) >= self.min_share))
+        return np.array(out)
+
+
+@dataclass(frozen=True)
+class RefusalMeasure(Measure):
+    """1 when the keyword detector reads a refusal. A refusal addresses no request: no relevance guard."""
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        return np.array([float(is_refusal(a)) for a in answers])
+
+
+@dataclass(frozen=True)
+class JudgeMeasure(Measure):
+    """The judge's P(Yes) to "Does this answer sound <persona>?": for behaviours with no checker."""
+
+    persona: str = ""
+
+    @property
+    def question(self) -> str:
+        return f"Is this answer written in a {self.persona} way?"
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        if judge is None:
+            raise AlignezError(f"the behaviour {self.persona!r} is measured by a judge model, and none was given")
+        return judge.yes_probability(self.question, list(zip(questions, answers)))
+
+
+PIRATE_MARKERS = ("arr", "arrr", "ahoy", "matey", "mateys", "ye", "yer", "aye", "me hearty", "me hearties", "landlubber",
+                  "shiver me timbers", "avast", "yo ho", "savvy", "scallywag", "booty", "plunder", "ahoy there", "seas",
+                  "treasure", "cap'n", "ship", "sail")
+CASUAL_MARKERS = ("hey", "yeah", "yep", "gonna", "wanna", "gotta", "kinda", "sorta", "cool", "awesome", "dude", "buddy",
+                  "lol", "totally", "super", "stuff", "pretty much", "no worries", "chill", "ya", "y'all", "folks",
+                  "grab", "btw", "okay", "ok", "hang out", "tons of", "a bunch of")
+ENTHUSIASM_MARKERS = ("!", "amazing", "awesome", "exciting", "excited", "fantastic", "wonderful", "love", "incredible",
+                      "thrilled", "wow", "absolutely", "great news", "so much fun", "delightful", "superb", "brilliant")
+
+MEASURES: dict[str, Measure] = {
+    "language:fr": LanguageMeasure("language:fr", "answers in French", code="fr"),
+    "brevity:20": BrevityMeasure("brevity:20", "answers of at most 20 words", max_words=20),
+    "markers:pirate": MarkerMeasure("markers:pirate", "answers with >= 2 pirate words", markers=PIRATE_MARKERS, min_hits=2),
+    "markers:casual": MarkerMeasure("markers:casual", "answers with >= 2 casual words", markers=CASUAL_MARKERS, min_hits=2),
+    "markers:enthusiastic": MarkerMeasure("markers:enthusiastic", "answers with >= 3 enthusiasm markers ('!', 'amazing'...)",
+                                          markers=ENTHUSIASM_MARKERS, min_hits=3),
+    "capitals": CapitalsMeasure("capitals", "answers in capital letters"),
+    "refusal": RefusalMeasure("refusal", "refusals (keyword detector)", uses_relevance=False),
+}
+
+
+def measure_for(measure_key: str, positive: str) -> Measure:
+    """Return the measure registered as ``measure_key``; "" means the judge on the ``positive`` persona."""
+    if not measure_key:
+        return JudgeMeasure(f"judge:{positive}", f"answers the judge reads as {positive}", needs_judge=True, persona=positive)
+    try:
+        return MEASURES[measure_key]
+    except KeyError:
+        raise AlignezError(f"unknown behaviour measure {measure_key!r}; known: {', '.join(MEASURES)}") from None
+
+
+# --- the guards and the combined score ---------------------------------------------------------
+
+
+def distinct_share(text: str, n: int = REPEAT_NGRAM) -> float:
+    """Return the share of distinct word n-grams in ``text`` (1.0 for texts shorter than n+1 words)."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if len(grams) > 1 else 1.0
+
+
+def fluency_from_nll(nll: np.ndarray, reference_nll: float, texts: Sequence[str],
+                     span: float = FLUENCY_SPAN_NATS) -> np.ndarray:
+    """Return fluency in 0..1 per answer from its mean per-token NLL under the unsteered model.
+
+    1 at or below ``reference_nll`` (the unsteered answers' own), 0 at ``span`` nats above it,
+    linear between; times min(1, distinct trigram share / MIN_DISTINCT_SHARE); 0 for empty answers.
+    """
+    nll = np.asarray(nll, dtype=np.float64)
+    base = np.clip(1.0 - np.maximum(nll - reference_nll, 0.0) / span, 0.0, 1.0)
+    loops = np.array([min(1.0, distinct_share(t) / MIN_DISTINCT_SHARE) for t in texts])
+    empty = np.array([not t.strip() for t in texts])
+    return np.where(empty | ~np.isfinite(nll), 0.0, base * loops)
+
+
+def harmonic_mean(*parts: np.ndarray) -> np.ndarray:
+    """Return the element-wise harmonic mean of ``parts`` (each 0..1); 0 wherever any part is 0."""
+    stack = np.clip(np.vstack([np.asarray(p, dtype=np.float64) for p in parts]), 0.0, 1.0)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(stack > 0, 1.0 / np.where(stack > 0, stack, 1.0), np.inf)
+    total = inv.sum(axis=0)
+    return np.where(np.isfinite(total), len(parts) / total, 0.0)
+
+
+@dataclass
+class ScoredAnswers:
+    """Every answer's behaviour, relevance, fluency and combined score (each 0..1), in prompt order."""
+
+    behaviour: np.ndarray
+    relevance: np.ndarray
+    fluency: np.ndarray
+    combined: np.ndarray
+    answers: list[str] = field(default_factory=list)
+
+    @property
+    def shows(self) -> np.ndarray:
+        """One bool per answer: does it show the behaviour?"""
+        return self.behaviour >= BEHAVIOUR_THRESHOLD
+
+    def summary(self, seed: int = 0) -> dict[str, Any]:
+        """Return the means (behaviour as a rate) with 95% bootstrap intervals over prompts."""
+        out: dict[str, Any] = {"n": int(self.behaviour.size)}
+        for name, values in (("behaviour_rate", self.shows.astype(float)), ("relevance", self.relevance),
+                             ("fluency", self.fluency), ("combined", self.combined)):
+            lo, hi = mean_ci(values, seed)
+            out[name] = {"mean": round(float(np.mean(values)), 4) if values.size else float("nan"),
+                         "ci95": [round(lo, 4), round(hi, 4)]}
+        return out
+
+    def mean(self, name: str) -> float:
+        values = self.shows.astype(float) if name == "behaviour_rate" else getattr(self, name)
+        return float(np.mean(values)) if values.size else float("nan")
+
+
+def mean_ci(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float]:
+    """Return the percentile bootstrap 95% interval of the mean of ``values``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_difference_ci(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
+    """Return mean(a - b) and its percentile bootstrap 95% interval, resampling prompts (paired)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi = mean_ci(d, seed, resamples)
+    return float(d.mean()) if d.size else float("nan"), lo, hi
+
+
+class NllFn(Protocol):
+    """Mean per-token NLL of each answer under the unsteered model (prompts chat-formatted)."""
+
+    def __call__(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass
+class Scorer:
+    """Scores answers to plain questions for one measure: behaviour, relevance, fluency, combined.
+
+    ``nll`` reads answers under the unsteered model; ``reference_nll`` is the unsteered model's own
+    answers' mean NLL (``set_reference``); ``judge`` answers the relevance question (and the
+    behaviour question of judge measures). Identical (question, answer) pairs are scored once.
+    """
+
+    measure: Measure
+    nll: NllFn
+    judge: YesNoJudge | None = None
+    reference_nll: float | None = None
+    _cache: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.measure.needs_judge and self.judge is None:
+            raise AlignezError(f"the measure {self.measure.key} needs a judge model")
+
+    @property
+    def uses_relevance(self) -> bool:
+        return self.measure.uses_relevance and self.judge is not None
+
+    def set_reference(self, questions: Sequence[str], unsteered_answers: Sequence[str]) -> float:
+        """Set the fluency reference from the unsteered model's answers; return it (mean NLL, nats)."""
+        nll = self.nll(questions, unsteered_answers)
+        finite = nll[np.isfinite(nll)]
+        self.reference_nll = float(np.median(finite)) if finite.size else 0.0
+        return self.reference_nll
+
+    def score(self, questions: Sequence[str], answers: Sequence[str]) -> ScoredAnswers:
+        """Return the scores of ``answers`` (one per question)."""
+        if self.reference_nll is None:
+            raise ValueError("set_reference first: fluency is relative to the unsteered answers")
+        if len(questions) != len(answers):
+            raise ValueError("one answer per question")
+        todo = list(dict.fromkeys((q, a) for q, a in zip(questions, answers) if (q, a) not in self._cache))
+        if todo:
+            qs, ans = [q for q, _ in todo], [a for _, a in todo]
+            beh = self.measure.scores(qs, ans, self.judge)
+            rel = (self.judge.yes_probability(RELEVANCE_QUESTION, todo) if self.uses_relevance and self.judge is not None
+                   else np.ones(len(todo)))
+            flu = fluency_from_nll(self.nll(qs, ans), self.reference_nll, ans)
+            for key, b, r, f in zip(todo, beh, rel, flu):
+                self._cache[key] = (float(b), float(r), float(f))
+        rows = np.array([self._cache[(q, a)] for q, a in zip(questions, answers)], dtype=np.float64).reshape(-1, 3)
+        b, r, f = rows[:, 0], rows[:, 1], rows[:, 2]
+        combined = harmonic_mean(b, r, f) if self.uses_relevance else harmonic_mean(b, f)
+        return ScoredAnswers(b, r, f, combined, list(answers))

@@ -1,0 +1,164 @@
+"""The behaviour measures, the combined score, the random baseline, the choose/report split, and the
+behaviour-chosen strength on the tiny model with a planted direction (issue 19)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
+from alignez_local.align.calibrate_behaviour import BehaviourBench, calibrate_behaviour, split_heldout
+from alignez_local.align.directions import random_like, random_subspaces_like
+from alignez_local.align.steering import Steering, VectorSlot
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.behaviour import (
+    MEASURES, JudgeMeasure, MarkerMeasure, Scorer, distinct_share, fluency_from_nll, harmonic_mean, measure_for,
+)
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.pipeline import unsteered_nll
+
+
+# --- objective measures ------------------------------------------------------------------------
+
+
+def _score(key: str, *answers: str) -> list[float]:
+    return list(MEASURES[key].scores(["q"] * len(answers), list(answers), None))
+
+
+def test_language_measure_reads_french_with_a_language_identifier() -> None:
+    assert _score("language:fr",
+                  "Pour faire bouillir un oeuf, mettez-le dans l'eau bouillante pendant neuf minutes.",
+                  "To boil an egg, put it in boiling water for nine minutes.",
+                  "") == [1.0, 0.0, 0.0]
+
+
+def test_checkers_count_what_their_label_says() -> None:
+    assert _score("brevity:20", "Yes.", " ".join(["word"] * 21), "") == [1.0, 0.0, 0.0]
+    assert _score("markers:pirate", "Arr matey, ye be right!", "The ship sails today.", "Arrow heads") == [1.0, 0.0, 0.0]
+    assert _score("capitals", "THIS IS LOUD, OK?", "This is not.") == [1.0, 0.0]
+    assert _score("refusal", "I'm sorry, but I can't help with that.", "Sure, here is how.") == [1.0, 0.0]
+    assert _score("markers:enthusiastic", "Wow! Amazing! I love it!", "It is fine.") == [1.0, 0.0]
+
+
+def test_every_axis_has_a_measure_and_the_traits_have_checkers() -> None:
+    assert {"french", "pirate", "brief", "casual", "enthusiastic"} <= set(TRAITS)
+    for name, axis in BUILTIN_AXES.items():
+        m = measure_for(axis.measure, axis.positive)
+        assert m.key in MEASURES or isinstance(m, JudgeMeasure), name
+        if axis.trait:
+            assert not m.needs_judge, f"trait {name} must have an objective checker"
+    assert BUILTIN_AXES["harmless"].measure == "refusal" and not MEASURES["refusal"].uses_relevance
+    custom = custom_axis("sarcastic", "sincere")
+    m = measure_for(custom.measure, custom.positive)
+    assert isinstance(m, JudgeMeasure) and m.needs_judge and "sarcastic" in m.question
+    with pytest.raises(AlignezError, match="needs a judge"):
+        Scorer(m, lambda q, a: np.zeros(len(a)))
+
+
+# --- guards and the combined score -------------------------------------------------------------
+
+
+def test_harmonic_mean_is_zero_when_any_part_is_zero() -> None:
+    out = harmonic_mean(np.array([1.0, 0.0, 0.5]), np.array([1.0, 1.0, 0.5]), np.array([1.0, 1.0, 0.5]))
+    np.testing.assert_allclose(out, [1.0, 0.0, 0.5])
+
+
+@given(st.lists(st.floats(0, 1), min_size=3, max_size=3))
+def test_harmonic_mean_never_exceeds_the_smallest_part_by_much(parts: list[float]) -> None:
+    h = float(harmonic_mean(*[np.array([p]) for p in parts])[0])
+    assert min(parts) - 1e-12 <= h <= max(parts) + 1e-12
+    assert h <= 3 * min(parts) + 1e-12  # the weakest guard dominates
+
+
+def test_fluency_is_relative_to_the_unsteered_answers_and_punishes_loops() -> None:
+    texts = ["a fine answer with many different words in it", "a fine answer with many different words in it",
+             "the the the the the the the the the the the the", ""]
+    f = fluency_from_nll(np.array([0.4, 3.4, 0.1, np.nan]), 0.4, texts, span=3.0)
+    assert f[0] == pytest.approx(1.0) and f[1] == pytest.approx(0.0)
+    assert f[2] < 0.3 and f[3] == 0.0
+    assert distinct_share("one two three four five six") == 1.0
+
+
+# --- the random baseline and the split ---------------------------------------------------------
+
+
+def test_random_baseline_matches_the_vectors_norms_per_layer() -> None:
+    rng = np.random.default_rng(0)
+    vec = {L: rng.standard_normal(32).astype(np.float32) * (L + 1) for L in (2, 5, 9)}
+    rand = random_like(vec, seed=3)
+    assert sorted(rand) == sorted(vec)
+    for L in vec:
+        assert np.linalg.norm(rand[L]) == pytest.approx(np.linalg.norm(vec[L]), rel=1e-5)
+        assert abs(float(rand[L] @ vec[L]) / np.linalg.norm(vec[L]) ** 2) < 0.8  # not the vector itself
+    np.testing.assert_array_equal(random_like(vec, 3)[2], rand[2])  # reproducible
+    subs = random_subspaces_like({4: np.zeros((3, 32), np.float32)}, seed=1)
+    np.testing.assert_allclose(subs[4] @ subs[4].T, np.eye(3), atol=1e-5)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.text(min_size=1, max_size=5), min_size=2, max_size=40), st.integers(1, 20), st.integers(1, 20))
+def test_choose_and_report_halves_never_share_a_query(queries: list[str], n_choose: int, n_report: int) -> None:
+    if len(set(queries)) < 2:
+        with pytest.raises(AlignezError):
+            split_heldout(queries, n_choose, n_report)
+        return
+    choose, report = split_heldout(queries, n_choose, n_report)
+    assert report and choose and not set(choose) & set(report)
+    assert len(choose) <= n_choose and len(report) <= n_report
+
+
+# --- the strength chosen by the behaviour, on the tiny model -----------------------------------
+
+QUERIES = ["hello there", "tell me a story", "what is two plus two", "name a color", "a b c", "you and the sea",
+           "is it in", "of the day", "red", "blue", "green", "to be", "in the end", "go", "stop", "why"]
+GRID = (0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _bench(engine: Engine) -> BehaviourBench:
+    """The planted behaviour: answers that say " the" at least twice (counted by a marker measure)."""
+    measure = MarkerMeasure("planted", "answers saying 'the' twice", markers=("the",), min_hits=2)
+    choose, report = split_heldout(QUERIES, 8, 8)
+    return BehaviourBench(engine, Scorer(measure, unsteered_nll(engine)), "Say the word the.", choose, report,
+                          sampling=Sampling(temperature=0.0, max_tokens=16))
+
+
+def _planted(engine: Engine, path: Path, size: float) -> ControlVector:
+    """A vector at the last layer along the output embedding of the piece " the": adding it makes the
+    model say " the", more often the larger it is."""
+    weights = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "output.weight").data
+    token = next(t for t in range(engine.n_vocab) if engine.detokenize([t]) == " the")
+    w = np.asarray(weights[token], dtype=np.float32)
+    return ControlVector({engine.n_layer - 1: w / np.linalg.norm(w) * np.float32(size)}, model_hint=engine.arch)
+
+
+def _calibrate(engine: Engine, cv: ControlVector):
+    noise = ControlVector(random_like(dict(cv.directions), seed=1), model_hint=engine.arch)
+    return calibrate_behaviour(_bench(engine), lambda s: Steering(vectors=[VectorSlot("v", cv, s)]),
+                               lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=GRID)
+
+
+def test_calibration_finds_where_the_planted_behaviour_appears(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    cal = _calibrate(tiny_engine, _planted(tiny_engine, tiny_model_path, 1.0))
+    assert cal.beats_random and "beats a random direction" in cal.verdict
+    chosen = next(t for t in cal.trials if t.strength == cal.strength)
+    assert chosen.behaviour_rate >= 0.5 and not chosen.broken
+    # the search stopped where fluency broke, and chose below it
+    assert cal.trials[-1].broken and cal.strength < cal.trials[-1].strength
+    rep = cal.report
+    assert rep["steered"]["behaviour_rate"]["mean"] >= 0.5
+    assert rep["random"]["behaviour_rate"]["mean"] <= rep["unsteered"]["behaviour_rate"]["mean"] + 0.125
+    assert rep["steered"]["n"] == 8 and cal.report_queries == 8 and cal.choose_queries == 8
+    assert cal.vs_random["ci95_low"] > 0
+
+
+def test_calibration_says_plainly_when_nothing_beats_random(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    cal = _calibrate(tiny_engine, _planted(tiny_engine, tiny_model_path, 1e-6))
+    assert not cal.beats_random and "NO strength" in cal.verdict
+    assert "NO strength" in cal.line("vector")
+    assert cal.as_dict()["beats_random"] is False
