@@ -24,7 +24,7 @@ from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.calibrate import Baseline, Calibration, calibrate_strength, unsteered_baseline
 from alignez_local.align.calibrate_behaviour import (
     CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, calibrate_behaviour, screen_line,
-    split_heldout,
+    split_heldout, unsteered_nll,
 )
 from alignez_local.align.directions import mean_difference, random_like, random_subspaces_like
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
@@ -205,6 +205,8 @@ def mean_diff_vector(engine: Engine, difference: np.ndarray, layers: Sequence[in
     """Return the control vector made of ``difference`` (n_layer x n_embd) on ``layers``, with the
     profile's provenance (axis, data, model) in its metadata."""
     meta = {"alignez.source": f"mean-diff:{profile.site}", "alignez.axis": str(profile.axis.get("name", name)),
+            "alignez.axis.positive": str(profile.axis.get("positive", "")),
+            "alignez.axis.negative": str(profile.axis.get("negative", "")),
             META_N_LAYER: engine.n_layer, "alignez.model.sha256": str(profile.provenance.get("model_sha256", "")),
             "alignez.data.sha256": str(profile.provenance.get("data_sha256", ""))}
     return ControlVector({int(L): difference[L].astype(np.float32) for L in layers}, model_hint=engine.arch,
@@ -335,20 +337,6 @@ def heldout_queries(axis: str | None, used: Sequence[str]) -> list[str]:
     return spare
 
 
-def unsteered_nll(engine: Engine) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
-    """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
-    unsteered when called) with the question as a plain chat prompt; NaN for an empty answer."""
-    def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        out = np.full(len(answers), np.nan)
-        idx = [i for i, a in enumerate(answers) if a.strip()]
-        if idx:
-            lps = engine.continuation_logprobs([engine.prompt(questions[i]) for i in idx], [answers[i] for i in idx])
-            for i, lp in zip(idx, lps):
-                out[i] = float(-lp.mean()) if lp.size else np.nan
-        return out
-    return nll
-
-
 def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], judge: YesNoJudge | None,
                     heldout: Sequence[str] | None = None, n_choose: int = CHOOSE_QUERIES,
                     n_report: int = REPORT_QUERIES) -> BehaviourBench:
@@ -372,14 +360,17 @@ def screen(bench: BehaviourBench, model_name: str) -> tuple[str, bool, dict[str,
 def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], folder: str | Path,
               generation: GenerationSettings, fit: FitSettings, model: ModelId,
               on_status: Notify = _quiet, recipe: str | None = None, bench: BehaviourBench | None = None,
-              judge: YesNoJudge | None = None, strengths: Sequence[float] = STRENGTHS) -> SteerResult:
+              judge: YesNoJudge | None = None, strengths: Sequence[float] = STRENGTHS,
+              with_profile: bool = True) -> SteerResult:
     """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
     both files' default strengths by the behaviour (align/calibrate_behaviour.py) on held-out
     queries, reported beside unsteered, prompting and a random direction.
 
     Re-running continues from the saved pairs. Writes preferences.jsonl, profile.gguf, vector.gguf
     and report.json (the provenance of the run and the behaviour report). ``bench``: one already
-    screened (``behaviour_bench``, ``screen``); None builds it with ``judge``.
+    screened (``behaviour_bench``, ``screen``); None builds it with ``judge``. ``with_profile``
+    False skips the profile's calibration (its file keeps no default strength): the experiments
+    compare vector recipes at half the cost.
     """
     paths = SteerPaths.prepare(folder)
     clock = _Clock()
@@ -403,8 +394,10 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         else:
             cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
-        cals = calibrate_both(bench, prof, cv, fit.top_n, on_status, fit.seed, strengths)
-        prof, cv = _calibrated(prof, cals["profile"]), _calibrated(cv, cals["vector"])
+        cals = calibrate_both(bench, prof if with_profile else None, cv, fit.top_n, on_status, fit.seed, strengths)
+        cv = _calibrated(cv, cals["vector"])
+        if "profile" in cals:
+            prof = _calibrated(prof, cals["profile"])
         save_profile(paths.profile, prof)
         write_control_vector(paths.vector, cv)
         clock.lap("calibrate_s")
@@ -415,7 +408,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
     return result
 
 
-def calibrate_both(bench: BehaviourBench, profile: SteeringProfile, vector: ControlVector, top_n: int,
+def calibrate_both(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
                    on_status: Notify = _quiet, seed: int = 0,
                    strengths: Sequence[float] = STRENGTHS) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
@@ -433,6 +426,8 @@ def calibrate_both(bench: BehaviourBench, profile: SteeringProfile, vector: Cont
                                 lambda s: Steering(vectors=[VectorSlot("random", noise, s)]),
                                 strengths=strengths, on_trial=trial_line("vector"), seed=seed)
     on_status(cal_v.line("vector"))
+    if profile is None:
+        return {"vector": cal_v}
     scale = float(np.median([np.linalg.norm(vector.directions[L]) for L in vector.layers]))
     rand_prof = dataclasses.replace(profile, subspaces=random_subspaces_like(dict(profile.subspaces), seed + 2), name="random")
     cal_p = calibrate_behaviour(bench, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=top_n),

@@ -170,15 +170,20 @@ def test_generate_survives_sigkill(tiny_model_path: Path, tmp_path: Path) -> Non
     assert out.read_bytes().startswith(complete), "records written before the kill are kept as they were"
 
 
+STEER = ["--limit", "12", "--response-tokens", "24", "--strengths", "1,8"]
+
+
 def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "-o", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     prof = load_profile(out / "profile.gguf")
     cv = read_control_vector(out / "vector.gguf")
     rep = json.loads((out / "report.json").read_text())
-    assert set(cv.layers) <= set(prof.layers) and rep["layers"] == prof.layers
+    assert rep["layers"] == prof.layers and rep["recipe"] == "plain"
+    # the mean-diff vector steers the middle third of the layers (tiny model: 4 layers -> layer 1)
+    assert cv.layers == [1] and cv.metadata["alignez.source"] == "mean-diff:l_out"
     assert rep["approximation"]["n_prompts"] == 16 and rep["timings"]["total_s"] > 0
     # provenance: the model by file name and SHA-256 (no bundled name: it was given as a path), and
     # the run's files relative to the report; no absolute path anywhere
@@ -187,16 +192,38 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     assert rep["profile"] == "profile.gguf" and rep["vector"] == "vector.gguf"
     assert str(tmp_path) not in json.dumps(rep) and str(tiny_model_path.parent) not in json.dumps(dict(prof.provenance))
     assert "exact edit   vs control vec" in res.stdout
-    # the model's own check of its pairs, and a default strength measured for both files
-    assert "pairs kept" in res.stderr and rep["data_quality"]["total"] == 12
-    assert prof.default_strength is not None and cv.default_strength is not None
+    # screened first; a default strength chosen by the behaviour for both files, from the grid given
+    assert "screen: asked by a system prompt" in res.stderr
+    assert prof.default_strength is not None and cv.default_strength in (1.0, 8.0)
     assert rep["default_strength"] == {"profile": prof.default_strength, "vector": cv.default_strength}
     for cal, obj in ((rep["calibration"]["profile"], prof), (rep["calibration"]["vector"], cv)):
-        assert cal["n_prompts"] == 12 and cal["trials"] and cal["strength"] == pytest.approx(obj.default_strength)
+        assert cal["rule"] == "behaviour" and cal["strength"] == pytest.approx(obj.default_strength)
+        assert cal["choose_queries"] == 8 and cal["report_queries"] == 16 and cal["trials"]
+        assert set(cal["report"]) == {"unsteered", "prompting", "random", "steered"}
+        assert isinstance(cal["beats_random"], bool) and cal["verdict"]
+        assert dict(obj.calibration or {})["verdict"] == cal["verdict"]  # the file says it too
+    # the behaviour table, side by side: unsteered, prompting, and per file steered and random
+    table = rep["behaviour"]
+    assert {"unsteered", "prompting"} <= set(table) and sum(k.startswith("random direction") for k in table) == 2
+    for row in table.values():
+        assert {"behaviour_rate", "relevance", "fluency", "combined"} <= set(row) and row["n"] == 16
+    assert "behaviour on 16 held-out queries (strength chosen on 8 others)" in res.stdout
     assert f"--control-vector-scaled {out / 'vector.gguf'}:{cv.default_strength:g}" in res.stdout
-    again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--limit", "12", "--response-tokens", "24", "-o", str(out)],
+    shown = subprocess.run(CLI + ["inspect", str(out / "vector.gguf")], capture_output=True, text=True, timeout=60)
+    assert "beats_random" in shown.stdout and "verdict" in shown.stdout
+    again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "-o", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 new pairs, 12 already there" in again.stderr
+
+
+def test_steer_screen_only_measures_the_ceiling_and_writes_nothing(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "french", "--screen-only", "-o", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "screen: asked by a system prompt" in res.stderr and "answers in French in" in res.stderr
+    assert "a vector is unlikely to do better" in res.stderr  # the random model speaks no French when asked
+    assert not out.exists()
 
 
 def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Path) -> None:

@@ -40,6 +40,10 @@ def test_prompts_put_the_persona_where_the_recipe_says(tiny_engine: Engine) -> N
     assert "Pretend you are a unhelpful, misleading and inaccurate assistant. Your answer should be vague" in paper
     direct = get_recipe("direct").response_prompt(tiny_engine, "Q?", axis, "negative")
     assert axis.negative_guide in direct and "never refuse" in direct
+    plain = get_recipe("plain")
+    assert axis.positive_guide in plain.response_prompt(tiny_engine, "Q?", axis, "positive")
+    assert plain.response_prompt(tiny_engine, "Q?", axis, "negative") == tiny_engine.prompt("Q?")  # no persona
+    assert plain.context(axis, "positive") == plain.context(axis, "negative") == ""  # both read plainly
     with pytest.raises(ValueError):
         get_recipe("direct").characteristics_prompt(tiny_engine, "Q?", axis, "positive")
 
@@ -66,6 +70,9 @@ def test_each_recipe_writes_complete_records(tiny_engine: Engine, tmp_path: Path
             # One persona-free answer, read under each persona: nothing for the self-check to compare.
             assert r["response"]["positive"] == r["response"]["negative"] and "selfcheck" not in r
             assert r["context"] == {s: get_axis("helpful").guide(s) for s in ("positive", "negative")}
+        elif recipe == "plain":
+            # The persona's answer against the plain one: the negative side is no persona, nothing to check.
+            assert "selfcheck" not in r and "context" not in r
         else:
             assert r["selfcheck"]["method"] == "likelihood" and isinstance(r["selfcheck"]["agree"], bool)
         assert r["id"] == pair_id(get_axis("helpful"), r["query"], 0, recipe)

@@ -24,7 +24,7 @@ tried), but nothing claims it works.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +52,20 @@ LOW_CEILING = 0.2
 """Below this prompting behaviour rate, ``steer``'s screen warns that a vector is unlikely to do better."""
 
 SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.1)
+
+
+def unsteered_nll(engine: Engine) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
+    unsteered when called) with the question as a plain chat prompt; NaN for an empty answer."""
+    def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        out = np.full(len(answers), np.nan)
+        idx = [i for i, a in enumerate(answers) if a.strip()]
+        if idx:
+            lps = engine.continuation_logprobs([engine.prompt(questions[i]) for i in idx], [answers[i] for i in idx])
+            for i, lp in zip(idx, lps):
+                out[i] = float(-lp.mean()) if lp.size else np.nan
+        return out
+    return nll
 
 
 def split_heldout(queries: Sequence[str], n_choose: int, n_report: int) -> tuple[list[str], list[str]]:
@@ -100,6 +114,9 @@ class BehaviourBench:
         """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
         half (or on ``questions`` under the name ``half``), measured once."""
         key = (condition, half)
+        first = "choose" if self.choose else "report"
+        if self.scorer.reference_nll is None and key != ("unsteered", first):
+            self.fixed("unsteered", first)  # fluency is relative to the unsteered answers: measure them first
         if key not in self._fixed:
             qs = list(questions) if questions is not None else (self.choose if half == "choose" else self.report)
             ans = self.answers(qs, system=self.system if condition == "prompting" else None)
@@ -110,6 +127,18 @@ class BehaviourBench:
 
     def steered(self, questions: Sequence[str], steering: Steering) -> ScoredAnswers:
         return self.scorer.score(questions, self.answers(questions, steering))
+
+    def side_by_side(self, steerings: Mapping[str, Steering], randoms: Mapping[str, Steering],
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
+        """Return the report half's summaries: unsteered, prompting, then each random null and each
+        steering (``alignez eval``'s behaviour table, built as steer's is)."""
+        table = {"unsteered": self.fixed("unsteered", "report").summary(seed),
+                 "prompting": self.fixed("prompting", "report").summary(seed)}
+        for name, st in randoms.items():
+            table[name] = self.steered(self.report, st).summary(seed)
+        for name, st in steerings.items():
+            table[name] = self.steered(self.report, st).summary(seed)
+        return table
 
 
 @dataclass(frozen=True)

@@ -107,11 +107,11 @@ RECIPES: dict[str, Recipe] = {
                     False, plain_negative=True),
 }
 
-DEFAULT_RECIPE = "contrast"
-"""The recipe used when none is given. Measured (docs/results.md, 2026-11-28): on 32 held-out queries
-judged against plain answers, SmolLM2's ``contrast`` profile and vector scored 0% and +9% net, the
-``direct`` ones -9% and -9% (intervals overlap; none is a measurable help), at half the generation
-cost and with no pair that can be inverted."""
+DEFAULT_RECIPE = "plain"
+"""The recipe used when none is given. Measured by the behaviour itself (docs/results.md §10, the trait
+suite): on Qwen2.5-Coder-0.5B the ``plain`` recipe's difference-of-means vector turned held-out answers
+French where ``contrast``'s turned none; ``contrast`` had been the default because, judged on the
+helpful axis, no recipe measurably helped (2026-11-28)."""
 
 
 def get_recipe(name: str | None) -> Recipe:

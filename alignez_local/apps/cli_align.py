@@ -225,11 +225,13 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @click.option("--vector-layers", default=None, metavar="A-B", help="Layers the mean-diff vector steers [the middle third].")
 @click.option("--judge", "judge_model", default="self", show_default=True, metavar="MODEL|self",
               help="Model that reads relevance (and judge-measured behaviours): a GGUF path, a bundled name, or self.")
+@click.option("--strengths", default=None, metavar="S1,S2,...",
+              help="Strengths to try, as multiples of the vector (the profile's are scaled to match) [0.0625 ... 4].")
 @click.option("--screen-only", is_flag=True, help="Only measure whether the model shows the behaviour when asked, then stop.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
           responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
-          self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, screen_only) -> None:
+          self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, strengths, screen_only) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -251,7 +253,9 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
         _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis, queries_file, seed,
                        out_dir or f"steer-{axis.name}")
         return
-    folder = with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
+    grid = with_flag("--strengths", parse_strengths, strengths) if strengths else pipeline.STRENGTHS
+    # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
+    folder = None if screen_only else with_flag("--out", pipeline.SteerPaths.prepare, out_dir or f"steer-{axis.name}").folder
     queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
     fit_settings = dataclasses.replace(
@@ -265,10 +269,10 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
         bench = pipeline.behaviour_bench(engine, axis, queries, judge)
         line, _, _ = pipeline.screen(bench, str(model or engine.name))
         click.echo(line, err=True)
-        if screen_only:
+        if screen_only or folder is None:
             return
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
-                                 on_status=status, recipe=recipe, bench=bench)
+                                 on_status=status, recipe=recipe, bench=bench, strengths=grid)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
@@ -284,6 +288,17 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     click.echo(f"try it:  alignez chat -m {model} --vector {p.vector}")
     scale = res.vector.default_strength_or_one
     click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+
+
+def parse_strengths(text: str) -> tuple[float, ...]:
+    """Return the strengths of "0.25,0.5,1" (positive, finite, at most 16 of them)."""
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise AlignezError(f"{text!r} is not a comma-separated list of numbers; e.g. 0.25,0.5,1") from None
+    if not values or len(values) > 16 or not all(0 < v <= 1e4 for v in values):
+        raise AlignezError(f"{text!r}: give 1 to 16 positive strengths up to 10000, e.g. 0.25,0.5,1")
+    return values
 
 
 def open_judge(name: str, engine: Engine, threads: int | None) -> Judge:

@@ -14,7 +14,12 @@ from alignez_local.apps.cli_options import (
     sampling_options,
     steering_options,
 )
-from alignez_local.evaluation.config import EvalConfig, parse_kinds, parse_strengths
+from alignez_local.align.steering import Steering
+from alignez_local.apps.cli_align import open_judge
+from alignez_local.evaluation.behaviour_eval import behaviour_table, resolve_axis_name, table_lines
+from alignez_local.evaluation.config import EvalConfig, parse_kinds, parse_strengths, select_prompts
+from alignez_local.fileio import write_json
+from alignez_local.settings import RuntimeSettings, open_engine
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
 from alignez_local.evaluation.judge import DEFAULT_MARGIN, MODES
 from alignez_local.evaluation.prompt_sets import EVAL_KINDS
@@ -51,6 +56,11 @@ from alignez_local.models import JUDGE_MODEL
               help="Judge context size in tokens (shared by its parallel prompts).")
 @click.option("--out", "out_dir", default="alignez-eval", show_default=True, metavar="DIR",
               help="Folder for report.json, summary.md and sweep.png.")
+@click.option("--behaviour", "behaviour_axis", default="auto", show_default=True, metavar="AXIS|auto|off",
+              help="Also score every answer for the axis's behaviour (steer's measure, relevance and fluency guards), "
+                   "beside prompting and a random direction of the same norm; auto: the axis the files were made for.")
+@click.option("--behaviour-judge", default="self", show_default=True, metavar="MODEL|self",
+              help="Model that reads relevance (and judge-measured behaviours) in the behaviour table.")
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the unfinished run in --out (same settings): reuse its finished answers, "
                    "answer the rest; perplexity and judging are redone.")
@@ -60,7 +70,7 @@ def eval_command(
     temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int, repeat_penalty: float,
     prompts_file: str | None, prompt_kind: str | None, kinds: str | None, limit: int | None, judge: str,
     mode: str, margin: float, refusal_judge: bool, quality_judge: bool, reference: str | None, sweep: str | None,
-    judge_parallel: int, judge_ctx: int, out_dir: str, resume: bool,
+    judge_parallel: int, judge_ctx: int, out_dir: str, resume: bool, behaviour_axis: str, behaviour_judge: str,
 ) -> None:
     """Judge steered against unsteered answers with a local model.
 
@@ -83,7 +93,10 @@ def eval_command(
     alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p
     alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p --resume    # after a kill
     alignez eval --vector v.gguf --prompts harmbench_prompts.txt --prompt-kind harmful --no-quality-judge
+    alignez eval --vector french.gguf --behaviour french --no-quality-judge --kinds helpful    # behaviour table only
     """
+    if behaviour_axis not in ("auto", "off"):
+        resolve_axis_name(behaviour_axis, Steering())  # a wrong name fails now, not after the run
     try:
         cfg = EvalConfig(
             model=model, vectors=vectors, profiles=profiles, layers=layers, top_n=top_n,
@@ -115,7 +128,34 @@ def eval_command(
             click.echo(f"{label}: refusals {line}")
     if report.get("plot"):
         click.echo(report["plot"], err=True)
+    if behaviour_axis != "off" and (vectors or profiles):
+        table = _behaviour(cfg, behaviour_axis, behaviour_judge, out)
+        if table is not None:
+            click.echo("\n".join(table_lines(table)))
     click.echo(f"wrote {out / 'report.json'} and {out / 'summary.md'}", err=True)
+
+
+def _behaviour(cfg: EvalConfig, axis_name: str, judge_name: str, out: Path) -> dict[str, Any] | None:
+    """Return the behaviour table (written to OUT/behaviour.json), or None when no axis is known."""
+    engine = open_engine(cfg.model, RuntimeSettings(cfg.threads, cfg.n_ctx, cfg.gpu_layers, cfg.parallel, cfg.verbose))
+    try:
+        steering = Steering.from_specs(engine, cfg.vectors, cfg.profiles, cfg.layers, cfg.top_n)
+        axis = resolve_axis_name(axis_name, steering)
+        if axis is None:
+            click.echo("behaviour: the steering files do not say which behaviour they steer; give --behaviour AXIS", err=True)
+            return None
+        kind = "harmful" if axis.measure == "refusal" else "helpful"
+        questions = [p.text for p in select_prompts(cfg) if p.kind == kind]
+        judge = open_judge(judge_name, engine, cfg.threads)
+        try:
+            table = behaviour_table(engine, steering, axis, questions, judge, cfg.sampling, cfg.sampling.seed or 0)
+        finally:
+            if judge.engine is not engine:
+                judge.close()
+    finally:
+        engine.close()
+    write_json(out / "behaviour.json", table)
+    return table
 
 
 def _refusal_line(group: dict[str, Any]) -> str:

@@ -1,0 +1,149 @@
+"""The trait suite: steer each trait with each recipe variant and print the behaviour table.
+
+    .venv/bin/python scripts/trait_suite.py qwen2.5-coder-0.5b-instruct --traits french,brief --variants default,contrast
+    .venv/bin/python scripts/trait_suite.py smollm2-135m-instruct --limit 48 --out runs/suite
+
+Every run is ``pipeline.run_steer`` (the code ``alignez steer`` runs): the same measures, the same
+choose/report split, the same random-direction and prompting baselines. A variant changes the
+recipe, the site, the pooling, the direction or the layers (``VARIANTS``). Variants with the same
+recipe share the generated pairs (copied from the first run of that recipe), so only fitting and
+calibration are paid again. Results go to OUT/<model>/<trait>/<variant>/report.json, one JSON line
+per run to OUT/<model>/suite.jsonl (a re-run skips the runs already there), and a markdown table
+to stdout (``--table`` prints it from suite.jsonl without running anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from alignez_local import pipeline
+from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
+from alignez_local.align.preferences import GenerationSettings
+from alignez_local.apps.cli_align import open_judge
+from alignez_local.pipeline import FitSettings, ModelId
+from alignez_local.settings import RuntimeSettings, open_engine
+
+
+def variants(n_layer: int) -> dict[str, dict[str, Any]]:
+    """Return variant name -> (recipe, FitSettings changes, profile calibrated?)."""
+    mid = n_layer // 2
+    return {
+        # The default: the plain recipe, l_out, mean over the answer, difference of means on the middle third.
+        "default": {"recipe": "plain", "fit": {}, "profile": True},
+        "contrast": {"recipe": "contrast", "fit": {}, "profile": False},
+        "direct": {"recipe": "direct", "fit": {}, "profile": False},
+        "last-token": {"recipe": "plain", "fit": {"pool": "last"}, "profile": False},
+        "ffn_out": {"recipe": "plain", "fit": {"site": "ffn_out"}, "profile": False},
+        "profile-vector": {"recipe": "plain", "fit": {"vector_from": "profile"}, "profile": False},
+        "pca": {"recipe": "plain", "fit": {"method": "pca-diff", "vector_from": "profile"}, "profile": False},
+        "one-layer": {"recipe": "plain", "fit": {"vector_layers": [mid]}, "profile": False},
+        "all-layers": {"recipe": "plain", "fit": {"vector_layers": list(range(1, n_layer - 1))}, "profile": False},
+        "paper": {"recipe": "paper", "fit": {"site": "ffn_out", "pool": "last", "vector_from": "profile"}, "profile": True},
+    }
+
+
+def row(model: str, trait: str, variant: str, res: pipeline.SteerResult) -> dict[str, Any]:
+    """Return one table row: per file, the reported figures beside unsteered, prompting and random."""
+    out: dict[str, Any] = {"model": model, "trait": trait, "variant": variant, "timings": res.timings}
+    for what, cal in res.calibration.items():
+        rep = cal.report
+        out[what] = {
+            "strength": cal.strength, "beats_random": cal.beats_random, "verdict": cal.verdict,
+            **{f"{cond}_{m}": rep[cond][m]["mean"] for cond in ("unsteered", "prompting", "random", "steered")
+               for m in ("behaviour_rate", "relevance", "fluency", "combined")},
+            "steered_behaviour_ci95": rep["steered"]["behaviour_rate"]["ci95"],
+            "vs_random": cal.vs_random,
+        }
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Return the markdown table of ``rows`` (one line per run and file)."""
+    head = ("| model | trait | variant | file | strength | behaviour steered [95%] | random | prompting | unsteered "
+            "| relevance (vs unsteered) | fluency (vs unsteered) | combined | beats random |")
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        for what in ("vector", "profile"):
+            c = r.get(what)
+            if not c:
+                continue
+            ci = c["steered_behaviour_ci95"]
+            lines.append(
+                f"| {r['model']} | {r['trait']} | {r['variant']} | {what} | {c['strength']:g} "
+                f"| {100 * c['steered_behaviour_rate']:.0f}% [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}] "
+                f"| {100 * c['random_behaviour_rate']:.0f}% | {100 * c['prompting_behaviour_rate']:.0f}% "
+                f"| {100 * c['unsteered_behaviour_rate']:.0f}% "
+                f"| {c['steered_relevance']:.2f} ({c['unsteered_relevance']:.2f}) "
+                f"| {c['steered_fluency']:.2f} ({c['unsteered_fluency']:.2f}) | {c['steered_combined']:.2f} "
+                f"| {'yes' if c['beats_random'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--traits", default=",".join(TRAITS), help="Comma-separated axes; custom:POS/NEG for your own.")
+    ap.add_argument("--variants", default="default")
+    ap.add_argument("--limit", type=int, default=48, help="Generation queries per trait.")
+    ap.add_argument("--response-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--judge", default="self")
+    ap.add_argument("--out", default="runs/suite")
+    ap.add_argument("--table", action="store_true", help="Only print the table of the runs already made.")
+    args = ap.parse_args()
+    root = Path(args.out) / args.model
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "suite.jsonl"
+    done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    if args.table:
+        print(table(done))
+        return
+    engine = open_engine(args.model, RuntimeSettings(threads=args.threads))
+    judge = open_judge(args.judge, engine, args.threads)
+    model = ModelId.of(engine, args.model)
+    table_variants = variants(engine.n_layer)
+    gen = GenerationSettings(temperature=0.7, response_tokens=args.response_tokens, seed=0)
+    for trait in args.traits.split(","):
+        if trait.startswith("custom:"):
+            pos, neg = trait[len("custom:"):].split("/")
+            axis = custom_axis(pos, neg)
+        else:
+            axis = BUILTIN_AXES[trait]
+        queries = pipeline.select_queries(None, args.limit, axis=axis.name)
+        for variant in args.variants.split(","):
+            if any(r["trait"] == axis.name and r["variant"] == variant for r in done):
+                continue
+            v = table_variants[variant]
+            folder = root / axis.name / variant
+            folder.mkdir(parents=True, exist_ok=True)
+            # Share the pairs with an earlier variant of the same recipe: only fitting is paid again.
+            if not (folder / "preferences.jsonl").exists():
+                for other, ov in table_variants.items():
+                    src = root / axis.name / other / "preferences.jsonl"
+                    if other != variant and ov["recipe"] == v["recipe"] and src.exists():
+                        shutil.copy(src, folder / "preferences.jsonl")
+                        break
+            fit = dataclasses.replace(FitSettings(), **v["fit"])
+            t0 = time.time()
+            print(f"== {args.model} {axis.name} {variant}", file=sys.stderr, flush=True)
+            res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judge,
+                                     on_status=lambda line: print(line, file=sys.stderr, flush=True),
+                                     with_profile=v["profile"])
+            r = row(args.model, axis.name, variant, res)
+            r["wall_s"] = round(time.time() - t0, 1)
+            done.append(r)
+            with log.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print("\n".join(pipeline.behaviour_lines(res.calibration)), file=sys.stderr, flush=True)
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()
