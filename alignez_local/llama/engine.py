@@ -40,12 +40,14 @@ from alignez_local.llama import bindings, hooks
 from alignez_local.llama.chat_format import PLAIN_STOP, format_chat
 from alignez_local.llama.cvec import check_vectors, cvec_buffer
 from alignez_local.llama.hooks import Capture, Edit, EditFn, HookState
-from alignez_local.llama.sampling import Completion, Sampling, TokenFn
+from alignez_local.llama.sampling import Completion, Sampling, TokenFn, TokenLogprob
 from alignez_local.llama.scheduler import CANCELLED, AdmitFn, Scheduler, Seq
 from alignez_local.llama.vocab import Vocab
 from alignez_local.specs import CAPTURE_SITES
 
-__all__ = ["CANCELLED", "AdmitFn", "Completion", "EditFn", "Engine", "Sampling", "Seq", "TokenFn", "physical_cores"]
+__all__ = [
+    "CANCELLED", "AdmitFn", "Completion", "EditFn", "Engine", "Sampling", "Seq", "TokenFn", "TokenLogprob", "physical_cores",
+]
 
 physical_cores = bindings.physical_cores
 
@@ -261,7 +263,8 @@ class Engine:
     @staticmethod
     def completion(s: Seq) -> Completion:
         """Return the completion of a finished generating sequence."""
-        return Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens), np.asarray(s.logprobs), s.generated)
+        return Completion(s.text, len(s.generated), s.finish or "interrupted", len(s.tokens), np.asarray(s.logprobs), s.generated,
+                          list(s.top_tokens) if s.n_top is not None else None)
 
     def generate_live(
         self, admit: AdmitFn, on_token: TokenFn | None = None, on_done: Callable[[Seq], None] | None = None
@@ -272,7 +275,9 @@ class Engine:
         ``admit`` is asked before every decode step, on this thread; it may also ``Seq.cancel`` a
         sequence, which then leaves at once (KV cells removed, slot free). A sequence with
         ``sampling=None`` is prefilled only (for an edit callback to read its last prompt token).
-        Keys are the caller's: they reach ``on_token``, ``on_done`` and activation edits.
+        Keys are the caller's: they reach ``on_token``, ``on_done`` and activation edits. A
+        sequence with ``n_top`` set records each token's logprob and top alternatives
+        (``Seq.top_tokens``, ``Completion.top_logprobs``).
         """
         self._sched.run([], on_token=on_token, on_done=on_done, admit=admit)
 

@@ -1,5 +1,5 @@
-"""Public value types of generation (``Sampling``, ``Completion``, ``TokenFn``) and the llama.cpp
-sampler chain built from a ``Sampling``."""
+"""Public value types of generation (``Sampling``, ``Completion``, ``TokenLogprob``, ``TokenFn``) and
+the llama.cpp sampler chain built from a ``Sampling``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,24 @@ class Sampling:
         return self
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely tokens of the same step
+    (recorded only for sequences that ask: ``Seq.n_top``).
+
+    Log-probabilities are the log-softmax of the raw logits of that sequence at that step, under
+    its steering, before temperature, top-k/top-p and repeat penalty (the model's own
+    distribution, as OpenAI reports it). Token bytes are the pieces with special tokens spelled
+    out (``<|im_end|>``), so an alternative that is a control token is readable.
+    """
+
+    token: int
+    bytes: bytes
+    logprob: float
+    offset: int  # where the token's text starts in the answer text (characters)
+    top: tuple[tuple[int, bytes, float], ...] = ()  # (token, bytes, logprob), most likely first
+
+
 @dataclass
 class Completion:
     """One generated answer.
@@ -65,6 +83,9 @@ class Completion:
     n_prompt_tokens: int
     token_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tokens: list[int] = field(default_factory=list)  # the generated token ids
+    # Per token the text shows (a stop string's tokens left out), with the top alternatives;
+    # None unless the sequence asked for them (``Seq.n_top``).
+    top_logprobs: list[TokenLogprob] | None = None
 
 
 def make_sampler(sp: Sampling, n_vocab: int) -> Any:

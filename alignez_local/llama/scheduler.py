@@ -27,7 +27,7 @@ import llama_cpp.llama_cpp as C
 
 from alignez_local.errors import AlignezError
 from alignez_local.llama.hooks import HookState, Layout
-from alignez_local.llama.sampling import Sampling, TokenFn, make_sampler
+from alignez_local.llama.sampling import Sampling, TokenFn, TokenLogprob, make_sampler
 from alignez_local.llama.vocab import Vocab
 
 
@@ -45,6 +45,10 @@ class Seq:
     sampler: Any = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # of each generated token, raw logits
+    # None (the default, no cost): nothing more. k >= 0: per generated token the text shows, a
+    # TokenLogprob with the k most likely tokens of its step (``top_tokens``).
+    n_top: int | None = None
+    top_tokens: list[TokenLogprob] = field(default_factory=list)
     decoder: Any = None
     text: str = ""
     emitted: int = 0
@@ -277,9 +281,16 @@ class Scheduler:
         if self.vocab.is_eog(tok):
             s.finish = "stop"
         else:
-            # The sampler works on its own copy, so the context's row still holds the raw logits.
+            # The sampler works on its own copy, so the context's row still holds the raw logits:
+            # the log-probabilities are the model's own distribution under this sequence's
+            # steering, before temperature, top-k/top-p and repeat penalty (as OpenAI reports).
             logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, row), shape=(self.vocab.n_tokens,))
-            s.logprobs.append(float(logits[tok]) - _logsumexp(logits))
+            lse = _logsumexp(logits)
+            lp = float(logits[tok]) - lse
+            s.logprobs.append(lp)
+            if s.n_top is not None:  # only sequences that ask pay for the top-k and the pieces
+                s.top_tokens.append(TokenLogprob(tok, self.vocab.piece_bytes(tok, True), lp, len(s.text),
+                                                 self._top(logits, lse, s.n_top)))
             s.generated.append(tok)
             s.text += s.decoder.decode(self.vocab.piece_bytes(tok))
             stops = sp.stop
@@ -287,6 +298,8 @@ class Scheduler:
             if cut >= 0:
                 s.text = s.text[:cut]
                 s.finish = "stop"
+                if s.n_top is not None:  # tokens wholly inside the stop string are not shown
+                    s.top_tokens = [t for t in s.top_tokens if t.offset < cut]
             elif len(s.generated) >= sp.max_tokens:
                 s.finish = "length"
             else:
@@ -299,6 +312,17 @@ class Scheduler:
         if on_token is not None and upto > s.emitted:
             on_token(s.key, s.text[s.emitted : upto])
         s.emitted = upto
+
+    def _top(self, logits: np.ndarray, lse: float, k: int) -> tuple[tuple[int, bytes, float], ...]:
+        """Return the ``k`` most likely tokens of a logits row as (token, bytes, logprob), most
+        likely first (ties by token id). The logprobs are computed as the sampled token's is, so
+        a greedy token's logprob equals the first one's exactly."""
+        k = min(k, logits.shape[0])
+        if k <= 0:
+            return ()
+        idx = np.argpartition(logits, -k)[-k:]
+        idx = idx[np.lexsort((idx, -logits[idx]))]
+        return tuple((int(i), self.vocab.piece_bytes(int(i), True), float(logits[i]) - lse) for i in idx)
 
     @contextmanager
     def _interruptible(self) -> Iterator[None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from alignez_local.apps.serve.schemas import GenRequest, parse_json, parse_reque
 from alignez_local.apps.serve.steering import SteeringSet
 from alignez_local.apps.serve.worker import Event, Job, Worker, asyncio_sink
 from alignez_local.errors import AlignezError
-from alignez_local.llama.engine import Completion, Engine
+from alignez_local.llama.engine import Completion, Engine, TokenLogprob
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
@@ -92,7 +93,8 @@ class _Server:
         body = parse_json(await request.body())
         req = parse_request(body, chat, self.engine, self.steering, self.config.default_max_tokens)
         q: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(req.prompt, req.n_prompt, req.sampling, req.steering, asyncio_sink(asyncio.get_running_loop(), q))
+        job = Job(req.prompt, req.n_prompt, req.sampling, req.steering, asyncio_sink(asyncio.get_running_loop(), q),
+                  top_logprobs=req.logprobs)
         try:
             self.worker.submit(job)
         except AlignezError as err:
@@ -128,13 +130,13 @@ class _Server:
             while True:
                 ev = await q.get()
                 if ev.kind == "text":
-                    yield out.chunk(ev.text)
+                    yield out.chunk(ev.text, logprobs=ev.logprobs)
                 elif ev.kind == "error":
                     yield _json(ApiError(ev.text, 500, type_="server_error").body())
                     break
                 else:
                     assert ev.completion is not None
-                    yield out.chunk("", finish=_finish(ev.completion))
+                    yield out.chunk("", finish=_finish(ev.completion), logprobs=ev.logprobs or None)
                     if out.req.include_usage:
                         yield out.usage_chunk(ev.completion)
                     break
@@ -150,6 +152,38 @@ def _finish(c: Completion) -> str:
 
 def _json(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _lp(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # OpenAI's value for "very unlikely"; JSON has no -inf
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "replace")  # a piece may be part of a character: ``bytes`` has it whole
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """Return a chat choice's ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    return {"content": [
+        {"token": _text(t.bytes), "logprob": _lp(t.logprob), "bytes": list(t.bytes),
+         "top_logprobs": [{"token": _text(b), "logprob": _lp(lp), "bytes": list(b)} for _, b, lp in t.top]}
+        for t in tokens
+    ]}
+
+
+def legacy_logprobs(tokens: list[TokenLogprob], base: int) -> dict[str, Any]:
+    """Return a text completion choice's ``logprobs`` (the legacy shape): tokens, token_logprobs,
+    top_logprobs (the N most likely and the sampled token, as OpenAI's may hold N + 1) and
+    text_offset (characters into prompt + text, ``base`` = the prompt's length)."""
+    tops = []
+    for t in tokens:
+        d: dict[str, float] = {}
+        for _, b, lp in t.top:
+            d.setdefault(_text(b), _lp(lp))  # pieces that decode alike keep the likeliest
+        d.setdefault(_text(t.bytes), _lp(t.logprob))
+        tops.append(d)
+    return {"tokens": [_text(t.bytes) for t in tokens], "token_logprobs": [_lp(t.logprob) for t in tokens],
+            "top_logprobs": tops, "text_offset": [base + t.offset for t in tokens]}
 
 
 class _Shaper:
@@ -170,23 +204,32 @@ class _Shaper:
         return {"prompt_tokens": c.n_prompt_tokens, "completion_tokens": c.n_tokens,
                 "total_tokens": c.n_prompt_tokens + c.n_tokens}
 
+    def _logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if self.req.logprobs is None or tokens is None:
+            return None
+        return chat_logprobs(tokens) if self.req.chat else legacy_logprobs(tokens, len(self.req.prompt))
+
     def whole(self, c: Completion) -> dict[str, Any]:
+        lps = self._logprobs(c.top_logprobs)
         if self.req.chat:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": c.text},
-                                      "logprobs": None, "finish_reason": _finish(c)}
+                                      "logprobs": lps, "finish_reason": _finish(c)}
         else:
-            choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": _finish(c)}
+            choice = {"index": 0, "text": c.text, "logprobs": lps, "finish_reason": _finish(c)}
         return {**self._head(self.object), "choices": [choice], "usage": self._usage(c), "steering": self.req.steering}
 
-    def chunk(self, text: str, first: bool = False, finish: str | None = None) -> str:
+    def chunk(self, text: str, first: bool = False, finish: str | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> str:
+        """Return one SSE chunk; ``logprobs``: the tokens whose text starts in it (None: none)."""
+        lps = self._logprobs(logprobs)
         if self.req.chat:
             delta: dict[str, Any] = {} if finish else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
             return _json({**self._head("chat.completion.chunk"), "choices": [choice]})
         return _json({**self._head("text_completion"),
-                      "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+                      "choices": [{"index": 0, "text": text, "logprobs": lps, "finish_reason": finish}]})
 
     def usage_chunk(self, c: Completion) -> str:
         obj = "chat.completion.chunk" if self.req.chat else "text_completion"

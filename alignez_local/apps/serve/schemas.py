@@ -20,6 +20,7 @@ from alignez_local.llama.engine import Engine, Sampling
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_TOKENS = 32768  # Sampling.check's limit
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit of top_logprobs (also taken for the legacy logprobs: N)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class GenRequest:
     stream: bool
     include_usage: bool
     model: str
+    # None: no logprobs. k: each token's logprob and its k most likely alternatives (chat:
+    # logprobs=true, top_logprobs=k; /v1/completions: logprobs=k, the legacy shape).
+    logprobs: int | None = None
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -124,6 +128,26 @@ def _prompt(body: dict[str, Any]) -> str:
     return p
 
 
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """Return how many alternatives per token the request wants, or None when it wants no logprobs."""
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if chat:
+        if _flag(body, "logprobs"):
+            return top or 0
+        if top is not None:
+            raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return None
+    if top is not None:
+        raise ApiError(f"top_logprobs is a chat completions field; on /v1/completions send logprobs: N (0 to {MAX_TOP_LOGPROBS})",
+                       param="top_logprobs", code="invalid_value")
+    if body.get("logprobs") is False:
+        return None
+    if body.get("logprobs") is True:
+        raise ApiError(f"logprobs on /v1/completions is how many alternatives per token: an integer, 0 to {MAX_TOP_LOGPROBS}",
+                       param="logprobs", code="invalid_type")
+    return _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+
+
 def parse_request(
     body: dict[str, Any], chat: bool, engine: Engine, steering: SteeringSet, default_max_tokens: int
 ) -> GenRequest:
@@ -173,10 +197,11 @@ def parse_request(
         chosen = steering.resolve(body.get("steering"))
     except AlignezError as err:
         raise ApiError(str(err), param="steering", code="invalid_steering") from None
+    logprobs = _logprobs(body, chat)
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise ApiError("stream_options must be an object", param="stream_options", code="invalid_type")
     return GenRequest(
         chat=chat, prompt=prompt, n_prompt=n_prompt, sampling=sampling, steering=chosen,
-        stream=_flag(body, "stream"), include_usage=_flag(opts or {}, "include_usage"), model=model,
+        stream=_flag(body, "stream"), include_usage=_flag(opts or {}, "include_usage"), model=model, logprobs=logprobs,
     )

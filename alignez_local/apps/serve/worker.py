@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from alignez_local.apps.serve.steering import Choice, LiveSteering, SteeringSet
 from alignez_local.errors import AlignezError
-from alignez_local.llama.engine import CANCELLED, Completion, Engine, Sampling, Seq
+from alignez_local.llama.engine import CANCELLED, Completion, Engine, Sampling, Seq, TokenLogprob
 
 log = logging.getLogger("alignez.serve")
 
@@ -44,11 +44,16 @@ class _Abandoned(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """What a job reports: "text" (a piece), "done" (with the completion) or "error" (a message)."""
+    """What a job reports: "text" (a piece), "done" (with the completion) or "error" (a message).
+
+    ``logprobs`` (jobs that asked for them): the tokens whose text starts in this piece ("text"),
+    or the ones not sent with a piece yet ("done"); a stream carries each shown token once.
+    """
 
     kind: str
     text: str = ""
     completion: Completion | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Job:
     sampling: Sampling
     steering: Choice
     emit: Callable[[Event], None]
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's logprob and k alternatives
     cancelled: bool = False
     started: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
@@ -99,6 +105,8 @@ class _Live:
     job: Job
     seq: Seq
     planning: bool
+    chars: int = 0  # characters of text sent so far
+    sent: int = 0  # tokens whose logprobs were sent so far
 
 
 class Worker:
@@ -281,7 +289,7 @@ class Worker:
 
     def _generating(self, job: Job, tokens: list[int], planned_by: int | None) -> Seq | None:
         """Return ``job``'s generating sequence, steered by its choice (None: the job failed)."""
-        seq = Seq(next(self._keys), tokens, sampling=job.sampling)
+        seq = Seq(next(self._keys), tokens, sampling=job.sampling, n_top=job.top_logprobs)
         try:
             job.sampling.check()
             self._steer.start(seq.key, job.steering, planned_by)
@@ -300,8 +308,16 @@ class Worker:
 
     def _on_token(self, key: int, text: str) -> None:
         live = self._live.get(key)
-        if live is not None:
-            live.job.send(Event("text", text))
+        if live is None:
+            return
+        lps = None
+        live.chars += len(text)
+        if live.seq.n_top is not None:
+            tops, start = live.seq.top_tokens, live.sent
+            while live.sent < len(tops) and tops[live.sent].offset < live.chars:
+                live.sent += 1
+            lps = tops[start : live.sent]
+        live.job.send(Event("text", text, logprobs=lps))
 
     def _on_done(self, seq: Seq) -> None:
         """A sequence left the decode: plan and queue a job's generation, or finish the job."""
@@ -316,5 +332,6 @@ class Worker:
         if seq.finish == CANCELLED or job.cancelled:
             job.finished.set()
         else:
-            job.send(Event("done", completion=self.engine.completion(seq)))
+            rest = seq.top_tokens[live.sent :] if seq.n_top is not None else None
+            job.send(Event("done", completion=self.engine.completion(seq), logprobs=rest))
         self._sync_running()
