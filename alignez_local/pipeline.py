@@ -361,7 +361,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
               generation: GenerationSettings, fit: FitSettings, model: ModelId,
               on_status: Notify = _quiet, recipe: str | None = None, bench: BehaviourBench | None = None,
               judge: YesNoJudge | None = None, strengths: Sequence[float] = STRENGTHS,
-              with_profile: bool = True) -> SteerResult:
+              with_profile: bool = True, screen_s: float = 0.0) -> SteerResult:
     """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
     both files' default strengths by the behaviour (align/calibrate_behaviour.py) on held-out
     queries, reported beside unsteered, prompting and a random direction.
@@ -370,7 +370,8 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
     and report.json (the provenance of the run and the behaviour report). ``bench``: one already
     screened (``behaviour_bench``, ``screen``); None builds it with ``judge``. ``with_profile``
     False skips the profile's calibration (its file keeps no default strength): the experiments
-    compare vector recipes at half the cost.
+    compare vector recipes at half the cost. ``screen_s``: seconds the caller's screening took
+    (reported with the stages).
     """
     paths = SteerPaths.prepare(folder)
     clock = _Clock()
@@ -403,7 +404,10 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         clock.lap("calibrate_s")
     except KeyboardInterrupt:
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
-    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name, cals)
+    timings = {"screen_s": screen_s, **clock.timings()} if screen_s else clock.timings()
+    if screen_s:
+        timings["total_s"] += screen_s
+    result = SteerResult(paths, prof, cv, rep, written, had, timings, get_recipe(recipe).name, cals)
     write_json(paths.report, steer_report(result, axis, len(queries), fit, model))
     return result
 

@@ -6,12 +6,13 @@ import dataclasses
 
 import pytest
 
-from alignez_local.align.axes import BUILTIN_AXES, MAX_PERSONA_CHARS, PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.axes import BUILTIN_AXES, MAX_PERSONA_CHARS, TRAITS, PreferenceAxis, custom_axis, get_axis
 from alignez_local.errors import AlignezError
 
 
-def test_builtin_axes_are_the_papers_three() -> None:
-    assert set(BUILTIN_AXES) == {"helpful", "harmless", "humor"}
+def test_builtin_axes_are_the_papers_three_and_the_trait_suite() -> None:
+    assert {"helpful", "harmless", "humor"} <= set(BUILTIN_AXES)
+    assert set(BUILTIN_AXES) - {"helpful", "harmless", "humor"} == set(TRAITS)
     for key, axis in BUILTIN_AXES.items():
         assert axis.name == key
         assert axis.positive and axis.negative and axis.positive != axis.negative
@@ -35,9 +36,9 @@ def test_get_axis_ignores_case_and_spaces() -> None:
 
 def test_unknown_axis_lists_builtins_and_custom_options() -> None:
     with pytest.raises(AlignezError) as info:
-        get_axis("pirate")
+        get_axis("chef")
     msg = str(info.value)
-    assert "pirate" in msg and "helpful, harmless, humor" in msg
+    assert "chef" in msg and "helpful, harmless, humor, french" in msg
     assert "--positive" in msg and "--negative" in msg
     assert "\n" not in msg
 

@@ -110,7 +110,12 @@ class ChatSession:
     ) -> "ChatSession":
         """Return a session steered by ``FILE[:STRENGTH]`` specs (warnings go to on_note)."""
         st = Steering.from_specs(engine, vectors, profiles, layers, top_n or DEFAULT_TOP_N)
-        for w in st.warnings:
+        notes = list(st.warnings)
+        for slot in st.slots:
+            obj = slot.vector if hasattr(slot, "vector") else slot.profile
+            if (w := obj.calibration_warning()) is not None:
+                notes.append(f"{slot.name}: {w}")
+        for w in notes:
             (on_note or (lambda _m: None))(f"warning: {w}")
         return cls(engine, st, sampling, system, on_note=on_note)
 

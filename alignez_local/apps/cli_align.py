@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import click
@@ -266,13 +267,15 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     status = lambda line: click.echo(line, err=True)  # noqa: E731
     judge = open_judge(judge_model, engine, threads)
     try:
+        t0 = time.monotonic()
         bench = pipeline.behaviour_bench(engine, axis, queries, judge)
         line, _, _ = pipeline.screen(bench, str(model or engine.name))
         click.echo(line, err=True)
         if screen_only or folder is None:
             return
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
-                                 on_status=status, recipe=recipe, bench=bench, strengths=grid)
+                                 on_status=status, recipe=recipe, bench=bench, strengths=grid,
+                                 screen_s=time.monotonic() - t0)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:

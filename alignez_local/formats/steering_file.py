@@ -157,6 +157,15 @@ class SteeringFile:
         """Return the strength to use when the user gives none: the calibrated one, else 1.0."""
         return 1.0 if self.default_strength is None else self.default_strength
 
+    def calibration_warning(self) -> str | None:
+        """Return a warning when the file's behaviour calibration found that no strength beat a random
+        direction of the same norm (align/calibrate_behaviour.py), else None."""
+        cal = self.calibration or {}
+        if cal.get("rule") == "behaviour" and cal.get("beats_random") is False:
+            return (f"its calibration found that {cal.get('verdict', 'no strength beat a random direction')} "
+                    f"(strength {cal.get('strength')} was the best tried): expect no reliable effect")
+        return None
+
     def _check_calibration(self, where: str) -> None:
         """Store the validated, read-only default_strength and calibration (frozen, so via object)."""
         object.__setattr__(self, "default_strength", check_default_strength(self.default_strength, where))

@@ -1,0 +1,60 @@
+"""How long `alignez steer` takes with its defaults, stage by stage (the 15-minute target on 2 cores).
+
+    .venv/bin/python scripts/bench_steer.py [-m MODEL] [--axis AXIS] [-- extra steer flags]
+
+Runs the real command (a fresh output folder, so nothing is resumed) and prints the wall time of
+each stage from its report.json, the machine it ran on, and whether the target was met. A
+benchmark, not a test: the figure depends on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_S = 15 * 60
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None)
+    ap.add_argument("--axis", default=None)
+    ap.add_argument("extra", nargs="*", help="More steer flags, after --")
+    args = ap.parse_args()
+    alignez = str(Path(sys.executable).with_name("alignez"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [alignez, "steer", "-o", str(out)] + (["-m", args.model] if args.model else []) \
+            + (["--axis", args.axis] if args.axis else []) + list(args.extra)
+        t0 = time.monotonic()
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        wall = time.monotonic() - t0
+        if done.returncode != 0:
+            sys.exit(f"steer failed (exit {done.returncode})")
+        rep = json.loads((out / "report.json").read_text())
+    print(f"machine: {os.cpu_count()} cores, {cpu_model()}; model {rep['model']['name'] or rep['model']['file']}, "
+          f"axis {rep['axis']['name']}, {rep['n_queries']} queries")
+    for stage, seconds in rep["timings"].items():
+        print(f"  {stage:<14} {seconds:>8.1f} s")
+    print(f"wall time {wall:.0f} s: target {TARGET_S} s {'met' if wall <= TARGET_S else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
