@@ -52,9 +52,9 @@ from alignez_local.specs import parse_layer_list
 # Held-out prompts for the approximation report: the built-in evaluation set, written apart from
 # the generation queries.
 HELDOUT_PROMPTS = 16
-# steer's default query count: enough pairs for a subspace, and on the default model the whole
-# run stays well under 10 minutes on a 2-core laptop CPU.
-STEER_QUERIES = 96
+# steer's default query count: enough pairs for a difference of means and a subspace, and on the
+# default model (Qwen 0.5B) the whole run, calibration included, stays under 15 minutes on 2 cores.
+STEER_QUERIES = 64
 # export's default number of calibration queries.
 EXPORT_QUERIES = 64
 # Held-out queries the default strength is calibrated on (see align/calibrate.py): enough to pool
@@ -345,7 +345,8 @@ def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], j
     report half (``heldout`` None: built-in queries not in ``used``)."""
     pool = list(heldout) if heldout is not None else heldout_queries(axis.name, used)
     choose, report = split_heldout([q for q in pool if q not in set(used)], n_choose, n_report)
-    scorer = Scorer(measure_for(axis.measure, axis.positive), unsteered_nll(engine), judge)
+    scorer = Scorer(measure_for(axis.measure, axis.positive), unsteered_nll(engine), judge,
+                    nll_asked=unsteered_nll(engine, axis.guide("positive")))
     return BehaviourBench(engine, scorer, axis.guide("positive"), choose, report)
 
 

@@ -27,6 +27,7 @@ from alignez_local import pipeline
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
 from alignez_local.align.preferences import GenerationSettings
 from alignez_local.apps.cli_align import open_judge
+from alignez_local.evaluation.behaviour import measure_for
 from alignez_local.pipeline import FitSettings, ModelId
 from alignez_local.settings import RuntimeSettings, open_engine
 
@@ -94,8 +95,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=48, help="Generation queries per trait.")
     ap.add_argument("--response-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--judge", default="self")
+    ap.add_argument("--judge", default="auto")
     ap.add_argument("--out", default="runs/suite")
+    ap.add_argument("--no-profile", action="store_true", help="Calibrate only the vectors (half the cost).")
     ap.add_argument("--table", action="store_true", help="Only print the table of the runs already made.")
     args = ap.parse_args()
     root = Path(args.out) / args.model
@@ -106,7 +108,7 @@ def main() -> None:
         print(table(done))
         return
     engine = open_engine(args.model, RuntimeSettings(threads=args.threads))
-    judge = open_judge(args.judge, engine, args.threads)
+    judges: dict[bool, Any] = {}
     model = ModelId.of(engine, args.model)
     table_variants = variants(engine.n_layer)
     gen = GenerationSettings(temperature=0.7, response_tokens=args.response_tokens, seed=0)
@@ -133,9 +135,12 @@ def main() -> None:
             fit = dataclasses.replace(FitSettings(), **v["fit"])
             t0 = time.time()
             print(f"== {args.model} {axis.name} {variant}", file=sys.stderr, flush=True)
-            res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judge,
+            needs = measure_for(axis.measure, axis.positive).needs_judge
+            if needs not in judges:
+                judges[needs] = open_judge(args.judge, engine, args.threads, needs=needs)
+            res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judges[needs],
                                      on_status=lambda line: print(line, file=sys.stderr, flush=True),
-                                     with_profile=v["profile"])
+                                     with_profile=v["profile"] and not args.no_profile)
             r = row(args.model, axis.name, variant, res)
             r["wall_s"] = round(time.time() - t0, 1)
             done.append(r)

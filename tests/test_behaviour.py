@@ -18,6 +18,7 @@ from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour import (
     MEASURES, JudgeMeasure, MarkerMeasure, Scorer, distinct_share, fluency_from_nll, harmonic_mean, measure_for,
+    pmi_relevance,
 )
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
@@ -62,6 +63,13 @@ def test_every_axis_has_a_measure_and_the_traits_have_checkers() -> None:
 
 
 # --- guards and the combined score -------------------------------------------------------------
+
+
+def test_pmi_relevance_reads_how_much_the_question_explains_the_answer() -> None:
+    np.testing.assert_allclose(pmi_relevance(np.array([1.0, 0.5, 0.0, -0.4, np.nan]), 1.0), [1, 0.5, 0, 0, 0])
+    np.testing.assert_allclose(pmi_relevance(np.array([2.0, 0.2]), 0.5), [1.0, 0.4])
+    # a model whose own answers gain nothing from their questions: relevance cannot be read, so it is 1
+    np.testing.assert_allclose(pmi_relevance(np.array([0.3, -2.0]), 0.0), [1.0, 1.0])
 
 
 def test_harmonic_mean_is_zero_when_any_part_is_zero() -> None:
@@ -117,12 +125,13 @@ def test_choose_and_report_halves_never_share_a_query(queries: list[str], n_choo
 
 QUERIES = ["hello there", "tell me a story", "what is two plus two", "name a color", "a b c", "you and the sea",
            "is it in", "of the day", "red", "blue", "green", "to be", "in the end", "go", "stop", "why"]
-GRID = (0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+GRID = (4, 16, 32, 128)  # on this model " the" appears from about 16 and takes over (fluency breaks) by 64
 
 
 def _bench(engine: Engine) -> BehaviourBench:
     """The planted behaviour: answers that say " the" at least twice (counted by a marker measure)."""
-    measure = MarkerMeasure("planted", "answers saying 'the' twice", markers=("the",), min_hits=2)
+    # No request is answered by a random model: the planted behaviour has no relevance guard.
+    measure = MarkerMeasure("planted", "answers saying 'the' twice", uses_relevance=False, markers=("the",), min_hits=2)
     choose, report = split_heldout(QUERIES, 8, 8)
     return BehaviourBench(engine, Scorer(measure, unsteered_nll(engine)), "Say the word the.", choose, report,
                           sampling=Sampling(temperature=0.0, max_tokens=16))

@@ -141,7 +141,10 @@ BUILTIN_AXES: dict[str, PreferenceAxis] = {
 BUILTIN_AXES["harmless"] = dataclasses.replace(BUILTIN_AXES["harmless"], measure="refusal")
 TRAITS = tuple(name for name, axis in BUILTIN_AXES.items() if axis.trait)
 
-DEFAULT_AXIS = "helpful"
+DEFAULT_AXIS = "french"
+"""steer's default: a behaviour the default model shows when asked and a checker counts without a
+judge, so the first run ends with a measured result (docs/results.md §10); the paper's default axis,
+helpful, is ``--axis helpful``."""
 
 
 def get_axis(name: str) -> PreferenceAxis:

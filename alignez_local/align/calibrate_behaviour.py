@@ -35,7 +35,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour import ScoredAnswers, Scorer, paired_difference_ci
 from alignez_local.llama.engine import Engine, Sampling
 
-STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Multiples of a vector as fitted. For a difference-of-means vector, 1 moves the state by the whole
 average difference the behaviour makes at every steered layer; the measured window is narrow (on
 Qwen 0.5B, French: 0.25 works, 1 is gibberish), hence the fine steps at the low end."""
@@ -54,14 +54,15 @@ LOW_CEILING = 0.2
 SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.1)
 
 
-def unsteered_nll(engine: Engine) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+def unsteered_nll(engine: Engine, system: str | None = None) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
     """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
-    unsteered when called) with the question as a plain chat prompt; NaN for an empty answer."""
+    unsteered when called) with the question as a chat prompt (``system``: under that system prompt);
+    NaN for an empty answer."""
     def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         out = np.full(len(answers), np.nan)
         idx = [i for i, a in enumerate(answers) if a.strip()]
         if idx:
-            lps = engine.continuation_logprobs([engine.prompt(questions[i]) for i in idx], [answers[i] for i in idx])
+            lps = engine.continuation_logprobs([engine.prompt(questions[i], system) for i in idx], [answers[i] for i in idx])
             for i, lp in zip(idx, lps):
                 out[i] = float(-lp.mean()) if lp.size else np.nan
         return out
@@ -113,15 +114,19 @@ class BehaviourBench:
     def fixed(self, condition: str, half: str, questions: Sequence[str] | None = None) -> ScoredAnswers:
         """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
         half (or on ``questions`` under the name ``half``), measured once."""
+        if self.scorer.reference_nll is None:
+            # Fluency is relative to the model's own answers, plain and when asked for the behaviour:
+            # both are answered on the first half before anything is scored.
+            first = "choose" if self.choose else "report"
+            qs = self.choose if self.choose else self.report
+            plain, asked = self.answers(qs), self.answers(qs, system=self.system)
+            self.scorer.set_reference(qs, plain, asked)
+            self._fixed[("unsteered", first)] = self.scorer.score(qs, plain)
+            self._fixed[("prompting", first)] = self.scorer.score(qs, asked)
         key = (condition, half)
-        first = "choose" if self.choose else "report"
-        if self.scorer.reference_nll is None and key != ("unsteered", first):
-            self.fixed("unsteered", first)  # fluency is relative to the unsteered answers: measure them first
         if key not in self._fixed:
             qs = list(questions) if questions is not None else (self.choose if half == "choose" else self.report)
             ans = self.answers(qs, system=self.system if condition == "prompting" else None)
-            if condition == "unsteered" and self.scorer.reference_nll is None:
-                self.scorer.set_reference(qs, ans)
             self._fixed[key] = self.scorer.score(qs, ans)
         return self._fixed[key]
 

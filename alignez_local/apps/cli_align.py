@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from alignez_local import pipeline
-from alignez_local.align.axes import TRAITS, PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.axes import DEFAULT_AXIS, TRAITS, PreferenceAxis, custom_axis, get_axis
 from alignez_local.align.directions import METHODS
 from alignez_local.align.fit import DEFAULT_POOL, POOLS, diagnostics_table
 from alignez_local.align.preferences import GenerationSettings
@@ -23,7 +23,9 @@ from alignez_local.llama.engine import Engine
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
+from alignez_local.evaluation.behaviour import measure_for
 from alignez_local.evaluation.judge import Judge
+from alignez_local.models import JUDGE_MODEL
 from alignez_local.pipeline import FitSettings, ModelId, select_queries
 from alignez_local.settings import RuntimeSettings
 from alignez_local.specs import FIT_SITES, parse_layer_list
@@ -32,7 +34,7 @@ from alignez_local.specs import FIT_SITES, parse_layer_list
 def axis_options(f: Any) -> Any:
     f = click.option("--negative", default=None, help="Negative persona of a custom axis (with --positive).")(f)
     f = click.option("--positive", default=None, help="Positive persona of a custom axis, e.g. 'pirate-like'.")(f)
-    f = click.option("--axis", "axis_name", default="helpful", show_default=True,
+    f = click.option("--axis", "axis_name", default=DEFAULT_AXIS, show_default=True,
                      help="helpful, harmless, humor, or a trait: " + ", ".join(TRAITS) + ".")(f)
     return f
 
@@ -42,7 +44,7 @@ def resolve_axis(axis_name: str, positive: str | None, negative: str | None) -> 
     if positive is not None or negative is not None:
         if not positive or not negative:
             raise AlignezError("a custom axis needs both --positive and --negative personas")
-        return custom_axis(positive, negative, None if axis_name == "helpful" else axis_name)
+        return custom_axis(positive, negative, None if axis_name == DEFAULT_AXIS else axis_name)
     return get_axis(axis_name)
 
 
@@ -55,7 +57,9 @@ def query_options(f: Any) -> Any:
 
 def generation_options(f: Any, recipes: tuple[str, ...] = tuple(RECIPES)) -> Any:
     f = click.option("--responses", type=click.IntRange(1, 16), default=1, show_default=True, help="Pairs per query.")(f)
-    f = click.option("--response-tokens", type=click.IntRange(8, 4096), default=160, show_default=True)(f)
+    # 96: the plain recipe reads the behaviour over every answer token, and a steer run stays near
+    # 10 minutes on Qwen 0.5B (the paper used about 200 tokens: give --response-tokens 200 for it).
+    f = click.option("--response-tokens", type=click.IntRange(8, 4096), default=96, show_default=True)(f)
     f = click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)(f)
     f = click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=0, show_default=True)(f)
     with_request = REQUEST_RECIPE in recipes
@@ -224,8 +228,10 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @click.option("--vector-from", type=click.Choice(pipeline.VECTOR_SOURCES), default="mean-diff", show_default=True,
               help="The control vector: the difference of the pairs' mean states (CAA), or the profile's average edit.")
 @click.option("--vector-layers", default=None, metavar="A-B", help="Layers the mean-diff vector steers [the middle third].")
-@click.option("--judge", "judge_model", default="self", show_default=True, metavar="MODEL|self",
-              help="Model that reads relevance (and judge-measured behaviours): a GGUF path, a bundled name, or self.")
+@click.option("--judge", "judge_model", default="auto", show_default=True, metavar="MODEL|auto|self|none",
+              help="Judge for behaviours with no checker (every custom axis) and, when given, for relevance: a GGUF "
+                   "path or bundled name; auto: the bundled judge only where a measure needs one (relevance is then "
+                   "read from the model's own likelihoods); self: the steered model.")
 @click.option("--strengths", default=None, metavar="S1,S2,...",
               help="Strengths to try, as multiples of the vector (the profile's are scaled to match) [0.0625 ... 4].")
 @click.option("--screen-only", is_flag=True, help="Only measure whether the model shows the behaviour when asked, then stop.")
@@ -265,7 +271,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
         vector_layers=with_flag("--vector-layers", parse_layer_list, vector_layers, engine.n_layer) if vector_layers else None)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
     status = lambda line: click.echo(line, err=True)  # noqa: E731
-    judge = open_judge(judge_model, engine, threads)
+    judge = open_judge(judge_model, engine, threads, needs=measure_for(axis.measure, axis.positive).needs_judge)
     try:
         t0 = time.monotonic()
         bench = pipeline.behaviour_bench(engine, axis, queries, judge)
@@ -304,12 +310,18 @@ def parse_strengths(text: str) -> tuple[float, ...]:
     return values
 
 
-def open_judge(name: str, engine: Engine, threads: int | None) -> Judge:
-    """Return the judge that reads relevance: the steered model itself (``self``: no second model in
-    memory; its accuracy is in docs/results.md §10) or another model by path or bundled name."""
+def open_judge(name: str, engine: Engine, threads: int | None, needs: bool = False) -> Judge | None:
+    """Return the judge of a behaviour run, or None (relevance is then the model's own PMI reading).
+
+    ``auto``: the bundled judge model when the measure ``needs`` one, else None; ``none``: None;
+    ``self``: the steered model (a 0.5B model is no judge: docs/results.md §10); else a model."""
+    if name == "none" or (name == "auto" and not needs):
+        if needs:
+            raise AlignezError("this behaviour is measured by a judge model; give --judge MODEL (or auto)")
+        return None
     if name == "self":
         return Judge(engine)
-    return Judge.open(name, settings=RuntimeSettings(threads=threads, n_ctx=4096, parallel=4))
+    return Judge.open(JUDGE_MODEL if name == "auto" else name, settings=RuntimeSettings(threads=threads, n_ctx=4096, parallel=4))
 
 
 def default_recipe(axis: str, queries_file: str | None) -> str:

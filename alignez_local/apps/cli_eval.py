@@ -16,6 +16,7 @@ from alignez_local.apps.cli_options import (
 )
 from alignez_local.align.steering import Steering
 from alignez_local.apps.cli_align import open_judge
+from alignez_local.evaluation.behaviour import measure_for
 from alignez_local.evaluation.behaviour_eval import behaviour_table, resolve_axis_name, table_lines
 from alignez_local.evaluation.config import EvalConfig, parse_kinds, parse_strengths, select_prompts
 from alignez_local.fileio import write_json
@@ -59,8 +60,9 @@ from alignez_local.models import JUDGE_MODEL
 @click.option("--behaviour", "behaviour_axis", default="auto", show_default=True, metavar="AXIS|auto|off",
               help="Also score every answer for the axis's behaviour (steer's measure, relevance and fluency guards), "
                    "beside prompting and a random direction of the same norm; auto: the axis the files were made for.")
-@click.option("--behaviour-judge", default="self", show_default=True, metavar="MODEL|self",
-              help="Model that reads relevance (and judge-measured behaviours) in the behaviour table.")
+@click.option("--behaviour-judge", default="auto", show_default=True, metavar="MODEL|auto|self|none",
+              help="Judge of the behaviour table (as steer's --judge): auto uses the bundled judge only for "
+                   "behaviours with no checker; relevance is otherwise read from the model's own likelihoods.")
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the unfinished run in --out (same settings): reuse its finished answers, "
                    "answer the rest; perplexity and judging are redone.")
@@ -146,11 +148,11 @@ def _behaviour(cfg: EvalConfig, axis_name: str, judge_name: str, out: Path) -> d
             return None
         kind = "harmful" if axis.measure == "refusal" else "helpful"
         questions = [p.text for p in select_prompts(cfg) if p.kind == kind]
-        judge = open_judge(judge_name, engine, cfg.threads)
+        judge = open_judge(judge_name, engine, cfg.threads, needs=measure_for(axis.measure, axis.positive).needs_judge)
         try:
             table = behaviour_table(engine, steering, axis, questions, judge, cfg.sampling, cfg.sampling.seed or 0)
         finally:
-            if judge.engine is not engine:
+            if judge is not None and judge.engine is not engine:
                 judge.close()
     finally:
         engine.close()

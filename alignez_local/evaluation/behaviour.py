@@ -53,6 +53,9 @@ in proportion (a healthy 60-token answer has 90-100% distinct trigrams)."""
 BEHAVIOUR_THRESHOLD = 0.5
 """An answer "shows the behaviour" when its score is at least this (a checker's 1, a judge's p >= 0.5)."""
 
+NULL_QUESTION = "Say something."
+"""The context an answer is read in to tell how much its question explains it (``pmi_relevance``)."""
+
 RELEVANCE_QUESTION = (
     "Does the answer respond to the user's request (in any language or style), rather than refusing "
     "it, changing the subject or being gibberish?"
@@ -242,6 +245,27 @@ def fluency_from_nll(nll: np.ndarray, reference_nll: float, texts: Sequence[str]
     return np.where(empty | ~np.isfinite(nll), 0.0, base * loops)
 
 
+def pmi_relevance(pmi: np.ndarray, reference: float) -> np.ndarray:
+    """Return relevance in 0..1 from each answer's pointwise mutual information with its question.
+
+    ``pmi`` = mean per-token NLL of the answer after a content-free question (``NULL_QUESTION``) minus
+    its NLL after its own question, under the unsteered model: how much better the question explains
+    the answer than no question does. An off-topic answer or gibberish gains nothing from the question
+    (about 0); an answer about the question gains what the unsteered answers gain (``reference``, their
+    median), in whatever language or style. 1 at or above the reference, linear down to 0. When the
+    model's own answers gain less than ``MIN_REFERENCE_PMI`` from their questions (a model that does
+    not answer questions: the random test model), relevance cannot be read this way and is 1.
+    """
+    pmi = np.asarray(pmi, dtype=np.float64)
+    if not reference >= MIN_REFERENCE_PMI:
+        return np.ones_like(pmi)
+    return np.where(np.isfinite(pmi), np.clip(pmi / float(reference), 0.0, 1.0), 0.0)
+
+
+MIN_REFERENCE_PMI = 0.05
+"""Nats per token. Qwen 0.5B's and SmolLM2's answers to hand-made questions gain 0.4-1.9."""
+
+
 def harmonic_mean(*parts: np.ndarray) -> np.ndarray:
     """Return the element-wise harmonic mean of ``parts`` (each 0..1); 0 wherever any part is 0."""
     stack = np.clip(np.vstack([np.asarray(p, dtype=np.float64) for p in parts]), 0.0, 1.0)
@@ -309,15 +333,29 @@ class NllFn(Protocol):
 class Scorer:
     """Scores answers to plain questions for one measure: behaviour, relevance, fluency, combined.
 
-    ``nll`` reads answers under the unsteered model; ``reference_nll`` is the unsteered model's own
-    answers' mean NLL (``set_reference``); ``judge`` answers the relevance question (and the
-    behaviour question of judge measures). Identical (question, answer) pairs are scored once.
+    Fluency reads every answer under the unsteered model twice: as a plain answer (``nll``) and as an
+    answer given under the behaviour's own instruction (``nll_asked``: the positive guide as system
+    prompt), each against its own reference (the model's own answers in that context: the unsteered
+    ones, the prompting ones); the answer's fluency is the better of the two. Text is fluent when the
+    model itself would write it, with or without being asked for the behaviour: read only plainly, a
+    fluent French answer to an English question looks as unlikely as broken text (on Qwen 0.5B the
+    prompting answers scored 0.74 against the unsteered 0.92).
+
+    Relevance: with a ``judge``, its P(Yes) to ``RELEVANCE_QUESTION``; without one, the answer's
+    pointwise mutual information with its question under the unsteered model (``pmi_relevance``),
+    which needs no second model: the steered model judging itself is no judge at 0.5B (it ordered 2
+    of 6 hand-made relevance pairs right; the 1.5B judge 6 of 6; the PMI reading: docs/results.md
+    §10). The judge also answers the behaviour question of judge measures. Identical (question,
+    answer) pairs are scored once.
     """
 
     measure: Measure
     nll: NllFn
     judge: YesNoJudge | None = None
+    nll_asked: NllFn | None = None
     reference_nll: float | None = None
+    reference_asked: float | None = None
+    reference_pmi: float | None = None
     _cache: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -326,14 +364,48 @@ class Scorer:
 
     @property
     def uses_relevance(self) -> bool:
-        return self.measure.uses_relevance and self.judge is not None
+        return self.measure.uses_relevance
 
-    def set_reference(self, questions: Sequence[str], unsteered_answers: Sequence[str]) -> float:
-        """Set the fluency reference from the unsteered model's answers; return it (mean NLL, nats)."""
-        nll = self.nll(questions, unsteered_answers)
+    def pmi(self, questions: Sequence[str], answers: Sequence[str], nll: np.ndarray | None = None) -> np.ndarray:
+        """Return each answer's NLL gain from its question (nats per token; see ``pmi_relevance``);
+        ``nll``: the answers' plain NLL when already read."""
+        own = self.nll(questions, answers) if nll is None else nll
+        return self.nll([NULL_QUESTION] * len(answers), answers) - own
+
+    def relevance(self, pairs: Sequence[tuple[str, str]], nll: np.ndarray | None = None) -> np.ndarray:
+        """Return each (question, answer)'s relevance in 0..1 (the judge's, else the PMI reading)."""
+        if not self.uses_relevance:
+            return np.ones(len(pairs))
+        if self.judge is not None:
+            return self.judge.yes_probability(RELEVANCE_QUESTION, pairs)
+        assert self.reference_pmi is not None
+        return pmi_relevance(self.pmi([q for q, _ in pairs], [a for _, a in pairs], nll), self.reference_pmi)
+
+    @staticmethod
+    def _median(nll: np.ndarray) -> float:
         finite = nll[np.isfinite(nll)]
-        self.reference_nll = float(np.median(finite)) if finite.size else 0.0
+        return float(np.median(finite)) if finite.size else 0.0
+
+    def set_reference(self, questions: Sequence[str], unsteered_answers: Sequence[str],
+                      prompted_answers: Sequence[str] | None = None) -> float:
+        """Set the fluency references from the unsteered model's answers, plain and (when given and
+        ``nll_asked`` is set) when asked for the behaviour; return the plain one (median NLL, nats)."""
+        plain = self.nll(questions, unsteered_answers)
+        self.reference_nll = self._median(plain)
+        self.reference_pmi = self._median(self.pmi(questions, unsteered_answers, plain)) if self.judge is None else None
+        if prompted_answers is not None and self.nll_asked is not None:
+            self.reference_asked = self._median(self.nll_asked(questions, prompted_answers))
+        self._cache.clear()
         return self.reference_nll
+
+    def fluency(self, questions: Sequence[str], answers: Sequence[str], nll: np.ndarray | None = None) -> np.ndarray:
+        """Return each answer's fluency: the better of its plain and its asked-for reading (``nll``:
+        the plain NLL when already read)."""
+        assert self.reference_nll is not None
+        flu = fluency_from_nll(self.nll(questions, answers) if nll is None else nll, self.reference_nll, answers)
+        if self.nll_asked is not None and self.reference_asked is not None:
+            flu = np.maximum(flu, fluency_from_nll(self.nll_asked(questions, answers), self.reference_asked, answers))
+        return flu
 
     def score(self, questions: Sequence[str], answers: Sequence[str]) -> ScoredAnswers:
         """Return the scores of ``answers`` (one per question)."""
@@ -345,9 +417,9 @@ class Scorer:
         if todo:
             qs, ans = [q for q, _ in todo], [a for _, a in todo]
             beh = self.measure.scores(qs, ans, self.judge)
-            rel = (self.judge.yes_probability(RELEVANCE_QUESTION, todo) if self.uses_relevance and self.judge is not None
-                   else np.ones(len(todo)))
-            flu = fluency_from_nll(self.nll(qs, ans), self.reference_nll, ans)
+            plain = self.nll(qs, ans)
+            rel = self.relevance(todo, plain)
+            flu = self.fluency(qs, ans, plain)
             for key, b, r, f in zip(todo, beh, rel, flu):
                 self._cache[key] = (float(b), float(r), float(f))
         rows = np.array([self._cache[(q, a)] for q, a in zip(questions, answers)], dtype=np.float64).reshape(-1, 3)
