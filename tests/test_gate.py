@@ -8,6 +8,9 @@ the others exactly what no steering gives them (same batch, same shapes).
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import KEY_GATE, ControlVector, Gate, read_control_vector, write_control_vector
 from alignez_local.formats.gguf_write import write_gguf
 from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH
-from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.llama.engine import Completion, Engine, Sampling, Seq
 
 PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Name a colour.", "Write a short greeting."]
 
@@ -147,3 +150,165 @@ def test_server_applies_the_gate_per_request(tiny_engine: Engine, tmp_path: Path
         assert got[1].generated == alone.tokens, i
         # open: steered (differs from unsteered); shut: unsteered
         assert (alone.tokens == e.generate([prompts[i]], SHORT)[0].tokens) == (i == 1)
+
+
+# --- a shut gate is unsteered, exactly (issue 20) ------------------------------------------------
+
+WORDS = "sea two colour greeting cat dog house river tree stone moon sun rain wind fire snow".split()
+MANY = [f"Tell me about the {w}." * (1 + i % 3) for i, w in enumerate(WORDS)]  # 16 prompts, 2 waves of 8
+LONG = Sampling(max_tokens=128)
+
+
+def gate_opening_on(e: Engine, prompts: list[str], opened: set[int], layer: int = 2, seed: int = 0,
+                    threshold: float = 0.0) -> ControlVector:
+    """Return a gated vector (random directions at layers 1 and 3) whose gate opens exactly on the
+    prompts ``opened``: the min-norm w with state @ w = +1 there and -1 elsewhere (each prompt read
+    alone, as the runtime reads it), threshold 0, so every prompt is a full unit from it."""
+    states = np.stack([e.capture([p], [layer], site="l_out")[0, 0] for p in prompts]).astype(np.float64)
+    target = np.array([1.0 if i in opened else -1.0 for i in range(len(prompts))])
+    w = np.linalg.lstsq(states, target, rcond=None)[0]
+    scale = np.linalg.norm(w)
+    rng = np.random.default_rng(seed)
+    return ControlVector({L: (3 * rng.standard_normal(e.n_embd)).astype(np.float32) for L in (1, 3)},
+                         gate=Gate(layer, (w / scale).astype(np.float32), threshold / scale))
+
+
+def same_bits(a: Completion, b: Completion) -> bool:
+    return a.tokens == b.tokens and np.array_equal(a.token_logprobs, b.token_logprobs)
+
+
+Mixed = tuple[list[str], list[Completion], ControlVector, set[int]]
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_engine: Engine) -> Mixed:
+    """16 prompts, their unsteered 128-token answers, and a gated vector that opens on 4 of them,
+    the two whose unsteered answers end first among them (so steering them changes when they end,
+    and with it the schedule of every sequence decoded after)."""
+    e = tiny_engine
+    prompts = [e.prompt(p) for p in MANY]
+    plain = e.generate(prompts, LONG)
+    early = sorted(range(len(prompts)), key=lambda i: (plain[i].n_tokens, i))[:2]
+    opened = set(early) | {2, 12}
+    return prompts, plain, gate_opening_on(e, prompts, opened), opened
+
+
+def test_shut_gate_decodes_exactly_as_unsteered(tiny_engine: Engine, mixed: Mixed) -> None:
+    """A batch where the gate opens on some prompts: every prompt it stays shut on gets, over 128
+    greedy tokens, exactly the unsteered run's tokens and log-probability bits (same batch, same
+    order); the ones it opens on are steered; streaming gives the same text."""
+    e = tiny_engine
+    prompts, plain, cv, opened = mixed
+    st = Steering(vectors=[VectorSlot("g", cv, 1.0)])
+    assert {i for i, o in enumerate(st.gates(e, prompts, st.vectors[0])) if o} == opened
+    streamed: dict[int, str] = {}
+    got = st.generate(e, prompts, LONG, on_token=lambda k, t: streamed.__setitem__(k, streamed.get(k, "") + t))
+    assert [streamed.get(i, "") for i in range(len(prompts))] == [c.text for c in got]
+    shut = [i for i in range(len(prompts)) if i not in opened]
+    for i in shut:
+        assert same_bits(got[i], plain[i]), i
+    for i in opened:
+        assert got[i].tokens != plain[i].tokens, i
+    # The scenario really moves the schedule: a prompt the gate opens on ends at another step.
+    assert any(got[i].n_tokens != plain[i].n_tokens for i in opened)
+    # The same vector loaded at strength 0, or the steering without it, is the same reference.
+    for ref in (Steering(vectors=[VectorSlot("g", cv, 0.0)]), st.without_gated()):
+        assert all(same_bits(a, b) for a, b in zip(ref.generate(e, prompts, LONG), plain))
+    # Why generate decodes the reference run itself: the same batch in ONE run, with the vector
+    # added to the opened prompts' rows only, leaves the shut prompts' rows untouched but not their
+    # bits, because the opened prompts end at other steps and the later batches change shape.
+    with st.applied(e, prompts):
+        one_run = e.generate(prompts, LONG)
+    assert any(not same_bits(one_run[i], plain[i]) for i in shut)
+
+
+def test_gate_decides_each_prompt_alone(tiny_engine: Engine, mixed: Mixed) -> None:
+    """A prompt's gate decision does not depend on what it is batched with (read alone)."""
+    e = tiny_engine
+    prompts, _, cv, opened = mixed
+    st = Steering(vectors=[VectorSlot("g", cv, 1.0)])
+    slot = st.vectors[0]
+    together = st.gates(e, prompts, slot).tolist()
+    assert together == st.gates(e, prompts[::-1], slot).tolist()[::-1] == [bool(st.gates(e, [p], slot)[0]) for p in prompts]
+    assert st.open_gates(e, prompts) == [frozenset({0}) if i in opened else frozenset() for i in range(len(prompts))]
+
+
+def test_gate_open_or_shut_on_every_prompt_is_one_plain_run(tiny_engine: Engine, mixed: Mixed) -> None:
+    """Open on all: bit-identical to the same vector ungated (llama.cpp's control vector); shut on
+    all: bit-identical to no steering."""
+    import dataclasses
+
+    e = tiny_engine
+    prompts, plain, cv, _ = mixed
+    gate = cv.gate
+    assert gate is not None
+    all_open = dataclasses.replace(cv, gate=Gate(gate.layer, gate.direction, -1e6))
+    all_shut = dataclasses.replace(cv, gate=Gate(gate.layer, gate.direction, 1e6))
+    ungated = Steering(vectors=[VectorSlot("p", dataclasses.replace(cv, gate=None), 1.0)]).generate(e, prompts, LONG)
+    got = Steering(vectors=[VectorSlot("g", all_open, 1.0)]).generate(e, prompts, LONG)
+    assert all(same_bits(a, b) for a, b in zip(got, ungated))
+    got = Steering(vectors=[VectorSlot("g", all_shut, 1.0)]).generate(e, prompts, LONG)
+    assert all(same_bits(a, b) for a, b in zip(got, plain))
+
+
+def test_server_shut_gate_is_the_unsteered_request(tiny_engine: Engine, mixed: Mixed, tmp_path: Path) -> None:
+    """In the server's live decode (the worker's path) and its fixed batch: a request that asks for
+    the gated vector and whose gate stays shut gets the bits it gets asking for nothing, beside the
+    same neighbours, over 128 tokens; alone it gets what ``Steering`` and no steering give."""
+    from alignez_local.apps.serve.steering import SteeringSet
+    from test_serve_engine import run, run_live
+
+    e = tiny_engine
+    prompts, plain, cv, opened = mixed
+    st, _ = SteeringSet.load(e, [f"g={write_control_vector(tmp_path / 'g.gguf', cv)}"])
+
+    def live(choice: Callable[[int], dict[str, float]]) -> dict[int, Seq]:
+        return run_live(e, st, {1: [(i, p, LONG, choice(i)) for i, p in enumerate(prompts)]})
+
+    all_g = live(lambda i: {"g": 1.0})
+    ref = live(lambda i: {"g": 1.0} if i in opened else {})
+    for i in range(len(prompts)):
+        assert all_g[i].generated == ref[i].generated and all_g[i].logprobs == ref[i].logprobs, i
+        assert (all_g[i].generated == plain[i].tokens) == (i not in opened), i
+    # Fixed batch (batch_edits): the shut prompts' rows are never written.
+    logits, _ = run(e, st, prompts, [{"g": 1.0}] * len(prompts))
+    ref_logits, _ = run(e, st, prompts, [{"g": 1.0} if i in opened else {} for i in range(len(prompts))])
+    np.testing.assert_array_equal(logits, ref_logits)
+    # Alone: a shut request == no steering == Steering, bit for bit.
+    shut = min(i for i in range(len(prompts)) if i not in opened)
+    alone = run_live(e, st, {1: [(0, prompts[shut], LONG, {"g": 1.0})]})[0]
+    for want in (e.generate([prompts[shut]], LONG)[0],
+                 Steering(vectors=[VectorSlot("g", cv, 1.0)]).generate(e, [prompts[shut]], LONG)[0]):
+        assert alone.generated == want.tokens and np.array_equal(np.asarray(alone.logprobs), want.token_logprobs)
+
+
+def test_http_shut_gate_is_the_unsteered_request(tiny_model_path: Path, tmp_path: Path) -> None:
+    """Through real HTTP: four requests batched together, each asking for the gated vector; the two
+    its gate stays shut on get the answers they get asking for nothing beside the same neighbours,
+    and the two it opens on are steered."""
+    from test_serve_http import BATCH_WAIT, LiveServer, chat_body
+
+    texts = ["Tell me a story about the sea.", "Count to ten.", "Why is the sky blue?", "Name a colour."]
+    with Engine(tiny_model_path, n_ctx=1024, n_threads=1) as e:
+        cv = gate_opening_on(e, [e.prompt(t) for t in texts], {1, 3}, seed=4)
+    path = write_control_vector(tmp_path / "g.gguf", cv)
+    srv = LiveServer(tiny_model_path, [f"g={path}"], parallel=4, batch_wait=BATCH_WAIT, max_tokens=128)
+
+    def together(steer: list[dict[str, float]]) -> list[str]:
+        with ThreadPoolExecutor(len(texts)) as pool:
+            futures = []
+            for t, s in zip(texts, steer):
+                futures.append(pool.submit(srv.post, "/v1/chat/completions", chat_body(t, steering=s, max_tokens=128)))
+                time.sleep(0.3)  # the same arrival order every time: it is part of the batch shape
+            rs = [f.result() for f in futures]
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+        return [r.json()["choices"][0]["message"]["content"] for r in rs]
+
+    try:
+        all_g = together([{"g": 1.0}] * 4)
+        ref = together([{}, {"g": 1.0}, {}, {"g": 1.0}])
+        quiet = together([{}] * 4)
+    finally:
+        srv.close()
+    assert all_g == ref
+    assert all_g[1] != quiet[1] and all_g[3] != quiet[3]

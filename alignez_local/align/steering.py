@@ -9,12 +9,40 @@ token, per sequence. Several profiles are combined as a strength-weighted sum of
 computed from the same unedited activation.
 
 A gated control vector (``ControlVector.gate``) is decided the same way before generation: its
-gate reads each prompt's unsteered state at its layer, and the vector is then added, as a
-per-sequence edit of ``l_out`` at every token, only to the prompts the gate opened on.
+gate reads each prompt's unsteered state at its layer, and the vector is then added at every token
+only to the prompts the gate opened on.
+
+A prompt whose gate stays shut must decode EXACTLY as with the gated vector not loaded (issue 20).
+Adding the vector to some rows of a batch does not change the other rows' bits by itself (the edit
+writes only its own rows, and the eval callback splitting the graph changes no value: measured on
+the tiny model and on Qwen2.5-Coder-0.5B Q4_K_M, a no-op edit of every row of ``l_out`` leaves every
+logit bit-identical). What changes them is the SCHEDULE: a steered prompt answers differently, so
+it ends at another step (a refusal after 12 tokens instead of 48), the next prompt takes its slot
+earlier, and from then on the other sequences decode in batches of other sizes with their KV cells
+elsewhere. llama.cpp's CPU kernels sum in an order that depends on both (rows per ubatch, cell
+placement), so their logits move in the last bits and greedy answers part after a near tie
+(Qwen, 16 prompts, 48 tokens: every shut sequence's log-probabilities differed and 3 of 12 shut
+answers changed although no edit touched them). No per-sequence trick inside one batch can avoid
+that, because the unsteered schedule depends on the unsteered answers of the prompts the gate
+opened on. So ``Steering.generate`` decodes a batch whose gates disagree in two runs: first the
+whole batch exactly as the steering without its gated vectors would (the same call, so the same
+code path and the same schedule as the reference; the answers of the shut prompts are taken from
+it), then the prompts the gate opened on, steered. Those prompts are decoded twice: the price of
+exactness, paid only in batches where the gate opens on some prompts and not on others. A batch
+whose prompts all agree is one run: nothing gated (the reference itself) or every prompt with the
+same gated vectors open, which are then added as llama.cpp's own control vector
+(``llama_set_adapter_cvec``, no eval callback: what ``--control-vector`` does).
+
+Gates read each prompt ALONE (one capture per prompt): read in a batch, a prompt's state at the
+gate moves in the last bits with its neighbours and with the shared prefix decoded once (on Qwen
+up to 0.02 in the projection), so a prompt near the threshold opened or not depending on the batch
+it came in (docs/results.md §8: one benign prompt 0.002 below it opened in an evaluation batch).
+Read alone, a prompt's decision is a function of the prompt: the same in chat, eval and any batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -154,30 +182,66 @@ class Steering:
         ]
 
     def gates(self, engine: Engine, prompts: Sequence[str], slot: VectorSlot) -> np.ndarray:
-        """Return, for a gated vector, one bool per prompt: does its gate open (unsteered state)?"""
+        """Return, for a gated vector, one bool per prompt: does its gate open (unsteered state,
+        each prompt read alone, so the answer does not depend on the batch)?"""
         gate = slot.vector.gate
         if gate is None:
             return np.ones(len(prompts), dtype=bool)
-        states = engine.capture(prompts, [gate.layer], site=GATE_SITE)[:, 0]
-        return gate.opens(states)
+        return gate.opens(read_alone(engine, prompts, [gate.layer])[:, 0])
+
+    def gated_slots(self, n_layer: int) -> list[int]:
+        """Return the indices (in ``vectors``) of the gated vectors that would steer anything:
+        non-zero strength and a direction inside the layer range."""
+        return [i for i, v in enumerate(self.vectors)
+                if v.vector.gate is not None and v.strength != 0 and self.vector_sum(n_layer, [v])]
+
+    def open_gates(self, engine: Engine, prompts: Sequence[str]) -> list[frozenset[int]]:
+        """Return, per prompt, the indices (in ``vectors``) of the gated vectors whose gate opens on
+        it (each prompt read alone, unsteered; empty when no gated vector is active)."""
+        idx = self.gated_slots(engine.n_layer)
+        if not idx or not self.enabled:
+            return [frozenset()] * len(prompts)
+        layers = sorted({self.vectors[i].vector.gate.layer for i in idx})  # type: ignore[union-attr]
+        states = read_alone(engine, prompts, layers)
+        out = []
+        for row in states:
+            out.append(frozenset(i for i in idx if self.vectors[i].vector.gate.opens(  # type: ignore[union-attr]
+                row[layers.index(self.vectors[i].vector.gate.layer)])[0]))  # type: ignore[union-attr]
+        return out
 
     def gated_sums(self, engine: Engine, prompts: Sequence[str]) -> dict[int, dict[int, np.ndarray]]:
         """Return prompt index -> layer -> the summed gated vectors whose gate opened on that prompt."""
+        return self._sums(self.open_gates(engine, prompts), engine.n_layer)
+
+    def _sums(self, opens: Sequence[frozenset[int]], n_layer: int) -> dict[int, dict[int, np.ndarray]]:
         per_key: dict[int, dict[int, np.ndarray]] = {}
-        for slot in self.vectors:
-            if slot.vector.gate is None or slot.strength == 0:
-                continue
-            vecs = self.vector_sum(engine.n_layer, [slot])
-            for key in np.flatnonzero(self.gates(engine, prompts, slot)):
-                mine = per_key.setdefault(int(key), {})
-                for layer, v in vecs.items():
-                    mine[layer] = mine[layer] + v if layer in mine else v
-        # float32, as the edit adds it to float32 rows (what ggml_add does for a control vector)
-        return {k: {L: np.asarray(v, dtype=np.float32) for L, v in vs.items()} for k, vs in per_key.items()}
+        for key, which in enumerate(opens):
+            if which:
+                vecs = self.vector_sum(n_layer, [self.vectors[i] for i in sorted(which)])
+                # float32, as the edit adds it to float32 rows (what ggml_add does for a control vector)
+                per_key[key] = {L: np.asarray(v, dtype=np.float32) for L, v in vecs.items()}
+        return per_key
+
+    def without_gated(self) -> "Steering":
+        """Return this steering with its gated vectors left out: what a prompt whose gates all stay
+        shut must get, bit for bit (the reference ``generate`` runs the shut prompts through)."""
+        return dataclasses.replace(self, vectors=[v for v in self.vectors if v.vector.gate is None], warnings=list(self.warnings))
 
     @contextmanager
     def applied(self, engine: Engine, prompts: Sequence[str]) -> Iterator[None]:
-        """Steer ``engine`` for generating from ``prompts`` inside this block (nothing when off)."""
+        """Steer ``engine`` for ``prompts`` inside this block (nothing when off).
+
+        Gated vectors reach only the prompts their gate opens on. For prefill-only work (logits,
+        captures, likelihoods) the shut prompts' results are then bit-identical to unsteered ones
+        in the same batch; for generation use ``generate``: inside this block a steered prompt that
+        ends at another step changes the schedule of the others (see the module docstring).
+        """
+        with self._applied(engine, prompts, self.open_gates(engine, prompts)):
+            yield
+
+    @contextmanager
+    def _applied(self, engine: Engine, prompts: Sequence[str], opens: Sequence[frozenset[int]]) -> Iterator[None]:
+        """``applied`` with the gate decisions already read (``open_gates`` of these prompts)."""
         with ExitStack() as stack:
             if self.active:
                 # Plans read the UNSTEERED model: they are made before any steering is switched on.
@@ -185,13 +249,22 @@ class Steering:
                 for slot in self.profiles:
                     if slot.strength != 0:
                         by_site.setdefault(slot.profile.site, []).append((slot.strength, self.plans(engine, prompts, slot)))
-                gated = self.gated_sums(engine, prompts)
-                vecs = self.vector_sum(engine.n_layer, [v for v in self.vectors if v.vector.gate is None])
+                plain = [v for v in self.vectors if v.vector.gate is None]
+                agreed = opens[0] if opens and all(o == opens[0] for o in opens) else None
+                if agreed is not None:
+                    # Every prompt has the same gated vectors open (or none): they act like plain
+                    # vectors on this batch, through llama.cpp's own adapter; no eval callback.
+                    plain += [self.vectors[i] for i in sorted(agreed)]
+                vecs = self.vector_sum(engine.n_layer, plain)
                 if vecs:
                     stack.enter_context(engine.control_vector(vecs))
-                layers = sorted({L for vs in gated.values() for L in vs})
-                if layers:
-                    stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE, all_tokens=True))
+                if agreed is None:
+                    # Prompts disagree: a per-sequence edit adds each prompt's open vectors to its
+                    # own rows only (rows of shut prompts are left as they are).
+                    gated = self._sums(opens, engine.n_layer)
+                    layers = sorted({L for vs in gated.values() for L in vs})
+                    if layers:
+                        stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE, all_tokens=True))
                 for site, weighted in by_site.items():
                     layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
                     if layers:
@@ -205,9 +278,50 @@ class Steering:
         sampling: Sampling | Sequence[Sampling] = Sampling(),
         on_token: TokenFn | None = None,
     ) -> list[Completion]:
-        """Return completions for ``prompts`` under this steering."""
-        with self.applied(engine, prompts):
+        """Return completions for ``prompts`` under this steering.
+
+        A prompt whose gates all stay shut gets exactly (token for token, bit for bit in its
+        log-probabilities) what ``without_gated().generate`` gives it in the same batch, in the same
+        order: when the gates disagree, the whole batch is first decoded as that reference (it IS
+        that call), then the prompts a gate opened on are decoded again, steered (module docstring).
+        """
+        if not self.active or not prompts:
             return engine.generate(prompts, sampling, on_token=on_token)
+        opens = self.open_gates(engine, prompts)
+        if all(o == opens[0] for o in opens):
+            with self._applied(engine, prompts, opens):
+                return engine.generate(prompts, sampling, on_token=on_token)
+        sps = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
+        if len(sps) != len(prompts):
+            raise ValueError("one Sampling per prompt, or a single one for all")
+        out: list[Completion | None] = [None] * len(prompts)
+        shut = {i for i, o in enumerate(opens) if not o}
+        if shut:
+            # The reference run itself: every prompt, in this order, without the gated vectors. The
+            # prompts the gate opened on are decoded too (and their answers dropped) so that every
+            # batch of this run has the shapes the reference's has.
+            stream = None if on_token is None else (lambda k, text: on_token(k, text) if k in shut else None)
+            for i, c in enumerate(self.without_gated().generate(engine, prompts, sps, on_token=stream)):
+                if i in shut:
+                    out[i] = c
+        opened = [i for i in range(len(prompts)) if i not in shut]
+        sub = [prompts[i] for i in opened]
+        stream = None if on_token is None else (lambda k, text: on_token(opened[k], text))
+        with self._applied(engine, sub, [opens[i] for i in opened]):
+            for i, c in zip(opened, engine.generate(sub, [sps[i] for i in opened], on_token=stream)):
+                out[i] = c
+        return [c for c in out if c is not None]
+
+
+def read_alone(engine: Engine, prompts: Sequence[str], layers: Sequence[int]) -> np.ndarray:
+    """Return the unsteered ``l_out`` states (prompts x layers x n_embd) at each prompt's last token,
+    each prompt decoded ALONE: batch-independent, so a gate decides the same for a prompt whatever
+    it is batched with (a prompt given twice is read once)."""
+    uniq = list(dict.fromkeys(prompts))
+    read = {p: engine.capture([p], layers, site=GATE_SITE)[0] for p in uniq}
+    if not prompts:
+        return np.zeros((0, len(layers), engine.n_embd), dtype=np.float32)
+    return np.stack([read[p] for p in prompts])
 
 
 def profile_edit(weighted: list[tuple[float, list[EditPlan]]]):

@@ -16,6 +16,23 @@ Rows of requests that chose nothing are written back unchanged.
 
 ``batch_edits`` steers a fixed batch (one ``Engine.generate``); ``LiveSteering`` steers a running
 decode that requests join and leave (``Engine.generate_live``, what the server's worker runs).
+
+A gate that stays shut (issue 20): the request gets bit for bit what it gets asking for no steering
+(``{}``, ``0``, or the vector at 0) beside the same neighbours, decoded the same way. Its rows are
+never written (no entry in the per-key tables), and the eval callback that the loaded vector adds
+to every decode changes no value by splitting the graph (measured: a no-op edit of every ``l_out``
+row leaves the logits bit-identical on the tiny model and on Qwen2.5-Coder-0.5B). Every job is
+planned whether it chose the gated vector or not, so the choice does not change the batch shapes.
+What the server cannot give is ``Steering.generate``'s stronger promise, equality with a batch in
+which NOBODY's gate opened: a request whose gate opens answers differently, ends at another step,
+and from then on its neighbours decode in other batch shapes, which moves their logits in the last
+bits (llama.cpp's CPU kernels sum in a shape-dependent order). ``Steering.generate`` avoids that
+by decoding the whole batch a second time unsteered; a live server has no reference schedule to
+replay (its batches depend on when requests arrive) and cannot decode requests twice for it.
+The same holds for the gate's own reading: a job's planning prefill is decoded beside the
+running jobs, so its state at the gate can differ in the last bits from the prompt read alone
+(what ``Steering`` reads); a prompt within that distance of the threshold may open in one and not
+the other. ``batch_edits`` reads gates alone, as ``Steering`` does.
 """
 
 from __future__ import annotations
