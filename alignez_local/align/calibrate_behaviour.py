@@ -87,7 +87,7 @@ def split_heldout(queries: Sequence[str], n_choose: int, n_report: int) -> tuple
 class BehaviourBench:
     """Held-out queries, the scorer, and the answers of the fixed conditions (measured once).
 
-    ``engine`` must be unsteered whenever the scorer reads (it rescoring answers under the plain
+    ``engine`` must be unsteered whenever the scorer reads (it rescores answers under the plain
     model, and the judge may be the same model). ``system`` is the prompting baseline's system
     prompt: the axis's positive guide.
     """
@@ -111,9 +111,9 @@ class BehaviourBench:
             return [c.text for c in self.engine.generate(prompts, self.sampling)]
         return [c.text for c in steering.generate(self.engine, prompts, self.sampling)]
 
-    def fixed(self, condition: str, half: str, questions: Sequence[str] | None = None) -> ScoredAnswers:
+    def fixed(self, condition: str, half: str) -> ScoredAnswers:
         """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
-        half (or on ``questions`` under the name ``half``), measured once."""
+        half, measured once."""
         if self.scorer.reference_nll is None:
             # Fluency is relative to the model's own answers, plain and when asked for the behaviour:
             # both are answered on the first half before anything is scored.
@@ -125,7 +125,7 @@ class BehaviourBench:
             self._fixed[("prompting", first)] = self.scorer.score(qs, asked)
         key = (condition, half)
         if key not in self._fixed:
-            qs = list(questions) if questions is not None else (self.choose if half == "choose" else self.report)
+            qs = self.choose if half == "choose" else self.report
             ans = self.answers(qs, system=self.system if condition == "prompting" else None)
             self._fixed[key] = self.scorer.score(qs, ans)
         return self._fixed[key]

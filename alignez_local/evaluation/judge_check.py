@@ -29,14 +29,15 @@ def load_examples(check: str | None = None) -> list[dict[str, Any]]:
 
 
 def judge_probabilities(judge: Judge, examples: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Return the judge's P(Yes) per example: its persona's behaviour question, or the relevance question."""
+    """Return the judge's P(Yes) per example: its persona's behaviour question, or the relevance question
+    (examples asking the same question are judged in one batch)."""
     out = np.zeros(len(examples))
-    for check in ("behaviour", "relevance"):
-        idx = [i for i, ex in enumerate(examples) if ex["check"] == check]
-        for i in idx:
-            ex = examples[i]
-            question = JudgeMeasure("judge", "", persona=ex["persona"]).question if check == "behaviour" else RELEVANCE_QUESTION
-            out[i] = judge.yes_probability(question, [(ex["question"], ex["answer"])])[0]
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        q = JudgeMeasure("judge", "", persona=ex["persona"]).question if ex["check"] == "behaviour" else RELEVANCE_QUESTION
+        groups.setdefault(q, []).append(i)
+    for question, idx in groups.items():
+        out[idx] = judge.yes_probability(question, [(examples[i]["question"], examples[i]["answer"]) for i in idx])
     return out
 
 
