@@ -23,7 +23,7 @@ def test_eval_prints_and_writes_the_behaviour_table(tiny_model_path: Path, tmp_p
                                            metadata=meta, name="fr"))
     out = tmp_path / "ev"
     res = subprocess.run(CLI + ["eval", "-m", str(tiny_model_path), "--vector", f"{vec}:2", "--kinds", "helpful",
-                                "--limit", "4", "--max-tokens", "12", "--no-quality-judge", "--out", str(out)],
+                                "--limit", "4", "--max-tokens", "12", "--no-quality-judge", "--threads", "1", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "behaviour (answers in French) on 4 prompts" in res.stdout  # the axis read from the file

@@ -170,7 +170,7 @@ def test_generate_survives_sigkill(tiny_model_path: Path, tmp_path: Path) -> Non
     assert out.read_bytes().startswith(complete), "records written before the kill are kept as they were"
 
 
-STEER = ["--limit", "12", "--response-tokens", "24", "--strengths", "1,8"]
+STEER = ["--limit", "12", "--response-tokens", "24", "--strengths", "1,8", "--threads", "1"]
 
 
 def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
 
 def test_steer_screen_only_measures_the_ceiling_and_writes_nothing(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
-    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "french", "--screen-only", "-o", str(out)],
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "french", "--screen-only", "--threads", "1", "-o", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "screen: asked by a system prompt" in res.stderr and "answers in French in" in res.stderr
