@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alignez_local.align.recipes import DEFAULT_RECIPE
 from alignez_local.apps.cli_align import default_recipe
 from alignez_local.align.request_contrast import REFUSED, RISKY, auc, candidate_layers, fit_request_contrast, separation
 from alignez_local.errors import AlignezError
@@ -153,7 +154,7 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
 
 def test_default_recipe() -> None:
     assert default_recipe("harmless", None) == "request"
-    assert default_recipe("harmless", "mine.jsonl") == default_recipe("helpful", None) == "contrast"
+    assert default_recipe("harmless", "mine.jsonl") == default_recipe("helpful", None) == DEFAULT_RECIPE == "plain"
 
 
 def test_steer_request_with_an_unusable_query_file_is_one_line(tiny_model_path: Path, tmp_path: Path) -> None:
