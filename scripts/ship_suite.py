@@ -29,13 +29,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/suite")
     ap.add_argument("--traits", default=None)
     ap.add_argument("--all", action="store_true", help="Ship vectors that did not beat the random direction too.")
+    ap.add_argument("--run", default=None, help="Ship one steer run folder (e.g. the README's main job) as --traits' one trait.")
+    ap.add_argument("--command", default=None, help="The command that made --run (recorded).")
     args = ap.parse_args()
     base = Path(args.out) / args.model
     dest = ROOT / "vectors" / args.model
     dest.mkdir(parents=True, exist_ok=True)
     traits = args.traits.split(",") if args.traits else sorted(p.name for p in base.iterdir() if (p / "default" / "vector.gguf").exists())
     for trait in traits:
-        run = base / trait / "default"
+        run = Path(args.run) if args.run else base / trait / "default"
         cv = read_control_vector(run / "vector.gguf")
         cal = dict(cv.calibration or {})
         if not cal.get("beats_random") and not args.all:
@@ -43,14 +45,17 @@ def main() -> None:
             continue
         rep = json.loads((run / "report.json").read_text())
         shutil.copy(run / "vector.gguf", dest / f"{trait}.gguf")
+        if (run / "preferences.jsonl").exists():
+            shutil.copy(run / "preferences.jsonl", dest / f"{trait}.preferences.jsonl")
         prov = {
-            "command": f"scripts/trait_suite.py {args.model} --traits {trait} --variants default --no-profile "
+            "command": args.command or f"scripts/trait_suite.py {args.model} --traits {trait} --variants default --no-profile "
                        f"(pipeline.run_steer: --recipe {rep['recipe']}, --limit {rep['n_queries']}, --response-tokens 64, seed 0)",
             "made_by": "scripts/ship_suite.py (copies the suite's vector.gguf and this record from its report.json)",
             "axis": rep["axis"], "model": rep["model"], "recipe": rep["recipe"], "n_queries": rep["n_queries"],
             "data_sha256": rep["data_sha256"], "site": rep["site"], "vector_layers": cv.layers,
             "default_strength": cv.default_strength, "beats_random": cal.get("beats_random"), "verdict": cal.get("verdict"),
             "behaviour": rep["behaviour"], "timings": rep["timings"],
+            "calibration_trials": cal.get("trials"),
             "machine": f"{platform.machine()}, {platform.system()}", "package_version": __version__,
         }
         (dest / f"{trait}.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
