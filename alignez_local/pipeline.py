@@ -325,7 +325,6 @@ class SteerResult:
     timings: dict[str, float] = field(default_factory=dict)
     recipe: str = DEFAULT_RECIPE
     calibration: dict[str, BehaviourCalibration] = field(default_factory=dict)
-    screen: dict[str, Any] = field(default_factory=dict)
 
 
 def heldout_queries(axis: str | None, used: Sequence[str]) -> list[str]:

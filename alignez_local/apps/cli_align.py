@@ -57,8 +57,8 @@ def query_options(f: Any) -> Any:
 
 def generation_options(f: Any, recipes: tuple[str, ...] = tuple(RECIPES)) -> Any:
     f = click.option("--responses", type=click.IntRange(1, 16), default=1, show_default=True, help="Pairs per query.")(f)
-    # 96: the plain recipe reads the behaviour over every answer token, and a steer run stays near
-    # 10 minutes on Qwen 0.5B (the paper used about 200 tokens: give --response-tokens 200 for it).
+    # 96: the plain recipe reads the behaviour over every answer token, and generation is the
+    # second-largest stage of a steer run (the paper used about 200 tokens: --response-tokens 200).
     f = click.option("--response-tokens", type=click.IntRange(8, 4096), default=96, show_default=True)(f)
     f = click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)(f)
     f = click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=0, show_default=True)(f)
@@ -229,9 +229,9 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
               help="The control vector: the difference of the pairs' mean states (CAA), or the profile's average edit.")
 @click.option("--vector-layers", default=None, metavar="A-B", help="Layers the mean-diff vector steers [the middle third].")
 @click.option("--judge", "judge_model", default="auto", show_default=True, metavar="MODEL|auto|self|none",
-              help="Judge for behaviours with no checker (every custom axis) and, when given, for relevance: a GGUF "
-                   "path or bundled name; auto: the bundled judge only where a measure needs one (relevance is then "
-                   "read from the model's own likelihoods); self: the steered model.")
+              help="Judge model for behaviours with no checker (every custom axis); a loaded judge also reads "
+                   "relevance, which is otherwise read from the model's own likelihoods. A GGUF path or bundled name; "
+                   "auto: the bundled judge only where a measure needs one; none; self: the steered model.")
 @click.option("--strengths", default=None, metavar="S1,S2,...",
               help="Strengths to try, as multiples of the vector (the profile's are scaled to match) [0.0625 ... 4].")
 @click.option("--screen-only", is_flag=True, help="Only measure whether the model shows the behaviour when asked, then stop.")
