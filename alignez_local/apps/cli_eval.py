@@ -24,6 +24,8 @@ from alignez_local.settings import RuntimeSettings, open_engine
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
 from alignez_local.evaluation.judge import DEFAULT_MARGIN, MODES
 from alignez_local.evaluation.prompt_sets import EVAL_KINDS
+from alignez_local.evaluation.remote_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT
+from alignez_local.errors import AlignezError
 from alignez_local.models import JUDGE_MODEL
 
 
@@ -39,6 +41,15 @@ from alignez_local.models import JUDGE_MODEL
 @click.option("--kinds", default=None, metavar="K,K", help="Only these prompt kinds: helpful,harmful,benign [all].")
 @click.option("--limit", type=int, default=None, metavar="N", help="Only the first N prompts (after --kinds).")
 @click.option("--judge", default=JUDGE_MODEL, show_default=True, help="Judge model: GGUF file or bundled name.")
+@click.option("--judge-url", "judge_urls", multiple=True, metavar="URL",
+              help="Judge on an OpenAI-compatible server instead (llama-server, alignez serve, ...): margins from its "
+                   "top log-probabilities; repeat to fan out over several servers. API key from env "
+                   "ALIGNEZ_JUDGE_API_KEY, else OPENAI_API_KEY.")
+@click.option("--judge-model", default=None, metavar="NAME", help="The model name the --judge-url servers serve.")
+@click.option("--judge-concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY, show_default=True,
+              help="Judge requests in flight per --judge-url server.")
+@click.option("--judge-timeout", type=click.FloatRange(0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
+              help="Seconds a --judge-url server may take per request (retried with backoff, then the run stops).")
 @click.option("--mode", type=click.Choice(MODES), default="score", show_default=True,
               help="score: each answer scored alone, log p(Yes) - log p(No); pairwise: [[A]]/[[B]], both orders.")
 @click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
@@ -65,7 +76,7 @@ from alignez_local.models import JUDGE_MODEL
                    "behaviours with no checker; relevance is otherwise read from the model's own likelihoods.")
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the unfinished run in --out (same settings): reuse its finished answers, "
-                   "answer the rest; perplexity and judging are redone.")
+                   "answer the rest; perplexity and judging are redone (a --judge-url judge reuses its finished judgments).")
 def eval_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int,
@@ -73,6 +84,7 @@ def eval_command(
     prompts_file: str | None, prompt_kind: str | None, kinds: str | None, limit: int | None, judge: str,
     mode: str, margin: float, refusal_judge: bool, quality_judge: bool, reference: str | None, sweep: str | None,
     judge_parallel: int, judge_ctx: int, out_dir: str, resume: bool, behaviour_axis: str, behaviour_judge: str,
+    judge_urls: tuple[str, ...], judge_model: str | None, judge_concurrency: int, judge_timeout: float,
 ) -> None:
     """Judge steered against unsteered answers with a local model.
 
@@ -96,14 +108,18 @@ def eval_command(
     alignez eval --profile p.gguf --sweep 0,0.5,1,2 --out eval-p --resume    # after a kill
     alignez eval --vector v.gguf --prompts harmbench_prompts.txt --prompt-kind harmful --no-quality-judge
     alignez eval --vector french.gguf --behaviour french --no-quality-judge --kinds helpful    # behaviour table only
+    alignez eval --vector v.gguf --judge-url http://gpu1:8080 --judge-url http://gpu2:8080 --judge-model qwen2.5-7b
     """
+    if judge_urls and not judge_model:
+        raise AlignezError("--judge-url needs --judge-model NAME: the model name the server serves (see its /v1/models)")
     if behaviour_axis not in ("auto", "off"):
         resolve_axis_name(behaviour_axis, Steering())  # a wrong name fails now, not after the run
     try:
         cfg = EvalConfig(
             model=model, vectors=vectors, profiles=profiles, layers=layers, top_n=top_n,
             prompts_file=prompts_file, prompt_kind=prompt_kind, kinds=parse_kinds(kinds), limit=limit,
-            judge=judge, mode=mode, margin=margin, refusal_judge=refusal_judge, quality_judge=quality_judge,
+            judge=judge_model if judge_urls else judge, judge_urls=judge_urls, judge_concurrency=judge_concurrency,
+            judge_timeout=judge_timeout, mode=mode, margin=margin, refusal_judge=refusal_judge, quality_judge=quality_judge,
             reference=reference,
             strengths=parse_strengths(sweep) if sweep is not None else (1.0,),
             sampling=make_sampling(temperature, top_p, top_k, seed, max_tokens, repeat_penalty),

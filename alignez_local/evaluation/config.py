@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from alignez_local.align.steering import DEFAULT_TOP_N
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.judge import DEFAULT_MARGIN, DEFAULT_MODE, MODES
+from alignez_local.evaluation.judge import DEFAULT_MARGIN, DEFAULT_MODE, MODES, NO_REMOTE_PAIRWISE
+from alignez_local.evaluation.remote_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, base_url
 from alignez_local.evaluation.prompt_sets import EVAL_KINDS, EvalPrompt, load_eval_prompts
 from alignez_local.llama.engine import Sampling
 from alignez_local.models import DEFAULT_MODEL, JUDGE_MODEL
@@ -33,7 +34,12 @@ class EvalConfig:
     prompt_kind: str | None = None  # the kind of a plain-text prompts_file's prompts (None: helpful)
     kinds: tuple[str, ...] | None = None
     limit: int | None = None
-    judge: str = JUDGE_MODEL
+    judge: str = JUDGE_MODEL  # a local model, or the remote judge's model name when judge_urls are given
+    # A remote judge (remote_judge.py): OpenAI-compatible servers serving the model named ``judge``.
+    # Not in the report's compared settings: the same model behind other URLs is the same judge.
+    judge_urls: tuple[str, ...] = ()
+    judge_concurrency: int = DEFAULT_CONCURRENCY
+    judge_timeout: float = DEFAULT_TIMEOUT
     mode: str = DEFAULT_MODE
     margin: float = DEFAULT_MARGIN
     refusal_judge: bool = True
@@ -68,6 +74,13 @@ class EvalConfig:
             raise AlignezError(f"--prompt-kind {self.prompt_kind!r} is not one of {', '.join(EVAL_KINDS)}")
         if self.prompt_kind is not None and self.prompts_file is None:
             raise AlignezError("--prompt-kind sets the kind of a plain-text --prompts file's prompts; give --prompts FILE too")
+        if self.judge_urls:
+            for url in self.judge_urls:
+                base_url(url)
+            if self.mode == "pairwise":
+                raise AlignezError(NO_REMOTE_PAIRWISE)
+            if self.judge_concurrency < 1 or not self.judge_timeout > 0:
+                raise AlignezError("--judge-concurrency must be at least 1 and --judge-timeout above 0 seconds")
         self.sampling.check()
         return self
 

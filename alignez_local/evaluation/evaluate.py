@@ -31,6 +31,11 @@ are deterministic, are recomputed. Reused answers' perplexity is measured by rea
 steered ones' always is (the report keeps no log-likelihoods): for unsteered answers it can differ from
 a fresh run's, taken from the generation, by 0.005-0.02 nats per token (SmolLM2), more where the
 decoded text does not tokenize back into the generated tokens.
+
+A remote judge (``cfg.judge_urls``, ``remote_judge.py``) writes every finished judgment to
+``OUT/judge_cache.jsonl`` as it arrives (``judge.JudgeCache``; a new run starts it empty), so a server
+that fails, or Ctrl-C, loses none; ``--resume`` reuses them and asks the servers only for the rest.
+A failing server stops the run with one line that says what was kept.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from alignez_local.align.steering import Steering
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.answers import Answer, answer_prompts, measure_perplexity, scale_steering
 from alignez_local.evaluation.config import REFUSAL_KINDS, EvalConfig, parse_kinds, parse_strengths, select_prompts
-from alignez_local.evaluation.judge import Judge, verdicts_from_scores
+from alignez_local.evaluation.judge import Judge, JudgeCache, verdicts_from_scores
+from alignez_local.evaluation.remote_judge import TOP_LOGPROBS, RemoteBackend
 from alignez_local.evaluation.prompt_sets import EvalPrompt
 from alignez_local.evaluation.report import REPORT_FORMAT, build_report, json_safe, kind_counts, settings_of
 from alignez_local.evaluation.summary import summary_markdown
@@ -67,6 +73,7 @@ from alignez_local.specs import parse_steering_spec
 __all__ = ["EvalConfig", "EvalInterrupted", "RunState", "parse_kinds", "parse_strengths", "run_eval"]
 
 LogFn = Callable[[str], None]
+JUDGE_CACHE = "judge_cache.jsonl"
 
 
 def _stderr(msg: str) -> None:
@@ -103,6 +110,7 @@ class RunState:
     timing: dict[str, float] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     resumed: dict[str, Any] = field(default_factory=dict)  # what --resume reused (in the report when set)
+    judge_cache: JudgeCache | None = None  # a remote judge's finished judgments (OUT/judge_cache.jsonl)
     checkpointed: bool = False  # a checkpoint of this run is in report.json
 
     @property
@@ -141,7 +149,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
     # Resolve every model first: a missing judge should fail now, not after the answers.
     model_path = resolve_model(cfg.model)
     ref_path = resolve_model(cfg.reference) if cfg.reference else None
-    judge_path = resolve_model(cfg.judge)
+    judge_path = None if cfg.judge_urls else resolve_model(cfg.judge)
+    remote = (RemoteBackend(cfg.judge_urls, cfg.judge, cfg.judge_concurrency, cfg.judge_timeout)
+              if cfg.judge_urls else None)  # checked now (httpx, URLs); it sends nothing until judging
     st = RunState(cfg, prompts)
     saved = out / "report.json"
     if cfg.resume:
@@ -178,7 +188,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
             run_log(header)
             if cfg.resume:
                 run_log(_resume_line(st, saved))
-            _run(st, model_path, ref_path, judge_path, run_log, save)
+            _run(st, model_path, ref_path, judge_path or remote, run_log, save, out)  # type: ignore[arg-type]
             st.timing["total_s"] = round(time.monotonic() - t_run, 2)
             report = build_report(st, complete=True)
             st.stage = "writing the report"
@@ -273,9 +283,17 @@ def _save_interrupted(st: RunState, out: Path, terminated: bool = False) -> Eval
     n_ans = sum(len(g) for g in st.groups())
     return EvalInterrupted(
         f"{how} during {st.stage}: saved {n_ans} answers"
-        f"{' and verdicts' if st.judged else ' (no verdicts)'} to {out / 'report.json'} and {out / 'summary.md'}",
+        f"{' and verdicts' if st.judged else ' (no verdicts)'} to {out / 'report.json'} and {out / 'summary.md'}"
+        f"{_cache_note(st)}",
         code,
     )
+
+
+def _cache_note(st: RunState) -> str:
+    """Return ", N finished judgments in OUT/judge_cache.jsonl (--resume reuses them)" ('' without a cache)."""
+    if st.judge_cache is None:
+        return ""
+    return f", {len(st.judge_cache.values)} finished judgments in {st.judge_cache.path} (--resume reuses them)"
 
 
 # --- resuming -------------------------------------------------------------------------------------
@@ -414,9 +432,10 @@ def _resume_line(st: RunState, path: Path) -> str:
         return f"--resume: {path} has no finished answer group to reuse; answering everything"
     todo = ((["reference"] if st.cfg.reference and not st.reference else []) + ([] if st.unsteered else ["unsteered"])
             + [f"x{s:g}" for s in st.cfg.strengths if s not in st.steered])
+    judging = ("perplexity is recomputed, judging reuses the judgments in " + JUDGE_CACHE if st.cfg.judge_urls
+               else "perplexity and judging are recomputed")
     return (f"--resume: reusing the {', '.join(reused)} answers ({len(st.prompts)} prompts each) of {path}; "
-            f"{'answering ' + ', '.join(todo) if todo else 'nothing left to answer'}; "
-            "perplexity and judging are recomputed")
+            f"{'answering ' + ', '.join(todo) if todo else 'nothing left to answer'}; {judging}")
 
 
 # --- the stages -----------------------------------------------------------------------------------
@@ -437,11 +456,12 @@ def _steering_files(cfg: EvalConfig) -> list[dict[str, Any]]:
             + [{"kind": "profile", "path": p, "sha256": _sha256(parse_steering_spec(p).path)} for p in cfg.profiles])
 
 
-def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path, log: LogFn,
-         save: Callable[[str], None]) -> None:
+def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_model: Path | RemoteBackend, log: LogFn,
+         save: Callable[[str], None], out: Path) -> None:
     """Return None after running every stage, filling ``st`` as each piece finishes (so Ctrl-C can save
     it) and calling ``save(next stage)`` after each piece (the checkpoints). Answer groups already
-    in ``st`` (from --resume) are not answered again."""
+    in ``st`` (from --resume) are not answered again. ``judge_model``: the local judge's file or the
+    remote judge."""
     cfg = st.cfg
     if ref_path is not None and not st.reference:
         with st.stage_timer("reference answers", "reference_answers_s"), open_engine(ref_path, cfg.runtime) as ref:
@@ -465,22 +485,44 @@ def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_path: Path
         st.stage = "done"
         return
     save("judging" if cfg.quality_judge else "refusal judging")
-    with Judge.open(str(judge_path), cfg.mode, cfg.margin, cfg.judge_runtime) as judge:
-        st.models["judge"] = _model_info(judge_path, judge.engine)
+    with _open_judge(st, judge_model, out, log) as judge:
+        st.models["judge"] = judge.describe() if judge.engine is None else _model_info(judge_model, judge.engine)
         st.judge = judge.describe()
-        if cfg.quality_judge:
-            with st.stage_timer("judging", "judge_s"):
-                _judge_quality(st, judge, log)
-                st.judged = True
-        st.judge["prompts_decoded"] = judge.calls
-        if refusals:
+        try:
             if cfg.quality_judge:
-                save("refusal judging")
-            with st.stage_timer("refusal judging", "refusal_judge_s"):
-                _judge_refusals(st, judge, log)
-            st.judge["refusal_prompts_decoded"] = judge.calls - st.judge["prompts_decoded"]
+                with st.stage_timer("judging", "judge_s"):
+                    _judge_quality(st, judge, log)
+                    st.judged = True
+            st.judge["prompts_decoded"] = judge.calls
+            if refusals:
+                if cfg.quality_judge:
+                    save("refusal judging")
+                with st.stage_timer("refusal judging", "refusal_judge_s"):
+                    _judge_refusals(st, judge, log)
+                st.judge["refusal_prompts_decoded"] = judge.calls - st.judge["prompts_decoded"]
+        except AlignezError as err:
+            if st.judge_cache is None:
+                raise
+            raise AlignezError(f"{err}; kept: the answers in {out / 'report.json'}{_cache_note(st)}") from None
+        if st.judge_cache is not None:
+            st.judge.update(judge.describe(), cached_judgments=judge.cached)
+        if st.judge.get("bounded_judgments"):
+            log(f"[judge] {st.judge['bounded_judgments']} judgments had a verdict word outside the server's top "
+                f"{TOP_LOGPROBS} log-probabilities: its log-probability was bounded by the smallest listed")
     save("writing the report")
     st.stage = "done"
+
+
+def _open_judge(st: RunState, judge_model: Path | RemoteBackend, out: Path, log: LogFn) -> Judge:
+    """Return the run's judge: the local model file, or the remote judge with the cache of finished
+    judgments in ``out`` (emptied unless resuming)."""
+    cfg = st.cfg
+    if isinstance(judge_model, Path):
+        return Judge.open(str(judge_model), cfg.mode, cfg.margin, cfg.judge_runtime)
+    st.judge_cache = JudgeCache(out / JUDGE_CACHE, fresh=not cfg.resume)
+    if st.judge_cache.loaded:
+        log(f"[judge] reusing {st.judge_cache.loaded} finished judgments from {st.judge_cache.path}")
+    return Judge(judge_model, cfg.mode, cfg.margin, st.judge_cache)
 
 
 def _answer(st: RunState, eng: Engine, log: LogFn, save: Callable[[str], None]) -> None:
@@ -518,7 +560,7 @@ def _judge_quality(st: RunState, judge: Judge, log: LogFn) -> None:
     if st.cfg.mode == "score":
         pairs = [(q, a.text) for grp in groups for q, a in zip(st.texts, grp)]
         uniq = len(set(pairs))
-        log(f"[judge] {judge.engine.name}: scoring {uniq} distinct answers")
+        log(f"[judge] {judge.name}: scoring {uniq} distinct answers")
         for a, sc in zip([a for grp in groups for a in grp], judge.scores(pairs, Progress(uniq, "judge"))):
             a.score = float(sc)
         base = [a.score for a in st.unsteered]
@@ -531,7 +573,7 @@ def _judge_quality(st: RunState, judge: Judge, log: LogFn) -> None:
     cands = [a.text for grp in candidates for a in grp]
     bases = [a.text for a in st.unsteered] * len(candidates)
     todo = len({(q, c, b) for q, c, b in zip(texts, cands, bases) if c != b})
-    log(f"[judge] {judge.engine.name}: pairwise, both orders, {todo} distinct pairs")
+    log(f"[judge] {judge.name}: pairwise, both orders, {todo} distinct pairs")
     verdicts = judge.compare(texts, cands, bases, Progress(2 * todo, "judge (both orders)"))
     for a, v in zip([a for grp in candidates for a in grp], verdicts):
         a.verdict = v
@@ -545,6 +587,6 @@ def _judge_refusals(st: RunState, judge: Judge, log: LogFn) -> None:
         return
     pairs = [(q, a.text) for q, a in picked]
     uniq = len(set(pairs))
-    log(f"[judge] {judge.engine.name}: does it refuse? {uniq} distinct answers to harmful and benign prompts")
+    log(f"[judge] {judge.name}: does it refuse? {uniq} distinct answers to harmful and benign prompts")
     for (_, a), sc in zip(picked, judge.refusal_scores(pairs, Progress(uniq, "refusal judge"))):
         a.refusal_score = float(sc)
