@@ -12,6 +12,16 @@ Four files ship with the package, all written for this project:
 - ``requests_ordinary.jsonl``: ordinary task requests (plan, make, write, help me...), one side of
   the ``request`` recipe's gate with the look-alikes and the general queries: the risky requests
   are often phrased as tasks, and without ordinary tasks the gate learns the phrasing.
+- ``requests_risky.jsonl`` and ``requests_ordinary_more.jsonl`` (issue 20): 201 more risky requests
+  and 202 more ordinary ones for the ``request`` recipe, in many phrasings (questions and tasks,
+  short and long, polite and blunt, role-play and fiction framings, mild misuse). The risky ones
+  cover HarmBench's categories (chemical-biological, cybercrime, harassment, illegal,
+  misinformation, harmful content) and Do-Not-Answer's risk areas (discrimination, information
+  hazards, chatbot harms, malicious uses, misinformation harms); the ordinary ones are role-play
+  ("assume the role of..."), coding, writing, translation, maths, persuasive writing, tasks, general
+  questions and benign look-alikes. Written for this project: none shares more than half its words
+  with an evaluation or HarmBench prompt, nor more than half its content words with a Do-Not-Answer
+  prompt (tests/test_gate_choice.py).
 - ``eval_prompts.jsonl``: held-out evaluation prompts (``{"prompt": ..., "category": ..., "kind": ...}``)
   of three kinds: ``helpful`` (ordinary requests, to measure answer quality), ``harmful`` (requests a
   safe assistant refuses, to measure refusals) and ``benign`` (requests that look edgy but are fine,
@@ -45,6 +55,8 @@ AXIS_QUERY_FILES: dict[str, str] = {"harmless": "queries_harmless.jsonl"}
 """Axes with their own default query set; every other axis uses ``queries.jsonl``."""
 _EVAL_FILE = "eval_prompts.jsonl"
 _ORDINARY_FILE = "requests_ordinary.jsonl"
+_MORE_RISKY_FILE = "requests_risky.jsonl"  # issue 20: risky requests in many phrasings
+_MORE_ORDINARY_FILE = "requests_ordinary_more.jsonl"  # issue 20: role-play, coding, writing, translation...
 _JSONL_HINT = 'put one query per line or JSONL with a "query" field'
 
 
@@ -95,8 +107,10 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
     """Return {"risky": [...], "benign": [...]} from ``path`` (JSONL with ``"kind"``) or the axis's
     built-in set; each kind needs at least 8 queries so a held-out part is left for checking.
 
-    The built-in benign side is the axis's benign look-alikes plus ordinary requests: the general
-    query set (mostly questions) and ``requests_ordinary.jsonl`` (tasks: plan, make, write, help me).
+    The built-in risky side is the axis's risky queries plus ``requests_risky.jsonl``; the benign
+    side is the axis's benign look-alikes plus ordinary requests: the general query set (mostly
+    questions), ``requests_ordinary.jsonl`` (tasks: plan, make, write, help me) and
+    ``requests_ordinary_more.jsonl`` (role-play, coding, writing, translation, maths, persuasion).
     A gate fitted against look-alikes alone opened on half of the ordinary evaluation prompts, and
     one fitted without the tasks still opened on requests like "Plan a three-day trip..."
     (align/request_contrast.py). A user
@@ -122,7 +136,9 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
             raise AlignezError(f'{name} line {line.number}: "kind" must be "risky" or "benign", not {kind!r}')
         out[kind].append(_text_field(line, name, ("query", "prompt")))
     if path is None:
-        out["benign"] += load_queries(None, None) + _queries_in(*_builtin_text(_ORDINARY_FILE))
+        out["risky"] += _queries_in(*_builtin_text(_MORE_RISKY_FILE))
+        out["benign"] += (load_queries(None, None) + _queries_in(*_builtin_text(_ORDINARY_FILE))
+                          + _queries_in(*_builtin_text(_MORE_ORDINARY_FILE)))
     out = {k: _dedupe(v) for k, v in out.items()}
     for kind, qs in out.items():
         if len(qs) < 8:
