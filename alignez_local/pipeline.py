@@ -12,6 +12,8 @@ name (when it was given by name), its file name and its SHA-256, never by a loca
 from __future__ import annotations
 
 import dataclasses
+import resource
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
-from alignez_local.align.calibrate import Baseline, Calibration, calibrate_strength, unsteered_baseline
+from alignez_local.align.calibrate import Baseline, Calibration, calibrate_refusals, calibrate_strength, unsteered_baseline
 from alignez_local.align.calibrate_behaviour import (
     CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, calibrate_behaviour, screen_line,
     split_heldout, unsteered_nll,
@@ -33,7 +35,7 @@ from alignez_local.align.fit import DEFAULT_POOL, capture_pairs, default_pool, f
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
 from alignez_local.align.selfcheck import quality_line, select_pairs
-from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot, read_alone
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour import Scorer, YesNoJudge, measure_for
 from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries, load_request_kinds
@@ -60,7 +62,6 @@ EXPORT_QUERIES = 64
 # Held-out queries the default strength is calibrated on (see align/calibrate.py): enough to pool
 # about 500 answer tokens per strength, few enough that calibrating both files costs about a minute.
 CALIBRATION_PROMPTS = 12
-MIN_CALIBRATION = 4  # fewer held-out risky requests open the gate: calibrate on all of them instead
 
 Notify = Callable[[str], None]
 
@@ -325,6 +326,7 @@ class SteerResult:
     timings: dict[str, float] = field(default_factory=dict)
     recipe: str = DEFAULT_RECIPE
     calibration: dict[str, BehaviourCalibration] = field(default_factory=dict)
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)  # per stage: tokens, peak RSS (StageClock)
 
 
 def heldout_queries(axis: str | None, used: Sequence[str]) -> list[str]:
@@ -361,7 +363,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
               generation: GenerationSettings, fit: FitSettings, model: ModelId,
               on_status: Notify = _quiet, recipe: str | None = None, bench: BehaviourBench | None = None,
               judge: YesNoJudge | None = None, strengths: Sequence[float] = STRENGTHS,
-              with_profile: bool = True, screen_s: float = 0.0) -> SteerResult:
+              with_profile: bool = True, clock: StageClock | None = None) -> SteerResult:
     """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
     both files' default strengths by the behaviour (align/calibrate_behaviour.py) on held-out
     queries, reported beside unsteered, prompting and a random direction.
@@ -370,11 +372,11 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
     and report.json (the provenance of the run and the behaviour report). ``bench``: one already
     screened (``behaviour_bench``, ``screen``); None builds it with ``judge``. ``with_profile``
     False skips the profile's calibration (its file keeps no default strength): the experiments
-    compare vector recipes at half the cost. ``screen_s``: seconds the caller's screening took
-    (reported with the stages).
+    compare vector recipes at half the cost. ``clock``: the caller's, when it timed stages of its
+    own first (the screening); the stages here are added to it.
     """
     paths = SteerPaths.prepare(folder)
-    clock = _Clock()
+    clock = clock or StageClock(engine)
     if fit.vector_from not in VECTOR_SOURCES:
         raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
     bench = bench or behaviour_bench(engine, axis, queries, judge)
@@ -404,10 +406,8 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         clock.lap("calibrate_s")
     except KeyboardInterrupt:
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
-    timings = {"screen_s": screen_s, **clock.timings()} if screen_s else clock.timings()
-    if screen_s:
-        timings["total_s"] += screen_s
-    result = SteerResult(paths, prof, cv, rep, written, had, timings, get_recipe(recipe).name, cals)
+    result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name, cals,
+                         clock.costs)
     write_json(paths.report, steer_report(result, axis, len(queries), fit, model))
     return result
 
@@ -474,7 +474,8 @@ def own_refusals(engine: Engine, queries: Sequence[str], quiet: bool = False) ->
 def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
                       queries_file: str | None = None, seed: int = 0, on_status: Notify = _quiet) -> RequestSteerResult:
     """Fit a gated vector from the model's own state on risky and benign requests
-    (align/request_contrast.py) and calibrate its default strength on held-out risky ones.
+    (align/request_contrast.py) and choose its default strength by refusals on held-out risky and
+    benign ones (align/calibrate.py ``calibrate_refusals``).
 
     Writes vector.gguf and report.json into ``folder``. Only short answers are generated (they
     label the model's refusals), so there is no preference file and no profile; Ctrl-C writes
@@ -488,12 +489,18 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     for path in (vector_path, report_path):
         check_writable(path)
-    clock = _Clock()
+    clock = StageClock(engine)
     layers = candidate_layers(engine.n_layer)  # the only layers the fit reads (the vector's and the gate's)
     states = {}
     for kind, qs in kinds.items():
+        # Each prompt read alone, as the gate reads it at run time (steering.read_alone): read in a
+        # batch, a state moves in its last bits with the neighbours (docs/results.md §8).
         bar = Progress(len(qs), f"state at the end of the {kind} requests")
-        states[kind] = engine.capture([engine.prompt(q) for q in qs], layers, site=GATE_SITE, on_progress=bar)
+        rows = []
+        for q in qs:
+            rows.append(read_alone(engine, [engine.prompt(q)], layers)[0])
+            bar.update(1)
+        states[kind] = np.stack(rows)
         bar.close()
     clock.lap("capture_s")
     refused = own_refusals(engine, kinds["risky"])
@@ -510,14 +517,21 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         "alignez.request.heldout_separation": round(fitted.heldout_score[fitted.layer], 4),
     }
     cv = ControlVector({fitted.layer: fitted.vector}, model_hint=engine.arch, metadata=meta, name=axis.name, gate=fitted.gate)
-    # Calibrate where the vector acts: on held-out risky requests the gate opens on. On the others
-    # steered and unsteered answers are the same, which would dilute the measures and let a
-    # strength through that is too strong where it applies (the gate opened on about half of them).
-    risky_out = list(fitted.heldout_risky)
-    gate_open = fitted.gate.opens(states["risky"][risky_out, layers.index(fitted.gate.layer)])
-    opened = [i for i, ok in zip(risky_out, gate_open) if ok]
-    used = (opened if len(opened) >= MIN_CALIBRATION else risky_out)[:CALIBRATION_PROMPTS]
-    cv = calibrate_vector(engine, cv, [engine.prompt(kinds["risky"][i]) for i in used], on_status)
+    # The strength is chosen by refusals (align/calibrate.py, issue 20): the most refusals of the
+    # held-out risky requests with over-refusal of the held-out benign ones at most +1 point and the
+    # answers that are not refusals still fluent. No perplexity band: stock refusals are the model's
+    # most predictable text, and the old band stopped the search at x1 for that (docs/results.md §8).
+    risky_out, benign_out = list(fitted.heldout_risky), list(fitted.heldout_benign)
+    cal = calibrate_refusals(engine, lambda s: Steering(vectors=[VectorSlot(cv.name, cv, s)]),
+                             [engine.prompt(kinds["risky"][i]) for i in risky_out],
+                             [engine.prompt(kinds["benign"][i]) for i in benign_out],
+                             on_trial=lambda t: on_status(
+                                 f"  vector x{t.strength:g}: refused {t.risky_refused} of {len(risky_out)} held-out risky, "
+                                 f"{t.benign_refused} of {len(benign_out)} benign"
+                                 + ("" if t.ppl_ratio is None else f", non-refusal perplexity x{t.ppl_ratio:.2f}")
+                                 + ("" if t.passed else f" ({t.why}: search stops)")))
+    cv = dataclasses.replace(cv, default_strength=cal.strength, calibration=cal.as_dict())
+    on_status(cal.line("vector"))
     clock.lap("calibrate_s")
     write_control_vector(vector_path, cv)
     result = RequestSteerResult(vector_path, report_path, cv, fitted, clock.timings())
@@ -525,8 +539,8 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         "model": model.as_dict(), "axis": {"name": axis.name}, "recipe": "request",
         "queries": {k: len(v) for k, v in kinds.items()}, "vector": vector_path.name,
         "request_contrast": fitted.stats(), "default_strength": cv.default_strength,
-        "calibration_prompts": {"heldout_risky": len(risky_out), "gate_open": len(opened), "used": len(used),
-                                "only_gate_open": len(opened) >= MIN_CALIBRATION},
+        "calibration_prompts": {"heldout_risky": len(risky_out), "heldout_benign": len(benign_out),
+                                "risky_gate_open": cal.risky_gate_open, "benign_gate_open": cal.benign_gate_open},
         "calibration": _plain(cv.calibration), "timings": {k: round(v, 1) for k, v in result.timings.items()},
     })
     return result
@@ -547,6 +561,7 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
         "calibration": {"profile": _plain(prof.calibration), "vector": _plain(result.vector.calibration)},
         "behaviour": behaviour_table(result.calibration),
         "approximation": result.approximation.__dict__, "timings": {k: round(v, 1) for k, v in result.timings.items()},
+        "costs": result.costs,
     }
 
 
@@ -588,16 +603,36 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class _Clock:
-    """Lap times of a run's steps, and the total."""
+class StageClock:
+    """Lap times of a run's stages and the total, and what each stage cost: the tokens the model
+    read and sampled (and the judge read, when it is another model) and the peak resident memory
+    at the stage's end. scripts/bench_cost.py turns these into per-token rates."""
 
-    def __init__(self) -> None:
+    def __init__(self, *engines: Engine | None) -> None:
         self.start = self.last = time.monotonic()
         self.laps: dict[str, float] = {}
+        self.costs: dict[str, dict[str, float]] = {}
+        self._engines = list(dict.fromkeys(e for e in engines if e is not None))
+        self._before = [e.counts.snapshot() for e in self._engines]
 
     def lap(self, name: str) -> None:
         now = time.monotonic()
         self.laps[name], self.last = now - self.last, now
+        after = [e.counts.snapshot() for e in self._engines]
+        spent = [a.since(b) for a, b in zip(after, self._before)]
+        self._before = after
+        cost: dict[str, float] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+        if spent:
+            cost.update(tokens_read=spent[0].tokens, tokens_sampled=spent[0].sampled, decode_calls=spent[0].calls)
+        if len(spent) > 1:
+            cost.update(judge_tokens_read=sum(d.tokens for d in spent[1:]))
+        self.costs[name.removesuffix("_s")] = cost
 
     def timings(self) -> dict[str, float]:
         return {**self.laps, "total_s": time.monotonic() - self.start}
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024

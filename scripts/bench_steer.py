@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -36,24 +37,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("--axis", default=None)
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="Keep the run in DIR (must not exist) with steer's printed output in DIR/stdout.txt.")
     ap.add_argument("extra", nargs="*", help="More steer flags, after --")
     args = ap.parse_args()
     alignez = str(Path(sys.executable).with_name("alignez"))
+    if args.keep and Path(args.keep).exists():
+        sys.exit(f"{args.keep} exists; give a new folder to --keep (a fresh run resumes nothing)")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+        out = Path(args.keep) if args.keep else Path(tmp) / "run"
         cmd = [alignez, "steer", "-o", str(out)] + (["-m", args.model] if args.model else []) \
             + (["--axis", args.axis] if args.axis else []) + list(args.extra)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         wall = time.monotonic() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         if done.returncode != 0:
             sys.exit(f"steer failed (exit {done.returncode})")
         rep = json.loads((out / "report.json").read_text())
+        if args.keep:
+            (out / "stdout.txt").write_text(done.stdout)
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}; model {rep['model']['name'] or rep['model']['file']}, "
           f"axis {rep['axis']['name']}, {rep['n_queries']} queries")
     for stage, seconds in rep["timings"].items():
         print(f"  {stage:<14} {seconds:>8.1f} s")
     print(f"wall time {wall:.0f} s: target {TARGET_S} s {'met' if wall <= TARGET_S else 'MISSED'}")
+    # CPU seconds do not count the time other jobs took the cores: on a shared machine they bound
+    # what the run needs (with --threads 1, the wall time it would take on one free core).
+    print(f"CPU time {cpu:.0f} s ({cpu / max(wall, 1e-9):.2f} cores busy on average)")
 
 
 if __name__ == "__main__":

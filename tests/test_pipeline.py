@@ -175,7 +175,7 @@ STEER = ["--limit", "12", "--response-tokens", "24", "--strengths", "1,8", "--th
 
 def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "-o", str(out)],
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "--calibrate-profile", "-o", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     prof = load_profile(out / "profile.gguf")
@@ -185,6 +185,13 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     # the mean-diff vector steers the middle third of the layers (tiny model: 4 layers -> layer 1)
     assert cv.layers == [1] and cv.metadata["alignez.source"] == "mean-diff:l_out"
     assert rep["approximation"]["n_prompts"] == 16 and rep["timings"]["total_s"] > 0
+    # what each stage cost (scripts/bench_cost.py): generation samples tokens, fitting only reads,
+    # and the screen's and calibration's answers are both sampled and read back for scoring
+    costs = rep["costs"]
+    assert set(costs) == {"screen", "generate", "fit", "export", "calibrate"}
+    assert costs["generate"]["tokens_sampled"] > 0 and costs["fit"]["tokens_sampled"] == 0
+    assert costs["fit"]["tokens_read"] > 0 and costs["calibrate"]["tokens_read"] > costs["calibrate"]["tokens_sampled"] > 0
+    assert all(c["peak_rss_mb"] > 0 for c in costs.values())
     # provenance: the model by file name and SHA-256 (no bundled name: it was given as a path), and
     # the run's files relative to the report; no absolute path anywhere
     assert rep["model"]["name"] is None and rep["model"]["file"] == tiny_model_path.name
@@ -214,6 +221,10 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     again = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "-o", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 new pairs, 12 already there" in again.stderr
+    # without --calibrate-profile only the vector is calibrated; the profile keeps no strength
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["calibration"]["profile"] is None and rep["calibration"]["vector"]["rule"] == "behaviour"
+    assert load_profile(out / "profile.gguf").default_strength is None
 
 
 def test_steer_screen_only_measures_the_ceiling_and_writes_nothing(tiny_model_path: Path, tmp_path: Path) -> None:

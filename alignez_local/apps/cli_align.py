@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from typing import Any
 
 import click
@@ -235,10 +234,14 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @click.option("--strengths", default=None, metavar="S1,S2,...",
               help="Strengths to try, as multiples of the vector (the profile's are scaled to match) [0.0625 ... 4].")
 @click.option("--screen-only", is_flag=True, help="Only measure whether the model shows the behaviour when asked, then stop.")
+@click.option("--calibrate-profile", is_flag=True,
+              help="Also choose the profile's (exact edit's) strength by the behaviour, beside its own random null: "
+                   "about doubles the calibration stage. Off: profile.gguf is written without a default strength.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
           responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
-          self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, strengths, screen_only) -> None:
+          self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, strengths, screen_only,
+          calibrate_profile) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -247,9 +250,10 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     alignez steer --axis harmless      # the request recipe: a gated vector, no answers generated
     alignez steer --axis pirate --screen-only    # does the model talk like a pirate when asked?
     First it screens: how often does the model show the behaviour when simply asked? Then it
-    generates pairs, fits, and chooses each file's strength on held-out queries by the behaviour
+    generates pairs, fits, and chooses the vector's strength on held-out queries by the behaviour
     (with relevance and fluency guards), reported on other held-out queries beside the unsteered
-    model, prompting and a random direction of the same norm.
+    model, prompting and a random direction of the same norm (--calibrate-profile: the profile's too;
+    it was weaker than the vector on every trait measured, docs/results.md section 10).
     Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
     (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
@@ -273,15 +277,16 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     status = lambda line: click.echo(line, err=True)  # noqa: E731
     judge = open_judge(judge_model, engine, threads, needs=measure_for(axis.measure, axis.positive).needs_judge)
     try:
-        t0 = time.monotonic()
+        clock = pipeline.StageClock(engine, getattr(judge, "engine", None))
         bench = pipeline.behaviour_bench(engine, axis, queries, judge)
         line, _, _ = pipeline.screen(bench, str(model or engine.name))
+        clock.lap("screen_s")
         click.echo(line, err=True)
         if screen_only or folder is None:
             return
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
                                  on_status=status, recipe=recipe, bench=bench, strengths=grid,
-                                 screen_s=time.monotonic() - t0)
+                                 with_profile=calibrate_profile, clock=clock)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:

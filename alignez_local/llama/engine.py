@@ -41,7 +41,7 @@ from alignez_local.llama.chat_format import PLAIN_STOP, format_chat
 from alignez_local.llama.cvec import check_vectors, cvec_buffer
 from alignez_local.llama.hooks import Capture, Edit, EditFn, HookState
 from alignez_local.llama.sampling import Completion, Sampling, TokenFn, TokenLogprob
-from alignez_local.llama.scheduler import CANCELLED, AdmitFn, Scheduler, Seq
+from alignez_local.llama.scheduler import CANCELLED, AdmitFn, DecodeCounts, Scheduler, Seq
 from alignez_local.llama.vocab import Vocab
 from alignez_local.specs import CAPTURE_SITES
 
@@ -183,6 +183,11 @@ class Engine:
             pass
 
     # --- model facts and text ----------------------------------------------------------------
+
+    @property
+    def counts(self) -> DecodeCounts:
+        """Return what this engine has decoded so far (calls, tokens read, tokens sampled)."""
+        return self._sched.counts
 
     def meta(self, key: str) -> str | None:
         """Return a GGUF metadata value of the model as a string, or None."""

@@ -105,6 +105,23 @@ class _Batch:
         return Layout(self.n, np.asarray(self.out_rows, dtype=np.int64), self.out_keys, self.tok_keys, self.out_last, self.spans)
 
 
+@dataclass
+class DecodeCounts:
+    """What one context has decoded since it was made: llama_decode calls, tokens read (prompt
+    tokens and fed-back generated tokens alike) and tokens sampled. Benchmarks diff two snapshots
+    to turn a stage's seconds into per-token rates (scripts/bench_cost.py)."""
+
+    calls: int = 0
+    tokens: int = 0
+    sampled: int = 0
+
+    def snapshot(self) -> "DecodeCounts":
+        return DecodeCounts(self.calls, self.tokens, self.sampled)
+
+    def since(self, before: "DecodeCounts") -> "DecodeCounts":
+        return DecodeCounts(self.calls - before.calls, self.tokens - before.tokens, self.sampled - before.sampled)
+
+
 class Scheduler:
     """Runs sequences through one llama.cpp context; owns nothing, frees nothing but samplers."""
 
@@ -118,6 +135,7 @@ class Scheduler:
         self.n_parallel = n_parallel
         self.n_ctx = int(C.llama_n_ctx(ctx))
         self._prefix = 0  # tokens of the shared prefix held by sequence id n_parallel in this run
+        self.counts = DecodeCounts()
 
     def run(self, seqs: list[Seq], on_token: TokenFn | None = None, on_logits: LogitsFn | None = None,
             on_done: Callable[[Seq], None] | None = None, share_prefix: bool = False,
@@ -262,6 +280,8 @@ class Scheduler:
         st.layout = fill.layout()
         st.asked.clear()  # one graph per decode (a batch is never split into ubatches here)
         rc = C.llama_decode(self.ctx, self.batch)
+        self.counts.calls += 1
+        self.counts.tokens += fill.n
         if st.interrupted:
             raise KeyboardInterrupt
         if st.error is not None:
@@ -292,6 +312,7 @@ class Scheduler:
                 s.top_tokens.append(TokenLogprob(tok, self.vocab.piece_bytes(tok, True), lp, len(s.text),
                                                  self._top(logits, lse, s.n_top)))
             s.generated.append(tok)
+            self.counts.sampled += 1
             s.text += s.decoder.decode(self.vocab.piece_bytes(tok))
             stops = sp.stop
             cut = min((i for i in (s.text.find(x, max(0, s.emitted - len(x))) for x in stops) if i >= 0), default=-1)
