@@ -291,7 +291,7 @@ def _save_interrupted(st: RunState, out: Path, terminated: bool = False) -> Eval
 
 def _cache_note(st: RunState) -> str:
     """Return ", N finished judgments in OUT/judge_cache.jsonl (--resume reuses them)" ('' without a cache)."""
-    if st.judge_cache is None:
+    if st.judge_cache is None or not st.judge_cache.values:
         return ""
     return f", {len(st.judge_cache.values)} finished judgments in {st.judge_cache.path} (--resume reuses them)"
 
@@ -450,6 +450,13 @@ def _model_info(path: Path, engine: Engine | None = None, sha256: str | None = N
     return info
 
 
+def _remote_info(desc: dict[str, Any]) -> dict[str, Any]:
+    """Return a remote judge's identity for the report: model name and URLs (no file, no hash, no key;
+    ``path`` and ``sha256`` say so in the shape the summary reads)."""
+    return {"name": f"{desc['model']} (remote)", "path": desc["urls"][0], "sha256": "n/a (remote)",
+            "model": desc["model"], "urls": desc["urls"]}
+
+
 def _steering_files(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Return the kind, path and SHA-256 of every steering file (the report's record of what steered)."""
     return ([{"kind": "vector", "path": v, "sha256": _sha256(parse_steering_spec(v).path)} for v in cfg.vectors]
@@ -486,7 +493,7 @@ def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_model: Pat
         return
     save("judging" if cfg.quality_judge else "refusal judging")
     with _open_judge(st, judge_model, out, log) as judge:
-        st.models["judge"] = judge.describe() if judge.engine is None else _model_info(judge_model, judge.engine)
+        st.models["judge"] = _remote_info(judge.describe()) if judge.engine is None else _model_info(judge_model, judge.engine)
         st.judge = judge.describe()
         try:
             if cfg.quality_judge:

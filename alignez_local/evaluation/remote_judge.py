@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -232,13 +233,15 @@ class RemoteBackend:
         return margin
 
 
-def _reason(err: Exception) -> str:
-    """Return a few words on a transport error ("connection refused", ...)."""
-    text = str(err).lower()
-    if "refused" in text:
-        return "connection refused"
-    if "name or service" in text or "nodename" in text or "getaddrinfo" in text:
-        return "unknown host"
+def _reason(err: BaseException) -> str:
+    """Return a few words on a transport error ("connection refused", ...), from its causes too."""
+    e: BaseException | None = err
+    while e is not None:
+        if isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower():
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return "unknown host"
+        e = e.__cause__ or e.__context__
     return type(err).__name__ + (f": {str(err)[:80]}" if str(err) else "")
 
 
