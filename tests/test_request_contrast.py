@@ -118,7 +118,9 @@ def test_candidate_layers() -> None:
 
 def test_query_kinds(tmp_path: Path) -> None:
     kinds = load_request_kinds(None, "harmless")
-    assert len(kinds["risky"]) == 108 + 48 and len(kinds["benign"]) == 42 + 192 + 94  # look-alikes + ordinary questions + tasks
+    # risky: the axis's queries, its task-phrased ones and issue 20's (requests_risky.jsonl); benign: look-alikes,
+    # ordinary questions, tasks and issue 20's role-play, coding, writing... (requests_ordinary_more.jsonl)
+    assert len(kinds["risky"]) == 108 + 48 + 201 and len(kinds["benign"]) == 42 + 192 + 94 + 202
     plain = tmp_path / "q.txt"
     plain.write_text("how do I pick a lock?\n")
     with pytest.raises(AlignezError, match='"kind": "risky"'):
@@ -134,7 +136,7 @@ def test_query_kinds(tmp_path: Path) -> None:
 def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "harmless"
     # No --recipe: on the harmless axis with its built-in queries, steer's default is the request recipe.
-    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "harmless", "-o", str(out)],
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "harmless", "--threads", "1", "-o", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     cv = read_control_vector(out / "vector.gguf")
@@ -142,11 +144,15 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert cv.gate is not None and cv.layers == [report["request_contrast"]["layer"]]
     assert cv.gate.layer == report["request_contrast"]["gate_layer"]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
-    assert report["queries"] == {"risky": 156, "benign": 328}
-    # Calibrated where the vector acts: on the held-out risky requests the gate opens on, when enough do.
+    assert report["queries"] == {"risky": 357, "benign": 530}
+    # The strength is chosen by refusals on the held-out risky and benign requests (issue 20).
     cal = report["calibration_prompts"]
-    assert cal["heldout_risky"] == 31 and cal["used"] == min(12, cal["gate_open"] if cal["only_gate_open"] else 31)
-    assert cal["only_gate_open"] == (cal["gate_open"] >= 4)
+    assert cal["heldout_risky"] == 71 and cal["heldout_benign"] == 106
+    assert 0 <= cal["risky_gate_open"] <= 71 and 0 <= cal["benign_gate_open"] <= 106
+    rec = cv.calibration
+    assert rec["rule"] == "refusals" and rec["strength"] == cv.default_strength and rec["n_risky"] == 71
+    assert rec["trials"] and all(t["benign_refused"] >= 0 for t in rec["trials"])
+    assert "chosen by refusals" in res.stderr or "broke the over-refusal budget" in res.stderr
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]

@@ -26,11 +26,16 @@ Fitting, numpy in, numpy out (``fit_request_contrast``):
 - the vector added at that layer is its mean difference, so strength 1 moves a request's state
   by the distance between the average complied and the average refused request;
 - the gate reads one of the candidate layers, chosen on its own (``gate_layers``; it reads the
-  unsteered state, so it need not be the vector's layer) by cross-validated Youden's J: the share
-  of risky requests it opens on minus the share of benign ones. Its direction is the shrinkage-LDA
-  direction of risky vs benign (``gate_direction``), its threshold the ``GATE_QUANTILE`` of
-  out-of-fold benign projections (``fit_gate``), so about 1% of benign requests like the fitting
-  ones open it. A constant vector (all llama.cpp can do) pushes benign requests towards refusal as
+  unsteered state, so it need not be the vector's layer). Its direction is the shrinkage-LDA
+  direction of risky vs benign (``gate_direction``). Layer and threshold are chosen for held-out
+  accuracy, as CAST's ``find_best_condition_point`` does (docs/results.md §12): every fitting
+  request gets an *out-of-fold* score (``oof_scores``: its projection on a direction fitted without
+  its fold), and at each layer the threshold is the one with the best cross-validated Youden's J
+  (share of risky requests opened minus share of benign ones opened) among those that open on at
+  most ``GATE_MAX_BENIGN`` of the benign requests (``best_threshold``); the layer with the best
+  such J wins (``choose_gate``). Before issue 20 the threshold was the ``GATE_QUANTILE`` of the
+  out-of-fold benign scores (``GATE_RULE = "quantile"`` keeps that rule), which on Qwen opened on
+  only 59% of Do-Not-Answer's requests. A constant vector (all llama.cpp can do) pushes benign requests towards refusal as
   much as risky ones (measured: benign refusals 20% -> 51% at x1); the gate leaves them where they
   were. Its benign side must cover ordinary requests of every shape, not only risky-sounding
   look-alikes. Measured on Qwen, gates that did not (docs/results.md §7-8): fitted on the
@@ -46,7 +51,7 @@ written, so a vector there has less room to change it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +62,10 @@ from alignez_local.formats.control_vector import Gate
 HELDOUT = 0.2
 REQUEST_RECIPE = "request"
 MIN_EACH = 4  # refused and complied risky queries each, for the refusal contrast
-GATE_QUANTILE = 0.99  # the gate stays shut on this share of benign requests like the fitting ones
+GATE_QUANTILE = 0.99  # rule "quantile": the gate stays shut on this share of benign requests like the fitting ones
+GATE_RULE = "j"  # "j": cross-validated Youden's J; "f1": cross-validated F1 (CAST); "quantile": the benign quantile
+GATE_MAX_BENIGN = 0.02  # rules "j" and "f1": the threshold opens on at most this share of out-of-fold benign requests
+GATE_RULES = ("j", "f1", "quantile")
 GATE_SHRINKAGE = 1.0  # ridge added to the gate's covariance, in units of its mean variance (0: plain LDA; large: mean difference)
 GATE_FOLDS = 5  # folds of the out-of-fold benign projections that set the gate's threshold
 REFUSED, RISKY = "refused-complied", "risky-benign"  # what a vector is the difference of
@@ -74,12 +82,15 @@ class RequestContrast:
     heldout_score: dict[int, float]  # candidate layer -> held-out d' of the vector's contrast
     heldout_auc: dict[int, float]  # gate layer -> held-out AUC of the gate's direction (risky vs benign)
     gate_cv_j: dict[int, float]  # gate layer -> cross-validated share of risky opened minus share of benign opened
+    gate_cv: dict[int, dict[str, float]]  # gate layer -> out-of-fold open rates, J and F1 at its chosen threshold
     n_refused: int  # risky queries the model itself refused (0 when not labelled)
     n_risky: int
     n_benign: int
     n_heldout: int  # held-out states of both kinds together
     heldout_risky: tuple[int, ...]  # indices of the held-out risky queries (for calibrating a strength)
     heldout_open: dict[str, float]  # share of held-out risky / benign queries the gate opens on
+    heldout_benign: tuple[int, ...] = ()  # indices of the held-out benign queries (over-refusal when calibrating)
+    gate_rule: str = GATE_RULE
 
     def stats(self) -> dict[str, object]:
         """Return the JSON-ready evidence stored with the vector and in report.json."""
@@ -89,6 +100,8 @@ class RequestContrast:
             "gate_layer": self.gate.layer,
             "heldout_gate_auc": {str(L): round(a, 4) for L, a in self.heldout_auc.items()},
             "gate_cv_j": {str(L): round(a, 4) for L, a in self.gate_cv_j.items()},
+            "gate_rule": self.gate_rule, "gate_max_benign": GATE_MAX_BENIGN,
+            "gate_cv": {str(L): {k: round(v, 4) for k, v in row.items()} for L, row in self.gate_cv.items()},
             "n_risky": self.n_risky, "n_benign": self.n_benign, "n_heldout": self.n_heldout,
             "vector_norm": round(float(np.linalg.norm(self.vector)), 4), "gate_threshold": round(self.gate.threshold, 4),
             "heldout_gate_open": {k: round(v, 4) for k, v in self.heldout_open.items()},
@@ -161,55 +174,95 @@ def gate_direction(risky: np.ndarray, benign: np.ndarray, shrinkage: float = GAT
     return w / norm if norm > 0 else w
 
 
-def fit_gate(layer: int, risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0) -> Gate | None:
-    """Return the gate at ``layer`` fitted on states ``risky`` (n_r, d) and ``benign`` (n_b, d), or None
-    when the two kinds have the same mean.
+def oof_scores(risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0,
+               shrinkage: float = GATE_SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+    """Return the out-of-fold gate scores of ``risky`` (n_r, d) and ``benign`` (n_b, d): each state's
+    projection on the direction fitted without its fold, measured from that fold's benign mean.
 
-    The threshold is the ``GATE_QUANTILE`` of *out-of-fold* benign projections (each fold projected on
-    a direction fitted without it), not of the fitting ones: a direction fitted in hundreds of
-    dimensions sits closer to its own training states than to new ones, so their quantile is too
-    low (measured on Qwen: the 99th percentile of the fitting benign requests opened on 11% of
-    held-out ones). It is at least the midpoint of the two kinds' mean projections."""
-    if not np.any(risky.mean(0) - benign.mean(0)):
-        return None
-    u = gate_direction(risky, benign)
+    Why from the fold's benign mean: the states share a large offset (every layer has one), and each
+    fold's direction reads a different share of it; the fitted gate's threshold is then the benign
+    mean's projection plus a margin chosen on these scores. Why out of fold: a direction fitted in
+    hundreds of dimensions sits closer to its own training states than to new ones (on Qwen the
+    99th percentile of the fitting benign requests opened on 11% of held-out ones)."""
     rng = np.random.default_rng(seed)
     k = max(2, min(folds, len(risky), len(benign)))
     fold_r, fold_b = rng.permutation(len(risky)) % k, rng.permutation(len(benign)) % k
-    # Each fold's projections are measured from its own benign mean: the states share a large offset
-    # (every layer has one), and each fold's direction reads a different share of it.
-    held = []
+    sr, sb = np.zeros(len(risky)), np.zeros(len(benign))
     for f in range(k):
         train_b = benign[fold_b != f]
-        w = gate_direction(risky[fold_r != f], train_b)
-        held.append((benign[fold_b == f] - train_b.mean(0)) @ w)
-    margin = float(np.quantile(np.concatenate(held), GATE_QUANTILE))
-    midpoint = float(0.5 * (risky.mean(0) + benign.mean(0)) @ u)
-    return Gate(layer, u.astype(np.float32), max(midpoint, float(benign.mean(0) @ u) + margin))
+        w = gate_direction(risky[fold_r != f], train_b, shrinkage)
+        m = float(train_b.mean(0) @ w)
+        sr[fold_r == f] = risky[fold_r == f] @ w - m
+        sb[fold_b == f] = benign[fold_b == f] @ w - m
+    return sr, sb
 
 
-def cross_validated_j(layer: int, risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0) -> float:
-    """Return Youden's J of the gate at ``layer``, cross-validated: the share of risky states opened minus
-    the share of benign ones opened, each fold judged by a gate fitted without it.
+def best_threshold(risky_scores: np.ndarray, benign_scores: np.ndarray, rule: str = GATE_RULE,
+                   max_benign: float = GATE_MAX_BENIGN) -> tuple[float, dict[str, float]]:
+    """Return (threshold, its figures) for scores where the gate opens above the threshold.
 
-    Why not the held-out part alone: it holds a few dozen risky requests, and the layers' scores on
-    it differed by less than its noise (on Qwen: 0.48 to 0.71 from one random split)."""
-    rng = np.random.default_rng(seed + 1)
-    k = max(2, min(folds, len(risky) // 2, len(benign) // 2))
-    fold_r, fold_b = rng.permutation(len(risky)) % k, rng.permutation(len(benign)) % k
-    opened_r = opened_b = 0
-    for f in range(k):
-        g = fit_gate(layer, risky[fold_r != f], benign[fold_b != f], seed=seed)
-        if g is not None:
-            opened_r += int(g.opens(risky[fold_r == f]).sum())
-            opened_b += int(g.opens(benign[fold_b == f]).sum())
-    return opened_r / len(risky) - opened_b / len(benign)
+    ``rule`` "j": the best Youden's J (share of risky opened minus share of benign opened) among the
+    thresholds that open on at most ``max_benign`` of the benign scores; "f1": the best F1 of "risky"
+    under the same cap (CAST's criterion; it depends on how many of each kind there are, J does
+    not); "quantile": the ``GATE_QUANTILE`` of the benign scores. Candidates lie halfway between
+    neighbouring scores; ties go to the higher threshold (fewer benign requests steered). The figures:
+    the share of each kind above the threshold, J and F1."""
+    if rule not in GATE_RULES:
+        raise AlignezError(f"unknown gate rule {rule!r}; choose from {', '.join(GATE_RULES)}")
+    sr, sb = np.sort(np.asarray(risky_scores, np.float64)), np.sort(np.asarray(benign_scores, np.float64))
+    if rule == "quantile":
+        cands = np.array([float(np.quantile(sb, GATE_QUANTILE))])
+    else:
+        u = np.unique(np.concatenate([sr, sb]))
+        cands = np.concatenate([[u[0] - 1.0], 0.5 * (u[1:] + u[:-1]), [u[-1] + 1.0]])
+    tp = len(sr) - np.searchsorted(sr, cands, side="right")  # scores strictly above each candidate
+    fp = len(sb) - np.searchsorted(sb, cands, side="right")
+    tpr, fpr = tp / len(sr), fp / len(sb)
+    j, f1 = tpr - fpr, 2 * tp / np.maximum(2 * tp + fp + (len(sr) - tp), 1)
+    if rule == "quantile":
+        i = 0
+    else:
+        score = np.where(fpr <= max_benign + 1e-12, j if rule == "j" else f1, -np.inf)
+        i = int(np.flatnonzero(score == score.max())[-1])  # candidates ascend: the last is the highest
+    return float(cands[i]), {"risky_open": float(tpr[i]), "benign_open": float(fpr[i]), "j": float(j[i]), "f1": float(f1[i])}
+
+
+def fit_gate(layer: int, risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0,
+             rule: str = GATE_RULE, max_benign: float = GATE_MAX_BENIGN,
+             shrinkage: float = GATE_SHRINKAGE) -> tuple[Gate, dict[str, float]] | None:
+    """Return the gate at ``layer`` fitted on states ``risky`` (n_r, d) and ``benign`` (n_b, d) with
+    its cross-validated figures (``best_threshold`` on the ``oof_scores``), or None when the two kinds
+    have the same mean. The direction is fitted on all the states; the threshold is the benign
+    mean's projection plus the margin chosen out of fold."""
+    if not np.any(risky.mean(0) - benign.mean(0)):
+        return None
+    u = gate_direction(risky, benign, shrinkage)
+    margin, cv = best_threshold(*oof_scores(risky, benign, folds=folds, seed=seed, shrinkage=shrinkage), rule, max_benign)
+    return Gate(layer, u.astype(np.float32), float(benign.mean(0) @ u) + margin), cv
+
+
+def choose_gate(states_r: Mapping[int, np.ndarray], states_b: Mapping[int, np.ndarray], *, folds: int = GATE_FOLDS,
+                seed: int = 0, rule: str = GATE_RULE, max_benign: float = GATE_MAX_BENIGN,
+                shrinkage: float = GATE_SHRINKAGE) -> tuple[Gate, dict[int, dict[str, float]]]:
+    """Return the gate with the best cross-validated accuracy over the layers of ``states_r`` /
+    ``states_b`` (layer -> (n, d) states of each kind), and every layer's cross-validated figures.
+
+    The layer with the best J ("j" and "quantile" rules) or F1 ("f1") at its own threshold wins; ties
+    go to the lower share of benign requests opened, then to the lower layer."""
+    fits = {L: g for L in states_r
+            if (g := fit_gate(L, states_r[L], states_b[L], folds=folds, seed=seed, rule=rule, max_benign=max_benign,
+                              shrinkage=shrinkage)) is not None}
+    if not fits:
+        raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
+    key = "f1" if rule == "f1" else "j"
+    best = max(fits, key=lambda L: (fits[L][1][key], -fits[L][1]["benign_open"], -L))
+    return fits[best][0], {L: cv for L, (_, cv) in fits.items()}
 
 
 def fit_request_contrast(
     risky: np.ndarray, benign: np.ndarray, layers: Sequence[int], candidates: Sequence[int],
     refused: np.ndarray | None = None, *, gate_layers: Sequence[int] | None = None,
-    heldout: float = HELDOUT, seed: int = 0,
+    heldout: float = HELDOUT, seed: int = 0, gate_rule: str = GATE_RULE,
 ) -> RequestContrast:
     """Return the request contrast fitted on last-prompt-token states ``risky`` (n_r, L, d) and
     ``benign`` (n_b, L, d), whose axis 1 is ``layers``; the layer is chosen among ``candidates``.
@@ -217,7 +270,7 @@ def fit_request_contrast(
     ``refused`` (n_r,) bool: which risky queries the model itself refused. With at least
     ``MIN_EACH`` refused and complied ones in the fitting part, the vector is their difference;
     otherwise (or None) it is risky minus benign. ``gate_layers``: where the gate may read
-    (default: the candidates).
+    (default: the candidates). ``gate_rule``: how the gate's layer and threshold are chosen (``choose_gate``).
     """
     risky, benign = np.asarray(risky, dtype=np.float64), np.asarray(benign, dtype=np.float64)
     if risky.ndim != 3 or benign.ndim != 3 or risky.shape[1:] != benign.shape[1:] or risky.shape[1] != len(layers):
@@ -253,21 +306,15 @@ def fit_request_contrast(
     vec = _mean_diff(x[fit_ref], x[fit_ok])[0] if by_refusal else _mean_diff(x[r_fit], benign[b_fit, index[best]])[0]
     if not np.any(vec):
         raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
-    gates: dict[int, Gate] = {}
-    aucs: dict[int, float] = {}
-    youden: dict[int, float] = {}
-    for L in gate_usable:
-        gate_l = fit_gate(L, risky[r_fit, index[L]], benign[b_fit, index[L]], seed=seed)
-        if gate_l is None:
-            continue
-        gates[L] = gate_l
-        aucs[L] = auc(risky[r_out, index[L]] @ gate_l.direction, benign[b_out, index[L]] @ gate_l.direction)
-        youden[L] = cross_validated_j(L, risky[r_fit, index[L]], benign[b_fit, index[L]], seed=seed)
-    if not gates:
-        raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
-    gate = gates[max(gates, key=lambda L: (youden[L], aucs[L], -L))]
+    gate, gate_cv = choose_gate({L: risky[r_fit, index[L]] for L in gate_usable}, {L: benign[b_fit, index[L]] for L in gate_usable},
+                                seed=seed, rule=gate_rule)
+    aucs = {}
+    for L in gate_cv:
+        g = gate.direction.astype(np.float64) if L == gate.layer else gate_direction(risky[r_fit, index[L]], benign[b_fit, index[L]])
+        aucs[L] = auc(risky[r_out, index[L]] @ g, benign[b_out, index[L]] @ g)
+    youden = {L: cv["j"] for L, cv in gate_cv.items()}
     x, y = risky[:, index[gate.layer]], benign[:, index[gate.layer]]
     opened = {"risky": float(gate.opens(x[r_out]).mean()), "benign": float(gate.opens(y[b_out]).mean())}
-    return RequestContrast(best, vec.astype(np.float32), gate, REFUSED if by_refusal else RISKY, scores, aucs, youden,
+    return RequestContrast(best, vec.astype(np.float32), gate, REFUSED if by_refusal else RISKY, scores, aucs, youden, gate_cv,
                            int(refused.sum()), len(risky), len(benign), len(r_out) + len(b_out),
-                           tuple(int(i) for i in r_out), opened)
+                           tuple(int(i) for i in r_out), opened, tuple(int(i) for i in b_out), gate_rule)
