@@ -28,10 +28,12 @@ import pytest
 
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.judge import Judge, JudgeCache
-from alignez_local.evaluation.judge_check import load_examples
 from alignez_local.evaluation.remote_judge import NO_LOGPROBS, RemoteBackend, word_margin
 from alignez_local.llama.engine import Engine
 from test_eval_resume import _write_vector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from remote_judge_check import judge_pairs  # noqa: E402  (the script's fixed set of pairs)
 from test_serve_http import KEY, LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,18 +48,6 @@ CLI = [sys.executable, "-c", "from alignez_local.apps.cli import main; main()", 
 # shapes the two differ by much more: SmolLM2's margins move by up to 0.25 nats between a prompt
 # decoded alone and in a batch of 8 (llama.cpp's sums depend on the batch; docs/results.md).
 TOL = 2e-3
-
-
-def _pairs(n: int = 32) -> list[tuple[str, str]]:
-    """``n`` distinct (question, answer) pairs: the hand-made judge examples, then questions given
-    another question's answer (off-topic answers)."""
-    ex = load_examples()
-    pairs = list(dict.fromkeys((e["question"], e["answer"]) for e in ex))
-    for i, e in enumerate(ex):
-        other = ex[(i + len(ex) // 2) % len(ex)]
-        if other["question"] != e["question"] and len(pairs) < n:
-            pairs = list(dict.fromkeys([*pairs, (e["question"], other["answer"])]))
-    return pairs
 
 
 def free_port() -> int:
@@ -80,7 +70,7 @@ def test_word_margin_reads_every_spacing_and_bounds_a_missing_word() -> None:
 @pytest.mark.smollm
 @pytest.mark.slow
 def test_remote_margins_equal_the_local_judges(smollm_path: Path) -> None:
-    pairs = _pairs()
+    pairs = judge_pairs(32)
     few = pairs[:8]  # the other questions share the code path; 8 keep the test's minutes down
     assert len(pairs) >= 32 and len(set(pairs)) == len(pairs)
     instruction = "Does this answer address the question?"
