@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ from alignez_local.llama.engine import Engine
 from test_eval_resume import _write_vector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from remote_judge_check import judge_pairs  # noqa: E402  (the script's fixed set of pairs)
+from remote_judge_check import free_port, judge_pairs  # noqa: E402  (the script's fixed pairs, a free port)
 from test_serve_http import KEY, LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,13 +47,6 @@ CLI = [sys.executable, "-c", "from alignez_local.apps.cli import main; main()", 
 # shapes the two differ by much more: SmolLM2's margins move by up to 0.25 nats between a prompt
 # decoded alone and in a batch of 8 (llama.cpp's sums depend on the batch; docs/results.md).
 TOL = 2e-3
-
-
-def free_port() -> int:
-    """Return a port nothing listens on (bound and released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_word_margin_reads_every_spacing_and_bounds_a_missing_word() -> None:
