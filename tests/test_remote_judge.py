@@ -8,6 +8,8 @@ app on a free port (``test_serve_http.LiveServer``: create_app + uvicorn, one en
   log-probabilities and a wrong or missing key each end the run with one ``error:`` line, no
   traceback, and lose no finished work (the answers, and every finished judgment in
   judge_cache.jsonl, are reused by ``--resume``).
+- Retries and the request's shape against small stand-in servers (``http.server``, no model): a 503
+  is retried, a 400 is one line at once.
 """
 
 from __future__ import annotations
@@ -111,12 +113,65 @@ class NoLogprobsHandler(BaseHTTPRequestHandler):
         pass
 
 
+class FlakyHandler(BaseHTTPRequestHandler):
+    """A stand-in third-party server (no model) that fails its first two requests with 503, then
+    answers with fixed log-probabilities; a request for model "bad" gets a 400."""
+
+    seen: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        FlakyHandler.seen.append(body)
+        if body["model"] == "bad":
+            status, reply = 400, {"error": {"message": "no such model: bad"}}
+        elif len(FlakyHandler.seen) <= 2:
+            status, reply = 503, {"error": {"message": "loading"}}
+        else:
+            top = [{"token": "Yes", "logprob": -0.5}, {"token": " Yes", "logprob": -2.0}, {"token": "No", "logprob": -1.5}]
+            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes"},
+                                  "logprobs": {"content": [{"token": "Yes", "logprob": -0.5, "top_logprobs": top}]}}]}
+            status = 200
+        data = json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Retry-After", "0")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def serve_handler(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """Return a stand-in server running in a thread, and its URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def test_5xx_is_retried_and_4xx_is_one_line() -> None:
+    httpd, url = serve_handler(FlakyHandler)
+    try:
+        judge = Judge(RemoteBackend([url + "/v1"], "m", concurrency=1))
+        [m] = judge.scores([("Is the sky blue?", "Yes, on a clear day.")])
+        assert m == pytest.approx(np.logaddexp(-0.5, -2.0) - -1.5)
+        assert len(FlakyHandler.seen) == 3  # two 503s retried, then the answer
+        sent = FlakyHandler.seen[-1]
+        assert sent["max_tokens"] == 1 and sent["temperature"] == 0 and sent["logprobs"] is True
+        assert sent["top_logprobs"] == 20 and [m["role"] for m in sent["messages"]] == ["system", "user"]
+        FlakyHandler.seen.clear()
+        with pytest.raises(AlignezError, match="HTTP 400: no such model: bad"):
+            Judge(RemoteBackend([url], "bad")).scores([("q", "a")])
+        assert len(FlakyHandler.seen) == 1  # a 4xx is not retried
+    finally:
+        httpd.shutdown()
+
+
 @pytest.fixture(scope="module")
 def no_logprobs_url() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NoLogprobsHandler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd, url = serve_handler(NoLogprobsHandler)
+    yield url
     httpd.shutdown()
 
 
