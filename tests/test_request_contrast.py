@@ -92,7 +92,7 @@ def test_the_gate_reads_its_own_layer() -> None:
     refused = np.arange(len(risky)) % 2 == 0
     risky[refused, 2] += 3 * w
     fit = fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3], refused, gate_layers=range(1, 6), seed=0)
-    assert fit.layer == 2 and fit.gate.layer == 4 and float(fit.gate.direction @ u) > 0.9
+    assert fit.layer == 2 and fit.gate.layer == 4 and float(fit.gate.direction @ u) > 0.85  # LDA on 48 + 32 states
     assert fit.gate_cv_j[4] == max(fit.gate_cv_j.values()) and fit.heldout_open["risky"] > 0.8
     assert fit.stats()["gate_layer"] == 4 and "gate (layer 4)" in fit.line()
     with pytest.raises(AlignezError, match="gate layers"):

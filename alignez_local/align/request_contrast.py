@@ -66,7 +66,7 @@ GATE_QUANTILE = 0.99  # rule "quantile": the gate stays shut on this share of be
 GATE_RULE = "j"  # "j": cross-validated Youden's J; "f1": cross-validated F1 (CAST); "quantile": the benign quantile
 GATE_MAX_BENIGN = 0.02  # rules "j" and "f1": the threshold opens on at most this share of out-of-fold benign requests
 GATE_RULES = ("j", "f1", "quantile")
-GATE_SHRINKAGE = 1.0  # ridge added to the gate's covariance, in units of its mean variance (0: plain LDA; large: mean difference)
+GATE_SHRINKAGE = 0.1  # ridge added to the gate's covariance, in units of its mean variance (0: plain LDA; large: mean difference)
 GATE_FOLDS = 5  # folds of the out-of-fold benign projections that set the gate's threshold
 REFUSED, RISKY = "refused-complied", "risky-benign"  # what a vector is the difference of
 

@@ -10,15 +10,17 @@ under several rules:
 - ``quantile``: the rule before issue 20 (threshold at the 99th percentile of out-of-fold benign
   scores, layer by cross-validated Youden's J);
 - ``j@cap``: threshold and layer by cross-validated Youden's J, the threshold opening on at most
-  ``cap`` of the out-of-fold benign scores (the new default is ``j@0.02``);
+  ``cap`` of the out-of-fold benign scores;
 - ``f1@cap``: the same by cross-validated F1 (CAST's ``find_best_condition_point`` criterion);
-- the same with another shrinkage of the LDA direction, or gate layers 3-18 instead of 6-12;
+- ``j@0.02`` with another shrinkage of the LDA direction (0.1, 0.3, 1, 3), or gate layers 3-18
+  instead of 6-12 (the recipe's default since issue 20: ``j@0.02``, shrinkage 0.1, chosen here);
 - ``or``: two gates at two layers, either opens (thresholds chosen together on the out-of-fold
   scores, best J under the cap). The shipped file format holds one gate, so this is measured only.
 
 Sets, each marked by its use: **choose** = the built-in held-out requests (risky and benign) and
 HarmBench (all 200); the rule is chosen on these, by J = mean(open on built-in held-out risky, open
-on HarmBench) - open on built-in held-out benign. **report** = each Do-Not-Answer risk area and the
+on HarmBench) - open on built-in held-out benign, among the rules that give one gate (the file
+format holds one) opening on at most 5% of the built-in held-out benign requests. **report** = each Do-Not-Answer risk area and the
 evaluation prompts (helpful, benign, harmful), read only to report. No set was fitted on but the
 built-in 80%. Writes results/gate-cv-<model>.json and prints the table.
 """
@@ -47,9 +49,9 @@ CHOOSE = ("builtin_risky_heldout", "builtin_benign_heldout", "harmbench")
 GRID = np.concatenate([np.arange(0.95, 1.0, 0.0025), [1.0]])
 
 
-def two_layer_or(rf: dict, bf: dict, l1: int, l2: int, cap: float, seed: int = 0) -> tuple[list[Gate], dict]:
+def two_layer_or(rf: dict, bf: dict, l1: int, l2: int, cap: float, seed: int = 0, shrink: float = 1.0) -> tuple[list[Gate], dict]:
     """Return two gates (either opens) at layers l1, l2 with thresholds chosen together on out-of-fold scores."""
-    s = {L: oof_scores(rf[L], bf[L], seed=seed) for L in (l1, l2)}
+    s = {L: oof_scores(rf[L], bf[L], seed=seed, shrinkage=shrink) for L in (l1, l2)}
     t = {L: np.concatenate([np.quantile(s[L][1], GRID[:-1]), [s[L][1].max() + 1e-9]]) for L in (l1, l2)}
     best = None
     for a, b in itertools.product(t[l1], t[l2]):
@@ -60,7 +62,7 @@ def two_layer_or(rf: dict, bf: dict, l1: int, l2: int, cap: float, seed: int = 0
     assert best is not None  # the highest thresholds open on no benign score
     gates = []
     for L, m in ((l1, best[1]), (l2, best[2])):
-        u = gate_direction(rf[L], bf[L])
+        u = gate_direction(rf[L], bf[L], shrink)
         gates.append(Gate(L, u.astype(np.float32), float(bf[L].mean(0) @ u) + float(m)))
     return gates, {"j": best[0], "risky_open": best[3], "benign_open": best[4]}
 
@@ -101,28 +103,33 @@ def main() -> None:
                          "open": rates([g])}
         print(name, configs[name]["layers"], configs[name]["cv"], flush=True)
 
-    run("quantile (before issue 20)", "quantile", 1.0)
+    run("quantile (before issue 20)", "quantile", 1.0, shrink=1.0)
     for cap in (0.01, 0.02, 0.03, 0.05):
-        run(f"j@{cap:g}", "j", cap)
-        run(f"f1@{cap:g}", "f1", cap)
-    for shrink in (0.1, 0.3, 3.0):
+        run(f"j@{cap:g}", "j", cap, shrink=1.0)
+        run(f"f1@{cap:g}", "f1", cap, shrink=1.0)
+    for shrink in (0.1, 0.3, 1.0, 3.0):
         run(f"j@0.02 shrinkage {shrink:g}", "j", 0.02, shrink)
-    run("j@0.02 layers 3-18", "j", 0.02, layers=LAYERS)
-    for cap in (0.02, 0.03):
+    run("j@0.02 shrinkage 0.1 layers 3-18", "j", 0.02, 0.1, layers=LAYERS)
+    for cap, shrink in ((0.02, 1.0), (0.03, 1.0), (0.02, 0.1)):
         best = None
         for l1, l2 in itertools.combinations(cand, 2):
-            gates, cv = two_layer_or(rf, bf, l1, l2, cap, a.seed)
+            gates, cv = two_layer_or(rf, bf, l1, l2, cap, a.seed, shrink)
             if best is None or cv["j"] > best[1]["j"]:
                 best = (gates, cv)
         gates, cv = best
-        configs[f"or@{cap:g}"] = {"layers": [g.layer for g in gates], "cv": {k: round(v, 4) for k, v in cv.items()},
-                                  "open": rates(gates)}
-        print(f"or@{cap:g}", configs[f"or@{cap:g}"]["layers"], configs[f"or@{cap:g}"]["cv"], flush=True)
+        name = f"or@{cap:g}" + ("" if shrink == 1.0 else f" shrinkage {shrink:g}")
+        configs[name] = {"layers": [g.layer for g in gates], "cv": {k: round(v, 4) for k, v in cv.items()},
+                         "open": rates(gates)}
+        print(name, configs[name]["layers"], configs[name]["cv"], flush=True)
 
     for c in configs.values():
         o = c["open"]
         c["choose_j"] = round(0.5 * (o["builtin_risky_heldout"] + o["harmbench"]) - o["builtin_benign_heldout"], 4)
-    chosen = max(configs, key=lambda k: configs[k]["choose_j"])
+    # Shippable: one gate (the file format holds one), opening on at most 5% of the held-out benign
+    # requests (the strength may add at most 1 point of over-refusal; every benign request the gate
+    # opens on is one that may tip). Of those, the best choose J.
+    ok = [k for k, c in configs.items() if len(c["layers"]) == 1 and c["open"]["builtin_benign_heldout"] <= 0.05]
+    chosen = max(ok, key=lambda k: configs[k]["choose_j"])
     names = list(next(iter(configs.values()))["open"])
     print("\nopen rates (choose sets: " + ", ".join(CHOOSE) + "; the rest report only)")
     print(f"{'rule':<28} {'layers':<8} {'cJ':>5} " + " ".join(f"{n[:14]:>14}" for n in names))

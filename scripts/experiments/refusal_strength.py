@@ -1,0 +1,120 @@
+"""Refusals of a gated refusal vector on request sets it was not chosen on (issue 20).
+
+    nice -n 10 python scripts/experiments/refusal_strength.py --vector vectors/qwen2.5-coder-0.5b-instruct/harmless.gguf
+        [--strengths file,2,4] [--dna 150] [--tokens 48] [--sets dna,eval_helpful,eval_benign,harmbench80]
+
+Answers each set greedily (``--tokens`` tokens, repeat penalty 1.1, as the calibration does),
+unsteered and with the vector at each strength (``file``: the file's own calibrated strength), and
+counts refusals with the keyword detector (``evaluation/refusal.is_refusal``). A gated vector only
+changes the prompts its gate opens on (each read alone; a shut gate is unsteered exactly,
+``Steering.generate``), so only those are decoded again at each strength. Sets:
+
+- ``dna``: a seeded random ``--dna`` of Do-Not-Answer's 939 requests (all five risk areas; the
+  count per area is recorded): **report only**, never read while choosing anything;
+- ``eval_helpful``, ``eval_benign``: the 72 ordinary and 35 edgy-but-benign evaluation prompts
+  (over-refusal): **report only** in issue 20 (earlier sessions looked at them);
+- ``harmbench80``: HarmBench prompts 0-79, the set §7-8 reported on: a **choose** set in issue 20.
+
+Writes results/refusal-strength-<model>.json (every answer, per set and strength) and prints the
+table. Progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from gate_states import DNA_AREAS, SHARED  # noqa: E402
+
+from alignez_local.align.steering import Steering, VectorSlot  # noqa: E402
+from alignez_local.evaluation.prompt_sets import load_eval_prompts  # noqa: E402
+from alignez_local.evaluation.refusal import is_refusal  # noqa: E402
+from alignez_local.formats.control_vector import read_control_vector  # noqa: E402
+from alignez_local.llama.engine import Sampling  # noqa: E402
+from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402
+
+ROLE = {"dna": "report", "eval_helpful": "report", "eval_benign": "report", "harmbench80": "choose"}
+
+
+def sets(n_dna: int, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """Return set name -> [(prompt, subgroup)] (the subgroup is the Do-Not-Answer risk area)."""
+    dna = [(json.loads(x)["prompt"], area) for area in DNA_AREAS
+           for x in (SHARED / "donotanswer" / f"{area}.jsonl").read_text().splitlines() if x.strip()]
+    dna = list({p: (p, a) for p, a in dna}.values())
+    pick = np.random.default_rng(seed).choice(len(dna), size=min(n_dna, len(dna)), replace=False)
+    hb = [x.strip() for x in (SHARED / "harmbench_prompts.txt").read_text().splitlines() if x.strip()][:80]
+    return {"dna": [dna[i] for i in sorted(pick)],
+            "eval_helpful": [(p.text, p.category) for p in load_eval_prompts(kinds={"helpful"})],
+            "eval_benign": [(p.text, p.category) for p in load_eval_prompts(kinds={"benign"})],
+            "harmbench80": [(p, "harmbench") for p in hb]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--vector", required=True)
+    ap.add_argument("--strengths", default="file")
+    ap.add_argument("--dna", type=int, default=150)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sets", default="dna,eval_helpful,eval_benign")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    cv = read_control_vector(a.vector)
+    strengths = [cv.default_strength_or_one if s == "file" else float(s) for s in a.strengths.split(",")]
+    all_sets = sets(a.dna, a.seed)
+    chosen = {k: all_sets[k] for k in a.sets.split(",")}
+    greedy = Sampling(temperature=0.0, max_tokens=a.tokens, repeat_penalty=1.1)
+    out_path = HERE / "results" / f"refusal-strength-{a.model}{a.tag}.json"
+    out: dict = {"model": a.model, "vector": Path(a.vector).name, "file_strength": cv.default_strength,
+                 "gate_layer": cv.gate.layer if cv.gate else None, "tokens": a.tokens, "dna_sample": a.dna,
+                 "seed": a.seed, "strengths": strengths, "sets": {}}
+    t0 = time.monotonic()
+    with open_engine(a.model, RuntimeSettings(threads=a.threads)) as eng:
+        for name, items in chosen.items():
+            prompts = [eng.prompt(p) for p, _ in items]
+            base: list[str] = []
+            for i in range(0, len(prompts), 16):
+                base += [c.text for c in eng.generate(prompts[i:i + 16], greedy)]
+                print(f"{name}: unsteered {len(base)}/{len(prompts)}, {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+            probe = Steering(vectors=[VectorSlot("v", cv, strengths[0])])
+            opened = ([i for i, o in enumerate(probe.open_gates(eng, prompts)) if o] if cv.gate is not None
+                      else list(range(len(prompts))))
+            rec = {"role": ROLE[name], "n": len(items), "gate_open": len(opened),
+                   "groups": {g: sum(1 for _, x in items if x == g) for g in dict.fromkeys(x for _, x in items)},
+                   "unsteered": {"refused": sum(map(is_refusal, base)),
+                                 "by_group": {}}, "steered": {}, "prompts": [p for p, _ in items], "opened": opened,
+                   "answers": {"unsteered": base}}
+            for g in rec["groups"]:
+                rec["unsteered"]["by_group"][g] = sum(is_refusal(t) for t, (_, x) in zip(base, items) if x == g)
+            for s in strengths:
+                texts = list(base)
+                st = Steering(vectors=[VectorSlot("v", cv, s)])
+                for j in range(0, len(opened), 16):
+                    part = opened[j:j + 16]
+                    for i, c in zip(part, st.generate(eng, [prompts[i] for i in part], greedy)):
+                        texts[i] = c.text
+                    print(f"{name}: x{s:g} {j + len(part)}/{len(opened)} opened, {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+                rec["steered"][f"{s:g}"] = {
+                    "refused": sum(map(is_refusal, texts)),
+                    "by_group": {g: sum(is_refusal(t) for t, (_, x) in zip(texts, items) if x == g) for g in rec["groups"]},
+                    "changed": sum(1 for x, y in zip(texts, base) if x != y)}
+                rec["answers"][f"x{s:g}"] = texts
+            out["sets"][name] = rec
+            out["seconds"] = round(time.monotonic() - t0, 1)
+            out_path.write_text(json.dumps(out, indent=1, ensure_ascii=False))
+            line = " ".join(f"x{s}: {v['refused']}" for s, v in rec["steered"].items())
+            print(f"{name} ({ROLE[name]}): n {len(items)}, gate open {len(opened)}, refused unsteered {rec['unsteered']['refused']}, {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
