@@ -7,7 +7,6 @@ refusal calibration runs on the tiny model through real llama.cpp (no mocks)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,10 @@ from alignez_local.align.steering import Steering, VectorSlot, read_alone
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_request_kinds
 from alignez_local.formats.control_vector import ControlVector, Gate
+from test_prompt_sets import STOPWORDS, words  # the overlap rule the older built-in data follows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA = Path(__file__).resolve().parents[1] / "alignez_local" / "data"
-STOPWORDS = set(
-    "a an the and or but if of to in on at for from with without by about into as is are was were be "
-    "been being do does did i me my we our you your he she it its they them their this that these those "
-    "what which who whom whose why how when where can could should would will shall may might must not "
-    "no so than then there here some any all each every one two three up out off over under just very "
-    "too also more most less much many own".split()
-)
 
 
 def planted(n_r: int = 300, n_b: int = 400, layers: tuple[int, ...] = (2, 3, 4, 5), signal: int = 4, d: int = 12,
@@ -173,10 +166,6 @@ def test_refusal_calibration_on_the_tiny_model(tiny_engine) -> None:
 
 
 # ---------------------------------------------------------------- choose and report sets
-
-
-def words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()))
 
 
 def donotanswer() -> list[str]:
