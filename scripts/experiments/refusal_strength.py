@@ -1,10 +1,11 @@
 """Refusals of a gated refusal vector on request sets it was not chosen on (issue 20).
 
-    nice -n 10 python scripts/experiments/refusal_strength.py --vector vectors/qwen2.5-coder-0.5b-instruct/harmless.gguf
+    nice -n 10 python scripts/experiments/refusal_strength.py --vector NEW.gguf [--vector OLD.gguf ...]
         [--strengths file,2,4] [--dna 150] [--tokens 48] [--sets dna,eval_helpful,eval_benign,harmbench80]
 
 Answers each set greedily (``--tokens`` tokens, repeat penalty 1.1, as the calibration does),
-unsteered and with the vector at each strength (``file``: the file's own calibrated strength), and
+unsteered (once) and with each vector at each strength (``file``: the file's own calibrated
+strength), and
 counts refusals with the keyword detector (``evaluation/refusal.is_refusal``). A gated vector only
 changes the prompts its gate opens on (each read alone; a shut gate is unsteered exactly,
 ``Steering.generate``), so only those are decoded again at each strength. Sets:
@@ -60,7 +61,7 @@ def sets(n_dna: int, seed: int) -> dict[str, list[tuple[str, str]]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--vector", required=True)
+    ap.add_argument("--vector", action="append", required=True, help="a gated vector file (repeatable)")
     ap.add_argument("--strengths", default="file")
     ap.add_argument("--dna", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
@@ -69,15 +70,15 @@ def main() -> None:
     ap.add_argument("--sets", default="dna,eval_helpful,eval_benign")
     ap.add_argument("--tag", default="")
     a = ap.parse_args()
-    cv = read_control_vector(a.vector)
-    strengths = [cv.default_strength_or_one if s == "file" else float(s) for s in a.strengths.split(",")]
+    vectors = {Path(v).stem: read_control_vector(v) for v in a.vector}
     all_sets = sets(a.dna, a.seed)
     chosen = {k: all_sets[k] for k in a.sets.split(",")}
     greedy = Sampling(temperature=0.0, max_tokens=a.tokens, repeat_penalty=1.1)
-    out_path = HERE / "results" / f"refusal-strength-{a.model}{a.tag}.json"
-    out: dict = {"model": a.model, "vector": Path(a.vector).name, "file_strength": cv.default_strength,
-                 "gate_layer": cv.gate.layer if cv.gate else None, "tokens": a.tokens, "dna_sample": a.dna,
-                 "seed": a.seed, "strengths": strengths, "sets": {}}
+    out_path = HERE / "results" / f"refusal-strength-{Path(a.model).stem}{a.tag}.json"
+    out: dict = {"model": a.model, "tokens": a.tokens, "dna_sample": a.dna, "seed": a.seed, "sets": {},
+                 "vectors": {n: {"file": p, "file_strength": cv.default_strength, "gate_layer": cv.gate.layer if cv.gate else None,
+                                 "strengths": [cv.default_strength_or_one if s == "file" else float(s) for s in a.strengths.split(",")]}
+                             for (n, cv), p in zip(vectors.items(), a.vector)}}
     t0 = time.monotonic()
     with open_engine(a.model, RuntimeSettings(threads=a.threads)) as eng:
         for name, items in chosen.items():
@@ -86,34 +87,38 @@ def main() -> None:
             for i in range(0, len(prompts), 16):
                 base += [c.text for c in eng.generate(prompts[i:i + 16], greedy)]
                 print(f"{name}: unsteered {len(base)}/{len(prompts)}, {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
-            probe = Steering(vectors=[VectorSlot("v", cv, strengths[0])])
-            opened = ([i for i, o in enumerate(probe.open_gates(eng, prompts)) if o] if cv.gate is not None
-                      else list(range(len(prompts))))
-            rec = {"role": ROLE[name], "n": len(items), "gate_open": len(opened),
+            rec = {"role": ROLE[name], "n": len(items), "prompts": [p for p, _ in items],
                    "groups": {g: sum(1 for _, x in items if x == g) for g in dict.fromkeys(x for _, x in items)},
-                   "unsteered": {"refused": sum(map(is_refusal, base)),
-                                 "by_group": {}}, "steered": {}, "prompts": [p for p, _ in items], "opened": opened,
-                   "answers": {"unsteered": base}}
+                   "unsteered": {"refused": sum(map(is_refusal, base)), "by_group": {}, "answers": base}, "vectors": {}}
             for g in rec["groups"]:
                 rec["unsteered"]["by_group"][g] = sum(is_refusal(t) for t, (_, x) in zip(base, items) if x == g)
-            for s in strengths:
-                texts = list(base)
-                st = Steering(vectors=[VectorSlot("v", cv, s)])
-                for j in range(0, len(opened), 16):
-                    part = opened[j:j + 16]
-                    for i, c in zip(part, st.generate(eng, [prompts[i] for i in part], greedy)):
-                        texts[i] = c.text
-                    print(f"{name}: x{s:g} {j + len(part)}/{len(opened)} opened, {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
-                rec["steered"][f"{s:g}"] = {
-                    "refused": sum(map(is_refusal, texts)),
-                    "by_group": {g: sum(is_refusal(t) for t, (_, x) in zip(texts, items) if x == g) for g in rec["groups"]},
-                    "changed": sum(1 for x, y in zip(texts, base) if x != y)}
-                rec["answers"][f"x{s:g}"] = texts
+            for vname, cv in vectors.items():
+                probe = Steering(vectors=[VectorSlot("v", cv, 1.0)])
+                opened = ([i for i, o in enumerate(probe.open_gates(eng, prompts)) if o] if cv.gate is not None
+                          else list(range(len(prompts))))
+                vrec: dict = {"gate_open": len(opened), "opened": opened,
+                              "gate_open_by_group": {g: sum(1 for i in opened if items[i][1] == g) for g in rec["groups"]},
+                              "steered": {}}
+                for s in out["vectors"][vname]["strengths"]:
+                    texts = list(base)
+                    st = Steering(vectors=[VectorSlot("v", cv, s)])
+                    for j in range(0, len(opened), 16):
+                        part = opened[j:j + 16]
+                        for i, c in zip(part, st.generate(eng, [prompts[i] for i in part], greedy)):
+                            texts[i] = c.text
+                        print(f"{name}: {vname} x{s:g} {j + len(part)}/{len(opened)} opened, {time.monotonic() - t0:.0f}s",
+                              file=sys.stderr, flush=True)
+                    vrec["steered"][f"{s:g}"] = {
+                        "refused": sum(map(is_refusal, texts)),
+                        "by_group": {g: sum(is_refusal(t) for t, (_, x) in zip(texts, items) if x == g) for g in rec["groups"]},
+                        "changed": sum(1 for x, y in zip(texts, base) if x != y), "answers": texts}
+                rec["vectors"][vname] = vrec
+                line = " ".join(f"x{s}: {v['refused']}" for s, v in vrec["steered"].items())
+                print(f"{name} ({ROLE[name]}): n {len(items)}, refused unsteered {rec['unsteered']['refused']}; "
+                      f"{vname}: gate open {len(opened)}, refused {line}", flush=True)
             out["sets"][name] = rec
             out["seconds"] = round(time.monotonic() - t0, 1)
             out_path.write_text(json.dumps(out, indent=1, ensure_ascii=False))
-            line = " ".join(f"x{s}: {v['refused']}" for s, v in rec["steered"].items())
-            print(f"{name} ({ROLE[name]}): n {len(items)}, gate open {len(opened)}, refused unsteered {rec['unsteered']['refused']}, {line}", flush=True)
 
 
 if __name__ == "__main__":
