@@ -31,7 +31,7 @@ from alignez_local.align.calibrate_behaviour import (
 from alignez_local.align.directions import mean_difference, random_like, random_subspaces_like
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
-from alignez_local.align.fit import DEFAULT_POOL, capture_pairs, default_pool, fit_profile
+from alignez_local.align.fit import DEFAULT_POOL, capture_layers, capture_pairs, default_pool, fit_profile
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
 from alignez_local.align.selfcheck import quality_line, select_pairs
@@ -194,7 +194,9 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
         layers = parse_layer_list(layers, engine.n_layer)
     persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
     pool = fit.pool or default_pool(pairs)
-    pos, neg = capture_pairs(engine, pairs, fit.site, pool=pool)
+    vlayers = fit.vector_layers if not isinstance(fit.vector_layers, str) else parse_layer_list(fit.vector_layers, engine.n_layer)
+    named = [*(layers or ()), *(vlayers or ())]
+    pos, neg = capture_pairs(engine, pairs, fit.site, pool=pool, layers=capture_layers(engine.n_layer, named))
     prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=pool, layers=list(layers) if layers else None,
                        variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
                        model_sha256=model.sha256, model_bundled=model.bundled, name=name, captured=(pos, neg))

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_cost.py [--models M,M,...] [--axis french] [--limit 16] [--threads 2]
     .venv/bin/python scripts/bench_cost.py --table runs/cost/*.json     # print saved runs only
+    .venv/bin/python scripts/bench_cost.py --capture-cut qwen2.5-coder-0.5b-instruct PAIRS.jsonl [--pairs 16]
 
 Runs the real `alignez steer` once per model (same axis, same query count, a fresh output folder
 so nothing is resumed; one process per model, so each peak RSS is that model's own), reads the
@@ -128,6 +129,34 @@ def projection(runs: list[dict], target_bytes: float) -> list[str]:
     return lines
 
 
+def capture_cut(model: str, prefs: str, n_pairs: int, threads: int, rounds: int = 2) -> None:
+    """Print the fit stage's capture with every layer and without the last (fit.capture_layers),
+    side by side on one engine and the same pairs, alternating so drift in the machine's load
+    hits both alike."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from alignez_local.align.fit import capture_layers, capture_pairs, default_pool
+    from alignez_local.align.preferences import load_pairs
+    from alignez_local.settings import RuntimeSettings, open_engine
+    pairs = load_pairs(prefs)[:n_pairs]
+    engine = open_engine(model, RuntimeSettings(threads=threads))
+    every, cut = list(range(engine.n_layer)), capture_layers(engine.n_layer)
+    pool = default_pool(pairs)
+    times: dict[str, list[float]] = {"every layer": [], "without the last": []}
+    for _ in range(rounds):
+        for name, layers in (("every layer", every), ("without the last", cut)):
+            before = engine.counts.snapshot()
+            t0 = time.monotonic()
+            capture_pairs(engine, pairs, "l_out", pool=pool, quiet=True, layers=layers)
+            times[name].append(time.monotonic() - t0)
+            read = engine.counts.since(before).tokens
+    print(f"capture of {len(pairs)} pairs ({2 * len(pairs)} texts, {read} tokens, pool {pool}) on {model}, "
+          f"{threads} threads, {os.cpu_count()} cores, {cpu_model()}:")
+    for name, ts in times.items():
+        print(f"  {name:<17} " + ", ".join(f"{t:.1f} s" for t in ts) + f"  (best {min(ts):.1f} s)")
+    print(f"  ratio without/with the last layer: {min(times['without the last']) / min(times['every layer']):.2f}")
+    engine.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=DEFAULT_MODELS)
@@ -137,8 +166,14 @@ def main() -> None:
     ap.add_argument("--save", default="runs/cost", help="Folder for one JSON per run.")
     ap.add_argument("--project-gb", type=float, default=4.7)
     ap.add_argument("--table", nargs="*", default=None, metavar="JSON", help="Only print these saved runs.")
+    ap.add_argument("--capture-cut", nargs=2, default=None, metavar=("MODEL", "PAIRS"),
+                    help="Only time the fit's capture with and without the last layer on these pairs.")
+    ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("extra", nargs="*", help="More steer flags, after --")
     args = ap.parse_args()
+    if args.capture_cut:
+        capture_cut(*args.capture_cut, args.pairs, args.threads)
+        return
     if args.table is not None:
         runs = [json.loads(Path(p).read_text()) for p in args.table]
     else:

@@ -151,7 +151,7 @@ def _lines(path: Path) -> list[str]:
 
 def test_generate_survives_sigkill(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "prefs.jsonl"
-    cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "-o", str(out)]
+    cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "--threads", "1", "-o", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(_lines(out)) < 8 and time.monotonic() < deadline and proc.poll() is None:
@@ -239,7 +239,7 @@ def test_steer_screen_only_measures_the_ceiling_and_writes_nothing(tiny_model_pa
 
 def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "prefs.jsonl"
-    cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "-o", str(out)]
+    cmd = CLI + ["generate", "-m", str(tiny_model_path), "--limit", "120", "--response-tokens", "48", "--threads", "1", "-o", str(out)]
     # A user's terminal gives the program the default Ctrl-C; a background job (nohup, some CI
     # runners) would hand down an ignored SIGINT instead, and the signal would never arrive.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -65,9 +65,26 @@ def pair_texts(engine: Engine, pairs: Sequence[PreferencePair]) -> tuple[list[st
     return pos, neg, starts[0], starts[1]
 
 
+def capture_layers(n_layer: int, named: Sequence[int] = ()) -> list[int]:
+    """Return the layers a fit reads: every layer but the last, unless a layer list the user gave
+    (``named``) holds it or the model has only two.
+
+    The automatic choice never takes the last layer (``select_layers``), and reading it costs more
+    than any other: llama.cpp computes a layer's last rows only for output tokens, so a mean over
+    the answer at the last layer marks every answer token as an output, and the model then also
+    computes the logits of every one of them (151,936 of them per token on Qwen2.5).
+    """
+    last = n_layer - 1
+    return list(range(n_layer)) if n_layer <= 2 or last in named else list(range(last))
+
+
 def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, pool: str | None = DEFAULT_POOL,
-                  quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Return (pos, neg) activations, each (pairs x n_layer x n_embd), pooled by ``pool``."""
+                  quiet: bool = False, layers: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (pos, neg) activations, each (pairs x captured layers x n_embd), pooled by ``pool``;
+    ``layers`` (a prefix of the model's, default ``capture_layers``) are the layers read."""
+    layers = list(layers) if layers is not None else capture_layers(engine.n_layer)
+    if layers != list(range(len(layers))):
+        raise ValueError("capture_pairs reads a prefix of the layers, 0 .. k-1")
     pool = pool or default_pool(pairs)
     if pool not in POOLS:
         raise AlignezError(f"unknown pool {pool!r}; use last (the response's last token) or mean (all its tokens)")
@@ -75,7 +92,7 @@ def capture_pairs(engine: Engine, pairs: Sequence[PreferencePair], site: str, po
     bar = Progress(len(pos_t) + len(neg_t), "capture", quiet=quiet)
     # One side at a time: each side's texts share its system prompt (the persona guide of a
     # contrast pair, or the chat template's default), which the engine then decodes only once.
-    acts = [engine.capture(texts, list(range(engine.n_layer)), site=site, reduce=pool,
+    acts = [engine.capture(texts, layers, site=site, reduce=pool,
                            mean_from=starts if pool == "mean" else None, on_progress=lambda d, t: bar.update())
             for texts, starts in ((pos_t, pos_s), (neg_t, neg_s))]
     bar.close()
@@ -116,7 +133,10 @@ def fit_profile(
         # too-similar filter (written for two different answers) would drop every such pair.
         max_cos = 1.0
     pool = pool or default_pool(pairs)
-    pos, neg = captured if captured is not None else capture_pairs(engine, pairs, site, pool=pool, quiet=quiet)
+    if captured is None:
+        captured = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet,
+                                 layers=capture_layers(engine.n_layer, layers or ()))
+    pos, neg = captured
     fits = _fit_layers(pos, neg, method=method, variance=variance, max_cos=max_cos, holdout=holdout, seed=seed)
     chosen = layers if layers is not None else _auto_layers(fits, engine.n_layer, method, max_layers)
     missing = [x for x in chosen if x not in fits]
