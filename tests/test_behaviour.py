@@ -171,3 +171,19 @@ def test_calibration_says_plainly_when_nothing_beats_random(tiny_engine: Engine,
     assert not cal.beats_random and "NO strength" in cal.verdict
     assert "NO strength" in cal.line("vector")
     assert cal.as_dict()["beats_random"] is False
+
+
+def test_each_answer_is_read_once_for_its_fluency(tiny_engine: Engine) -> None:
+    """A calibration scores many equal answers (weak strengths and the random direction often change
+    nothing): the unsteered reading of each (question, answer) is decoded once and reused."""
+    nll = unsteered_nll(tiny_engine)
+    qs, ans = ["hello there", "red", "red"], ["the sea is blue", "a b c", "a b c"]
+    before = tiny_engine.counts.snapshot()
+    first = nll(qs, ans)
+    read = tiny_engine.counts.since(before).tokens
+    again = nll(qs[::-1], ans[::-1])
+    assert tiny_engine.counts.since(before).tokens == read > 0  # nothing decoded the second time
+    assert np.array_equal(first, again[::-1]) and np.isfinite(first).all()
+    assert np.isnan(nll(["go"], [" "]))[0]  # an empty answer has no reading
+    fresh = unsteered_nll(tiny_engine)(qs[:2], ans[:2])  # the same numbers as a first reading
+    assert np.allclose(fresh, first[:2], atol=1e-4)

@@ -57,15 +57,22 @@ SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.
 def unsteered_nll(engine: Engine, system: str | None = None) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
     """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
     unsteered when called) with the question as a chat prompt (``system``: under that system prompt);
-    NaN for an empty answer."""
+    NaN for an empty answer.
+
+    Every (question, answer) is read once: a calibration scores many answers that equal others
+    (a weak strength or the random direction often leaves an answer unchanged, and the unsteered
+    answers are read for the reference and again as a condition), and reading them is most of the
+    calibration's work (three reads of every answer: plain, asked, and after the null question)."""
+    seen: dict[tuple[str, str], float] = {}
+
     def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        out = np.full(len(answers), np.nan)
-        idx = [i for i, a in enumerate(answers) if a.strip()]
-        if idx:
-            lps = engine.continuation_logprobs([engine.prompt(questions[i], system) for i in idx], [answers[i] for i in idx])
-            for i, lp in zip(idx, lps):
-                out[i] = float(-lp.mean()) if lp.size else np.nan
-        return out
+        keys = [(q, a) for q, a in zip(questions, answers)]
+        todo = list(dict.fromkeys(k for k in keys if k[1].strip() and k not in seen))
+        if todo:
+            lps = engine.continuation_logprobs([engine.prompt(q, system) for q, _ in todo], [a for _, a in todo])
+            for k, lp in zip(todo, lps):
+                seen[k] = float(-lp.mean()) if lp.size else np.nan
+        return np.array([seen.get(k, np.nan) for k in keys], dtype=np.float64)
     return nll
 
 
