@@ -71,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vector", action="append", default=[], metavar="GGUF",
+                    help="also report where this gated vector file's own gate opens (repeatable)")
     a = ap.parse_args()
     sets = request_sets()
     cache = StateCache(a.model)
@@ -122,7 +124,15 @@ def main() -> None:
                          "open": rates(gates)}
         print(name, configs[name]["layers"], configs[name]["cv"], flush=True)
 
-    for c in configs.values():
+    files = {}
+    for path in a.vector:
+        from alignez_local.formats.control_vector import read_control_vector
+
+        g = read_control_vector(path).gate
+        if g is None or g.layer not in idx:
+            raise SystemExit(f"{path}: no gate, or its layer was not cached")
+        files[f"file {Path(path).name}"] = {"layers": [g.layer], "open": rates([g]), "path": path}
+    for c in [*configs.values(), *files.values()]:  # (a file's gate may have been fitted on some "held-out" ones)
         o = c["open"]
         c["choose_j"] = round(0.5 * (o["builtin_risky_heldout"] + o["harmbench"]) - o["builtin_benign_heldout"], 4)
     # Shippable: one gate (the file format holds one), opening on at most 5% of the held-out benign
@@ -133,14 +143,14 @@ def main() -> None:
     names = list(next(iter(configs.values()))["open"])
     print("\nopen rates (choose sets: " + ", ".join(CHOOSE) + "; the rest report only)")
     print(f"{'rule':<28} {'layers':<8} {'cJ':>5} " + " ".join(f"{n[:14]:>14}" for n in names))
-    for k, c in configs.items():
+    for k, c in {**configs, **files}.items():
         mark = "*" if k == chosen else " "
-        print(f"{mark}{k:<27} {','.join(map(str, c['layers'])):<8} {c['choose_j']:>5.2f} "
+        print(f"{mark}{k:<27} {','.join(map(str, c['layers'])):<8} {c.get('choose_j', float('nan')):>5.2f} "
               + " ".join(f"{100 * c['open'][n]:>13.0f}%" for n in names))
     out = {"model": a.model, "seed": a.seed, "layers_cached": LAYERS, "candidate_layers": cand,
            "sizes": {k: int(len(v)) for k, v in X.items()}, "n_fit": {"risky": len(r_fit), "benign": len(b_fit)},
            "choose_sets": list(CHOOSE), "report_sets": [n for n in names if n not in CHOOSE],
-           "chosen": chosen, "configs": configs}
+           "chosen": chosen, "configs": configs, "files": files}
     (HERE / "results" / f"gate-cv-{a.model}.json").write_text(json.dumps(out, indent=1))
 
 
