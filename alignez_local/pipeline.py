@@ -348,7 +348,7 @@ def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], j
     report half (``heldout`` None: built-in queries not in ``used``)."""
     pool = list(heldout) if heldout is not None else heldout_queries(axis.name, used)
     choose, report = split_heldout([q for q in pool if q not in set(used)], n_choose, n_report)
-    scorer = Scorer(measure_for(axis.measure, axis.positive), unsteered_nll(engine), judge,
+    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
                     nll_asked=unsteered_nll(engine, axis.guide("positive")))
     return BehaviourBench(engine, scorer, axis.guide("positive"), choose, report)
 
@@ -616,14 +616,18 @@ class StageClock:
         self.costs: dict[str, dict[str, float]] = {}
         self._engines = list(dict.fromkeys(e for e in engines if e is not None))
         self._before = [e.counts.snapshot() for e in self._engines]
+        self._cpu = cpu_seconds()
 
     def lap(self, name: str) -> None:
-        now = time.monotonic()
+        now, cpu = time.monotonic(), cpu_seconds()
         self.laps[name], self.last = now - self.last, now
         after = [e.counts.snapshot() for e in self._engines]
         spent = [a.since(b) for a, b in zip(after, self._before)]
         self._before = after
-        cost: dict[str, float] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+        # CPU seconds do not count the time other jobs held the cores: on a shared machine they are
+        # the figure that compares across runs (with one llama.cpp thread, about the wall time alone).
+        cost: dict[str, float] = {"cpu_s": round(cpu - self._cpu, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        self._cpu = cpu
         if spent:
             cost.update(tokens_read=spent[0].tokens, tokens_sampled=spent[0].sampled, decode_calls=spent[0].calls)
         if len(spent) > 1:
@@ -632,6 +636,12 @@ class StageClock:
 
     def timings(self) -> dict[str, float]:
         return {**self.laps, "total_s": time.monotonic() - self.start}
+
+
+def cpu_seconds() -> float:
+    """Return the CPU time this process has used so far (user + system, all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb() -> float:

@@ -73,14 +73,17 @@ def run_one(model: str, axis: str, limit: int, threads: int, extra: list[str]) -
 
 
 def stage_rows(run: dict) -> list[tuple[str, float, int, int, float]]:
-    """Return (stage, seconds, tokens read, tokens sampled, peak RSS MiB) per stage of one run."""
+    """Return (stage, seconds, tokens read, tokens sampled, peak RSS MiB) per stage of one run.
+
+    Seconds are the stage's CPU seconds when the run recorded them (they do not count the time other
+    jobs held the cores, so runs on a shared machine compare), else its wall seconds."""
     rows = []
     for st in STAGES:
         sec = run["timings"].get(f"{st}_s")
         if sec is None:
             continue
         c = run["costs"].get(st, {})
-        rows.append((st, float(sec), int(c.get("tokens_read", 0)) + int(c.get("judge_tokens_read", 0)),
+        rows.append((st, float(c.get("cpu_s", sec)), int(c.get("tokens_read", 0)) + int(c.get("judge_tokens_read", 0)),
                      int(c.get("tokens_sampled", 0)), float(c.get("peak_rss_mb", float("nan")))))
     return rows
 
@@ -88,7 +91,7 @@ def stage_rows(run: dict) -> list[tuple[str, float, int, int, float]]:
 def print_run(run: dict) -> None:
     print(f"\n{run['model']} ({run['model_bytes'] / 1e6:.0f} MB), axis {run['axis']}, {run['limit']} queries, "
           f"{run['threads']} threads; {run['machine']}; {run['date']}")
-    print(f"  {'stage':<10} {'seconds':>9} {'tok read':>9} {'tok sampled':>11} {'ms/tok read':>12} "
+    print(f"  {'stage':<10} {'CPU s':>9} {'tok read':>9} {'tok sampled':>11} {'ms/tok read':>12} "
           f"{'ms/tok sampled':>15} {'peak RSS':>10}")
     for st, sec, read, sampled, rss in stage_rows(run):
         # Per-token rates charge the stage's whole time to one kind of token at a time: an upper
@@ -96,7 +99,8 @@ def print_run(run: dict) -> None:
         r = f"{1000 * sec / read:.2f}" if read else "-"
         s = f"{1000 * sec / sampled:.1f}" if sampled else "-"
         print(f"  {st:<10} {sec:>9.1f} {read:>9} {sampled:>11} {r:>12} {s:>15} {rss:>8.0f} MB")
-    print(f"  {'total':<10} {run['timings'].get('total_s', 0):>9.1f}   (wall {run['wall_s']:.0f} s)")
+    print(f"  {'total':<10} {sum(r[1] for r in stage_rows(run)):>9.1f}   (wall {run['wall_s']:.0f} s, "
+          f"{run['threads']} llama.cpp threads)")
 
 
 def projection(runs: list[dict], target_bytes: float) -> list[str]:

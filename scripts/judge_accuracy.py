@@ -36,12 +36,18 @@ def main() -> None:
             checks, label = ("relevance",), f"{name} (PMI)"
         else:
             examples = load_examples()
-            p = judge_probabilities(Judge(engine), examples)
+            judge = Judge(engine)
+            # The persona's question alone, then against the axis's negative persona (what steer uses).
+            single = judge_probabilities(judge, load_examples("behaviour"), contrast=False)
+            right, n, ordered, pairs = figures(load_examples("behaviour"), single, "behaviour")
+            print(f"{name + ' (judge, one pole)':<36} {'behaviour':<10} {right:>4}/{n:<4} {ordered:>4}/{pairs:<4} {time.time() - t0:>6.0f}")
+            p = judge_probabilities(judge, examples)
             checks, label = ("behaviour", "relevance"), f"{name} (judge)"
         engine.close()
         for check in checks:
             right, n, ordered, pairs = figures(examples, p, check)
-            print(f"{label:<36} {check:<10} {right:>4}/{n:<4} {ordered:>4}/{pairs:<4} {time.time() - t0:>6.0f}")
+            print(f"{label + (' vs negative' if check == 'behaviour' and not args.pmi else ''):<36} {check:<10} "
+                  f"{right:>4}/{n:<4} {ordered:>4}/{pairs:<4} {time.time() - t0:>6.0f}")
 
 
 if __name__ == "__main__":

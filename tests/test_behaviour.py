@@ -17,7 +17,7 @@ from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour import (
-    MEASURES, JudgeMeasure, MarkerMeasure, Scorer, distinct_share, fluency_from_nll, harmonic_mean, measure_for,
+    MEASURES, JudgeMeasure, MarkerMeasure, Scorer, contrast_probability, distinct_share, fluency_from_nll, harmonic_mean, measure_for,
     pmi_relevance,
 )
 from alignez_local.formats.control_vector import ControlVector
@@ -56,10 +56,22 @@ def test_every_axis_has_a_measure_and_the_traits_have_checkers() -> None:
             assert not m.needs_judge, f"trait {name} must have an objective checker"
     assert BUILTIN_AXES["harmless"].measure == "refusal" and not MEASURES["refusal"].uses_relevance
     custom = custom_axis("sarcastic", "sincere")
-    m = measure_for(custom.measure, custom.positive)
+    m = measure_for(custom.measure, custom.positive, custom.negative)
     assert isinstance(m, JudgeMeasure) and m.needs_judge and "sarcastic" in m.question
+    # both poles are asked about: the judge's Yes to "sarcastic" is read against its Yes to "sincere"
+    assert m.contrast == "sincere" and "sincere" in m.describe()["contrast_question"] and "rather than sincere" in m.label
     with pytest.raises(AlignezError, match="needs a judge"):
         Scorer(m, lambda q, a: np.zeros(len(a)))
+
+
+def test_contrast_reading_is_above_half_exactly_when_the_positive_yes_is_likelier() -> None:
+    pos = np.array([0.9, 0.9, 0.5, 0.2, 1.0, 0.0])
+    neg = np.array([0.95, 0.1, 0.5, 0.1, 1.0, 0.0])
+    p = contrast_probability(pos, neg)
+    # a judge saying Yes to both questions (0.9 vs 0.95) reads the answer as the negative pole
+    assert list(p > 0.5) == [False, True, False, True, False, False] and p[2] == pytest.approx(0.5)
+    assert np.isfinite(p).all() and ((0 <= p) & (p <= 1)).all()  # certain judges do not overflow
+    assert p[1] == pytest.approx(0.9 * 0.9 / (0.9 * 0.9 + 0.1 * 0.1))  # odds ratio 81
 
 
 # --- guards and the combined score -------------------------------------------------------------

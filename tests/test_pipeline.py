@@ -191,7 +191,7 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     assert set(costs) == {"screen", "generate", "fit", "export", "calibrate"}
     assert costs["generate"]["tokens_sampled"] > 0 and costs["fit"]["tokens_sampled"] == 0
     assert costs["fit"]["tokens_read"] > 0 and costs["calibrate"]["tokens_read"] > costs["calibrate"]["tokens_sampled"] > 0
-    assert all(c["peak_rss_mb"] > 0 for c in costs.values())
+    assert all(c["peak_rss_mb"] > 0 and c["cpu_s"] >= 0 for c in costs.values())
     # provenance: the model by file name and SHA-256 (no bundled name: it was given as a path), and
     # the run's files relative to the report; no absolute path anywhere
     assert rep["model"]["name"] is None and rep["model"]["file"] == tiny_model_path.name

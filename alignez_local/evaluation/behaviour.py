@@ -176,18 +176,50 @@ class RefusalMeasure(Measure):
 
 @dataclass(frozen=True)
 class JudgeMeasure(Measure):
-    """The judge's P(Yes) to "Does this answer sound <persona>?": for behaviours with no checker."""
+    """The judge's reading of whether an answer is <persona> rather than <contrast>, for behaviours
+    with no checker.
+
+    With a ``contrast`` (the axis's negative persona) the judge is asked about both poles and the
+    score is sigmoid(logit P(Yes | persona) - logit P(Yes | contrast)): the answer shows the
+    behaviour when the judge finds it more <persona> than <contrast>. Asked about one pole alone, the
+    1.5B judge says Yes to most answers whatever they are (7 of 8 of Qwen 0.5B's plain English answers
+    were "written in a Spanish-speaking way"); it orders answers rightly far more often than it places them on the
+    right side of 0.5 (docs/results.md §11), and the comparison keeps only the ordering.
+    """
 
     persona: str = ""
+    contrast: str = ""
 
     @property
     def question(self) -> str:
-        return f"Is this answer written in a {self.persona} way?"
+        return self.question_for(self.persona)
+
+    @staticmethod
+    def question_for(persona: str) -> str:
+        return f"Is this answer written in a {persona} way?"
 
     def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
         if judge is None:
             raise AlignezError(f"the behaviour {self.persona!r} is measured by a judge model, and none was given")
-        return judge.yes_probability(self.question, list(zip(questions, answers)))
+        pairs = list(zip(questions, answers))
+        p = judge.yes_probability(self.question, pairs)
+        if not self.contrast:
+            return p
+        return contrast_probability(p, judge.yes_probability(self.question_for(self.contrast), pairs))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "question": self.question,
+                **({"contrast_question": self.question_for(self.contrast)} if self.contrast else {})}
+
+
+def contrast_probability(p_positive: np.ndarray, p_negative: np.ndarray) -> np.ndarray:
+    """Return sigmoid(logit p_positive - logit p_negative): above 0.5 exactly when the judge's Yes to
+    the positive question is more likely than its Yes to the negative one."""
+    eps = 1e-9
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+        return np.log(p) - np.log1p(-p)
+    return 1.0 / (1.0 + np.exp(-(logit(p_positive) - logit(p_negative))))
 
 
 PIRATE_MARKERS = ("arr", "arrr", "ahoy", "matey", "mateys", "ye", "yer", "aye", "me hearty", "me hearties", "landlubber",
@@ -211,10 +243,12 @@ MEASURES: dict[str, Measure] = {
 }
 
 
-def measure_for(measure_key: str, positive: str) -> Measure:
-    """Return the measure registered as ``measure_key``; "" means the judge on the ``positive`` persona."""
+def measure_for(measure_key: str, positive: str, negative: str = "") -> Measure:
+    """Return the measure registered as ``measure_key``; "" means the judge, reading whether an answer
+    is ``positive`` rather than ``negative`` (``JudgeMeasure``)."""
     if not measure_key:
-        return JudgeMeasure(f"judge:{positive}", f"answers the judge reads as {positive}", needs_judge=True, persona=positive)
+        label = f"answers the judge reads as {positive}" + (f" rather than {negative}" if negative else "")
+        return JudgeMeasure(f"judge:{positive}", label, needs_judge=True, persona=positive, contrast=negative)
     try:
         return MEASURES[measure_key]
     except KeyError:

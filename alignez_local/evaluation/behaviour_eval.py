@@ -79,7 +79,7 @@ def behaviour_table(engine: Engine, steering: Steering, axis: PreferenceAxis, qu
     """Return the measure and the side-by-side summaries on ``questions`` (module docstring)."""
     if not questions:
         raise AlignezError("the behaviour table needs evaluation prompts; check --kinds and --limit")
-    scorer = Scorer(measure_for(axis.measure, axis.positive), unsteered_nll(engine), judge,
+    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
                     nll_asked=unsteered_nll(engine, axis.guide("positive")))
     bench = BehaviourBench(engine, scorer, axis.guide("positive"), [], list(dict.fromkeys(questions)), sampling=sampling)
     alone = {f"{'vector' if isinstance(s, VectorSlot) else 'profile'} {s.name} x{s.strength:g}":

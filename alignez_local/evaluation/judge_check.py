@@ -28,16 +28,21 @@ def load_examples(check: str | None = None) -> list[dict[str, Any]]:
     return [r for r in rows if check is None or r["check"] == check]
 
 
-def judge_probabilities(judge: Judge, examples: Sequence[dict[str, Any]]) -> np.ndarray:
-    """Return the judge's P(Yes) per example: its persona's behaviour question, or the relevance question
-    (examples asking the same question are judged in one batch)."""
+def judge_probabilities(judge: Judge, examples: Sequence[dict[str, Any]], contrast: bool = True) -> np.ndarray:
+    """Return the judge's reading per example: the behaviour measure ``steer`` uses for its persona
+    (with ``contrast``, against the example's negative persona, as for an axis with both poles;
+    without, P(Yes) to the persona's question alone), or P(Yes) to the relevance question."""
     out = np.zeros(len(examples))
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple[str, str], list[int]] = {}
     for i, ex in enumerate(examples):
-        q = JudgeMeasure("judge", "", persona=ex["persona"]).question if ex["check"] == "behaviour" else RELEVANCE_QUESTION
-        groups.setdefault(q, []).append(i)
-    for question, idx in groups.items():
-        out[idx] = judge.yes_probability(question, [(examples[i]["question"], examples[i]["answer"]) for i in idx])
+        key = (ex["persona"], ex.get("negative", "") if contrast else "") if ex["check"] == "behaviour" else ("", "")
+        groups.setdefault(key, []).append(i)
+    for (persona, negative), idx in groups.items():
+        qs, ans = [examples[i]["question"] for i in idx], [examples[i]["answer"] for i in idx]
+        if persona:
+            out[idx] = JudgeMeasure("judge", "", persona=persona, contrast=negative).scores(qs, ans, judge)
+        else:
+            out[idx] = judge.yes_probability(RELEVANCE_QUESTION, list(zip(qs, ans)))
     return out
 
 
