@@ -10,7 +10,8 @@ another question's answer) are scored (``Judge.scores``, log p(Yes) - log p(No))
    prefix decoded once); with --alone also one prompt at a time (no batch: the noise floor);
 2. by the remote judge behind ``alignez serve`` serving the same GGUF (one thread each): one server,
    then the same pairs fanned out over two servers (--concurrency requests in flight per server);
-3. with --llama-server PATH, by llama.cpp's own llama-server on the same GGUF.
+3. with --llama-server PATH, by llama.cpp's own llama-server on the same GGUF (--llama-server-args
+   adds its options; with --alone also one request at a time).
 Printed: wall time of each, max |margin difference| to the local judge, agreement of the answer's
 verdict (margin > 0, "Yes" more likely) and of the win/tie/loss verdicts between the answers to the
 same question (the tie margin 0.5 nats, as ``alignez eval``).
@@ -133,6 +134,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096, help="Context per prompt [4096].")
     ap.add_argument("--alone", action="store_true", help="Also the local judge one prompt at a time (the noise floor).")
     ap.add_argument("--llama-server", default=None, metavar="PATH", help="Also judge with llama.cpp's llama-server.")
+    ap.add_argument("--llama-server-args", default="", metavar="ARGS",
+                    help='Extra llama-server arguments, e.g. "-fa off --no-cache-prompt" (its defaults differ: docs/results.md).')
     ap.add_argument("--logs", default="/tmp", help="Folder for the servers' logs [/tmp].")
     args = ap.parse_args()
     gguf = str(resolve_model(args.judge_model))
@@ -170,11 +173,14 @@ def main() -> None:
     if args.llama_server:
         port = free_port()
         cmd = [args.llama_server, "-m", gguf, "--port", str(port), "-t", str(args.threads), "-tb", str(args.threads),
-               "-np", str(args.parallel), "-c", str(ctx)]
+               "-np", str(args.parallel), "-c", str(ctx), *args.llama_server_args.split()]
         with server(cmd, f"http://127.0.0.1:{port}", logs / "remote_judge_llama_server.log") as u:
             timed_remote([u], "judge", 1, pairs[:2])
             ls, t_ls, b = timed_remote([u], "judge", args.concurrency, pairs)
             rows.append(("llama-server, 1 server", ls, t_ls))
+            if alone is not None:
+                ls1, t_ls1, _ = timed_remote([u], "judge", 1, pairs)
+                rows.append(("llama-server, 1 in flight", ls1, t_ls1))
             if b.bounded:
                 print(f"llama-server: {b.bounded} judgments had a verdict word outside its top 20", flush=True)
 
