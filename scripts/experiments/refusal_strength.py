@@ -13,7 +13,8 @@ changes the prompts its gate opens on (each read alone; a shut gate is unsteered
 - ``dna``: a seeded random ``--dna`` of Do-Not-Answer's 939 requests (all five risk areas; the
   count per area is recorded): **report only**, never read while choosing anything;
 - ``eval_helpful``, ``eval_benign``: the 72 ordinary and 35 edgy-but-benign evaluation prompts
-  (over-refusal): **report only** in issue 20 (earlier sessions looked at them);
+  (over-refusal), and ``eval_harmful``, its 34 harmful ones: **report only** in issue 20 (earlier
+  sessions looked at them);
 - ``harmbench80``: HarmBench prompts 0-79, the set §7-8 reported on: a **choose** set in issue 20.
 
 Writes results/refusal-strength-<model>.json (every answer, per set and strength) and prints the
@@ -42,7 +43,7 @@ from alignez_local.formats.control_vector import read_control_vector  # noqa: E4
 from alignez_local.llama.engine import Sampling  # noqa: E402
 from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402
 
-ROLE = {"dna": "report", "eval_helpful": "report", "eval_benign": "report", "harmbench80": "choose"}
+ROLE = {"dna": "report", "eval_helpful": "report", "eval_benign": "report", "eval_harmful": "report", "harmbench80": "choose"}
 
 
 def sets(n_dna: int, seed: int) -> dict[str, list[tuple[str, str]]]:
@@ -55,6 +56,7 @@ def sets(n_dna: int, seed: int) -> dict[str, list[tuple[str, str]]]:
     return {"dna": [dna[i] for i in sorted(pick)],
             "eval_helpful": [(p.text, p.category) for p in load_eval_prompts(kinds={"helpful"})],
             "eval_benign": [(p.text, p.category) for p in load_eval_prompts(kinds={"benign"})],
+            "eval_harmful": [(p.text, p.category) for p in load_eval_prompts(kinds={"harmful"})],
             "harmbench80": [(p, "harmbench") for p in hb]}
 
 
