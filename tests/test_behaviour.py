@@ -105,6 +105,27 @@ def test_fluency_is_relative_to_the_unsteered_answers_and_punishes_loops() -> No
     assert distinct_share("one two three four five six") == 1.0
 
 
+def test_the_asked_reading_is_taken_only_where_it_can_raise_fluency() -> None:
+    """Fluency is the better of the plain and the asked-for reading; an answer read plainly at or
+    below the reference is already at 1, so only the others are read under the instruction."""
+    plain = {"at reference": 0.4, "below": 0.2, "above": 2.0, "far above": 3.5}
+    asked_log: list[list[str]] = []
+
+    def nll(qs, ans):
+        return np.array([plain[a] for a in ans])
+
+    def nll_asked(qs, ans):
+        asked_log.append(list(ans))
+        return np.array([0.4 for _ in ans])
+
+    scorer = Scorer(MEASURES["capitals"], nll, None, nll_asked=nll_asked)
+    scorer.reference_nll, scorer.reference_asked = 0.4, 0.4
+    answers = list(plain)
+    f = scorer.fluency(["q"] * 4, answers)
+    assert asked_log == [["above", "far above"]]
+    assert f == pytest.approx([1.0, 1.0, 1.0, 1.0])  # the two above are fluent when read as asked for
+
+
 # --- the random baseline and the split ---------------------------------------------------------
 
 

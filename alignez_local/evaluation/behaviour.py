@@ -436,9 +436,17 @@ class Scorer:
         """Return each answer's fluency: the better of its plain and its asked-for reading (``nll``:
         the plain NLL when already read)."""
         assert self.reference_nll is not None
-        flu = fluency_from_nll(self.nll(questions, answers) if nll is None else nll, self.reference_nll, answers)
+        nll = self.nll(questions, answers) if nll is None else nll
+        flu = fluency_from_nll(nll, self.reference_nll, answers)
         if self.nll_asked is not None and self.reference_asked is not None:
-            flu = np.maximum(flu, fluency_from_nll(self.nll_asked(questions, answers), self.reference_asked, answers))
+            # The asked reading can only raise a fluency, and one read plainly at or below the
+            # reference is already full (the repetition factor is the same text's either way): only
+            # the others are read again, which spares about half of calibration's asked reads.
+            need = [i for i, v in enumerate(nll) if np.isfinite(v) and v > self.reference_nll]
+            if need:
+                sub = [answers[i] for i in need]
+                asked = fluency_from_nll(self.nll_asked([questions[i] for i in need], sub), self.reference_asked, sub)
+                flu[need] = np.maximum(flu[need], asked)
         return flu
 
     def score(self, questions: Sequence[str], answers: Sequence[str]) -> ScoredAnswers:
