@@ -94,43 +94,15 @@ def test_remote_pairwise_is_refused() -> None:
 # --- alignez eval --judge-url through the CLI ------------------------------------------------------
 
 
-class NoLogprobsHandler(BaseHTTPRequestHandler):
-    """A stand-in for a third-party OpenAI-compatible server that does not return log-probabilities
-    (not for llama.cpp: llama-server and alignez serve return them): a valid chat completion, no
-    ``logprobs``."""
+class StandIn(BaseHTTPRequestHandler):
+    """A stand-in for a third-party OpenAI-compatible server (no model): ``reply(body)`` gives the
+    status and JSON of each POST."""
+
+    def reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        raise NotImplementedError
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = json.dumps({"id": "x", "object": "chat.completion", "model": "m", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "Yes"}, "finish_reason": "length"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class FlakyHandler(BaseHTTPRequestHandler):
-    """A stand-in third-party server (no model) that fails its first two requests with 503, then
-    answers with fixed log-probabilities; a request for model "bad" gets a 400."""
-
-    seen: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        FlakyHandler.seen.append(body)
-        if body["model"] == "bad":
-            status, reply = 400, {"error": {"message": "no such model: bad"}}
-        elif len(FlakyHandler.seen) <= 2:
-            status, reply = 503, {"error": {"message": "loading"}}
-        else:
-            top = [{"token": "Yes", "logprob": -0.5}, {"token": " Yes", "logprob": -2.0}, {"token": "No", "logprob": -1.5}]
-            reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes"},
-                                  "logprobs": {"content": [{"token": "Yes", "logprob": -0.5, "top_logprobs": top}]}}]}
-            status = 200
+        status, reply = self.reply(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
         data = json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -141,6 +113,33 @@ class FlakyHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+class NoLogprobsHandler(StandIn):
+    """A stand-in for a third-party OpenAI-compatible server that does not return log-probabilities
+    (not for llama.cpp: llama-server and alignez serve return them): a valid chat completion, no
+    ``logprobs``."""
+
+    def reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        return 200, {"id": "x", "object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Yes"}, "finish_reason": "length"}]}
+
+
+class FlakyHandler(StandIn):
+    """A stand-in third-party server (no model) that fails its first two requests with 503, then
+    answers with fixed log-probabilities; a request for model "bad" gets a 400."""
+
+    seen: list[dict[str, Any]] = []
+
+    def reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        FlakyHandler.seen.append(body)
+        if body["model"] == "bad":
+            return 400, {"error": {"message": "no such model: bad"}}
+        if len(FlakyHandler.seen) <= 2:
+            return 503, {"error": {"message": "loading"}}
+        top = [{"token": "Yes", "logprob": -0.5}, {"token": " Yes", "logprob": -2.0}, {"token": "No", "logprob": -1.5}]
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Yes"},
+                                  "logprobs": {"content": [{"token": "Yes", "logprob": -0.5, "top_logprobs": top}]}}]}
 
 
 def serve_handler(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
