@@ -48,7 +48,13 @@ class PreferenceAxis:
     def guide(self, side: str) -> str:
         """Return the system-prompt description of ``side`` ("positive" or "negative")."""
         if side == "positive":
-            return self.positive_guide or f"You are a {self.positive} assistant. Answer the user's request in that way."
+            # Said three times, and against the negative pole: Qwen2.5-Coder-0.5B ignored "You are a
+            # Spanish-speaking assistant. Answer the user's request in that way." (0 of 8 answers in
+            # Spanish, as the judge read them against "English-speaking"); this wording gave it some.
+            return self.positive_guide or (
+                f"You are a {self.positive} assistant. Every answer you write is {self.positive}, never "
+                f"{self.negative}, from the first word to the last."
+            )
         if side == "negative":
             # Never refuse: a refusal is not the opposite behaviour, and a direction fitted on
             # answer-vs-refuse pairs strips an aligned model's refusals of harmful requests.
