@@ -59,6 +59,7 @@ def test_the_judges_behaviour_measure_on_hand_made_examples() -> None:
         engine.close()
     b_right, b_n, b_ordered, b_pairs = figures(rows, p, "behaviour")
     r_right, r_n, r_ordered, r_pairs = figures(rows, p, "relevance")
-    # measured with Qwen2.5-Coder-1.5B: behaviour 12/16 right and 8/8 ordered, relevance 11/12 and 8/8
+    # measured with Qwen2.5-Coder-1.5B, each persona read against its negative pole (steer's reading):
+    # behaviour 13/16 right and 8/8 ordered (the positive question alone: 12/16, 8/8), relevance 11/12 and 8/8
     assert b_ordered >= b_pairs - 1 and b_right >= b_n - 5
     assert r_ordered >= r_pairs - 1 and r_right >= r_n - 2
