@@ -76,7 +76,7 @@ def main() -> None:
     all_sets = sets(a.dna, a.seed)
     chosen = {k: all_sets[k] for k in a.sets.split(",")}
     greedy = Sampling(temperature=0.0, max_tokens=a.tokens, repeat_penalty=1.1)
-    out_path = HERE / "results" / f"refusal-strength-{Path(a.model).stem}{a.tag}.json"
+    out_path = HERE / "results" / f"refusal-strength-{Path(a.model).name.removesuffix('.gguf')}{a.tag}.json"
     out: dict = {"model": a.model, "tokens": a.tokens, "dna_sample": a.dna, "seed": a.seed, "sets": {},
                  "vectors": {n: {"file": p, "file_strength": cv.default_strength, "gate_layer": cv.gate.layer if cv.gate else None,
                                  "strengths": [cv.default_strength_or_one if s == "file" else float(s) for s in a.strengths.split(",")]}
