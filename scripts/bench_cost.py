@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,24 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from alignez_local.align.fit import capture_layers, capture_pairs, default_pool
+from alignez_local.align.preferences import load_pairs
+from alignez_local.models import resolve_model
+from alignez_local.settings import RuntimeSettings, open_engine
+from bench_steer import cpu_model  # scripts/ is on the path when a script runs
+
 STAGES = ("screen", "generate", "fit", "export", "calibrate")
 DEFAULT_MODELS = "smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def model_bytes(name: str) -> int:
     """Return the size of the model's GGUF file (a bundled name is resolved as steer resolves it)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from alignez_local.models import resolve_model
     return resolve_model(name).stat().st_size
 
 
@@ -137,10 +130,6 @@ def capture_cut(model: str, prefs: str, n_pairs: int, threads: int, rounds: int 
     """Print the fit stage's capture with every layer and without the last (fit.capture_layers),
     side by side on one engine and the same pairs, alternating so drift in the machine's load
     hits both alike."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from alignez_local.align.fit import capture_layers, capture_pairs, default_pool
-    from alignez_local.align.preferences import load_pairs
-    from alignez_local.settings import RuntimeSettings, open_engine
     pairs = load_pairs(prefs)[:n_pairs]
     engine = open_engine(model, RuntimeSettings(threads=threads))
     every, cut = list(range(engine.n_layer)), capture_layers(engine.n_layer)
