@@ -122,6 +122,13 @@ class FitSettings:
     vector_from: str = "mean-diff"
     vector_layers: str | Sequence[int] | None = None  # None: the middle third of the layers
 
+    def vector_layer_list(self, n_layer: int) -> list[int]:
+        """Return the layers the mean-diff vector steers: those given, else the middle third."""
+        given = self.vector_layers
+        if isinstance(given, str) or given is None:
+            return parse_layer_list(given, n_layer) or middle_layers(n_layer)
+        return list(given)
+
 
 VECTOR_SOURCES = ("mean-diff", "profile")
 
@@ -194,8 +201,7 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
         layers = parse_layer_list(layers, engine.n_layer)
     persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
     pool = fit.pool or default_pool(pairs)
-    vlayers = fit.vector_layers if not isinstance(fit.vector_layers, str) else parse_layer_list(fit.vector_layers, engine.n_layer)
-    named = [*(layers or ()), *(vlayers or ())]
+    named = [*(layers or ()), *fit.vector_layer_list(engine.n_layer)]
     pos, neg = capture_pairs(engine, pairs, fit.site, pool=pool, layers=capture_layers(engine.n_layer, named))
     prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=pool, layers=list(layers) if layers else None,
                        variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
@@ -391,10 +397,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         if fit.vector_from == "mean-diff":
-            vlayers = fit.vector_layers
-            if isinstance(vlayers, str) or vlayers is None:
-                vlayers = parse_layer_list(vlayers, engine.n_layer) or middle_layers(engine.n_layer)
-            cv = mean_diff_vector(engine, difference, list(vlayers), prof, axis.name)
+            cv = mean_diff_vector(engine, difference, fit.vector_layer_list(engine.n_layer), prof, axis.name)
             rep = approximation_report(engine, prof, cv, heldout_prompts(engine), top_n=fit.top_n)
         else:
             cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
