@@ -216,6 +216,7 @@ def mean_diff_vector(engine: Engine, difference: np.ndarray, layers: Sequence[in
     meta = {"alignez.source": f"mean-diff:{profile.site}", "alignez.axis": str(profile.axis.get("name", name)),
             "alignez.axis.positive": str(profile.axis.get("positive", "")),
             "alignez.axis.negative": str(profile.axis.get("negative", "")),
+            **({"alignez.axis.measure": str(profile.axis["measure"])} if profile.axis.get("measure") else {}),
             META_N_LAYER: engine.n_layer, "alignez.model.sha256": str(profile.provenance.get("model_sha256", "")),
             "alignez.data.sha256": str(profile.provenance.get("data_sha256", ""))}
     return ControlVector({int(L): difference[L].astype(np.float32) for L in layers}, model_hint=engine.arch,
@@ -394,6 +395,9 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
     try:
         prof, difference = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
                                                on_status=on_status)
+        if axis.measure:
+            # The files say how their behaviour is scored, so `alignez eval` scores it the same way.
+            prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure})
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         if fit.vector_from == "mean-diff":
@@ -557,7 +561,7 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
     prof = result.profile
     return {
         "model": model.as_dict(),
-        "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative},
+        "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative, "measure": axis.measure or "judge"},
         "n_queries": n_queries, "data_sha256": prof.provenance.get("data_sha256"),
         "profile": result.paths.profile.name, "vector": result.paths.vector.name,
         "layers": prof.layers, "method": fit.method, "site": fit.site,

@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--pmi", action="store_true", help="Relevance by the model's own PMI reading, no judge.")
+    ap.add_argument("--question", action="append", default=[], metavar="TEMPLATE",
+                    help="Another wording of the behaviour question, with {persona} (repeatable): its figures beside.")
     args = ap.parse_args()
     print(f"{'reader':<36} {'check':<10} {'accuracy':>9} {'ordering':>9} {'s':>6}")
     for name in args.models:
@@ -41,6 +43,10 @@ def main() -> None:
             single = judge_probabilities(judge, load_examples("behaviour"), contrast=False)
             right, n, ordered, pairs = figures(load_examples("behaviour"), single, "behaviour")
             print(f"{name + ' (judge, one pole)':<36} {'behaviour':<10} {right:>4}/{n:<4} {ordered:>4}/{pairs:<4} {time.time() - t0:>6.0f}")
+            for template in args.question:
+                other = judge_probabilities(judge, load_examples("behaviour"), template=template)
+                right, n, ordered, pairs = figures(load_examples("behaviour"), other, "behaviour")
+                print(f"  {template!r} vs negative: behaviour {right}/{n} right, {ordered}/{pairs} ordered")
             p = judge_probabilities(judge, examples)
             checks, label = ("behaviour", "relevance"), f"{name} (judge)"
         engine.close()

@@ -64,6 +64,35 @@ def test_every_axis_has_a_measure_and_the_traits_have_checkers() -> None:
         Scorer(m, lambda q, a: np.zeros(len(a)))
 
 
+def test_a_language_persona_is_read_by_the_language_identifier() -> None:
+    """A custom axis that names a language is scored by py3langid, not by the judge (which cannot
+    tell "written in a Spanish-speaking way" from English, docs/results.md §13), and asked for in
+    the words that made Qwen answer in French."""
+    for positive in ("Spanish", "Spanish-speaking", "answers in Spanish", "speaks  spanish"):
+        axis = custom_axis(positive, "English-speaking")
+        assert axis.measure == "language:es", positive
+        assert axis.guide("positive") == "You always answer in Spanish, never in English."
+        assert axis.guide("negative") == "You always answer in English, never in Spanish."
+    m = measure_for(custom_axis("German", "plain").measure, "German")
+    assert not m.needs_judge and "German" in m.label
+    assert list(m.scores(["q"] * 2, ["Das Wetter ist heute sehr schön und warm.", "The weather is nice today."], None)) == [1.0, 0.0]
+    # Not only a language: the judge, unless the user picks a checker.
+    assert custom_axis("Spanish cooking fan", "bland").measure == ""
+    assert custom_axis("sarcastic", "sincere", measure="brevity:12").measure == "brevity:12"
+    assert custom_axis("Spanish", "English", measure="judge").measure == ""
+
+
+def test_measure_keys_take_parameters_and_bad_keys_say_what_exists() -> None:
+    assert measure_for("language:es", "x").scores(["q"], ["¿Dónde está la biblioteca de la ciudad?"], None)[0] == 1.0
+    assert _score("brevity:20", "one two") == list(measure_for("brevity:3", "x").scores(["q"], ["one two"], None))
+    assert isinstance(measure_for("judge", "sarcastic", "sincere"), JudgeMeasure)
+    for bad in ("language:spanish", "brevity:0", "brevity:x", "tone"):
+        with pytest.raises(AlignezError, match="unknown behaviour measure.*language:CODE"):
+            measure_for(bad, "x")
+    with pytest.raises(AlignezError, match="unknown behaviour measure"):
+        custom_axis("sarcastic", "sincere", measure="sarcasm")
+
+
 def test_contrast_reading_is_above_half_exactly_when_the_positive_yes_is_likelier() -> None:
     pos = np.array([0.9, 0.9, 0.5, 0.2, 1.0, 0.0])
     neg = np.array([0.95, 0.1, 0.5, 0.1, 1.0, 0.0])

@@ -23,7 +23,8 @@ from alignez_local.align.fit import fit_profile
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_pairs
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.evaluation.prompt_sets import load_queries
-from alignez_local.align.steering import ProfileSlot, Steering
+from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.evaluation.behaviour_eval import axis_of
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.models import file_sha256
 from alignez_local.pipeline import ModelId, describe, import_vector
@@ -235,6 +236,29 @@ def test_steer_screen_only_measures_the_ceiling_and_writes_nothing(tiny_model_pa
     assert "screen: asked by a system prompt" in res.stderr and "answers in French in" in res.stderr
     assert "a vector is unlikely to do better" in res.stderr  # the random model speaks no French when asked
     assert not out.exists()
+
+
+def test_a_custom_axis_keeps_its_measure_in_its_files(tiny_model_path: Path, tmp_path: Path) -> None:
+    """--measure picks the checker of a custom axis; the vector and profile say it, so `alignez eval`
+    scores the file the way steer chose its strength."""
+    out = tmp_path / "run"
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--positive", "terse", "--negative", "wordy",
+                                "--measure", "brevity:12", "--max-cos", "1", *STEER, "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "answers of at most 12 words" in res.stderr  # the screen line names the checker, no judge loaded
+    cv = read_control_vector(out / "vector.gguf")
+    assert cv.metadata["alignez.axis.measure"] == "brevity:12"
+    assert load_profile(out / "profile.gguf").axis["measure"] == "brevity:12"
+    assert json.loads((out / "report.json").read_text())["axis"]["measure"] == "brevity:12"
+    axis = axis_of(Steering(vectors=[VectorSlot("v", cv, 1.0)]))
+    assert axis is not None and axis.positive == "terse" and axis.measure == "brevity:12"
+    # a language persona needs no --measure; a wrong key fails before any work, in one line
+    spanish = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--positive", "Spanish", "--negative", "English",
+                                    "--screen-only", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert spanish.returncode == 0 and "answers in Spanish (language identifier)" in spanish.stderr
+    bad = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "french", "--measure", "brevity:3",
+                                "--screen-only"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--measure is for a custom axis" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_generate_ctrl_c_says_what_was_saved(tiny_model_path: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from alignez_local.errors import AlignezError
+from alignez_local.evaluation.behaviour import language_name, language_named, measure_for
 
 MAX_PERSONA_CHARS = 80
 """Longest persona accepted: it is spliced into a prompt for a small model, so it must stay a phrase."""
@@ -166,8 +167,14 @@ def get_axis(name: str) -> PreferenceAxis:
         ) from None
 
 
-def custom_axis(positive: str, negative: str, name: str | None = None) -> PreferenceAxis:
-    """Return a new axis from two persona phrases, named ``name`` or ``custom-<slug of positive>``."""
+def custom_axis(positive: str, negative: str, name: str | None = None, measure: str | None = None) -> PreferenceAxis:
+    """Return a new axis from two persona phrases, named ``name`` or ``custom-<slug of positive>``.
+
+    ``measure`` is how its behaviour is scored (a key ``evaluation.behaviour.measure_for`` knows).
+    Without one, a positive persona that is only a language ("Spanish", "Spanish-speaking") is read by
+    the language identifier and asked for in the words that worked for French (the 1.5B judge cannot
+    tell "written in a Spanish-speaking way" from English, docs/results.md §13); anything else by the
+    judge."""
     pos = _check_persona(positive, "--positive")
     neg = _check_persona(negative, "--negative")
     if pos.lower() == neg.lower():
@@ -184,7 +191,16 @@ def custom_axis(positive: str, negative: str, name: str | None = None) -> Prefer
         if axis_name in BUILTIN_AXES:
             # Reusing a built-in name would make saved artefacts ambiguous about which personas made them.
             raise AlignezError(f"axis name {axis_name!r} belongs to a built-in axis; choose another name")
-    return PreferenceAxis(name=axis_name, positive=pos, negative=neg)
+    if measure is not None:
+        measure_for(measure, pos, neg)  # an unknown key fails here, before any work
+    code, other = language_named(pos), language_named(neg)
+    guides = {}
+    if code and measure in (None, f"language:{code}"):
+        lang, neg_lang = language_name(code), language_name(other) if other else ""
+        guides = {"positive_guide": f"You always answer in {lang}, never in {neg_lang or 'any other language'}.",
+                  "negative_guide": (f"You always answer in {neg_lang}, never in {lang}." if neg_lang else "")}
+    chosen = measure if measure is not None else (f"language:{code}" if code else "")
+    return PreferenceAxis(name=axis_name, positive=pos, negative=neg, measure="" if chosen == "judge" else chosen, **guides)
 
 
 def _check_persona(text: str, option: str) -> str:

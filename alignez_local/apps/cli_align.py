@@ -22,7 +22,7 @@ from alignez_local.llama.engine import Engine
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
-from alignez_local.evaluation.behaviour import measure_for
+from alignez_local.evaluation.behaviour import measure_for, measure_keys_help
 from alignez_local.evaluation.judge import Judge
 from alignez_local.models import JUDGE_MODEL
 from alignez_local.pipeline import FitSettings, ModelId, select_queries
@@ -31,6 +31,9 @@ from alignez_local.specs import FIT_SITES, parse_layer_list
 
 
 def axis_options(f: Any) -> Any:
+    f = click.option("--measure", default=None, metavar="KEY",
+                     help="How a custom axis's behaviour is scored: " + measure_keys_help() + ". [a language persona "
+                          "such as 'Spanish': language:CODE; anything else: judge]")(f)
     f = click.option("--negative", default=None, help="Negative persona of a custom axis (with --positive).")(f)
     f = click.option("--positive", default=None, help="Positive persona of a custom axis, e.g. 'pirate-like'.")(f)
     f = click.option("--axis", "axis_name", default=DEFAULT_AXIS, show_default=True,
@@ -38,13 +41,18 @@ def axis_options(f: Any) -> Any:
     return f
 
 
-def resolve_axis(axis_name: str, positive: str | None, negative: str | None) -> PreferenceAxis:
+def resolve_axis(axis_name: str, positive: str | None, negative: str | None, measure: str | None = None) -> PreferenceAxis:
     """Return the built-in axis, or a custom one when --positive/--negative are given."""
     if positive is not None or negative is not None:
         if not positive or not negative:
             raise AlignezError("a custom axis needs both --positive and --negative personas")
-        return custom_axis(positive, negative, None if axis_name == DEFAULT_AXIS else axis_name)
-    return get_axis(axis_name)
+        return custom_axis(positive, negative, None if axis_name == DEFAULT_AXIS else axis_name, measure=measure)
+    axis = get_axis(axis_name)
+    if measure is not None:
+        # A built-in axis's measure is part of what its results mean; a different one is another axis.
+        raise AlignezError(f"--measure is for a custom axis (--positive/--negative); the {axis.name} axis is "
+                           f"measured by {axis.measure or 'the judge'}")
+    return axis
 
 
 def query_options(f: Any) -> Any:
@@ -112,7 +120,7 @@ def _interrupted(err: pipeline.Interrupted) -> AlignezError:
 @query_options
 @generation_options
 @click.option("-o", "--out", "out_path", required=True, metavar="FILE.jsonl", help="Preference data (appended; re-runs resume).")
-def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
+def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, measure, queries_file, limit,
              responses, response_tokens, temperature, seed, recipe, out_path) -> None:
     """Let the model write its own preference pairs (AlignEZ step 1).
 
@@ -120,7 +128,7 @@ def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, po
     alignez generate -o prefs.jsonl --limit 32
     alignez generate -o humor.jsonl --axis humor --queries my_queries.txt
     """
-    axis = resolve_axis(axis_name, positive, negative)
+    axis = resolve_axis(axis_name, positive, negative, measure)
     queries = select_queries(queries_file, limit, axis=axis.name)
     out = check_writable(out_path)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
@@ -238,7 +246,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
               help="Also choose the profile's (exact edit's) strength by the behaviour, beside its own random null: "
                    "about doubles the calibration stage. Off: profile.gguf is written without a default strength.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
-def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, queries_file, limit,
+def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, measure, queries_file, limit,
           responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
           self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, strengths, screen_only,
           calibrate_profile) -> None:
@@ -258,7 +266,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
     """
-    axis = resolve_axis(axis_name, positive, negative)
+    axis = resolve_axis(axis_name, positive, negative, measure)
     recipe = recipe or default_recipe(axis.name, queries_file)
     if recipe == REQUEST_RECIPE:
         _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis, queries_file, seed,
@@ -275,7 +283,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
         vector_layers=with_flag("--vector-layers", parse_layer_list, vector_layers, engine.n_layer) if vector_layers else None)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
     status = lambda line: click.echo(line, err=True)  # noqa: E731
-    judge = open_judge(judge_model, engine, threads, needs=measure_for(axis.measure, axis.positive).needs_judge)
+    judge = open_judge(judge_model, engine, threads, needs=measure_for(axis.measure, axis.positive, axis.negative).needs_judge)
     try:
         clock = pipeline.StageClock(engine, getattr(judge, "engine", None))
         bench = pipeline.behaviour_bench(engine, axis, queries, judge)

@@ -62,6 +62,11 @@ RELEVANCE_QUESTION = (
 )
 
 
+JUDGE_QUESTION = "Is this answer written in a {persona} way?"
+"""What the judge is asked about a persona (``JudgeMeasure``); ``scripts/judge_accuracy.py --question``
+measures other wordings on the hand-made examples."""
+
+
 class YesNoJudge(Protocol):
     """What a measure needs from a judge: P(Yes) to a yes/no question about each (question, answer)."""
 
@@ -189,14 +194,14 @@ class JudgeMeasure(Measure):
 
     persona: str = ""
     contrast: str = ""
+    template: str = ""  # the question, with {persona}; "": JUDGE_QUESTION
 
     @property
     def question(self) -> str:
         return self.question_for(self.persona)
 
-    @staticmethod
-    def question_for(persona: str) -> str:
-        return f"Is this answer written in a {persona} way?"
+    def question_for(self, persona: str) -> str:
+        return (self.template or JUDGE_QUESTION).format(persona=persona)
 
     def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
         if judge is None:
@@ -243,16 +248,54 @@ MEASURES: dict[str, Measure] = {
 }
 
 
+LANGUAGES: dict[str, str] = {
+    "english": "en", "french": "fr", "spanish": "es", "german": "de", "italian": "it", "portuguese": "pt",
+    "dutch": "nl", "russian": "ru", "chinese": "zh", "mandarin": "zh", "japanese": "ja", "korean": "ko",
+    "arabic": "ar", "hindi": "hi", "turkish": "tr", "polish": "pl", "swedish": "sv", "danish": "da",
+    "norwegian": "no", "finnish": "fi", "greek": "el", "czech": "cs", "ukrainian": "uk", "vietnamese": "vi",
+    "indonesian": "id", "hebrew": "he", "romanian": "ro", "hungarian": "hu", "catalan": "ca", "latin": "la",
+    "swahili": "sw", "esperanto": "eo", "irish": "ga", "welsh": "cy", "thai": "th", "persian": "fa",
+}
+"""Language names a persona may use, with the ISO 639-1 code the language identifier answers."""
+
+_LANGUAGE_PERSONA = re.compile(
+    r"^(?:(?:speaks|speaking|answers? in|writes? in|talks? in|replies in|in)\s+)?(?P<name>[a-z]+)"
+    r"(?:[- ](?:speaking|speaker|language|only|answers|replies))?$")
+
+
+def language_named(persona: str) -> str | None:
+    """Return the ISO code of the language a persona is, when it is only that ("Spanish",
+    "Spanish-speaking", "answers in Spanish"), else None: "Spanish cooking fan" is not a language
+    behaviour, so it stays with the judge (or ``--measure language:es``)."""
+    m = _LANGUAGE_PERSONA.match(" ".join(persona.lower().split()))
+    return LANGUAGES.get(m.group("name")) if m else None
+
+
+def language_name(code: str) -> str:
+    """Return the English name of an ISO 639-1 code ("es" -> "Spanish"), or the code when unknown."""
+    return next((n.capitalize() for n, c in LANGUAGES.items() if c == code), code)
+
+
+def measure_keys_help() -> str:
+    """The measure keys a user can give, for help texts and error messages."""
+    return ", ".join([*MEASURES, "language:CODE (ISO 639-1, e.g. language:es)", "brevity:N", "judge"])
+
+
 def measure_for(measure_key: str, positive: str, negative: str = "") -> Measure:
-    """Return the measure registered as ``measure_key``; "" means the judge, reading whether an answer
-    is ``positive`` rather than ``negative`` (``JudgeMeasure``)."""
-    if not measure_key:
+    """Return the measure of ``measure_key``: a registered key, ``language:CODE`` for any language
+    the identifier knows, ``brevity:N`` for any word limit; "" or ``judge`` means the judge, reading
+    whether an answer is ``positive`` rather than ``negative`` (``JudgeMeasure``)."""
+    if not measure_key or measure_key == "judge":
         label = f"answers the judge reads as {positive}" + (f" rather than {negative}" if negative else "")
         return JudgeMeasure(f"judge:{positive}", label, needs_judge=True, persona=positive, contrast=negative)
-    try:
+    if measure_key in MEASURES:
         return MEASURES[measure_key]
-    except KeyError:
-        raise AlignezError(f"unknown behaviour measure {measure_key!r}; known: {', '.join(MEASURES)}") from None
+    kind, _, arg = measure_key.partition(":")
+    if kind == "language" and re.fullmatch(r"[a-z]{2,3}", arg):
+        return LanguageMeasure(measure_key, f"answers in {language_name(arg)} (language identifier)", code=arg)
+    if kind == "brevity" and arg.isdigit() and int(arg) > 0:
+        return BrevityMeasure(measure_key, f"answers of at most {int(arg)} words", max_words=int(arg))
+    raise AlignezError(f"unknown behaviour measure {measure_key!r}; use one of: {measure_keys_help()}")
 
 
 # --- the guards and the combined score ---------------------------------------------------------

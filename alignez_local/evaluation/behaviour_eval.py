@@ -35,14 +35,15 @@ def axis_of(steering: Steering) -> PreferenceAxis | None:
     from its personas; None when the file does not say (e.g. a vector from another tool)."""
     for slot in steering.slots:
         if isinstance(slot, ProfileSlot):
-            name, pos, neg = (str(slot.profile.axis.get(k, "")) for k in ("name", "positive", "negative"))
+            name, pos, neg, measure = (str(slot.profile.axis.get(k, "")) for k in ("name", "positive", "negative", "measure"))
         else:
             meta = slot.vector.metadata
-            name, pos, neg = (str(meta.get(k, "")) for k in ("alignez.axis", "alignez.axis.positive", "alignez.axis.negative"))
+            name, pos, neg, measure = (str(meta.get(k, "")) for k in ("alignez.axis", "alignez.axis.positive",
+                                                                       "alignez.axis.negative", "alignez.axis.measure"))
         if name in BUILTIN_AXES:
             return BUILTIN_AXES[name]
         if pos and neg:
-            return custom_axis(pos, neg)
+            return custom_axis(pos, neg, measure=measure or None)
     return None
 
 

@@ -28,10 +28,12 @@ def load_examples(check: str | None = None) -> list[dict[str, Any]]:
     return [r for r in rows if check is None or r["check"] == check]
 
 
-def judge_probabilities(judge: Judge, examples: Sequence[dict[str, Any]], contrast: bool = True) -> np.ndarray:
+def judge_probabilities(judge: Judge, examples: Sequence[dict[str, Any]], contrast: bool = True,
+                        template: str = "") -> np.ndarray:
     """Return the judge's reading per example: the behaviour measure ``steer`` uses for its persona
     (with ``contrast``, against the example's negative persona, as for an axis with both poles;
-    without, P(Yes) to the persona's question alone), or P(Yes) to the relevance question."""
+    without, P(Yes) to the persona's question alone), or P(Yes) to the relevance question.
+    ``template``: another wording of the behaviour question ("" is ``JudgeMeasure``'s)."""
     out = np.zeros(len(examples))
     groups: dict[tuple[str, str], list[int]] = {}
     for i, ex in enumerate(examples):
@@ -40,7 +42,7 @@ def judge_probabilities(judge: Judge, examples: Sequence[dict[str, Any]], contra
     for (persona, negative), idx in groups.items():
         qs, ans = [examples[i]["question"] for i in idx], [examples[i]["answer"] for i in idx]
         if persona:
-            out[idx] = JudgeMeasure("judge", "", persona=persona, contrast=negative).scores(qs, ans, judge)
+            out[idx] = JudgeMeasure("judge", "", persona=persona, contrast=negative, template=template).scores(qs, ans, judge)
         else:
             out[idx] = judge.yes_probability(RELEVANCE_QUESTION, list(zip(qs, ans)))
     return out
