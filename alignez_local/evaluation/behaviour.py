@@ -8,10 +8,11 @@ A measure gives each answer a behaviour score in 0..1 (1: it shows the behaviour
 
 - objective checkers where one exists: the language (``py3langid``, a trained language
   identifier, not a stopword list), brevity (words), a style's marker words, capital letters, and
-  refusal (the keyword detector of ``refusal.py``);
-- for any other behaviour, every custom ``--positive/--negative`` axis included, a judge's
-  probability of "Yes" to "Does this answer sound <positive persona>?", read from next-token
-  probabilities (``judge.Judge.yes_probability``).
+  refusal (the keyword detector of ``refusal.py``); a custom axis whose positive persona is a
+  language gets the language checker, and ``--measure KEY`` gives any custom axis a checker;
+- for any other behaviour, the judge's P(Yes) to "Is this answer written in a <positive> way?"
+  against its P(Yes) for the negative persona, read from next-token probabilities
+  (``JudgeMeasure``, ``judge.Judge.yes_probability``).
 
 Beside the behaviour, two guards for every answer, as AxBench scores steering:
 
