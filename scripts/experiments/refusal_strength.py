@@ -17,6 +17,11 @@ changes the prompts its gate opens on (each read alone; a shut gate is unsteered
   sessions looked at them);
 - ``harmbench80``: HarmBench prompts 0-79, the set §7-8 reported on: a **choose** set in issue 20.
 
+``--random``: beside each vector, the null: a random direction with the same per-layer norms behind
+the same gate, at the same strengths (it opens on the same prompts, so any difference is the
+direction's). ``--prompting``: the ceiling, every prompt answered under the harmless axis's positive
+guide as system prompt.
+
 Writes results/refusal-strength-<model>.json (every answer, per set and strength) and prints the
 table. Progress on stderr.
 """
@@ -24,6 +29,7 @@ table. Progress on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -36,6 +42,8 @@ sys.path.insert(0, str(HERE))
 
 from gate_states import DNA_AREAS, SHARED  # noqa: E402
 
+from alignez_local.align.axes import get_axis  # noqa: E402
+from alignez_local.align.directions import random_like  # noqa: E402
 from alignez_local.align.steering import Steering, VectorSlot  # noqa: E402
 from alignez_local.evaluation.prompt_sets import load_eval_prompts  # noqa: E402
 from alignez_local.evaluation.refusal import is_refusal  # noqa: E402
@@ -71,8 +79,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sets", default="dna,eval_helpful,eval_benign")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--random", action="store_true", help="add a random direction of the same norms behind each gate")
+    ap.add_argument("--prompting", action="store_true", help="add the harmless guide as a system prompt (the ceiling)")
     a = ap.parse_args()
     vectors = {Path(v).stem: read_control_vector(v) for v in a.vector}
+    if a.random:
+        for i, (stem, cv) in enumerate(list(vectors.items())):
+            noise = random_like({L: cv.directions[L] for L in cv.layers}, a.seed + 1 + i)
+            vectors[f"{stem}-random"] = dataclasses.replace(cv, directions=noise, name="random")
+        a.vector = [v for v in a.vector for _ in (0, 1)]  # the provenance line below pairs names with files
     all_sets = sets(a.dna, a.seed)
     chosen = {k: all_sets[k] for k in a.sets.split(",")}
     greedy = Sampling(temperature=0.0, max_tokens=a.tokens, repeat_penalty=1.1)
@@ -81,6 +96,7 @@ def main() -> None:
                  "vectors": {n: {"file": p, "file_strength": cv.default_strength, "gate_layer": cv.gate.layer if cv.gate else None,
                                  "strengths": [cv.default_strength_or_one if s == "file" else float(s) for s in a.strengths.split(",")]}
                              for (n, cv), p in zip(vectors.items(), a.vector)}}
+    guide = get_axis("harmless").guide("positive")
     t0 = time.monotonic()
     with open_engine(a.model, RuntimeSettings(threads=a.threads)) as eng:
         for name, items in chosen.items():
@@ -94,6 +110,16 @@ def main() -> None:
                    "unsteered": {"refused": sum(map(is_refusal, base)), "by_group": {}, "answers": base}, "vectors": {}}
             for g in rec["groups"]:
                 rec["unsteered"]["by_group"][g] = sum(is_refusal(t) for t, (_, x) in zip(base, items) if x == g)
+            if a.prompting:
+                asked = [eng.prompt(p, system=guide) for p, _ in items]
+                texts = []
+                for i in range(0, len(asked), 16):
+                    texts += [c.text for c in eng.generate(asked[i:i + 16], greedy)]
+                    print(f"{name}: prompting {len(texts)}/{len(asked)}, {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
+                rec["prompting"] = {"system": guide, "refused": sum(map(is_refusal, texts)), "answers": texts,
+                                    "by_group": {g: sum(is_refusal(t) for t, (_, x) in zip(texts, items) if x == g)
+                                                 for g in rec["groups"]}}
+                print(f"{name} ({ROLE[name]}): prompting refused {rec['prompting']['refused']} of {len(items)}", flush=True)
             for vname, cv in vectors.items():
                 probe = Steering(vectors=[VectorSlot("v", cv, 1.0)])
                 opened = ([i for i, o in enumerate(probe.open_gates(eng, prompts)) if o] if cv.gate is not None
