@@ -19,6 +19,7 @@ class RuntimeSettings:
     gpu_layers: int = 0
     parallel: int = 8
     verbose: bool = False
+    flash_attn: bool = False  # llama.cpp's flash attention (off: a prompt's numerics do not depend on its batch)
 
     def with_(self, **changes: object) -> "RuntimeSettings":
         """Return a copy with some fields changed (e.g. a judge's larger context)."""
@@ -28,4 +29,5 @@ class RuntimeSettings:
 def open_engine(model: str | Path, settings: RuntimeSettings = RuntimeSettings()) -> Engine:
     """Return an engine on ``model`` (a GGUF path or a bundled name) with ``settings``."""
     return Engine(resolve_model(str(model)), n_ctx=settings.n_ctx, n_threads=settings.threads,
-                  n_gpu_layers=settings.gpu_layers, n_parallel=settings.parallel, verbose=settings.verbose)
+                  n_gpu_layers=settings.gpu_layers, n_parallel=settings.parallel, verbose=settings.verbose,
+                  flash_attn=settings.flash_attn)

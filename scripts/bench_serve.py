@@ -10,6 +10,15 @@
 
 Greedy decoding with a fixed max_tokens, so every configuration generates the same tokens.
 Prints a table; ``--json`` prints one JSON object on stdout and the table on stderr.
+
+``--vs-llama-server`` (issue 21) instead runs ``alignez serve`` and llama.cpp's own
+``llama-server`` side by side, one after the other in this run (never both at once), in rounds
+A, B, A, B...: the same GGUF, threads, ``--parallel 8`` and context, the same chat prompts, greedy,
+a fixed max_tokens, 1 and 8 concurrent streaming clients, with nothing loaded and with the shipped
+SmolLM2 vector at strength 1 in both (``--vector`` chosen by every request / ``--control-vector-scaled
+FILE:1``). Tokens are counted from the ``usage`` each server reports (neither is told to ignore EOS).
+Prints, per condition and client count, the median over rounds of tok/s for both, the ratio,
+p50 latency, and the server process's CPU seconds beside the wall seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -113,25 +124,176 @@ def run_clients(url: str, key: str, texts: list[str], defaults: dict[str, float]
 
 
 def start_server(model: str, args: argparse.Namespace, key: str) -> tuple[subprocess.Popen[str], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "alignez_local", "serve", "-m", model, "--port", str(port), "--parallel", "8",
            "--ctx", str(args.ctx), "--vector", f"vec={VEC}", "--profile", f"prof={PROF}", "--api-key", key]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    if not wait_ready(proc, url):
+        raise SystemExit(f"the server did not start: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, url
+
+
+def wait_ready(proc: subprocess.Popen[Any], url: str, seconds: float = 300) -> bool:
+    """Return True once ``url``/health answers 200; False if the process ended or time ran out."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
+                return True
         except httpx.TransportError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the server did not start: {proc.stderr.read() if proc.stderr else ''}")
+            return False
         time.sleep(0.2)
+
+
+# --- side by side with llama-server (issue 21) ---------------------------------------------------
+
+LLAMA_SERVER = Path.home() / "llama-tools" / "bin" / "llama-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU seconds process ``pid`` has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def side_command(which: str, model: str, port: int, vector: bool, args: argparse.Namespace) -> list[str]:
+    """Return the command line of one server: ``alignez`` or ``llama``, same model, threads, slots, context."""
+    threads = str(args.threads or 1)
+    if which == "alignez":
+        cmd = [sys.executable, "-m", "alignez_local", "serve", "-m", model, "--port", str(port), "--parallel", "8",
+               "--ctx", str(args.ctx), "--threads", threads]
+        if vector:
+            cmd += ["--vector", f"vec={VEC}:1"]
+        return cmd + (["--flash-attn"] if args.alignez_flash_attn else []) + (["--cache-prompt"] if args.alignez_cache_prompt else [])
+    cmd = [str(args.llama_server), "-m", model, "--port", str(port), "--parallel", "8", "-c", str(args.ctx),
+           "--threads", threads, "--threads-batch", threads, "-fa", args.llama_fa]
+    return cmd + (["--control-vector-scaled", f"{VEC}:1"] if vector else [])
+
+
+def start_side(cmd: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    if not wait_ready(proc, url):
+        proc.kill()
+        raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+    return proc, url
+
+
+def plain_request(url: str, text: str, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streaming chat request with no steering field (alignez: the server's defaults, i.e. the
+    loaded vector at its strength; llama-server: its start-up vector); ``extra``: more body fields."""
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+    t0 = time.perf_counter()
+    usage: dict[str, int] = {}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            return {"ok": False, "error": f"HTTP {r.status_code}"}
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    return {"ok": False, "error": str(obj["error"])}
+                if obj.get("usage"):
+                    usage = obj["usage"]
+    return {"ok": bool(usage), "latency": time.perf_counter() - t0, "tokens": usage.get("completion_tokens", 0),
+            "prompt_tokens": usage.get("prompt_tokens", 0)}
+
+
+def side_level(url: str, pid: int, texts: list[str], clients: int, max_tokens: int,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    c0, t0 = cpu_seconds(pid), time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        res = list(pool.map(lambda t: plain_request(url, t, max_tokens, extra), texts))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
+    ok = [r for r in res if r["ok"]]
+    n = sum(r["tokens"] for r in ok)
+    return {"clients": clients, "requests": len(res), "failures": len(res) - len(ok), "tokens": n,
+            "prompt_tokens": sum(r["prompt_tokens"] for r in ok), "wall_s": round(wall, 3), "server_cpu_s": round(cpu, 3),
+            "tok_per_s": round(n / wall, 2), "latency_p50_s": round(pct([r["latency"] for r in ok], 0.5), 3) if ok else None}
+
+
+def side_by_side(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run both servers in alternating rounds; return every measurement and the medians."""
+    if not Path(args.llama_server).exists() and shutil.which(str(args.llama_server)) is None:
+        raise SystemExit(f"llama-server not found at {args.llama_server}; give --llama-server PATH")
+    levels = {1: prompts(args.requests_1), 8: prompts(args.requests_8)}
+    runs: list[dict[str, Any]] = []
+    for vector in (False, True):
+        for rnd in range(args.rounds):
+            for which in ("alignez", "llama") if rnd % 2 == 0 else ("llama", "alignez"):
+                port = free_port()
+                cmd = side_command(which, model, port, vector, args)
+                proc, url = start_side(cmd, port)
+                # llama-server reuses a slot's cached prompt prefix unless told not to; alignez has no such cache.
+                extra = {"cache_prompt": False} if which == "llama" and args.llama_no_cache_prompt else None
+                try:
+                    plain_request(url, levels[1][0], 4, extra)  # warm-up, not counted
+                    for clients, texts in levels.items():
+                        lv = side_level(url, proc.pid, texts, clients, args.max_tokens, extra)
+                        lv.update(server=which, vector=vector, round=rnd)
+                        runs.append(lv)
+                        print(f"progress: {json.dumps(lv)}", file=sys.stderr, flush=True)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+    rows = []
+    for vector in (False, True):
+        for clients in levels:
+            pick = {w: [r for r in runs if r["server"] == w and r["vector"] == vector and r["clients"] == clients]
+                    for w in ("alignez", "llama")}
+            med = {w: {k: statistics.median(r[k] for r in rs) for k in ("tok_per_s", "latency_p50_s", "wall_s", "server_cpu_s")}
+                   for w, rs in pick.items()}
+            ratios = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(pick["alignez"], pick["llama"])]
+            rows.append({"vector": vector, "clients": clients, "alignez": med["alignez"], "llama_server": med["llama"],
+                         "ratio": round(med["alignez"]["tok_per_s"] / med["llama"]["tok_per_s"], 3),
+                         "ratio_per_round": [round(x, 3) for x in ratios],
+                         "tokens": {w: [r["tokens"] for r in rs] for w, rs in pick.items()},
+                         "prompt_tokens": {w: [r["prompt_tokens"] for r in rs] for w, rs in pick.items()},
+                         "failures": sum(r["failures"] for rs in pick.values() for r in rs)})
+    return {"runs": runs, "rows": rows}
+
+
+def side_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| vector | clients | alignez tok/s | llama-server tok/s | ratio (per round) | p50 latency alignez / llama (s) "
+           "| server CPU / wall alignez (s) | server CPU / wall llama (s) |",
+           "|---|---:|---:|---:|---|---|---|---|"]
+    for r in rows:
+        a, b = r["alignez"], r["llama_server"]
+        out.append(f"| {'helpful x1' if r['vector'] else 'none'} | {r['clients']} | {a['tok_per_s']:.1f} | {b['tok_per_s']:.1f} "
+                   f"| **{r['ratio']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['ratio_per_round'])}) "
+                   f"| {a['latency_p50_s']:.2f} / {b['latency_p50_s']:.2f} | {a['server_cpu_s']:.1f} / {a['wall_s']:.1f} "
+                   f"| {b['server_cpu_s']:.1f} / {b['wall_s']:.1f} |")
+    return "\n".join(out)
+
+
+def main_side_by_side(args: argparse.Namespace) -> None:
+    model = str(resolve_model(args.model))
+    res = side_by_side(model, args)
+    machine = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "platform": platform.platform(),
+               "processor": platform.processor() or platform.machine(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    result = {"machine": machine, "model": Path(model).name, "threads": args.threads or 1, "parallel": 8, "ctx": args.ctx,
+              "max_tokens": args.max_tokens, "rounds": args.rounds, "llama_fa": args.llama_fa,
+              "llama_cache_prompt": not args.llama_no_cache_prompt,
+              "alignez_flash_attn": args.alignez_flash_attn, "alignez_cache_prompt": args.alignez_cache_prompt, **res}
+    head = (f"{Path(model).name}, threads {args.threads or 1} in both, --parallel 8, ctx {args.ctx}, {args.max_tokens} tokens greedy, "
+            f"{args.rounds} alternating rounds (medians), llama-server -fa {args.llama_fa} "
+            f"cache_prompt {'off' if args.llama_no_cache_prompt else 'on (its default)'}, alignez flash attention "
+            f"{'on' if args.alignez_flash_attn else 'off'}, alignez --cache-prompt {'on' if args.alignez_cache_prompt else 'off'}; CPUs allowed {machine['affinity']} of {machine['cpus']}")
+    print(head + "\n" + side_table(res["rows"]), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -139,12 +301,28 @@ def main() -> None:
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=4096)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 48 (64 with --vs-llama-server)")
     ap.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
     ap.add_argument("--soak", type=int, default=500, help="requests of the 16-client soak (0 = skip)")
     ap.add_argument("--soak-tokens", type=int, default=8)
     ap.add_argument("--json", action="store_true")
+    side = ap.add_argument_group("side by side with llama-server (issue 21)")
+    side.add_argument("--vs-llama-server", action="store_true", help="run the side-by-side benchmark instead")
+    side.add_argument("--llama-server", default=str(LLAMA_SERVER), help="the llama-server binary")
+    side.add_argument("--llama-fa", choices=("auto", "on", "off"), default="auto", help="llama-server's -fa")
+    side.add_argument("--llama-no-cache-prompt", action="store_true",
+                      help="send cache_prompt: false to llama-server (no reuse of a slot's cached prompt prefix)")
+    side.add_argument("--alignez-flash-attn", action="store_true", help="start alignez serve with --flash-attn")
+    side.add_argument("--alignez-cache-prompt", action="store_true", help="start alignez serve with --cache-prompt")
+    side.add_argument("--rounds", type=int, default=2, help="alternating rounds per condition (A,B then B,A...)")
+    side.add_argument("--requests-1", type=int, default=6, help="requests sent by the single client")
+    side.add_argument("--requests-8", type=int, default=24, help="requests sent by the 8 clients")
     args = ap.parse_args()
+    if args.vs_llama_server:
+        args.max_tokens = args.max_tokens or 64
+        main_side_by_side(args)
+        return
+    args.max_tokens = args.max_tokens or 48
     model = str(resolve_model(args.model))
     key = "bench-" + os.urandom(4).hex()
     texts = prompts(args.requests)

@@ -159,10 +159,13 @@ def live_set(live_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> S
 
 
 def run_live(engine: Engine, st: SteeringSet, schedule: dict[int, list[tuple[int, str, Sampling, dict[str, float]]]],
-             cancel_at: dict[int, int] | None = None, on_left: Callable[[Seq], None] | None = None) -> dict[int, Seq]:
+             cancel_at: dict[int, int] | None = None, on_left: Callable[[Seq], None] | None = None,
+             in_graph: bool = True, placed: list[bool] | None = None) -> dict[int, Seq]:
     """Run ``schedule`` (admit step -> [(key, prompt, sampling, steering)]) as the worker does: a
-    planning prefill first when a profile is loaded, then the generating sequence. ``cancel_at``:
-    step -> key to cancel then. Return the generating sequences by key once all have left."""
+    planning prefill first when a profile is loaded, then the generating sequence; before each
+    step, the vector goes into llama.cpp's graph when every sequence is steered alike
+    (``in_graph``; ``placed`` gets, per step, whether it did). ``cancel_at``: step -> key to
+    cancel then. Return the generating sequences by key once all have left."""
     live = LiveSteering(st)
     step, ready, running, done = 0, [], {}, {}
     plan_of: dict[int, tuple[int, list[int], Sampling, dict[str, float]]] = {}
@@ -186,6 +189,10 @@ def run_live(engine: Engine, st: SteeringSet, schedule: dict[int, list[tuple[int
                 new.append(Seq(-1 - key, toks))
             else:
                 new.append(gen(key, toks, sp, choice, None))
+        keys = [k for k, s in running.items() if s.finish is None] + list(plan_of)
+        shared = live.place(engine, keys)
+        if placed is not None:
+            placed.append(shared)
         return new
 
     def on_done(s: Seq) -> None:
@@ -199,8 +206,7 @@ def run_live(engine: Engine, st: SteeringSet, schedule: dict[int, list[tuple[int
                 on_left(s)
 
     with ExitStack() as stack:
-        for e in live.edits():
-            stack.enter_context(engine.activation_edit(e.fn, e.layers, e.site, e.all_tokens))
+        live.enter(engine, stack, in_graph)
         engine.generate_live(admit, on_done=on_done)
     assert set(done) == {k for items in schedule.values() for k, *_ in items}
     return done
@@ -255,6 +261,38 @@ def test_admitted_steered_sequence_equals_global_steering(live_engine: Engine, l
         want = glob.generate(e, [pb], SHORT)[0]
         assert got[1].generated == want.tokens, choice
         np.testing.assert_allclose(got[1].logprobs, want.token_logprobs, atol=1e-2)
+
+
+def test_vector_in_llama_graph_equals_the_python_edit(live_engine: Engine, live_set: SteeringSet) -> None:
+    """Steps whose sequences are all steered alike (or none by a vector) run the vector as
+    llama.cpp's own control vector, the Python edit paused; mixed steps run the edit. The two must
+    give the same bits, across switches both ways in one decode and planning prefills between."""
+    e = live_engine
+    pa, pb, pc = (e.prompt(p) for p in PROMPTS[:3])
+    only_vec = SteeringSet([live_set.items["v"]], e.n_layer)  # no profile: no planning prefills
+    cases = [
+        # alike, then an unsteered newcomer (mixed), then A alone again (alike)
+        (only_vec, {1: [(0, pa, LONG, {"v": 3.0}), (1, pb, SHORT, {"v": 3.0})], 6: [(2, pc, SHORT, {})]}),
+        # the same vector at another strength is not alike
+        (only_vec, {1: [(0, pa, LONG, {"v": 2.0})], 3: [(1, pb, SHORT, {"v": -1.0})]}),
+        # with a profile loaded: B's planning prefill (unsteered) makes its step mixed
+        (live_set, {1: [(0, pa, LONG, {"v": 3.0})], 4: [(1, pb, SHORT, {"v": 3.0})], 5: [(2, pc, SHORT, {"v": 3.0, "p": 2.0})]}),
+    ]
+    for st, schedule in cases:
+        placed: list[bool] = []
+        graph = run_live(e, st, schedule, placed=placed)
+        edit = run_live(e, st, schedule, in_graph=False)
+        for key in graph:
+            assert graph[key].generated == edit[key].generated, (schedule, key)
+            assert graph[key].logprobs == edit[key].logprobs, (schedule, key)  # bit for bit
+        assert True in placed
+        if st is only_vec and 2 in graph:
+            assert False in placed  # the mixed stretch ran the edit
+    # In the graph, the vector really steers: A alone, steered, differs from A unsteered.
+    steered = run_live(e, only_vec, {1: [(0, pa, SHORT, {"v": 3.0})]})
+    quiet = run_live(e, only_vec, {1: [(0, pa, SHORT, {})]})
+    assert steered[0].logprobs != quiet[0].logprobs
+    assert steered[0].generated == Steering(vectors=[VectorSlot("v", live_set.items["v"].item, 3.0)]).generate(e, [pa], SHORT)[0].tokens  # type: ignore[arg-type]
 
 
 def test_cancel_frees_the_slot_at_once_and_the_others_go_on(live_engine: Engine) -> None:

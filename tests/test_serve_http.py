@@ -23,6 +23,7 @@ import uvicorn
 from alignez_local.apps.serve.app import ServeConfig, create_app
 from alignez_local.apps.serve.steering import SteeringSet
 from alignez_local.llama.engine import Engine
+from alignez_local.llama.scheduler import MIN_SHARED_PREFIX, common_prefix_len
 from test_serve_engine import SMOL_DIR, tiny_files
 
 openai = pytest.importorskip("openai")
@@ -40,10 +41,11 @@ class LiveServer:
 
     def __init__(self, model: Path, vectors: Sequence[str] = (), profiles: Sequence[str] = (),
                  api_key: str | None = KEY, parallel: int = 4, batch_wait: float = 0.0, max_tokens: int = 16,
-                 ctx: int = CTX) -> None:
+                 ctx: int = CTX, cache_prompt: bool = False) -> None:
         self.engine = Engine(model, n_ctx=ctx, n_threads=1, n_parallel=parallel)
         steering, _ = SteeringSet.load(self.engine, vectors, profiles)
-        self.app = create_app(self.engine, steering, ServeConfig("test-model", api_key, max_tokens, batch_wait), parallel)
+        config = ServeConfig("test-model", api_key, max_tokens, batch_wait, cache_prompt)
+        self.app = create_app(self.engine, steering, config, parallel)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -379,5 +381,55 @@ def test_a_disconnect_frees_its_slot_while_the_others_decode(tiny_model_path: Pa
         finish, usage = long.result()
         assert finish == "length" and usage["completion_tokens"] == 3500
         assert wait_idle(srv) == {"status": "ok", "slots_total": 4, "slots_processing": 0, "requests_waiting": 0}
+    finally:
+        srv.close()
+
+
+SYSTEM = "You are a careful assistant. You answer every question in one short, friendly sentence. " * 2
+
+
+def test_cache_prompt_reads_a_shared_system_prompt_once_per_slot(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    """--cache-prompt: a request reads only what follows the prompt prefix an earlier request
+    steered alike left in its slot, also after the server was idle; steered otherwise, it reads
+    all. The answers stay the tokens the server gives without the cache (this model, greedy)."""
+    asks = [("Name a colour.", {}), ("What is two plus two?", {}), ("Name a colour.", {"v": 3.0}),
+            ("Write a short greeting.", {"v": 3.0}), ("Tell me about the sea.", {})]
+    got = {}
+    for cache in (False, True):
+        srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], parallel=1, cache_prompt=cache)
+        try:
+            before = srv.engine.counts.tokens
+            texts = []
+            for text, steering in asks:  # one after the other: each finds the server idle
+                body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+                        "max_tokens": 8, "temperature": 0, "steering": steering}
+                r = srv.post("/v1/chat/completions", body)
+                assert r.status_code == 200, r.text
+                texts.append(r.json()["choices"][0]["message"]["content"])
+            got[cache] = (texts, srv.engine.counts.tokens - before)
+            toks = [srv.engine.tokenize(srv.engine.format_chat([{"role": "system", "content": SYSTEM},
+                                                               {"role": "user", "content": t}])) for t, _ in asks]
+        finally:
+            srv.close()
+    # Reused: the 2nd after the 1st (both unsteered) and the 4th after the 3rd (the same vector);
+    # the 3rd and the 5th follow a request steered otherwise and read their whole prompt.
+    saved = sum(common_prefix_len(toks[i - 1][:-1], toks[i], len(toks[i]) - 1) for i in (1, 3))
+    assert saved >= 2 * MIN_SHARED_PREFIX
+    assert got[False][1] - got[True][1] == saved
+    assert got[True][0] == got[False][0]
+
+
+def test_cache_prompt_gives_way_when_the_context_is_needed(tiny_model_path: Path) -> None:
+    """Cells kept for reuse never make a request fail: when they would not leave room, they go."""
+    body = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a colour."}],
+            "max_tokens": 8, "temperature": 0}
+    srv = LiveServer(tiny_model_path, parallel=2, cache_prompt=True, ctx=256)
+    try:
+        n = len(srv.engine.tokenize(srv.engine.format_chat(body["messages"])))
+        big = {**body, "max_tokens": 256 - n}  # its budget is the whole context
+        for b in (body, big, body, big):
+            r = srv.post("/v1/chat/completions", b)
+            assert r.status_code == 200, r.text
+        assert srv.health()["slots_processing"] == 0
     finally:
         srv.close()

@@ -91,6 +91,8 @@ class Engine:
             self._read_model_facts()
             self._hooks = HookState(self.n_embd)
             self._cvecs: list[dict[int, np.ndarray]] = []
+            self._graph_vec: dict[int, np.ndarray] | None = None  # set_graph_vector's, inside a running decode
+            self.flash_attn = flash_attn
             self._make_context(n_ctx, flash_attn)
         except BaseException:
             self.close()  # the model (and a context, if made) must not leak
@@ -272,7 +274,8 @@ class Engine:
                           list(s.top_tokens) if s.n_top is not None else None)
 
     def generate_live(
-        self, admit: AdmitFn, on_token: TokenFn | None = None, on_done: Callable[[Seq], None] | None = None
+        self, admit: AdmitFn, on_token: TokenFn | None = None, on_done: Callable[[Seq], None] | None = None,
+        reuse_prompts: bool = False,
     ) -> None:
         """Decode the sequences ``admit()`` hands in, each as soon as a slot is free, until none is
         left (continuous admission: the server's requests join a running decode).
@@ -282,9 +285,19 @@ class Engine:
         ``sampling=None`` is prefilled only (for an edit callback to read its last prompt token).
         Keys are the caller's: they reach ``on_token``, ``on_done`` and activation edits. A
         sequence with ``n_top`` set records each token's logprob and top alternatives
-        (``Seq.top_tokens``, ``Completion.top_logprobs``).
+        (``Seq.top_tokens``, ``Completion.top_logprobs``). ``reuse_prompts``: a sequence may start
+        from the prompt cells a finished one of the same ``Seq.cache_tag`` left (``Scheduler.run``);
+        ``kept_prompt_cells`` / ``drop_kept_prompts`` (from ``admit``) keep the context from filling.
         """
-        self._sched.run([], on_token=on_token, on_done=on_done, admit=admit)
+        self._sched.run([], on_token=on_token, on_done=on_done, admit=admit, reuse_prompts=reuse_prompts)
+
+    def kept_prompt_cells(self) -> int:
+        """Return the KV cells a running ``generate_live`` holds for prompt reuse."""
+        return self._sched.kept_cells()
+
+    def drop_kept_prompts(self) -> None:
+        """Free the cells held for prompt reuse (from ``admit``, between decode steps)."""
+        self._sched.drop_kept()
 
     def capture(
         self,
@@ -382,17 +395,19 @@ class Engine:
             if not 0 <= int(layer) < self.n_layer:
                 raise AlignezError(f"layer {layer} does not exist; this model has layers 0..{self.n_layer - 1}")
 
-    def _apply_cvecs(self) -> None:
-        if not self._cvecs:
+    def _apply_cvecs(self, clear: bool = True) -> None:
+        groups = self._cvecs + ([self._graph_vec] if self._graph_vec else [])
+        if not groups:
             rc = C.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, -1, -1)
         else:
-            buf = cvec_buffer(self._cvecs, self.n_layer, self.n_embd)
+            buf = cvec_buffer(groups, self.n_layer, self.n_embd)
             rc = C.llama_set_adapter_cvec(
                 self._ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size, self.n_embd, 1, self.n_layer - 1
             )
         if rc != 0:
             raise AlignezError(f"llama.cpp refused the control vector (code {rc})")
-        C.llama_memory_clear(self._mem, True)
+        if clear:
+            C.llama_memory_clear(self._mem, True)
 
     def check_vectors(self, vectors: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Return ``vectors`` as float32 after checking layers and width fit this model."""
@@ -416,13 +431,13 @@ class Engine:
     @contextmanager
     def activation_edit(
         self, fn: EditFn, layers: Sequence[int], site: str = "ffn_out", all_tokens: bool = False
-    ) -> Iterator[None]:
+    ) -> Iterator[Edit]:
         """Run ``fn(layer, x, keys) -> x'`` on rows of the node ``site-layer`` inside this block.
 
         By default x holds the rows of the output positions: the last prompt token (prefill) and
         each generated token, one per sequence in the batch (the AlignEZ rule edits these).
         ``all_tokens=True`` edits every token, as a control vector does. keys are the prompt
-        indices of the rows. Blocks nest.
+        indices of the rows. Blocks nest. The block yields the edit (for ``pause_edit``).
         """
         self._check_site(site, "edit")
         self._check_layers(layers)
@@ -432,8 +447,36 @@ class Engine:
         st.set_wanted()
         C.llama_memory_clear(self._mem, True)
         try:
-            yield
+            yield e
         finally:
             st.edits = [x for x in st.edits if x is not e]
             st.set_wanted()
             C.llama_memory_clear(self._mem, True)
+
+    # --- between the steps of a running decode (generate_live's admit) -----------------------
+
+    def pause_edit(self, edit: Edit, paused: bool) -> None:
+        """Pause an entered edit (it asks for no node, so the graph is not split for it) or resume it.
+
+        Call it between decode steps only (from ``admit``). Unlike entering an edit, it keeps the
+        KV cache: the caller vouches that the cells already there are right for their sequences.
+        """
+        if edit.paused != paused:
+            edit.paused = paused
+            self._hooks.set_wanted()
+
+    def set_graph_vector(self, vectors: Mapping[int, np.ndarray] | None) -> None:
+        """Add ``vectors`` (layer -> float32 direction, already checked) to every token of the next
+        decode steps inside llama.cpp's graph, as a control vector, on top of any ``control_vector``
+        block; None removes them.
+
+        Call it between decode steps only (from ``admit``). Unlike ``control_vector`` it keeps the
+        KV cache: the caller vouches that the cells already there are right for their sequences
+        (the server switches between this and an equal per-sequence ``l_out`` edit, which adds the
+        same float32 values: ``vector_edit``). The caller sets it back to None when the decode ends.
+        """
+        vectors = vectors or None
+        if vectors is self._graph_vec:
+            return  # the same object: nothing to copy into llama.cpp
+        self._graph_vec = vectors  # type: ignore[assignment]
+        self._apply_cvecs(clear=False)

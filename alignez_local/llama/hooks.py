@@ -36,6 +36,8 @@ class Edit:
     site: str
     layers: frozenset[int]
     all_tokens: bool
+    # A paused edit asks for no node and is not run (``Engine.pause_edit``, between decode steps).
+    paused: bool = False
 
 
 @dataclass
@@ -89,6 +91,8 @@ class HookState:
         """Recompute the node names the callback says yes to from the edits and the capture."""
         wanted: dict[bytes, tuple[int, str]] = {}
         for e in self.edits:
+            if e.paused:
+                continue
             for layer in e.layers:
                 wanted[f"{e.site}-{layer}".encode()] = (layer, e.site)
         if self.capture is not None:
@@ -164,7 +168,7 @@ def handle_node(state: HookState, t: int, layer: int, site: str) -> None:
     if ne1 != lay.n_tokens and not by_output:
         raise AlignezError(f"node {site}-{layer} has {ne1} rows for a batch of {lay.n_tokens} tokens")
     for e in state.edits:
-        if e.site == site and layer in e.layers and len(lay.out_rows):
+        if not e.paused and e.site == site and layer in e.layers and len(lay.out_rows):
             _run_edit(e, t, layer, site, lay, ne1, by_output)
     cap = state.capture
     if cap is not None and site == state.capture_site and layer in cap.col:

@@ -7,7 +7,8 @@ uses it so a request joins the running decode) and drop one at once (``Seq.cance
 are removed and its slot is free for the next sequence while the others keep decoding).
 
 Every run starts from an empty KV cache and leaves it empty, so nothing computed under other
-settings is ever reused.
+settings is ever reused. Inside a run, ``reuse_prompts`` lets a sequence start from the prompt
+cells a finished sequence of the same ``cache_tag`` left in its slot (the server's --cache-prompt).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Seq:
     text: str = ""
     emitted: int = 0
     finish: str | None = None
+    # Prompt reuse (runs with ``reuse_prompts``): a sequence may start from the KV cells a finished
+    # one of an EQUAL tag left in its slot for their common prompt prefix. The caller tags by what
+    # changes a prompt token's cells (the server: the vector sum added to every token). None: never.
+    cache_tag: Any = None
 
     def cancel(self) -> None:
         """Drop this sequence at the next step (call it between decode steps, e.g. from ``admit``)."""
@@ -135,11 +140,14 @@ class Scheduler:
         self.n_parallel = n_parallel
         self.n_ctx = int(C.llama_n_ctx(ctx))
         self._prefix = 0  # tokens of the shared prefix held by sequence id n_parallel in this run
+        # reuse_prompts: free slot -> (tag, the prompt tokens whose cells it still holds)
+        self._kept: dict[int, tuple[Any, list[int]]] = {}
+        self._reuse = False
         self.counts = DecodeCounts()
 
     def run(self, seqs: list[Seq], on_token: TokenFn | None = None, on_logits: LogitsFn | None = None,
             on_done: Callable[[Seq], None] | None = None, share_prefix: bool = False,
-            admit: AdmitFn | None = None) -> None:
+            admit: AdmitFn | None = None, reuse_prompts: bool = False) -> None:
         """Decode ``seqs`` as parallel sequences until every one is finished.
 
         ``share_prefix``: decode the token prefix all ``seqs`` share (before any output) once and
@@ -148,6 +156,11 @@ class Scheduler:
         ``admit``: asked before every decode step for more sequences; they take free slots as they
         come (the rest wait in order) and the run lasts until nothing is active or waiting.
         Sequences cancelled (``Seq.cancel``) leave before the next step; ``on_done`` sees them too.
+        ``reuse_prompts``: a finished tagged sequence leaves its prompt's cells (all but the last
+        token) in its free slot, and a newcomer of the same ``cache_tag`` sharing at least
+        ``MIN_SHARED_PREFIX`` leading tokens takes that slot and reads only the rest. Its logits
+        then differ from a full read in the last bits (other batch shapes computed those cells).
+        ``kept_cells`` / ``drop_kept`` let the caller keep the context from filling up.
         """
         self._check(seqs)
         C.llama_memory_clear(self.mem, True)
@@ -158,6 +171,8 @@ class Scheduler:
         st.abort = st.interrupted = False
         st.error = None
         self._prefix = 0
+        self._kept = {}
+        self._reuse = reuse_prompts
         try:
             with self._interruptible():
                 if share_prefix:
@@ -171,7 +186,10 @@ class Scheduler:
                     self._reap(active, free, on_done)
                     self._drop_cancelled(queue, on_done)
                     while queue and free:
-                        active.append(self._admit(queue.popleft(), free.pop(0)))
+                        s = queue.popleft()
+                        slot, reuse = self._pick_slot(s, free)
+                        active.append(self._admit(s, slot))
+                        s.fed = max(s.fed, reuse)
                     if not active:
                         break
                     self._step(active, on_token, on_logits)
@@ -186,7 +204,36 @@ class Scheduler:
                 _free_sampler(s)
             st.layout = None
             st.abort = False
+            self._kept = {}
             C.llama_memory_clear(self.mem, True)
+
+    def _pick_slot(self, s: Seq, free: list[int]) -> tuple[int, int]:
+        """Take a free slot for ``s``: with prompt reuse, the one holding the longest prefix of its
+        prompt under its tag (return how many tokens it can skip), else one holding nothing."""
+        best, n = -1, 0
+        if self._reuse and s.cache_tag is not None:
+            for slot in free:
+                kept = self._kept.get(slot)
+                if kept is not None and kept[0] == s.cache_tag:
+                    m = common_prefix_len(kept[1], s.tokens, len(s.tokens) - 1)
+                    if m > n:
+                        best, n = slot, m
+        if n < MIN_SHARED_PREFIX:
+            best, n = next((x for x in free if x not in self._kept), free[0]), 0
+        free.remove(best)
+        if self._kept.pop(best, None) is not None:
+            C.llama_memory_seq_rm(self.mem, best, n, -1)  # what it held beyond the shared prefix
+        return best, n
+
+    def kept_cells(self) -> int:
+        """Return how many KV cells the free slots hold for prompt reuse."""
+        return sum(len(toks) for _, toks in self._kept.values())
+
+    def drop_kept(self) -> None:
+        """Free every cell held for prompt reuse (between decode steps, e.g. from ``admit``)."""
+        for slot in self._kept:
+            C.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        self._kept = {}
 
     def _step(self, active: list[Seq], on_token: TokenFn | None, on_logits: LogitsFn | None) -> None:
         """Decode the next tokens of ``active`` and sample where a sequence has read all it was given."""
@@ -202,7 +249,13 @@ class Scheduler:
         """Remove finished and cancelled sequences: their KV cells go at once and the slot is free."""
         for s in [s for s in active if s.finish is not None or (s.sampling is None and s.fed >= len(s.tokens))]:
             active.remove(s)
-            C.llama_memory_seq_rm(self.mem, s.slot, -1, -1)
+            keep = len(s.tokens) - 1
+            if self._reuse and s.cache_tag is not None and s.finish != CANCELLED and s.fed >= keep >= MIN_SHARED_PREFIX:
+                # Its prompt's cells but the last token's (which an output edit may have changed) stay.
+                C.llama_memory_seq_rm(self.mem, s.slot, keep, -1)
+                self._kept[s.slot] = (s.cache_tag, s.tokens[:keep])
+            else:
+                C.llama_memory_seq_rm(self.mem, s.slot, -1, -1)
             free.append(s.slot)
             free.sort()
             _free_sampler(s)
@@ -376,6 +429,15 @@ PREFIX_KEY = -1
 MIN_SHARED_PREFIX = 16
 
 
+def common_prefix_len(a: list[int], b: list[int], limit: int) -> int:
+    """Return how many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def shared_prefix_len(seqs: list[Seq]) -> int:
     """Return how many leading tokens all ``seqs`` share before the first token that must produce
     an output (0 for fewer than two sequences)."""
@@ -384,11 +446,7 @@ def shared_prefix_len(seqs: list[Seq]) -> int:
     first = seqs[0].tokens
     n = min(len(s.tokens) - 1 if s.output_from is None else s.output_from for s in seqs)
     for s in seqs[1:]:
-        toks = s.tokens
-        i = 0
-        while i < n and toks[i] == first[i]:
-            i += 1
-        n = i
+        n = common_prefix_len(first, s.tokens, n)
     return max(n, 0)
 
 

@@ -42,6 +42,7 @@ class ServeConfig:
     api_key: str | None = None
     default_max_tokens: int = 512
     batch_wait: float = 0.0  # seconds an idle server waits after a first request for others to start with it
+    cache_prompt: bool = False  # reuse the prompt cells of an earlier request steered alike (Worker.reuse_prompts)
 
 
 class _Server:
@@ -238,7 +239,7 @@ class _Shaper:
 
 def create_app(engine: Engine, steering: SteeringSet, config: ServeConfig, parallel: int | None = None) -> Starlette:
     """Return the app; its lifespan starts the engine worker and stops it cleanly on shutdown."""
-    worker = Worker(engine, steering, parallel, config.batch_wait)
+    worker = Worker(engine, steering, parallel, config.batch_wait, config.cache_prompt)
     srv = _Server(engine, steering, worker, config)
 
     @asynccontextmanager

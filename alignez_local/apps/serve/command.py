@@ -62,10 +62,19 @@ def _server_class() -> type:
 @click.option("--batch-wait-ms", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="How long an idle server waits after a first request for others to start with it "
                    "(later requests join the running decode anyway).")
+@click.option("--flash-attn", is_flag=True,
+              help="Use llama.cpp's flash attention (llama-server's default on CPU): faster with several "
+                   "clients, but an answer's last bits, and so sometimes its tokens, then depend on the "
+                   "requests decoded beside it; off, they depend only on the batch shapes.")
+@click.option("--cache-prompt", is_flag=True,
+              help="Let a request start from the prompt cells an earlier request steered alike left in its "
+                   "slot (llama-server's default): shared system prompts are read once per slot, but an "
+                   "answer's last bits, and so sometimes its tokens, then depend on the requests before it.")
 def serve_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
-    host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int,
+    host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int, flash_attn: bool,
+    cache_prompt: bool,
 ) -> None:
     """Serve the OpenAI API; every request picks its own steering, all decoded together.
 
@@ -88,7 +97,8 @@ def serve_command(
 
     if api_key is not None and not api_key.strip():
         raise AlignezError("--api-key is empty; give a key or leave the option out")
-    settings = RuntimeSettings(threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel, verbose=verbose)
+    settings = RuntimeSettings(threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel, verbose=verbose,
+                               flash_attn=flash_attn)
     engine = open_engine(model, settings)
     app = None
     try:
@@ -96,7 +106,8 @@ def serve_command(
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         model_id = engine.path.stem
-        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000), parallel)
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt),
+                         parallel)
         names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
         click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="debug" if verbose else "warning",

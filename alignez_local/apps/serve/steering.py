@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, V
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import GATE_SITE, ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
-from alignez_local.llama.engine import EditFn, Engine
+from alignez_local.llama.engine import Edit, EditFn, Engine
 from alignez_local.specs import MAX_STRENGTH, check_strength, parse_steering_spec
 
 # A request's choice: name -> strength, only the non-zero ones.
@@ -95,6 +96,9 @@ class BatchEdit:
     layers: list[int]
     site: str
     all_tokens: bool
+    # LiveSteering's per-sequence vector edit (``LiveSteering.shared_vector`` says when it may run
+    # as llama.cpp's in-graph control vector instead).
+    vectors: bool = False
 
 
 def parse_named_spec(spec: str) -> tuple[str | None, str, float | None]:
@@ -259,6 +263,9 @@ class LiveSteering:
         self.profiles = [s for s in steering.items.values() if s.kind == "profile"]
         self.gated = [s for s in steering.items.values() if s.kind == "vector" and s.item.gate is not None]  # type: ignore[union-attr]
         self._vectors: dict[int, dict[int, np.ndarray]] = {}
+        self._sums: dict[tuple[tuple[str, float], ...], dict[int, np.ndarray]] = {}  # choice -> its vector sum
+        self._vec_edit: Edit | None = None  # the entered vector edit while ``place`` may pause it
+        self._tags: dict[int, tuple[tuple[str, float], ...]] = {}  # key -> its vectors' (name, strength)
         self._plans: dict[int, list[tuple[str, float, EditPlan]]] = {}  # key -> (site, strength, plan)
         self._planning: set[int] = set()
         self._captured: dict[int, dict[tuple[str, int], np.ndarray]] = {}
@@ -281,7 +288,7 @@ class LiveSteering:
         out: list[BatchEdit] = []
         vec_layers = sorted({L for s in self.set.items.values() if s.kind == "vector" for L in s.layers if 1 <= L < n})
         if vec_layers:
-            out.append(BatchEdit(vector_edit(self._vectors), vec_layers, "l_out", True))
+            out.append(BatchEdit(vector_edit(self._vectors), vec_layers, "l_out", True, vectors=True))
         by_site: dict[str, set[int]] = {}
         for prof in self.profiles:
             by_site.setdefault(prof.item.site, set()).update(L for L in prof.layers if 0 <= L < n)  # type: ignore[union-attr]
@@ -293,6 +300,31 @@ class LiveSteering:
             out.append(BatchEdit(self._gate_record, gate_layers, GATE_SITE, False))
         return out
 
+    def enter(self, engine: Engine, stack: ExitStack, in_graph: bool = True) -> None:
+        """Enter this run's ``edits`` on ``engine`` inside ``stack`` (cleared KV cache, as entering
+        any edit does); ``in_graph``: let ``place`` move the vector edit into llama.cpp's graph."""
+        for e in self.edits():
+            entered = stack.enter_context(engine.activation_edit(e.fn, e.layers, e.site, e.all_tokens))
+            if e.vectors and in_graph:
+                self._vec_edit = entered
+        stack.callback(self._leave, engine)  # runs first on exit: before the edits are left
+
+    def _leave(self, engine: Engine) -> None:
+        self._vec_edit = None
+        engine.set_graph_vector(None)
+
+    def place(self, engine: Engine, keys: Sequence[int]) -> bool:
+        """Before a decode step of the sequences ``keys``: when the vector edit would add the same
+        sum to all of them (``shared_vector``, or nothing to any), llama.cpp adds it in its graph
+        and the edit is paused, which spares a graph split and a Python callback per vector layer
+        and step; else the edit runs and the in-graph vector is off. Return True when in the graph."""
+        if self._vec_edit is None:
+            return False
+        shared, vec = self.shared_vector(keys)
+        engine.set_graph_vector(vec if shared else None)
+        engine.pause_edit(self._vec_edit, shared)
+        return shared
+
     def plan(self, key: int) -> None:
         """Record the rows of ``key`` (a prefill-only sequence of a prompt) at every profile layer."""
         self._planning.add(key)
@@ -303,16 +335,46 @@ class LiveSteering:
         slots = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
                  if self.set.items[n].kind == "vector" and self._gate_opens(self.set.items[n], acts)]
         if slots:
-            self._vectors[key] = Steering(vectors=slots).vector_sum(self.set.n_layer)
+            # Keys that chose alike share one sum (computed the same way, so the same values):
+            # ``shared_vector`` then sees at once that they are steered alike.
+            sig = tuple((s.name, s.strength) for s in slots)
+            same = self._sums.get(sig)
+            if same is None:
+                same = self._sums[sig] = Steering(vectors=slots).vector_sum(self.set.n_layer)
+            self._vectors[key] = same
+            self._tags[key] = sig
         if planned_by is not None:
             self._planning.discard(planned_by)
         plans = [(p.item.site, choice[p.name], self._plan_one(p, acts)) for p in self.profiles if choice.get(p.name, 0) != 0]  # type: ignore[union-attr]
         if plans:
             self._plans[key] = plans
 
+    def cells_tag(self, key: int) -> tuple[tuple[str, float], ...]:
+        """Return what makes ``key``'s prompt KV cells what they are: the vectors (name, strength)
+        added to every token, in order; () for none. Profiles edit output rows only, and prompt
+        reuse never keeps a prompt's last token, so they do not count."""
+        return self._tags.get(key, ())
+
+    def shared_vector(self, keys: Sequence[int]) -> tuple[bool, dict[int, np.ndarray] | None]:
+        """Return (True, v) when the vector edit adds the same ``v`` to every row of ``keys`` (the
+        sequences of the next decode step; v None: adds nothing to any), else (False, None).
+
+        Then llama.cpp's own control vector ``v`` (or none) computes what the edit would, bit for
+        bit (the same float32 additions on the same ``l_out`` nodes), without splitting the graph
+        for a Python callback at every vector layer. Planning sequences have no vector, so a step
+        holding one is shared only when nobody in it is steered by a vector.
+        """
+        first = self._vectors.get(keys[0]) if keys else None
+        if all(self._vectors.get(k) is first for k in keys):
+            return True, first
+        return False, None
+
     def forget(self, key: int) -> None:
         """Drop everything held for ``key`` (its sequence has left)."""
-        self._vectors.pop(key, None)
+        self._tags.pop(key, None)
+        gone = self._vectors.pop(key, None)
+        if gone is not None and not any(v is gone for v in self._vectors.values()):
+            self._sums = {sig: v for sig, v in self._sums.items() if v is not gone}
         self._plans.pop(key, None)
         self._planning.discard(key)
         self._captured.pop(key, None)

@@ -113,12 +113,17 @@ class Worker:
     """Owns the Engine; runs jobs as sequences of one continuing decode until stopped."""
 
     def __init__(
-        self, engine: Engine, steering: SteeringSet, parallel: int | None = None, batch_wait: float = 0.0
+        self, engine: Engine, steering: SteeringSet, parallel: int | None = None, batch_wait: float = 0.0,
+        reuse_prompts: bool = False,
     ) -> None:
         self.engine = engine
         self.steering = steering
         # Seconds an idle worker waits after a first job for others to start with it (0: at once).
         self.batch_wait = batch_wait
+        # Prompt reuse (``serve --cache-prompt``): a job may start from the prompt cells an earlier
+        # job steered alike left in its slot; the run then lasts while the server does, so the
+        # cells outlive an idle moment.
+        self.reuse_prompts = reuse_prompts
         self.parallel = min(parallel or engine.n_parallel, engine.n_parallel)
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._held: list[Job] = []  # taken from the queue but not started (no slot or no room yet)
@@ -174,7 +179,7 @@ class Worker:
     def _wait_for_work(self) -> bool:
         """Block until a job is held (then wait ``batch_wait`` for company); False when stopping."""
         while not self._held:
-            if not self._pull(block=True):
+            if self._stopping or not self._pull(block=True):
                 return False
         deadline = time.monotonic() + self.batch_wait
         while len(self._held) < self.parallel and (left := deadline - time.monotonic()) > 0:
@@ -224,9 +229,9 @@ class Worker:
         """Run one continuing decode until no job is left; every job started gets done or error."""
         try:
             with ExitStack() as stack:
-                for e in self._steer.edits():
-                    stack.enter_context(self.engine.activation_edit(e.fn, e.layers, e.site, e.all_tokens))
-                self.engine.generate_live(self._admit, on_token=self._on_token, on_done=self._on_done)
+                self._steer.enter(self.engine, stack)
+                self.engine.generate_live(self._admit, on_token=self._on_token, on_done=self._on_done,
+                                          reuse_prompts=self.reuse_prompts)
         except _Abandoned:
             self._fail_running("the server is shutting down")
         except AlignezError as err:
@@ -252,6 +257,8 @@ class Worker:
         if self._stopping:
             raise _Abandoned
         self._pull()
+        while self.reuse_prompts and not (self._held or self._live or self._ready or self._stopping):
+            self._pull(block=True)  # idle: wait inside the run, so the kept prompt cells stay
         if self._stopping:
             raise _Abandoned
         for live in self._live.values():
@@ -266,6 +273,11 @@ class Worker:
             seq = self._start(self._held.pop(0))
             if seq is not None:
                 new.append(seq)
+        if self.reuse_prompts and (sum(live.job.budget for live in self._live.values()) + self.engine.kept_prompt_cells()
+                                   > self.engine.n_ctx):
+            self.engine.drop_kept_prompts()  # kept cells never take the room a running job may need
+        # Every sequence of the coming step (cancelled ones leave before it).
+        self._steer.place(self.engine, [k for k, live in self._live.items() if live.seq.finish is None])
         return new
 
     def _fits(self, job: Job) -> bool:
@@ -280,7 +292,7 @@ class Worker:
             self.waiting -= 1
         tokens = self.engine.tokenize(job.prompt)
         if self._steer.needs_planning:
-            seq = Seq(next(self._keys), tokens)
+            seq = Seq(next(self._keys), tokens, cache_tag=() if self.reuse_prompts else None)  # unsteered cells
             self._steer.plan(seq.key)
             self._live[seq.key] = _Live(job, seq, planning=True)
             self._sync_running()
@@ -293,6 +305,8 @@ class Worker:
         try:
             job.sampling.check()
             self._steer.start(seq.key, job.steering, planned_by)
+            if self.reuse_prompts:
+                seq.cache_tag = self._steer.cells_tag(seq.key)
         except AlignezError as err:  # this job's problem only: the others keep decoding
             self._steer.forget(seq.key)
             job.send(Event("error", str(err)))
