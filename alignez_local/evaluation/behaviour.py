@@ -347,9 +347,10 @@ MIN_REFERENCE_PMI = 0.05
 def harmonic_mean(*parts: np.ndarray) -> np.ndarray:
     """Return the element-wise harmonic mean of ``parts`` (each 0..1); 0 wherever any part is 0."""
     stack = np.clip(np.vstack([np.asarray(p, dtype=np.float64) for p in parts]), 0.0, 1.0)
+    # Parts near the smallest float overflow 1/x and the sum to inf: the mean is then 0, as it should be.
     with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(stack > 0, 1.0 / np.where(stack > 0, stack, 1.0), np.inf)
-    total = inv.sum(axis=0)
+        total = inv.sum(axis=0)
     return np.where(np.isfinite(total), len(parts) / total, 0.0)
 
 
