@@ -395,9 +395,9 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
     try:
         prof, difference = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
                                                on_status=on_status)
-        if axis.measure:
-            # The files say how their behaviour is scored, so `alignez eval` scores it the same way.
-            prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure})
+        # The files say how their behaviour is scored, so `alignez eval` scores it the same way ("judge"
+        # too: a language persona given --measure judge must not be re-read as language:CODE).
+        prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure or "judge"})
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         if fit.vector_from == "mean-diff":
