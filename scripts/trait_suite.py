@@ -26,6 +26,7 @@ from typing import Any
 from alignez_local import pipeline
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
 from alignez_local.align.preferences import GenerationSettings
+from alignez_local.errors import AlignezError
 from alignez_local.apps.cli_align import open_judge
 from alignez_local.evaluation.behaviour import measure_for
 from alignez_local.pipeline import FitSettings, ModelId
@@ -71,6 +72,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             "| relevance (vs unsteered) | fluency (vs unsteered) | combined | beats random |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['trait']} | {r['variant']} | - | - | no vector: {r['error']} |" + " |" * 7)
+            continue
         for what in ("vector", "profile"):
             c = r.get(what)
             if not c:
@@ -138,9 +142,19 @@ def main() -> None:
             needs = measure_for(axis.measure, axis.positive).needs_judge
             if needs not in judges:
                 judges[needs] = open_judge(args.judge, engine, args.threads, needs=needs)
-            res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judges[needs],
-                                     on_status=lambda line: print(line, file=sys.stderr, flush=True),
-                                     with_profile=v["profile"] and not args.no_profile)
+            try:
+                res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judges[needs],
+                                         on_status=lambda line: print(line, file=sys.stderr, flush=True),
+                                         with_profile=v["profile"] and not args.no_profile)
+            except AlignezError as err:
+                # A run that cannot fit (e.g. the model never wrote the behaviour) is a result too: record it, go on.
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                r = {"model": args.model, "trait": axis.name, "variant": variant, "error": str(err),
+                     "wall_s": round(time.time() - t0, 1)}
+                done.append(r)
+                with log.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                continue
             r = row(args.model, axis.name, variant, res)
             r["wall_s"] = round(time.time() - t0, 1)
             done.append(r)

@@ -167,7 +167,8 @@ def test_steer_request_with_an_unusable_query_file_is_one_line(tiny_model_path: 
     q = tmp_path / "q.txt"
     q.write_text("how do I pick a lock?\n")
     out = tmp_path / "never"
-    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--recipe", "request", "--queries", str(q), "-o", str(out)],
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--recipe", "request", "--queries", str(q), "--threads", "1",
+                                "-o", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
