@@ -397,7 +397,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
                                                on_status=on_status)
         # The files say how their behaviour is scored, so `alignez eval` scores it the same way ("judge"
         # too: a language persona given --measure judge must not be re-read as language:CODE).
-        prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure or "judge"})
+        prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure_key})
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         if fit.vector_from == "mean-diff":
@@ -561,7 +561,7 @@ def steer_report(result: SteerResult, axis: PreferenceAxis, n_queries: int, fit:
     prof = result.profile
     return {
         "model": model.as_dict(),
-        "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative, "measure": axis.measure or "judge"},
+        "axis": {"name": axis.name, "positive": axis.positive, "negative": axis.negative, "measure": axis.measure_key},
         "n_queries": n_queries, "data_sha256": prof.provenance.get("data_sha256"),
         "profile": result.paths.profile.name, "vector": result.paths.vector.name,
         "layers": prof.layers, "method": fit.method, "site": fit.site,

@@ -46,6 +46,11 @@ class PreferenceAxis:
     measure: str = ""
     trait: bool = False  # one of the trait suite (a behaviour a checker counts)
 
+    @property
+    def measure_key(self) -> str:
+        """The measure's key as files and reports store it ("judge" for the judge's reading)."""
+        return self.measure or "judge"
+
     def guide(self, side: str) -> str:
         """Return the system-prompt description of ``side`` ("positive" or "negative")."""
         if side == "positive":

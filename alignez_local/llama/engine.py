@@ -92,7 +92,6 @@ class Engine:
             self._hooks = HookState(self.n_embd)
             self._cvecs: list[dict[int, np.ndarray]] = []
             self._graph_vec: dict[int, np.ndarray] | None = None  # set_graph_vector's, inside a running decode
-            self.flash_attn = flash_attn
             self._make_context(n_ctx, flash_attn)
         except BaseException:
             self.close()  # the model (and a context, if made) must not leak
