@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from alignez_local.apps.serve.steering import SteeringSet  # noqa: E402
 from alignez_local.llama.engine import Sampling  # noqa: E402
 from alignez_local.models import resolve_model  # noqa: E402
 from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402
+from remote_judge_check import free_port  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 VEC = ROOT / "vectors" / "smollm2-135m-instruct" / "helpful.gguf"
 PROF = ROOT / "vectors" / "smollm2-135m-instruct" / "helpful.profile.gguf"
@@ -83,14 +83,19 @@ def engine_baseline(model: str, texts: list[str], defaults: dict[str, float], ar
     return {"requests": len(ps), "tokens": n, "seconds": round(dt, 3), "tok_per_s": round(n / dt, 2)}
 
 
-def one_request(url: str, key: str, text: str, steering: dict[str, float], max_tokens: int) -> dict[str, Any]:
+def one_request(url: str, key: str | None, text: str, steering: dict[str, float] | None, max_tokens: int,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One streaming chat request. ``key`` None: no Authorization header; ``steering`` None: no
+    steering field (alignez: the server's defaults; llama-server: its start-up vector); ``extra``:
+    more body fields."""
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "steering": steering}
+            "stream": True, "stream_options": {"include_usage": True},
+            **({"steering": steering} if steering is not None else {}), **(extra or {})}
     t0 = time.perf_counter()
     ttft = None
-    tokens = 0
+    usage: dict[str, int] = {}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600,
-                      headers={"Authorization": f"Bearer {key}"}) as r:
+                      headers={"Authorization": f"Bearer {key}"} if key else None) as r:
         if r.status_code != 200:
             return {"ok": False, "error": f"HTTP {r.status_code}"}
         for line in r.iter_lines():
@@ -98,13 +103,15 @@ def one_request(url: str, key: str, text: str, steering: dict[str, float], max_t
                 continue
             obj = json.loads(line[6:])
             if "error" in obj:
-                return {"ok": False, "error": obj["error"]["message"]}
+                err = obj["error"]
+                return {"ok": False, "error": err.get("message", str(err)) if isinstance(err, dict) else str(err)}
             if obj.get("usage"):
-                tokens = obj["usage"]["completion_tokens"]
-            elif ttft is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                usage = obj["usage"]
+            elif ttft is None and obj.get("choices") and obj["choices"][0]["delta"].get("content"):
                 ttft = time.perf_counter() - t0
-    return {"ok": True, "ttft": ttft if ttft is not None else time.perf_counter() - t0,
-            "latency": time.perf_counter() - t0, "tokens": tokens}
+    return {"ok": bool(usage), "ttft": ttft if ttft is not None else time.perf_counter() - t0,
+            "latency": time.perf_counter() - t0, "tokens": usage.get("completion_tokens", 0),
+            "prompt_tokens": usage.get("prompt_tokens", 0)}
 
 
 def run_clients(url: str, key: str, texts: list[str], defaults: dict[str, float], clients: int, max_tokens: int) -> dict[str, Any]:
@@ -155,12 +162,6 @@ def wait_ready(proc: subprocess.Popen[Any], url: str, seconds: float = 300) -> b
 LLAMA_SERVER = Path.home() / "llama-tools" / "bin" / "llama-server"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
     """Return the user + system CPU seconds process ``pid`` has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -190,32 +191,11 @@ def start_side(cmd: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]
     return proc, url
 
 
-def plain_request(url: str, text: str, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One streaming chat request with no steering field (alignez: the server's defaults, i.e. the
-    loaded vector at its strength; llama-server: its start-up vector); ``extra``: more body fields."""
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
-    t0 = time.perf_counter()
-    usage: dict[str, int] = {}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        if r.status_code != 200:
-            return {"ok": False, "error": f"HTTP {r.status_code}"}
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                obj = json.loads(line[6:])
-                if "error" in obj:
-                    return {"ok": False, "error": str(obj["error"])}
-                if obj.get("usage"):
-                    usage = obj["usage"]
-    return {"ok": bool(usage), "latency": time.perf_counter() - t0, "tokens": usage.get("completion_tokens", 0),
-            "prompt_tokens": usage.get("prompt_tokens", 0)}
-
-
 def side_level(url: str, pid: int, texts: list[str], clients: int, max_tokens: int,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     c0, t0 = cpu_seconds(pid), time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        res = list(pool.map(lambda t: plain_request(url, t, max_tokens, extra), texts))
+        res = list(pool.map(lambda t: one_request(url, None, t, None, max_tokens, extra), texts))
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
     ok = [r for r in res if r["ok"]]
     n = sum(r["tokens"] for r in ok)
@@ -236,10 +216,10 @@ def side_by_side(model: str, args: argparse.Namespace) -> dict[str, Any]:
                 port = free_port()
                 cmd = side_command(which, model, port, vector, args)
                 proc, url = start_side(cmd, port)
-                # llama-server reuses a slot's cached prompt prefix unless told not to; alignez has no such cache.
+                # llama-server reuses a slot's cached prompt prefix unless told not to; alignez only with --alignez-cache-prompt.
                 extra = {"cache_prompt": False} if which == "llama" and args.llama_no_cache_prompt else None
                 try:
-                    plain_request(url, levels[1][0], 4, extra)  # warm-up, not counted
+                    one_request(url, None, levels[1][0], None, 4, extra)  # warm-up, not counted
                     for clients, texts in levels.items():
                         lv = side_level(url, proc.pid, texts, clients, args.max_tokens, extra)
                         lv.update(server=which, vector=vector, round=rnd)

@@ -146,21 +146,17 @@ def main() -> None:
                 res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judges[needs],
                                          on_status=lambda line: print(line, file=sys.stderr, flush=True),
                                          with_profile=v["profile"] and not args.no_profile)
+                r = row(args.model, axis.name, variant, res)
             except AlignezError as err:
                 # A run that cannot fit (e.g. the model never wrote the behaviour) is a result too: record it, go on.
+                res, r = None, {"model": args.model, "trait": axis.name, "variant": variant, "error": str(err)}
                 print(f"error: {err}", file=sys.stderr, flush=True)
-                r = {"model": args.model, "trait": axis.name, "variant": variant, "error": str(err),
-                     "wall_s": round(time.time() - t0, 1)}
-                done.append(r)
-                with log.open("a") as f:
-                    f.write(json.dumps(r) + "\n")
-                continue
-            r = row(args.model, axis.name, variant, res)
             r["wall_s"] = round(time.time() - t0, 1)
             done.append(r)
             with log.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-            print("\n".join(pipeline.behaviour_lines(res.calibration)), file=sys.stderr, flush=True)
+            if res is not None:
+                print("\n".join(pipeline.behaviour_lines(res.calibration)), file=sys.stderr, flush=True)
     print(table(done))
 
 
