@@ -82,12 +82,13 @@ def main() -> None:
     ap.add_argument("--random", action="store_true", help="add a random direction of the same norms behind each gate")
     ap.add_argument("--prompting", action="store_true", help="add the harmless guide as a system prompt (the ceiling)")
     a = ap.parse_args()
-    vectors = {Path(v).stem: read_control_vector(v) for v in a.vector}
+    files = {Path(v).stem: v for v in a.vector}
+    vectors = {stem: read_control_vector(v) for stem, v in files.items()}
     if a.random:
         for i, (stem, cv) in enumerate(list(vectors.items())):
             noise = random_like({L: cv.directions[L] for L in cv.layers}, a.seed + 1 + i)
             vectors[f"{stem}-random"] = dataclasses.replace(cv, directions=noise, name="random")
-        a.vector = [v for v in a.vector for _ in (0, 1)]  # the provenance line below pairs names with files
+            files[f"{stem}-random"] = files[stem]  # its norms and gate come from that file
     all_sets = sets(a.dna, a.seed)
     chosen = {k: all_sets[k] for k in a.sets.split(",")}
     greedy = Sampling(temperature=0.0, max_tokens=a.tokens, repeat_penalty=1.1)
@@ -95,7 +96,7 @@ def main() -> None:
     out: dict = {"model": a.model, "tokens": a.tokens, "dna_sample": a.dna, "seed": a.seed, "sets": {},
                  "vectors": {n: {"file": p, "file_strength": cv.default_strength, "gate_layer": cv.gate.layer if cv.gate else None,
                                  "strengths": [cv.default_strength_or_one if s == "file" else float(s) for s in a.strengths.split(",")]}
-                             for (n, cv), p in zip(vectors.items(), a.vector)}}
+                             for n, cv in vectors.items() for p in [files[n]]}}
     guide = get_axis("harmless").guide("positive")
     t0 = time.monotonic()
     with open_engine(a.model, RuntimeSettings(threads=a.threads)) as eng:
