@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from alignez_local.align.axes import PreferenceAxis
+from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, custom_axis
 from alignez_local.align.calibrate import Baseline, Calibration, calibrate_refusals, calibrate_strength, unsteered_baseline
 from alignez_local.align.calibrate_behaviour import (
     CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, calibrate_behaviour, screen_line,
@@ -33,11 +33,14 @@ from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.export import ApproximationReport, approximation_report, constant_vector
 from alignez_local.align.fit import DEFAULT_POOL, capture_layers, capture_pairs, default_pool, fit_profile
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
-from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_records, load_selected_pairs
+from alignez_local.align.pair_filter import MIN_PAIRS, filter_line, keep_contrasting
+from alignez_local.align.preferences import (
+    GenerationSettings, PreferencePair, generate_preferences, load_records, load_selected_pairs,
+)
 from alignez_local.align.selfcheck import quality_line, select_pairs
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot, read_alone
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import Scorer, YesNoJudge, measure_for
+from alignez_local.evaluation.behaviour import Measure, Scorer, YesNoJudge, measure_for
 from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries, load_request_kinds
 from alignez_local.fileio import check_writable, write_json
 from alignez_local.formats.control_vector import (
@@ -116,6 +119,9 @@ class FitSettings:
     top_n: int = 5
     seed: int = 0
     flip: bool = False  # swap pairs the model's self-check judged inverted, instead of dropping them
+    # Fit only on pairs whose positive answer shows the behaviour and negative does not, by the
+    # axis's objective checker (align/pair_filter.py; no effect for judge-read axes).
+    behaviour_filter: bool = True
     self_check: bool = True  # False: fit on every pair that is not a refusal, whatever the model's check said
     # The control vector: "mean-diff" (the difference of the pairs' mean states, per layer, on
     # ``vector_layers``: CAA) or "profile" (the exact edit's average delta, method.md §4).
@@ -186,16 +192,38 @@ def data_quality(prefs: str | Path, axis: str | None = None) -> dict[str, Any]:
 def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId,
                   axis: str | None = None, name: str = "profile", on_status: Notify = _quiet) -> SteeringProfile:
     """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given) that
-    pass the self-check rule (align/selfcheck.py); the data-quality line goes to ``on_status``."""
+    pass the self-check rule (align/selfcheck.py) and, where the axis has an objective checker,
+    show the behaviour's contrast (align/pair_filter.py); the data-quality lines go to ``on_status``."""
     return fit_with_difference(engine, prefs, fit, model, axis, name, on_status)[0]
 
 
+def pairs_measure(pair: PreferencePair) -> Measure:
+    """Return the behaviour measure of the axis a stored pair was written for: a built-in axis's own,
+    else what its two personas name (a language persona is read by the language identifier)."""
+    builtin = BUILTIN_AXES.get(pair.axis)
+    if builtin is not None:
+        return measure_for(builtin.measure or "", builtin.positive, builtin.negative)
+    pos, neg = pair.personas
+    try:
+        return measure_for(custom_axis(pos, neg).measure or "", pos, neg)
+    except AlignezError:
+        return measure_for("", pos, neg)  # personas a custom axis would refuse: the judge (no filter)
+
+
 def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId, axis: str | None = None,
-                        name: str = "profile", on_status: Notify = _quiet) -> tuple[SteeringProfile, np.ndarray]:
+                        name: str = "profile", on_status: Notify = _quiet,
+                        measure: Measure | None = None) -> tuple[SteeringProfile, np.ndarray]:
     """Return ``fit_from_file``'s profile and, from the same capture, the difference of the pairs'
-    mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice)."""
+    mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice).
+    ``measure``: the axis's behaviour measure for the pair filter (None: the pairs' own axis's)."""
     pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip, use_check=fit.self_check)
     on_status(quality_line(quality))
+    filtered: dict[str, Any] = {}
+    if fit.behaviour_filter:
+        measure = measure or pairs_measure(pairs[0])
+        pairs, filtered = keep_contrasting(pairs, measure)
+        on_status(filter_line(filtered))
+        quality = {**quality, "behaviour_filter": filtered}
     layers = fit.layers
     if isinstance(layers, str) or layers is None:
         layers = parse_layer_list(layers, engine.n_layer)
@@ -203,9 +231,20 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
     pool = fit.pool or default_pool(pairs)
     named = [*(layers or ()), *fit.vector_layer_list(engine.n_layer)]
     pos, neg = capture_pairs(engine, pairs, fit.site, pool=pool, layers=capture_layers(engine.n_layer, named))
-    prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=pool, layers=list(layers) if layers else None,
-                       variance=fit.variance, max_cos=fit.max_cos, seed=fit.seed, top_n=fit.top_n,
-                       model_sha256=model.sha256, model_bundled=model.bundled, name=name, captured=(pos, neg))
+    try:
+        prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=pool,
+                           layers=list(layers) if layers else None, variance=fit.variance, max_cos=fit.max_cos,
+                           seed=fit.seed, top_n=fit.top_n, model_sha256=model.sha256, model_bundled=model.bundled,
+                           name=name, captured=(pos, neg))
+    except AlignezError as err:
+        if filtered.get("contrasting", MIN_PAIRS) < MIN_PAIRS and measure is not None:
+            # Too-similar pairs from a model that never wrote the behaviour: --max-cos is not the cure.
+            raise AlignezError(
+                f"no direction to fit: the model's own answers show the behaviour ({measure.label}) in "
+                f"{filtered['positive_shows']} of {filtered['total']} pairs when asked for it, and its two answers "
+                f"hardly differ ({str(err).split(';')[0]}); it does not act this behaviour out (see the screen line): "
+                "try a larger model or personas it follows") from None
+        raise
     return dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), mean_difference(pos, neg)
 
 
@@ -372,7 +411,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
               generation: GenerationSettings, fit: FitSettings, model: ModelId,
               on_status: Notify = _quiet, recipe: str | None = None, bench: BehaviourBench | None = None,
               judge: YesNoJudge | None = None, strengths: Sequence[float] = STRENGTHS,
-              with_profile: bool = True, clock: StageClock | None = None) -> SteerResult:
+              with_profile: bool = True, clock: StageClock | None = None, refine: bool = True) -> SteerResult:
     """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
     both files' default strengths by the behaviour (align/calibrate_behaviour.py) on held-out
     queries, reported beside unsteered, prompting and a random direction.
@@ -394,7 +433,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
         prof, difference = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
-                                               on_status=on_status)
+                                               on_status=on_status, measure=bench.scorer.measure)
         # The files say how their behaviour is scored, so `alignez eval` scores it the same way ("judge"
         # too: a language persona given --measure judge must not be re-read as language:CODE).
         prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure_key})
@@ -406,7 +445,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
         else:
             cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
-        cals = calibrate_both(bench, prof if with_profile else None, cv, fit.top_n, on_status, fit.seed, strengths)
+        cals = calibrate_both(bench, prof if with_profile else None, cv, fit.top_n, on_status, fit.seed, strengths, refine)
         cv = _calibrated(cv, cals["vector"])
         if "profile" in cals:
             prof = _calibrated(prof, cals["profile"])
@@ -423,7 +462,7 @@ def run_steer(engine: Engine, axis: PreferenceAxis, queries: Sequence[str], fold
 
 def calibrate_both(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
                    on_status: Notify = _quiet, seed: int = 0,
-                   strengths: Sequence[float] = STRENGTHS) -> dict[str, BehaviourCalibration]:
+                   strengths: Sequence[float] = STRENGTHS, refine: bool = True) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
 
@@ -437,7 +476,7 @@ def calibrate_both(bench: BehaviourBench, profile: SteeringProfile | None, vecto
                                    + (" (broken: search stops)" if t.broken else ""))
     cal_v = calibrate_behaviour(bench, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]),
                                 lambda s: Steering(vectors=[VectorSlot("random", noise, s)]),
-                                strengths=strengths, on_trial=trial_line("vector"), seed=seed)
+                                strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine)
     on_status(cal_v.line("vector"))
     if profile is None:
         return {"vector": cal_v}
@@ -445,7 +484,8 @@ def calibrate_both(bench: BehaviourBench, profile: SteeringProfile | None, vecto
     rand_prof = dataclasses.replace(profile, subspaces=random_subspaces_like(dict(profile.subspaces), seed + 2), name="random")
     cal_p = calibrate_behaviour(bench, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=top_n),
                                 lambda s: Steering(profiles=[ProfileSlot("random", rand_prof, s)], top_n=top_n),
-                                strengths=[round(g * scale, 4) for g in strengths], on_trial=trial_line("profile"), seed=seed)
+                                strengths=[round(g * scale, 4) for g in strengths], on_trial=trial_line("profile"), seed=seed,
+                                refine=refine)
     on_status(cal_p.line("profile"))
     return {"vector": cal_v, "profile": cal_p}
 

@@ -37,8 +37,10 @@ def variants(n_layer: int) -> dict[str, dict[str, Any]]:
     """Return variant name -> (recipe, FitSettings changes, profile calibrated?)."""
     mid = n_layer // 2
     return {
-        # The default: the plain recipe, l_out, mean over the answer, difference of means on the middle third.
+        # The default: the plain recipe, l_out, mean over the answer, difference of means on the middle
+        # third, fitted on the pairs the axis's checker reads as contrasting (align/pair_filter.py).
         "default": {"recipe": "plain", "fit": {}, "profile": True},
+        "unfiltered": {"recipe": "plain", "fit": {"behaviour_filter": False}, "profile": False},
         "contrast": {"recipe": "contrast", "fit": {}, "profile": False},
         "direct": {"recipe": "direct", "fit": {}, "profile": False},
         "last-token": {"recipe": "plain", "fit": {"pool": "last"}, "profile": False},
@@ -53,7 +55,8 @@ def variants(n_layer: int) -> dict[str, dict[str, Any]]:
 
 def row(model: str, trait: str, variant: str, res: pipeline.SteerResult) -> dict[str, Any]:
     """Return one table row: per file, the reported figures beside unsteered, prompting and random."""
-    out: dict[str, Any] = {"model": model, "trait": trait, "variant": variant, "timings": res.timings}
+    out: dict[str, Any] = {"model": model, "trait": trait, "variant": variant, "timings": res.timings,
+                           "pairs": res.profile.provenance.get("data_quality", {}).get("behaviour_filter")}
     for what, cal in res.calibration.items():
         rep = cal.report
         out[what] = {

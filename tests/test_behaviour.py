@@ -12,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
-from alignez_local.align.calibrate_behaviour import BehaviourBench, calibrate_behaviour, split_heldout
+from alignez_local.align.calibrate_behaviour import (
+    BehaviourBench, BehaviourTrial, calibrate_behaviour, midpoints, split_heldout,
+)
+from alignez_local.align.pair_filter import filter_line, keep_contrasting
+from alignez_local.align.preferences import PreferencePair
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
@@ -220,7 +224,12 @@ def test_calibration_finds_where_the_planted_behaviour_appears(tiny_engine: Engi
     chosen = next(t for t in cal.trials if t.strength == cal.strength)
     assert chosen.behaviour_rate >= 0.5 and not chosen.broken
     # the search stopped where fluency broke, and chose below it
-    assert cal.trials[-1].broken and cal.strength < cal.trials[-1].strength
+    coarse = [t for t in cal.trials if t.strength in GRID]
+    assert coarse[-1].broken and cal.strength < coarse[-1].strength
+    # then refined between the best strength and its neighbours, never past where it broke
+    extra = [t.strength for t in cal.trials if t.strength not in GRID]
+    assert extra and all(GRID[0] < s < coarse[-1].strength for s in extra)
+    assert extra == midpoints(coarse)
     rep = cal.report
     assert rep["steered"]["behaviour_rate"]["mean"] >= 0.5
     assert rep["random"]["behaviour_rate"]["mean"] <= rep["unsteered"]["behaviour_rate"]["mean"] + 0.125
@@ -249,3 +258,43 @@ def test_each_answer_is_read_once_for_its_fluency(tiny_engine: Engine) -> None:
     assert np.isnan(nll(["go"], [" "]))[0]  # an empty answer has no reading
     fresh = unsteered_nll(tiny_engine)(qs[:2], ans[:2])  # the same numbers as a first reading
     assert np.allclose(fresh, first[:2], atol=1e-4)
+
+
+def _trial(strength: float, combined: float, broken: bool = False) -> BehaviourTrial:
+    return BehaviourTrial(strength, combined, 0.9, 0.9, combined, broken)
+
+
+def test_the_grid_is_refined_around_the_best_strength_and_never_past_a_break() -> None:
+    grid = [_trial(0.25, 0.1), _trial(0.5, 0.4), _trial(1.0, 0.42), _trial(2.0, 0.0, broken=True)]
+    assert midpoints(grid) == [round(np.sqrt(0.5), 4), round(np.sqrt(2.0), 4)]  # between 0.5|1 and 1|2
+    # nothing showed the behaviour: refine above the strongest unbroken strength, where it may begin
+    flat = [_trial(0.25, 0.0), _trial(0.5, 0.0), _trial(1.0, 0.0, broken=True)]
+    assert midpoints(flat) == [round(np.sqrt(0.125), 4), round(np.sqrt(0.5), 4)]
+    # the best at the end of the grid has one neighbour; after a refinement, its nearer neighbours count
+    assert midpoints([_trial(1.0, 0.1), _trial(2.0, 0.5)]) == [round(np.sqrt(2.0), 4)]
+    assert midpoints([_trial(1.0, 0.1), _trial(2.0, 0.5), _trial(1.4142, 0.2)]) == [round(np.sqrt(2.0 * 1.4142), 4)]
+    assert midpoints([_trial(1.0, 0.0, broken=True)]) == []
+
+
+def _pair(i: int, positive: str, negative: str) -> PreferencePair:
+    return PreferencePair(f"p{i}", f"question {i}?", "brief", positive, negative)
+
+
+def test_pairs_are_kept_only_where_the_checker_sees_the_contrast() -> None:
+    measure = measure_for("brevity:5", "brief")
+    short, long = "Yes, it is.", "It is, and here is a long answer that goes on for well over five words."
+    pairs = ([_pair(i, short, long) for i in range(10)] + [_pair(10, long, long), _pair(11, short, short),
+                                                           _pair(12, long, short)])
+    kept, rec = keep_contrasting(pairs, measure)
+    assert [p.id for p in kept] == [f"p{i}" for i in range(10)]
+    assert rec == {"measure": "brevity:5", "total": 13, "positive_shows": 11, "negative_shows": 2, "contrasting": 10,
+                   "applied": True}
+    assert "fitting on the 10 that contrast" in filter_line(rec)
+    # too few contrasting pairs: every pair is kept, and the line says why
+    kept, rec = keep_contrasting(pairs[8:], measure)
+    assert len(kept) == 5 and not rec["applied"] and "only 2 pairs show the contrast" in filter_line(rec)
+    # a judge-read axis, or one answer read under two personas: nothing to filter with
+    kept, rec = keep_contrasting(pairs, measure_for("judge", "sarcastic"))
+    assert kept == pairs and "no objective checker" in filter_line(rec)
+    same = [_pair(i, short, short) for i in range(10)]
+    assert keep_contrasting(same, measure)[0] == same

@@ -344,3 +344,44 @@ def test_calibration_prompts_are_held_out(tiny_engine) -> None:
         assert len(prompts) == 12
         evals = {tiny_engine.prompt(p.text) for p in load_eval_prompts()}
         assert not set(prompts) & ({tiny_engine.prompt(q) for q in used} | evals)
+
+
+def _as_pirate(prefs: Path, out: Path, talks: int, near_copies: bool = False) -> Path:
+    """``prefs`` relabelled as the pirate axis: the first ``talks`` positive answers carry pirate
+    words; with ``near_copies`` every negative answer is its positive answer plus one character."""
+    recs = []
+    for i, line in enumerate(prefs.read_text().splitlines()):
+        r = json.loads(line)
+        r["axis"] = {"name": "pirate", "positive": "pirate-talking", "negative": "plain-spoken"}
+        pos = ("Arr matey, aye! " if i < talks else "") + r["response"]["positive"]
+        r["response"] = {"positive": pos, "negative": pos + "." if near_copies else r["response"]["negative"]}
+        recs.append(json.dumps(r))
+    out.write_text("\n".join(recs) + "\n")
+    return out
+
+
+def test_the_fit_keeps_the_pairs_the_axis_checker_reads_as_contrasting(tiny_engine: Engine, prefs: Path,
+                                                                       tmp_path: Path) -> None:
+    from alignez_local import pipeline
+    pirate = _as_pirate(prefs, tmp_path / "pirate.jsonl", talks=10)
+    lines: list[str] = []
+    prof = pipeline.fit_from_file(tiny_engine, pirate, pipeline.FitSettings(layers=[1, 2]), ModelId.of(tiny_engine),
+                                  on_status=lines.append)
+    assert any("fitting on the 10 that contrast" in x for x in lines)
+    assert prof.params["n_pairs"] == 10
+    assert prof.provenance["data_quality"]["behaviour_filter"]["applied"] is True
+    every = pipeline.fit_from_file(tiny_engine, pirate, pipeline.FitSettings(layers=[1, 2], behaviour_filter=False),
+                                   ModelId.of(tiny_engine))
+    assert every.params["n_pairs"] == 24
+
+
+def test_a_model_that_never_shows_the_behaviour_gets_the_reason_not_max_cos(tiny_model_path: Path, prefs: Path,
+                                                                              tmp_path: Path) -> None:
+    """Two answers that hardly differ and none that shows the behaviour: the error names the cause."""
+    pirate = _as_pirate(prefs, tmp_path / "pirate.jsonl", talks=0, near_copies=True)
+    out = tmp_path / "p.gguf"
+    r = subprocess.run([*CLI, "fit", "-m", str(tiny_model_path), "--prefs", str(pirate), "-o", str(out), "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "show the behaviour (answers with >= 2 pirate words" in r.stderr and "0 of 24 pairs" in r.stderr
+    assert "--max-cos" not in r.stderr and not out.exists()

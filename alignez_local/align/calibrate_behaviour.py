@@ -9,7 +9,11 @@ relevance and fluency, so gibberish scores 0) on held-out queries:
 1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
    on the *choose* half only, from small to large, until fluency or relevance breaks (mean below
    ``BREAK_SHARE`` of the unsteered answers');
-2. the strength with the best mean combined score there is chosen (the smaller on a tie);
+2. the grid doubles, and the window where a behaviour appears before fluency breaks can be narrower
+   than a doubling (Qwen 0.5B, brevity: x0.5 gave half the answers short and fluent, x1 all of them
+   short and a third of them "I am a AI created by Alibaba Cloud."), so the geometric midpoints
+   between the best strength and its tried neighbours are tried too (``refine``); the strength
+   with the best mean combined score of all is chosen (the smaller on a tie);
 3. on the other, *report* half, the chosen strength is measured beside the unsteered model,
    prompting (the positive persona as system prompt: the ceiling) and a random direction with the
    same per-layer norms at the same strength (the null). The reported figures are never the ones
@@ -203,6 +207,7 @@ def calibrate_behaviour(
     strengths: Sequence[float] = STRENGTHS,
     on_trial: Callable[[BehaviourTrial], None] | None = None,
     seed: int = 0,
+    refine: bool = True,
 ) -> BehaviourCalibration:
     """Return the strength that maximises the combined score on ``bench.choose``, reported on
     ``bench.report`` beside unsteered, prompting and a random direction (module docstring)."""
@@ -212,15 +217,21 @@ def calibrate_behaviour(
     base = bench.fixed("unsteered", "choose")
     floor_fluency, floor_relevance = BREAK_SHARE * base.mean("fluency"), BREAK_SHARE * base.mean("relevance")
     trials: list[BehaviourTrial] = []
-    for s in cands:
+
+    def attempt(s: float) -> BehaviourTrial:
         sc = bench.steered(bench.choose, make_steering(s))
         broken = sc.mean("fluency") < floor_fluency or sc.mean("relevance") < floor_relevance
         trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"), bool(broken))
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
-        if broken:
+        return trial
+
+    for s in cands:
+        if attempt(s).broken:
             break
+    for s in midpoints(trials) if refine else ():
+        attempt(s)
     usable = [t for t in trials if not t.broken] or trials[:1]
     best = max(usable, key=lambda t: (round(t.combined, 6), -t.strength))
     steered = bench.steered(bench.report, make_steering(best.strength))
@@ -240,6 +251,33 @@ def calibrate_behaviour(
     return BehaviourCalibration(best.strength, beats, verdict, bench.scorer.measure.label, len(bench.choose),
                                 len(bench.report), bench.sampling.max_tokens, trials, report,
                                 {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)})
+
+
+def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
+    """Return the geometric midpoints between the most promising trial and the strengths tried just
+    below and above it (the one above may have broken), rounded, none already tried.
+
+    The most promising trial is the best by combined score; when no strength showed the behaviour
+    (every combined score 0) it is the strongest unbroken one, where the behaviour may be about to
+    appear."""
+    if not trials:
+        return []
+    ordered = sorted(trials, key=lambda t: t.strength)
+    usable = [t for t in ordered if not t.broken]
+    if not usable:
+        return []
+    best = max(usable, key=lambda t: (round(t.combined, 6), -t.strength))
+    if best.combined <= 0:
+        best = usable[-1]
+    i = ordered.index(best)
+    tried = {round(t.strength, 4) for t in ordered}
+    out = []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(ordered):
+            mid = round(float(np.sqrt(best.strength * ordered[j].strength)), 4)
+            if mid not in tried:
+                out.append(mid)
+    return out
 
 
 def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: ScoredAnswers) -> tuple[str, bool]:

@@ -84,6 +84,9 @@ def generation_options(f: Any, recipes: tuple[str, ...] = tuple(RECIPES)) -> Any
 def fit_options(f: Any) -> Any:
     f = click.option("--self-check/--no-self-check", "self_check", default=True, show_default=True,
                      help="Fit only on pairs the model's own check agrees with (refusal pairs always leave).")(f)
+    f = click.option("--behaviour-filter/--no-behaviour-filter", "behaviour_filter", default=True, show_default=True,
+                     help="Fit only on pairs whose positive answer shows the behaviour and negative does not, by the "
+                          "axis's checker (language, brevity, markers...; judge-read axes keep every pair).")(f)
     f = click.option("--flip-inverted", is_flag=True, help="Swap pairs the self-check judged inverted instead of dropping them.")(f)
     f = click.option("--method", type=click.Choice(METHODS), default="svd", show_default=True,
                      help="svd (the paper's subspace), ccs, or the mean / PCA baselines.")(f)
@@ -105,9 +108,10 @@ def _gen_settings(responses: int, response_tokens: int, temperature: float, seed
 
 def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, variance: float, max_cos: float,
                   top_n: int, seed: int, self_check: bool = True, flip_inverted: bool = False,
-                  pool: str | None = DEFAULT_POOL) -> FitSettings:
+                  pool: str | None = DEFAULT_POOL, behaviour_filter: bool = True) -> FitSettings:
     return FitSettings(method=method, site=site, pool=pool, layers=with_flag("--layers", parse_layer_list, layers, engine.n_layer),
-                       variance=variance, max_cos=max_cos, top_n=top_n, seed=seed, self_check=self_check, flip=flip_inverted)
+                       variance=variance, max_cos=max_cos, top_n=top_n, seed=seed, self_check=self_check, flip=flip_inverted,
+                       behaviour_filter=behaviour_filter)
 
 
 def _interrupted(err: pipeline.Interrupted) -> AlignezError:
@@ -149,7 +153,7 @@ def generate(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, po
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--out", "out_path", required=True, metavar="PROFILE.gguf")
 def fit(model, threads, n_ctx, gpu_layers, parallel, verbose, method, site, layers, variance, max_cos, top_n, prefs,
-        axis_filter, seed, out_path, self_check, flip_inverted, pool) -> None:
+        axis_filter, seed, out_path, self_check, flip_inverted, pool, behaviour_filter) -> None:
     """Find the preference subspace per layer and write a steering profile (AlignEZ step 2).
 
     \b
@@ -158,7 +162,8 @@ def fit(model, threads, n_ctx, gpu_layers, parallel, verbose, method, site, laye
     """
     out = check_writable(out_path)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
-    settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool)
+    settings = _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool,
+                             behaviour_filter)
     prof = pipeline.fit_from_file(engine, prefs, settings, ModelId.of(engine, model), axis=axis_filter, name=out.name.split(".")[0],
                                   on_status=lambda line: click.echo(line, err=True))
     save_profile(out, prof)
@@ -249,7 +254,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, positive, negative, measure, queries_file, limit,
           responses, response_tokens, temperature, seed, recipe, method, site, layers, variance, max_cos, top_n, out_dir,
           self_check, flip_inverted, pool, vector_from, vector_layers, judge_model, strengths, screen_only,
-          calibrate_profile) -> None:
+          calibrate_profile, behaviour_filter) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -278,7 +283,8 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     queries = select_queries(queries_file, limit or pipeline.STEER_QUERIES, axis=axis.name)
     engine = open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose)
     fit_settings = dataclasses.replace(
-        _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool),
+        _fit_settings(engine, method, site, layers, variance, max_cos, top_n, seed, self_check, flip_inverted, pool,
+                      behaviour_filter),
         vector_from=vector_from,
         vector_layers=with_flag("--vector-layers", parse_layer_list, vector_layers, engine.n_layer) if vector_layers else None)
     gen = _gen_settings(responses, response_tokens, temperature, seed)
@@ -293,7 +299,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
         if screen_only or folder is None:
             return
         res = pipeline.run_steer(engine, axis, queries, folder, gen, fit_settings, ModelId.of(engine, model),
-                                 on_status=status, recipe=recipe, bench=bench, strengths=grid,
+                                 on_status=status, recipe=recipe, bench=bench, strengths=grid, refine=not strengths,
                                  with_profile=calibrate_profile, clock=clock)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
