@@ -115,7 +115,7 @@ class FitSettings:
     pool: str | None = DEFAULT_POOL  # last token, mean over the answer, or None: by the kind of pairs
     layers: str | Sequence[int] | None = None  # "8-20", "4,8,12", a list, or None/"auto": choose
     variance: float = 0.90
-    max_cos: float = 0.8
+    max_cos: float | None = None  # None: the paper's 0.8 for last-token pooling, no filter for mean (fit.too_similar_cos)
     top_n: int = 5
     seed: int = 0
     flip: bool = False  # swap pairs the model's self-check judged inverted, instead of dropping them
@@ -473,7 +473,7 @@ def calibrate_both(bench: BehaviourBench, profile: SteeringProfile | None, vecto
     def trial_line(what: str) -> Callable[[Any], None]:
         return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
                                    f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}"
-                                   + (" (broken: search stops)" if t.broken else ""))
+                                   + (" (broken)" if t.broken else ""))
     cal_v = calibrate_behaviour(bench, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]),
                                 lambda s: Steering(vectors=[VectorSlot("random", noise, s)]),
                                 strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine)

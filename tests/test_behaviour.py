@@ -212,10 +212,19 @@ def _planted(engine: Engine, path: Path, size: float) -> ControlVector:
     return ControlVector({engine.n_layer - 1: w / np.linalg.norm(w) * np.float32(size)}, model_hint=engine.arch)
 
 
-def _calibrate(engine: Engine, cv: ControlVector):
+def _calibrate(engine: Engine, cv: ControlVector, grid: tuple[float, ...] = GRID):
     noise = ControlVector(random_like(dict(cv.directions), seed=1), model_hint=engine.arch)
     return calibrate_behaviour(_bench(engine), lambda s: Steering(vectors=[VectorSlot("v", cv, s)]),
-                               lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=GRID)
+                               lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=grid)
+
+
+def test_a_grid_that_starts_broken_is_halved_until_it_holds(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    cal = _calibrate(tiny_engine, _planted(tiny_engine, tiny_model_path, 1.0), grid=(128.0,))
+    first, *lower = cal.trials
+    assert first.strength == 128 and first.broken
+    halvings = [t for t in lower if t.strength in (64, 32, 16)]
+    assert halvings and not halvings[-1].broken and all(t.broken for t in halvings[:-1])
+    assert cal.strength < 128 and not next(t for t in cal.trials if t.strength == cal.strength).broken
 
 
 def test_calibration_finds_where_the_planted_behaviour_appears(tiny_engine: Engine, tiny_model_path: Path) -> None:

@@ -348,13 +348,14 @@ def test_calibration_prompts_are_held_out(tiny_engine) -> None:
 
 def _as_pirate(prefs: Path, out: Path, talks: int, near_copies: bool = False) -> Path:
     """``prefs`` relabelled as the pirate axis: the first ``talks`` positive answers carry pirate
-    words; with ``near_copies`` every negative answer is its positive answer plus one character."""
+    words; with ``near_copies`` every negative answer repeats its positive answer."""
     recs = []
     for i, line in enumerate(prefs.read_text().splitlines()):
         r = json.loads(line)
         r["axis"] = {"name": "pirate", "positive": "pirate-talking", "negative": "plain-spoken"}
         pos = ("Arr matey, aye! " if i < talks else "") + r["response"]["positive"]
-        r["response"] = {"positive": pos, "negative": pos + "." if near_copies else r["response"]["negative"]}
+        # near copies: the same answer twice (one pair differs, so they are not one answer read twice)
+        r["response"] = {"positive": pos, "negative": (pos + "." if i == 0 else pos) if near_copies else r["response"]["negative"]}
         recs.append(json.dumps(r))
     out.write_text("\n".join(recs) + "\n")
     return out
@@ -380,8 +381,24 @@ def test_a_model_that_never_shows_the_behaviour_gets_the_reason_not_max_cos(tiny
     """Two answers that hardly differ and none that shows the behaviour: the error names the cause."""
     pirate = _as_pirate(prefs, tmp_path / "pirate.jsonl", talks=0, near_copies=True)
     out = tmp_path / "p.gguf"
-    r = subprocess.run([*CLI, "fit", "-m", str(tiny_model_path), "--prefs", str(pirate), "-o", str(out), "--threads", "1"],
+    # Last-token embeddings: the paper's too-similar filter drops near-identical answers (mean pooling keeps them).
+    r = subprocess.run([*CLI, "fit", "-m", str(tiny_model_path), "--prefs", str(pirate), "-o", str(out), "--threads", "1",
+                        "--pool", "last"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "show the behaviour (answers with >= 2 pirate words" in r.stderr and "0 of 24 pairs" in r.stderr
     assert "--max-cos" not in r.stderr and not out.exists()
+
+
+def test_mean_pooled_answers_are_not_dropped_as_too_similar(tiny_engine: Engine, prefs: Path) -> None:
+    """The paper's too-similar filter is for last-token embeddings: mean-pooled answers all point the
+    same way, and the filter dropped every pair of Qwen's helpful data (docs/results.md §17)."""
+    from alignez_local.align.fit import PAPER_MAX_COS, too_similar_cos
+    pairs = load_pairs(prefs)
+    assert too_similar_cos(pairs, "last", None) == PAPER_MAX_COS == 0.8
+    assert too_similar_cos(pairs, "mean", None) == 1.0
+    assert too_similar_cos(pairs, "mean", 0.5) == 0.5  # a value the user gives is kept
+    prof = fit_profile(tiny_engine, pairs, {"name": "helpful", "positive": "p", "negative": "n"}, quiet=True,
+                       layers=[1, 2], pool="mean", site="l_out")
+    assert prof.params["max_cos"] == 1.0
+    assert all(prof.layer_stats[L]["n_dropped"] == 0 for L in (1, 2))

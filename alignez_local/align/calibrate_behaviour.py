@@ -12,8 +12,9 @@ relevance and fluency, so gibberish scores 0) on held-out queries:
 2. the grid doubles, and the window where a behaviour appears before fluency breaks can be narrower
    than a doubling (Qwen 0.5B, brevity: x0.5 gave half the answers short and fluent, x1 all of them
    short and a third of them "I am a AI created by Alibaba Cloud."), so the geometric midpoints
-   between the best strength and its tried neighbours are tried too (``refine``); the strength
-   with the best mean combined score of all is chosen (the smaller on a tie);
+   between the best strength and its tried neighbours are tried too (``refine``; when even the
+   smallest strength breaks, it is first halved until it does not); the strength with the best
+   mean combined score of all is chosen (the smaller on a tie);
 3. on the other, *report* half, the chosen strength is measured beside the unsteered model,
    prompting (the positive persona as system prompt: the ceiling) and a random direction with the
    same per-layer norms at the same strength (the null). The reported figures are never the ones
@@ -47,6 +48,9 @@ Qwen 0.5B, French: 0.25 works, 1 is gibberish), hence the fine steps at the low 
 BREAK_SHARE = 0.5
 """A strength whose mean fluency or relevance on the choose half falls below this share of the
 unsteered answers' ends the search: larger strengths only break more."""
+
+LOWER_STEPS = 3
+"""When the smallest strength already breaks, ``refine`` halves it up to this many times."""
 
 ANSWER_TOKENS = 64
 CHOOSE_QUERIES = 8
@@ -230,6 +234,14 @@ def calibrate_behaviour(
     for s in cands:
         if attempt(s).broken:
             break
+    if refine and trials[0].broken:
+        # Broken at the smallest strength: a smaller model's window can lie below the grid (SmolLM2,
+        # French: x0.0625 already 100% French at half the unsteered relevance). Halve until it holds.
+        s = trials[0].strength
+        for _ in range(LOWER_STEPS):
+            s = round(s / 2, 6)
+            if not attempt(s).broken:
+                break
     for s in midpoints(trials) if refine else ():
         attempt(s)
     usable = [t for t in trials if not t.broken] or trials[:1]

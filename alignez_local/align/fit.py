@@ -38,6 +38,29 @@ embeddings of two different answers share most of their direction (every pair of
 SmolLM2 data had cos > 0.8 at layer 8), so the paper's too-similar filter drops them all."""
 
 
+PAPER_MAX_COS = 0.8
+"""The paper's too-similar threshold (method.md §1.4), for last-token embeddings of two answers."""
+
+
+def too_similar_cos(pairs: Sequence[PreferencePair], pool: str, max_cos: float | None) -> float:
+    """Return the cosine above which a pair is dropped as too similar: ``max_cos`` when given, else
+    the paper's 0.8 for two answers embedded by their last token, and 1.0 (no pair dropped) otherwise.
+
+    One answer read under two personas has two embeddings of the same tokens, near-parallel by
+    construction, and the persona's small shift between them is the whole signal. The mean over an
+    answer's tokens shares the residual stream's large common component: two different answers to
+    one question point the same way whatever they say (Qwen2.5-Coder-0.5B, plain recipe: its helpful
+    and misleading answers kept 1 of 59 pairs at layer 1 and none could be fitted; even French against
+    English kept 16 of 58 at layer 12). The filter, written for last-token embeddings, would drop the
+    pairs that carry the behaviour, and a pair of near-identical answers adds a near-zero difference,
+    which neither the mean nor the SVD of the differences is hurt by."""
+    if one_answer_pairs(pairs):
+        return 1.0
+    if max_cos is not None:
+        return max_cos
+    return PAPER_MAX_COS if pool == "last" else 1.0
+
+
 def one_answer_pairs(pairs: Sequence[PreferencePair]) -> bool:
     """True when every pair is one answer read twice (the ``contrast`` recipe)."""
     return bool(pairs) and all(p.positive == p.negative for p in pairs)
@@ -110,7 +133,7 @@ def fit_profile(
     layers: list[int] | None = None,
     max_layers: int | None = None,
     variance: float = 0.90,
-    max_cos: float = 0.8,
+    max_cos: float | None = None,
     holdout: float = 0.2,
     seed: int = 0,
     top_n: int = 5,
@@ -126,13 +149,9 @@ def fit_profile(
     bundled name ``model_bundled``; never by a local path. ``captured``: the (pos, neg) activations
     of every layer, already read by ``capture_pairs`` with the same site and pool.
     """
-    _check_args(method, site, variance, max_cos, len(pairs))
-    if one_answer_pairs(pairs):
-        # One answer read under two personas: its two embeddings are the same tokens, near-parallel by
-        # construction, and the persona's small shift between them is the whole signal. The paper's
-        # too-similar filter (written for two different answers) would drop every such pair.
-        max_cos = 1.0
     pool = pool or default_pool(pairs)
+    max_cos = too_similar_cos(pairs, pool, max_cos)
+    _check_args(method, site, variance, max_cos, len(pairs))
     if captured is None:
         captured = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet,
                                  layers=capture_layers(engine.n_layer, layers or ()))

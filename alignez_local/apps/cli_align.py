@@ -97,7 +97,9 @@ def fit_options(f: Any) -> Any:
                           "[mean for --recipe contrast and plain, else last].")(f)
     f = click.option("--layers", default=None, metavar="A-B|auto", help="Layers to keep [auto: best held-out accuracy].")(f)
     f = click.option("--variance", type=float, default=0.90, show_default=True, help="Explained variance kept by svd.")(f)
-    f = click.option("--max-cos", type=float, default=0.8, show_default=True, help="Drop pairs more similar than this.")(f)
+    f = click.option("--max-cos", type=float, default=None,
+                     help="Drop pairs whose two embeddings are more similar than this [0.8, the paper's, for --pool "
+                          "last; none dropped for mean pooling, where every two answers point the same way].")(f)
     f = click.option("--top-n", type=click.IntRange(1, 1000), default=5, show_default=True, help="Layers the edit picks per prompt.")(f)
     return f
 
@@ -106,7 +108,7 @@ def _gen_settings(responses: int, response_tokens: int, temperature: float, seed
     return GenerationSettings(temperature=temperature, response_tokens=response_tokens, responses_per_query=responses, seed=seed)
 
 
-def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, variance: float, max_cos: float,
+def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, variance: float, max_cos: float | None,
                   top_n: int, seed: int, self_check: bool = True, flip_inverted: bool = False,
                   pool: str | None = DEFAULT_POOL, behaviour_filter: bool = True) -> FitSettings:
     return FitSettings(method=method, site=site, pool=pool, layers=with_flag("--layers", parse_layer_list, layers, engine.n_layer),
