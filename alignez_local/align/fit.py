@@ -33,9 +33,9 @@ from alignez_local.specs import FIT_SITES
 
 POOLS = ("last", "mean")
 DEFAULT_POOL: str | None = None
-"""None: ``mean`` for one-answer (contrast) pairs, ``last`` for two different answers. Mean-pooled
-embeddings of two different answers share most of their direction (every pair of the shipped
-SmolLM2 data had cos > 0.8 at layer 8), so the paper's too-similar filter drops them all."""
+"""None: ``default_pool`` chooses by the pairs. Mean-pooled embeddings of two different answers
+share most of their direction (every pair of the shipped SmolLM2 data had cos > 0.8 at layer 8), so
+the paper's too-similar filter is not applied to them (``too_similar_cos``)."""
 
 
 PAPER_MAX_COS = 0.8
