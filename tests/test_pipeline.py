@@ -402,3 +402,7 @@ def test_mean_pooled_answers_are_not_dropped_as_too_similar(tiny_engine: Engine,
                        layers=[1, 2], pool="mean", site="l_out")
     assert prof.params["max_cos"] == 1.0
     assert all(prof.layer_stats[L]["n_dropped"] == 0 for L in (1, 2))
+    from alignez_local.errors import AlignezError
+    with pytest.raises(AlignezError, match=r"--max-cos 1.5 is out of range"):
+        fit_profile(tiny_engine, pairs, {"name": "helpful", "positive": "p", "negative": "n"}, quiet=True,
+                    layers=[1], pool="mean", max_cos=1.5)

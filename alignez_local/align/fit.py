@@ -149,9 +149,9 @@ def fit_profile(
     bundled name ``model_bundled``; never by a local path. ``captured``: the (pos, neg) activations
     of every layer, already read by ``capture_pairs`` with the same site and pool.
     """
+    _check_args(method, site, variance, 1.0 if max_cos is None else max_cos, len(pairs))  # a bad value given fails
     pool = pool or default_pool(pairs)
     max_cos = too_similar_cos(pairs, pool, max_cos)
-    _check_args(method, site, variance, max_cos, len(pairs))
     if captured is None:
         captured = capture_pairs(engine, pairs, site, pool=pool, quiet=quiet,
                                  layers=capture_layers(engine.n_layer, layers or ()))
