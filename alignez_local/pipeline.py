@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, custom_axis
+from alignez_local.align.axes import PreferenceAxis, stored_axis
 from alignez_local.align.calibrate import Baseline, Calibration, calibrate_refusals, calibrate_strength, unsteered_baseline
 from alignez_local.align.calibrate_behaviour import (
     CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, calibrate_behaviour, screen_line,
@@ -200,14 +200,14 @@ def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: Mo
 def pairs_measure(pair: PreferencePair) -> Measure:
     """Return the behaviour measure of the axis a stored pair was written for: a built-in axis's own,
     else what its two personas name (a language persona is read by the language identifier)."""
-    builtin = BUILTIN_AXES.get(pair.axis)
-    if builtin is not None:
-        return measure_for(builtin.measure or "", builtin.positive, builtin.negative)
     pos, neg = pair.personas
     try:
-        return measure_for(custom_axis(pos, neg).measure or "", pos, neg)
+        axis = stored_axis(pair.axis, pos, neg)
     except AlignezError:
-        return measure_for("", pos, neg)  # personas a custom axis would refuse: the judge (no filter)
+        axis = None  # personas a custom axis would refuse
+    if axis is None:
+        return measure_for("", pos, neg)  # the judge's reading: no pair filter
+    return measure_for(axis.measure or "", axis.positive, axis.negative)
 
 
 def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId, axis: str | None = None,

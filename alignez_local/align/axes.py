@@ -172,6 +172,16 @@ def get_axis(name: str) -> PreferenceAxis:
         ) from None
 
 
+def stored_axis(name: str, positive: str, negative: str, measure: str | None = None) -> PreferenceAxis | None:
+    """Return the axis a file or a pair records by its name and personas: the built-in axis of that
+    name, else a custom one from the personas (``measure`` as stored); None when it names neither."""
+    if name in BUILTIN_AXES:
+        return BUILTIN_AXES[name]
+    if positive and negative:
+        return custom_axis(positive, negative, measure=measure or None)
+    return None
+
+
 def custom_axis(positive: str, negative: str, name: str | None = None, measure: str | None = None) -> PreferenceAxis:
     """Return a new axis from two persona phrases, named ``name`` or ``custom-<slug of positive>``.
 

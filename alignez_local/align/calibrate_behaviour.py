@@ -244,8 +244,7 @@ def calibrate_behaviour(
                 break
     for s in midpoints(trials) if refine else ():
         attempt(s)
-    usable = [t for t in trials if not t.broken] or trials[:1]
-    best = max(usable, key=lambda t: (round(t.combined, 6), -t.strength))
+    best = best_trial([t for t in trials if not t.broken] or trials[:1])
     steered = bench.steered(bench.report, make_steering(best.strength))
     random = bench.steered(bench.report, make_random(best.strength))
     unsteered, prompting = bench.fixed("unsteered", "report"), bench.fixed("prompting", "report")
@@ -265,6 +264,11 @@ def calibrate_behaviour(
                                 {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)})
 
 
+def best_trial(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
+    """Return the trial with the best mean combined score, the smaller strength on a tie."""
+    return max(trials, key=lambda t: (round(t.combined, 6), -t.strength))
+
+
 def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
     """Return the geometric midpoints between the most promising trial and the strengths tried just
     below and above it (the one above may have broken), rounded, none already tried.
@@ -278,7 +282,7 @@ def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
     usable = [t for t in ordered if not t.broken]
     if not usable:
         return []
-    best = max(usable, key=lambda t: (round(t.combined, 6), -t.strength))
+    best = best_trial(usable)
     if best.combined <= 0:
         best = usable[-1]
     i = ordered.index(best)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from alignez_local.align.fit import one_answer_pairs
 from alignez_local.align.preferences import PreferencePair
 from alignez_local.evaluation.behaviour import Measure
 
@@ -36,7 +37,7 @@ def keep_contrasting(pairs: Sequence[PreferencePair], measure: Measure | None,
     n = len(pairs)
     if measure is None or measure.needs_judge:
         return list(pairs), {"applied": False, "reason": "no objective checker for this axis", "total": n}
-    if pairs and all(p.positive == p.negative for p in pairs):
+    if one_answer_pairs(pairs):
         return list(pairs), {"applied": False, "reason": "each pair is one answer read under both personas", "total": n}
     questions = [p.query for p in pairs]
     pos = measure.scores(questions, [p.positive for p in pairs], None) >= 0.5

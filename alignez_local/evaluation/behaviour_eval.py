@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, custom_axis
+from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, stored_axis
 from alignez_local.align.calibrate_behaviour import BehaviourBench, unsteered_nll
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
@@ -40,10 +40,9 @@ def axis_of(steering: Steering) -> PreferenceAxis | None:
             meta = slot.vector.metadata
             name, pos, neg, measure = (str(meta.get(k, "")) for k in ("alignez.axis", "alignez.axis.positive",
                                                                        "alignez.axis.negative", "alignez.axis.measure"))
-        if name in BUILTIN_AXES:
-            return BUILTIN_AXES[name]
-        if pos and neg:
-            return custom_axis(pos, neg, measure=measure or None)
+        axis = stored_axis(name, pos, neg, measure)
+        if axis is not None:
+            return axis
     return None
 
 
