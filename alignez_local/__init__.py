@@ -8,7 +8,7 @@ The folders follow the pipeline:
     apps/        the chat session and the command line
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .errors import AlignezError  # noqa: E402
 from .formats.control_vector import ControlVector, read_control_vector, write_control_vector  # noqa: E402

@@ -40,15 +40,17 @@ from alignez_local.align.preferences import (
 from alignez_local.align.selfcheck import quality_line, select_pairs
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot, read_alone
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import Measure, Scorer, YesNoJudge, measure_for
+from alignez_local.measures.behaviour import Measure, YesNoJudge, measure_for
+from alignez_local.measures.scoring import Scorer
 from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries, load_request_kinds
 from alignez_local.fileio import check_writable, write_json
 from alignez_local.formats.control_vector import (
     GATE_SITE, META_N_LAYER, ControlVector, read_control_vector, write_control_vector,
 )
-from alignez_local.formats.gguf_file import gguf_kind, read_gguf
+from alignez_local.formats.gguf_file import read_gguf
+from alignez_local.formats.kinds import gguf_kind
 from alignez_local.formats.profile import SteeringProfile, load_profile, save_profile
-from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.measures.refusal import is_refusal
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import BUNDLED, file_sha256, resolve_model
 from alignez_local.progress import Progress
@@ -390,7 +392,7 @@ def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], j
                     heldout: Sequence[str] | None = None, n_choose: int = CHOOSE_QUERIES,
                     n_report: int = REPORT_QUERIES) -> BehaviourBench:
     """Return the bench a steer run screens, calibrates and reports on: the axis's measure
-    (``evaluation.behaviour.measure_for``), and held-out queries split into a choose half and a
+    (``measures.behaviour.measure_for``), and held-out queries split into a choose half and a
     report half (``heldout`` None: built-in queries not in ``used``)."""
     pool = list(heldout) if heldout is not None else heldout_queries(axis.name, used)
     choose, report = split_heldout([q for q in pool if q not in set(used)], n_choose, n_report)

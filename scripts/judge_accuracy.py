@@ -14,7 +14,8 @@ import argparse
 import time
 
 from alignez_local.align.calibrate_behaviour import unsteered_nll
-from alignez_local.evaluation.behaviour import MEASURES, Scorer
+from alignez_local.measures.behaviour import MEASURES
+from alignez_local.measures.scoring import Scorer
 from alignez_local.evaluation.judge import Judge
 from alignez_local.evaluation.judge_check import figures, judge_probabilities, load_examples, pmi_probabilities
 from alignez_local.settings import RuntimeSettings, open_engine

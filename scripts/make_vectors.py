@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from alignez_local import __version__
+from alignez_local.version import __version__
 from alignez_local.models import BUNDLED
 
 ROOT = Path(__file__).resolve().parent.parent

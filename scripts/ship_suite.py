@@ -17,7 +17,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from alignez_local import __version__
+from alignez_local.version import __version__
 from alignez_local.formats.control_vector import read_control_vector
 
 ROOT = Path(__file__).resolve().parent.parent

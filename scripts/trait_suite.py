@@ -28,7 +28,7 @@ from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
 from alignez_local.align.preferences import GenerationSettings
 from alignez_local.errors import AlignezError
 from alignez_local.apps.cli_align import open_judge
-from alignez_local.evaluation.behaviour import measure_for
+from alignez_local.measures.behaviour import measure_for
 from alignez_local.pipeline import FitSettings, ModelId
 from alignez_local.settings import RuntimeSettings, open_engine
 

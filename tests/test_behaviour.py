@@ -20,10 +20,8 @@ from alignez_local.align.preferences import PreferencePair
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import (
-    MEASURES, JudgeMeasure, MarkerMeasure, Scorer, contrast_probability, distinct_share, fluency_from_nll, harmonic_mean, measure_for,
-    pmi_relevance,
-)
+from alignez_local.measures.behaviour import MEASURES, JudgeMeasure, MarkerMeasure, contrast_probability, measure_for
+from alignez_local.measures.scoring import Scorer, distinct_share, fluency_from_nll, harmonic_mean, pmi_relevance
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.pipeline import unsteered_nll

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from alignez_local.evaluation.refusal import is_refusal
-from alignez_local.evaluation.statistics import (
+from alignez_local.measures.refusal import is_refusal
+from alignez_local.measures.statistics import (
     bootstrap_ratio_ci,
     gap_closed,
     length_stats,

@@ -20,7 +20,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.evaluation.answers import scale_steering
 from alignez_local.evaluation.config import EvalConfig, parse_strengths
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
-from alignez_local.evaluation.statistics import bootstrap_ci, net_win_rate, outcome_stats
+from alignez_local.measures.statistics import bootstrap_ci, net_win_rate, outcome_stats
 from alignez_local.evaluation.judge import (
     Judge,
     outcome_from_margin,

@@ -8,7 +8,8 @@ import pytest
 
 from alignez_local.align.calibrate_behaviour import unsteered_nll
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import MEASURES, Scorer
+from alignez_local.measures.behaviour import MEASURES
+from alignez_local.measures.scoring import Scorer
 from alignez_local.evaluation.judge import Judge
 from alignez_local.evaluation.judge_check import figures, judge_probabilities, load_examples, pmi_probabilities
 from alignez_local.models import JUDGE_MODEL

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from alignez_local.evaluation.refusal import REFUSAL_PATTERNS, REFUSAL_WINDOW, is_refusal
+from alignez_local.measures.refusal import REFUSAL_PATTERNS, REFUSAL_WINDOW, is_refusal
 
 REFUSALS = [
     "I'm sorry, but I can't help with that request.",

@@ -10,7 +10,7 @@ readily when asked and that a checker can count without a judge (a language, a s
 brevity, formality, a tone, capital letters), so that steering can be measured against prompting.
 Any other pair is a custom axis (``--positive``/``--negative``).
 
-Every axis names its behaviour measure (``measure``, a key of ``evaluation.behaviour.MEASURES``;
+Every axis names its behaviour measure (``measure``, a key of ``measures.behaviour.MEASURES``;
 empty: the judge's reading of the positive persona), and its positive guide is also the prompting
 baseline: the system prompt a steering vector is measured against.
 """
@@ -23,7 +23,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import language_name, language_named, measure_for
+from alignez_local.measures.behaviour import language_name, language_named, measure_for
 
 MAX_PERSONA_CHARS = 80
 """Longest persona accepted: it is spliced into a prompt for a small model, so it must stay a phrase."""
@@ -42,7 +42,7 @@ class PreferenceAxis:
     # Empty for custom axes: recipes then build a generic guide from the persona phrases.
     positive_guide: str = ""
     negative_guide: str = ""
-    # How an answer is scored for the behaviour (evaluation/behaviour.py); "": the judge on ``positive``.
+    # How an answer is scored for the behaviour (measures/behaviour.py); "": the judge on ``positive``.
     measure: str = ""
     trait: bool = False  # one of the trait suite (a behaviour a checker counts)
 
@@ -185,7 +185,7 @@ def stored_axis(name: str, positive: str, negative: str, measure: str | None = N
 def custom_axis(positive: str, negative: str, name: str | None = None, measure: str | None = None) -> PreferenceAxis:
     """Return a new axis from two persona phrases, named ``name`` or ``custom-<slug of positive>``.
 
-    ``measure`` is how its behaviour is scored (a key ``evaluation.behaviour.measure_for`` knows).
+    ``measure`` is how its behaviour is scored (a key ``measures.behaviour.measure_for`` knows).
     Without one, a positive persona that is only a language ("Spanish", "Spanish-speaking") is read by
     the language identifier and asked for in the words that worked for French (the 1.5B judge cannot
     tell "written in a Spanish-speaking way" from English, docs/results.md §13); anything else by the

@@ -3,7 +3,7 @@
 The fluency-only rule (``calibrate.py``) picked the largest strength that kept perplexity within
 10%; nothing in it looked at whether the behaviour appeared, and on Qwen2.5-Coder-0.5B it stopped a
 "French-speaking" vector at a strength where no answer was French. Here the strength is the one
-that maximises the **combined** score (``evaluation.behaviour``: the harmonic mean of behaviour,
+that maximises the **combined** score (``measures.behaviour``: the harmonic mean of behaviour,
 relevance and fluency, so gibberish scores 0) on held-out queries:
 
 1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
@@ -37,7 +37,8 @@ import numpy as np
 
 from alignez_local.align.steering import Steering
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import ScoredAnswers, Scorer, paired_difference_ci
+from alignez_local.measures.scoring import ScoredAnswers, Scorer
+from alignez_local.measures.statistics import paired_difference_ci
 from alignez_local.llama.engine import Engine, Sampling
 
 STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from alignez_local import __version__
+from alignez_local.version import __version__
 from alignez_local.align.directions import METHODS, LayerFit, ccs_elbow, fit_layer, select_layers
 from alignez_local.llama.engine import Engine
 from alignez_local.errors import AlignezError

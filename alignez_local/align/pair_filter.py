@@ -4,7 +4,7 @@ A small model asked for a behaviour often does not show it: on Qwen2.5-Coder-0.5
 answers it wrote when told to talk like a pirate carry pirate words, 8% of those it wrote when told
 to answer in capitals are in capitals. A difference of means over every pair is then mostly the
 difference between two ordinary answers: noise the behaviour's share of the pairs has to outweigh.
-Where the axis has an objective checker (``evaluation.behaviour``: language, brevity, markers,
+Where the axis has an objective checker (``measures.behaviour``: language, brevity, markers,
 capitals, refusal), a pair is kept only when its positive answer shows the behaviour and its negative
 answer does not. The judge's measure is not used here (it would cost a judge pass per answer, and
 the self-check already reads the pairs with the model's own log-probabilities).
@@ -22,7 +22,7 @@ import numpy as np
 
 from alignez_local.align.fit import one_answer_pairs
 from alignez_local.align.preferences import PreferencePair
-from alignez_local.evaluation.behaviour import Measure
+from alignez_local.measures.behaviour import Measure
 
 MIN_PAIRS = 8
 

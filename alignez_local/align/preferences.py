@@ -4,7 +4,7 @@ For every query and axis (a positive and a negative persona) the model answers o
 as the recipe asks (``recipes.py``: the paper's two steps, or the persona in a system prompt for
 small models). For a chat model the prompts use its chat template; for a base model, the engine's
 plain ``User:/Assistant:`` format. Every record stores its recipe, the sampling settings and
-whether either answer reads as a refusal (``evaluation.refusal.is_refusal``).
+whether either answer reads as a refusal (``measures.refusal.is_refusal``).
 
 Records are appended one per line and flushed as soon as a chunk of queries is done, so a killed
 run loses at most the chunk in flight; a re-run with the same output file skips every record it
@@ -23,7 +23,7 @@ from typing import Any
 from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.recipes import Recipe, get_recipe
 from alignez_local.align.selfcheck import DEFAULT_CHECK, check_records, select_pairs
-from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.measures.refusal import is_refusal
 from alignez_local.llama.engine import Completion, Engine, Sampling
 from alignez_local.errors import AlignezError
 from alignez_local.fileio import JsonlAppender, read_jsonl

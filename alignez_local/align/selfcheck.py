@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.measures.refusal import is_refusal
 from alignez_local.llama.engine import Engine
 
 CHECKS = ("pairwise", "likelihood")

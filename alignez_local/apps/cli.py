@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from alignez_local import __version__
+from alignez_local.version import __version__
 from alignez_local.apps.cli_options import in_flags
 from alignez_local.errors import AlignezError
 

@@ -22,7 +22,7 @@ from alignez_local.llama.engine import Engine
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
-from alignez_local.evaluation.behaviour import measure_for, measure_keys_help
+from alignez_local.measures.behaviour import measure_for, measure_keys_help
 from alignez_local.evaluation.judge import Judge
 from alignez_local.models import JUDGE_MODEL
 from alignez_local.pipeline import FitSettings, ModelId, select_queries

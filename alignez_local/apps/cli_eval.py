@@ -16,7 +16,7 @@ from alignez_local.apps.cli_options import (
 )
 from alignez_local.align.steering import Steering
 from alignez_local.apps.cli_align import open_judge
-from alignez_local.evaluation.behaviour import measure_for
+from alignez_local.measures.behaviour import measure_for
 from alignez_local.evaluation.behaviour_eval import behaviour_table, resolve_axis_name, table_lines
 from alignez_local.evaluation.config import EvalConfig, parse_kinds, parse_strengths, select_prompts
 from alignez_local.fileio import write_json

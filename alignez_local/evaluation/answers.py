@@ -13,8 +13,8 @@ import numpy as np
 
 from alignez_local.align.steering import Steering
 from alignez_local.evaluation.judge import Verdict
-from alignez_local.evaluation.refusal import is_refusal
-from alignez_local.evaluation.statistics import perplexity
+from alignez_local.measures.refusal import is_refusal
+from alignez_local.measures.statistics import perplexity
 from alignez_local.llama.engine import Completion, Engine, Sampling
 
 ProgressFn = Callable[[int, int], None]

@@ -1,7 +1,7 @@
 """``alignez eval``'s behaviour table: the figures ``steer`` reports, for any steering files.
 
 On the run's evaluation prompts (ordinary requests; harmful ones for a refusal measure), every
-condition side by side, scored by the axis's own measure (``evaluation.behaviour``) with the same
+condition side by side, scored by the axis's own measure (``measures.behaviour``) with the same
 guards and the same ``BehaviourBench`` as ``steer``'s calibration:
 
 - unsteered; prompting (the positive persona as system prompt: the ceiling);
@@ -25,7 +25,8 @@ from alignez_local.align.calibrate_behaviour import BehaviourBench, unsteered_nl
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour import Scorer, YesNoJudge, measure_for
+from alignez_local.measures.scoring import Scorer
+from alignez_local.measures.behaviour import YesNoJudge, measure_for
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 

@@ -116,7 +116,7 @@ REFUSAL_TEMPLATE = (
     "[The Start of the Answer]\n{answer}\n[The End of the Answer]"
 )
 
-# Yes/no questions about one answer (behaviour and relevance, evaluation/behaviour.py): the
+# Yes/no questions about one answer (behaviour and relevance, measures/behaviour.py): the
 # question first, so every prompt of one call shares its prefix.
 YES_NO_TEMPLATE = (
     "{instruction} Answer Yes or No.\n\n"

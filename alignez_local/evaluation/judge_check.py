@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from alignez_local.evaluation.behaviour import RELEVANCE_QUESTION, JudgeMeasure, Scorer, pmi_relevance
+from alignez_local.measures.scoring import RELEVANCE_QUESTION, Scorer, pmi_relevance
+from alignez_local.measures.behaviour import JudgeMeasure
 from alignez_local.evaluation.judge import Judge
 
 

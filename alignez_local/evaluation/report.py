@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alignez_local import __version__
+from alignez_local.version import __version__
 from alignez_local.evaluation.answers import Answer
 from alignez_local.evaluation.prompt_sets import EvalPrompt
-from alignez_local.evaluation.statistics import (
+from alignez_local.measures.statistics import (
     BOOTSTRAP_RESAMPLES,
     gap_closed,
     length_stats,

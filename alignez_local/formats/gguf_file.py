@@ -549,11 +549,3 @@ def read_gguf(
             if mm is not None:
                 mm.close()
 
-
-def __getattr__(name: str) -> Any:
-    """Return the kind helpers from their old import path (they moved to ``kinds``)."""
-    if name in ("gguf_kind", "classify", "require_kind", "GGUFKind"):
-        from alignez_local.formats import kinds
-
-        return getattr(kinds, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

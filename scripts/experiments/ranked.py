@@ -37,7 +37,7 @@ from scipy.stats import spearmanr
 from alignez_local.align.axes import get_axis
 from alignez_local.evaluation.judge import Judge
 from alignez_local.evaluation.prompt_sets import load_queries
-from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.measures.refusal import is_refusal
 from alignez_local.llama.engine import Sampling
 from alignez_local.models import file_sha256
 from alignez_local.settings import RuntimeSettings, open_engine

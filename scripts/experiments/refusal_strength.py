@@ -46,7 +46,7 @@ from alignez_local.align.axes import get_axis  # noqa: E402
 from alignez_local.align.directions import random_like  # noqa: E402
 from alignez_local.align.steering import Steering, VectorSlot  # noqa: E402
 from alignez_local.evaluation.prompt_sets import load_eval_prompts  # noqa: E402
-from alignez_local.evaluation.refusal import is_refusal  # noqa: E402
+from alignez_local.measures.refusal import is_refusal  # noqa: E402
 from alignez_local.formats.control_vector import read_control_vector  # noqa: E402
 from alignez_local.llama.engine import Sampling  # noqa: E402
 from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from alignez_local.evaluation.prompt_sets import load_eval_prompts
-from alignez_local.evaluation.refusal import is_refusal
+from alignez_local.measures.refusal import is_refusal
 from alignez_local.fileio import read_jsonl
 from alignez_local.llama.engine import Sampling
 from alignez_local.settings import RuntimeSettings, open_engine

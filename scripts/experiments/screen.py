@@ -23,8 +23,8 @@ from alignez_local.align.axes import get_axis
 from alignez_local.align.steering import Steering
 from alignez_local.evaluation.judge import Judge, verdicts_from_scores
 from alignez_local.evaluation.prompt_sets import load_queries
-from alignez_local.evaluation.refusal import is_refusal
-from alignez_local.evaluation.statistics import outcome_stats
+from alignez_local.measures.refusal import is_refusal
+from alignez_local.measures.statistics import outcome_stats
 from alignez_local.llama.engine import Sampling
 from alignez_local.settings import RuntimeSettings, open_engine
 from alignez_local.specs import parse_steering_spec

@@ -35,7 +35,9 @@ def net_win_rate(outcomes: Sequence[str]) -> float:
 
 def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
     """Return the central ``level`` percentile interval of ``samples``."""
-    tail = (1.0 - level) / 2.0 * 100.0
+    # Rounded so that 0.95 asks numpy for exactly the 2.5th and 97.5th percentiles ((1 - 0.95) / 2 *
+    # 100 is 2.5000000000000022 in floating point).
+    tail = round((1.0 - level) / 2.0 * 100.0, 9)
     lo, hi = np.percentile(samples, [tail, 100.0 - tail])
     return float(lo), float(hi)
 
@@ -50,6 +52,14 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
     return _percentiles(means, level)
+
+
+def paired_difference_ci(a: Sequence[float], b: Sequence[float], seed: int = 0,
+                         n_resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
+    """Return mean(a - b) and its percentile bootstrap 95% interval, resampling prompts (paired)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi = bootstrap_ci(d, n_resamples, seed)
+    return float(d.mean()) if d.size else float("nan"), lo, hi
 
 
 def bootstrap_ratio_ci(
