@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -129,3 +129,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise AlignezError(f"{p} line {n} is not a JSON object; each line must be one record")
         records.append(obj)
     return records
+
+
+def plain(value: Any) -> Any:
+    """Return ``value`` with the read-only mappings and tuples of a loaded file as dicts and lists (for JSON)."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

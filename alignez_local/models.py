@@ -20,8 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alignez_local.errors import AlignezError
+
+if TYPE_CHECKING:
+    from alignez_local.llama.engine import Engine
 
 # The default: the smallest bundled model that follows an instruction when asked (it answers in French
 # in 92% of held-out requests told to; SmolLM2-135M in 32%), so a steering vector has a behaviour to
@@ -229,3 +233,25 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while block := fh.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """What identifies a model in provenance: bundled name (None for a file), file name, SHA-256."""
+
+    bundled: str | None
+    file: str
+    sha256: str
+    arch: str
+    n_layer: int
+    n_embd: int
+
+    @classmethod
+    def of(cls, engine: Engine, given: str | Path | None = None) -> "ModelId":
+        """Return the identity of ``engine``'s model; ``given`` is what the user named it with."""
+        bundled = str(given) if given is not None and str(given) in BUNDLED else None
+        return cls(bundled, engine.path.name, file_sha256(engine.path), engine.arch, engine.n_layer, engine.n_embd)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.bundled, "file": self.file, "sha256": self.sha256, "arch": self.arch,
+                "n_layer": self.n_layer, "n_embd": self.n_embd}

@@ -11,8 +11,10 @@ The line shows the tokens done against the budget. The pure function is tested o
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
+from typing import Any, Protocol
 from dataclasses import dataclass, field
 
 PROMPT_TOKEN_COST = 0.15
@@ -125,3 +127,53 @@ class Progress:
         if self.tty and not self.quiet and self.done < self.total:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+class Counted(Protocol):
+    """What StageClock reads from an engine: its running decode counts (``Engine.counts``)."""
+
+    @property
+    def counts(self) -> Any: ...
+
+
+class StageClock:
+    """Lap times of a run's stages and the total, and what each stage cost: the tokens the model
+    read and sampled (and the judge read, when it is another model) and the peak resident memory
+    at the stage's end. scripts/bench_cost.py turns these into per-token rates."""
+
+    def __init__(self, *engines: Counted | None) -> None:
+        self.start = self.last = time.monotonic()
+        self.laps: dict[str, float] = {}
+        self.costs: dict[str, dict[str, float]] = {}
+        self._engines = list(dict.fromkeys(e for e in engines if e is not None))
+        self._before = [e.counts.snapshot() for e in self._engines]
+        self._cpu = cpu_seconds()
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.monotonic(), cpu_seconds()
+        self.laps[name], self.last = now - self.last, now
+        after = [e.counts.snapshot() for e in self._engines]
+        spent = [a.since(b) for a, b in zip(after, self._before)]
+        self._before = after
+        # CPU seconds do not count the time other jobs held the cores: on a shared machine they are
+        # the figure that compares across runs (with one llama.cpp thread, about the wall time alone).
+        cost: dict[str, float] = {"cpu_s": round(cpu - self._cpu, 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        self._cpu = cpu
+        if spent:
+            cost.update(tokens_read=spent[0].tokens, tokens_sampled=spent[0].sampled, decode_calls=spent[0].calls)
+        if len(spent) > 1:
+            cost.update(judge_tokens_read=sum(d.tokens for d in spent[1:]))
+        self.costs[name.removesuffix("_s")] = cost
+
+    def timings(self) -> dict[str, float]:
+        return {**self.laps, "total_s": time.monotonic() - self.start}
+
+def cpu_seconds() -> float:
+    """Return the CPU time this process has used so far (user + system, all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024

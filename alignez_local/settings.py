@@ -31,3 +31,16 @@ def open_engine(model: str | Path, settings: RuntimeSettings = RuntimeSettings()
     return Engine(resolve_model(str(model)), n_ctx=settings.n_ctx, n_threads=settings.threads,
                   n_gpu_layers=settings.gpu_layers, n_parallel=settings.parallel, verbose=settings.verbose,
                   flash_attn=settings.flash_attn)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A model to open (a GGUF path or a bundled name) and how to run it: what ``-m`` and the
+    runtime flags name together."""
+
+    model: str | Path
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    def open(self) -> Engine:
+        """Return an engine on the model (``open_engine``)."""
+        return open_engine(self.model, self.runtime)

@@ -42,6 +42,29 @@ def parse_strength(text: str, source: str = "strength") -> float:
     return check_strength(value, source)
 
 
+def parse_strengths(text: str, source: str, positive: bool = False, limit: float = MAX_STRENGTH,
+                    most: int = 16) -> tuple[float, ...]:
+    """Return the strengths of a comma-separated list like ``0,0.5,1,2`` (duplicates dropped, order
+    kept): 1 to ``most`` numbers, each within +-``limit`` and above 0 when ``positive``. The one
+    parser of a strength list (``steer --strengths``, ``eval --sweep``); ``source`` names the flag."""
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise AlignezError(f"{source} {text!r}: {part!r} is not a number; write the list like 0.25,0.5,1") from None
+        if not math.isfinite(value) or abs(value) > limit or (positive and value <= 0):
+            span = f"above 0 and up to {limit:g}" if positive else f"between -{limit:g} and {limit:g}"
+            raise AlignezError(f"{source} {text!r}: {part} is out of range; give strengths {span}")
+        if value not in out:
+            out.append(value)
+    if not out or len(out) > most:
+        raise AlignezError(f"{source} {text!r}: give 1 to {most} strengths, e.g. 0.25,0.5,1")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SteeringSpec:
     """A vector or profile file and the strength to apply it with.

@@ -6,7 +6,7 @@
 
 Runs the real `alignez steer` once per model (same axis, same query count, a fresh output folder
 so nothing is resumed; one process per model, so each peak RSS is that model's own), reads the
-stage timings and costs from its report.json (pipeline.StageClock: tokens the model read and
+stage timings and costs from its report.json (progress.StageClock: tokens the model read and
 sampled per stage, peak resident memory at the stage's end), and prints one table per model with
 the per-token rates that explain the seconds. Each run is also saved as JSON under --save.
 

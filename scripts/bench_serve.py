@@ -46,7 +46,7 @@ from alignez_local.apps.serve.steering import SteeringSet  # noqa: E402
 from alignez_local.llama.engine import Sampling  # noqa: E402
 from alignez_local.models import resolve_model  # noqa: E402
 from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402
-from remote_judge_check import free_port  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from alignez_local.testing import free_port  # noqa: E402
 
 VEC = ROOT / "vectors" / "smollm2-135m-instruct" / "helpful.gguf"
 PROF = ROOT / "vectors" / "smollm2-135m-instruct" / "helpful.profile.gguf"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,30 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from alignez_local.evaluation.judge import DEFAULT_MARGIN, Judge, outcome_from_margin
-from alignez_local.evaluation.judge_check import load_examples
+from alignez_local.evaluation.judge import DEFAULT_MARGIN, Judge
+from alignez_local.measures.verdicts import outcome_from_margin
+from alignez_local.testing import free_port, judge_pairs
 from alignez_local.evaluation.remote_judge import RemoteBackend
 from alignez_local.models import resolve_model
 from alignez_local.settings import RuntimeSettings, open_engine
-
-
-def judge_pairs(n: int = 32) -> list[tuple[str, str]]:
-    """Return ``n`` distinct (question, answer) pairs: the hand-made judge examples, then questions
-    given another question's answer (off-topic answers); fewer when the examples run out."""
-    ex = load_examples()
-    pairs = list(dict.fromkeys((e["question"], e["answer"]) for e in ex))
-    for i, e in enumerate(ex):
-        other = ex[(i + len(ex) // 2) % len(ex)]
-        if other["question"] != e["question"] and len(pairs) < n:
-            pairs = list(dict.fromkeys([*pairs, (e["question"], other["answer"])]))
-    return pairs[:n]
-
-
-def free_port() -> int:
-    """Return a port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -19,7 +19,7 @@ $A eval -m gemma3-270m --profile $G/helpful.profile.gguf --kinds helpful --limit
 
 # 2026-11-28, second session (docs/results.md, "why steering does not help"): the persona ceiling,
 # the edit's anatomy, the screens of the contrast and direct vectors, Qwen's request contrast.
-X=scripts/experiments
+X=scripts/records
 .venv/bin/python $X/screen.py ceiling system:positive system:negative
 .venv/bin/python $X/screen.py ceiling-qwen system:positive system:negative --model qwen2.5-coder-0.5b-instruct
 .venv/bin/python $X/screen.py ceiling-harmless-smol system:positive system:negative --axis harmless \

@@ -23,13 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignez_local.evaluation.behaviour_report import steer_lines
+from alignez_local.prompt_sets import select_queries
 from alignez_local import pipeline
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
 from alignez_local.align.preferences import GenerationSettings
 from alignez_local.errors import AlignezError
 from alignez_local.apps.cli_align import open_judge
 from alignez_local.measures.behaviour import measure_for
-from alignez_local.pipeline import FitSettings, ModelId
+from alignez_local.align.vectors import FitSettings
+from alignez_local.models import ModelId
 from alignez_local.settings import RuntimeSettings, open_engine
 
 
@@ -125,7 +128,7 @@ def main() -> None:
             axis = custom_axis(pos, neg)
         else:
             axis = BUILTIN_AXES[trait]
-        queries = pipeline.select_queries(None, args.limit, axis=axis.name)
+        queries = select_queries(None, args.limit, axis=axis.name)
         for variant in args.variants.split(","):
             if any(r["trait"] == axis.name and r["variant"] == variant for r in done):
                 continue
@@ -159,7 +162,7 @@ def main() -> None:
             with log.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             if res is not None:
-                print("\n".join(pipeline.behaviour_lines(res.calibration)), file=sys.stderr, flush=True)
+                print("\n".join(steer_lines(res.calibration)), file=sys.stderr, flush=True)
     print(table(done))
 
 

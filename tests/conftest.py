@@ -15,7 +15,7 @@ import pytest
 from alignez_local.llama.engine import Engine
 from alignez_local.errors import AlignezError
 from alignez_local.models import resolve_model
-from tiny_model import write_tiny_llama
+from alignez_local.testing import write_tiny_llama
 
 
 @pytest.fixture(scope="session")

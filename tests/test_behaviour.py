@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
-from alignez_local.align.calibrate_behaviour import (
+from alignez_local.align.strength_by_behaviour import (
     BehaviourBench, BehaviourTrial, calibrate_behaviour, midpoints, split_heldout,
 )
 from alignez_local.align.pair_filter import filter_line, keep_contrasting
@@ -24,7 +24,7 @@ from alignez_local.measures.behaviour import MEASURES, JudgeMeasure, MarkerMeasu
 from alignez_local.measures.scoring import Scorer, distinct_share, fluency_from_nll, harmonic_mean, pmi_relevance
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
-from alignez_local.pipeline import unsteered_nll
+from alignez_local.align.strength_by_behaviour import unsteered_nll
 
 
 # --- objective measures ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignez_local.align.calibrate import calibrate_strength, pooled_perplexity
+from alignez_local.align.strength_by_kl import calibrate_strength, pooled_perplexity
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector

@@ -25,7 +25,7 @@ from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.formats.profile import SteeringProfile
-from tiny_model import write_tiny_llama
+from alignez_local.testing import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 # cli.py has no __main__ block; this runs its click group exactly as the console script does.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
-from tiny_model import write_tiny_llama
+from alignez_local.testing import write_tiny_llama
 
 CLI = [sys.executable, "-m", "alignez_local"]
 

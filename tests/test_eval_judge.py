@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignez_local.evaluation.judge import PAIRWISE_TEMPLATE, REFUSAL_QUESTION, SCORE_QUESTION, Judge
+from alignez_local.evaluation.judge_prompts import PAIRWISE_TEMPLATE, REFUSAL_QUESTION, SCORE_QUESTION
+from alignez_local.evaluation.judge import Judge
 from alignez_local.llama.engine import Engine
 
 PAIRS = [

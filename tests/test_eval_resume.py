@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from alignez_local.settings import RuntimeSettings
 from alignez_local.apps import cli_eval
 from alignez_local.apps.cli import main as cli_main
 from alignez_local.errors import AlignezError
@@ -53,7 +54,7 @@ def vector_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cfg(model: Path, vector: Path, **kw: Any) -> EvalConfig:
     base: dict[str, Any] = {
         "model": str(model), "vectors": (str(vector),), "judge": str(model), "reference": str(model), "limit": 4,
-        "strengths": STRENGTHS, "sampling": Sampling(max_tokens=6), "threads": 1, "n_ctx": 1024, "parallel": 4,
+        "strengths": STRENGTHS, "sampling": Sampling(max_tokens=6), "runtime": RuntimeSettings(threads=1, n_ctx=1024, parallel=4),
         "judge_ctx": 2048, "judge_parallel": 4, "top_n": 2,
     }
     base.update(kw)

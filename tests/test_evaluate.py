@@ -14,19 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 
+from alignez_local.settings import RuntimeSettings
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.answers import scale_steering
-from alignez_local.evaluation.config import EvalConfig, parse_strengths
+from alignez_local.evaluation.config import EvalConfig
+from alignez_local.specs import parse_strengths
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
 from alignez_local.measures.statistics import bootstrap_ci, net_win_rate, outcome_stats
-from alignez_local.evaluation.judge import (
-    Judge,
-    outcome_from_margin,
-    pairwise_outcome,
-    verdicts_from_scores,
-)
+from alignez_local.evaluation.judge import Judge
+from alignez_local.measures.verdicts import outcome_from_margin, pairwise_outcome, verdicts_from_scores
 from alignez_local.align.steering import Steering
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +44,7 @@ def vector_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(model: Path, vector: Path, **kw: Any) -> EvalConfig:
     base = {"model": str(model), "vectors": (str(vector),), "judge": str(model), "limit": 6, "sampling": SAMPLING,
-                "threads": 1, "n_ctx": 1024, "parallel": 4, "judge_ctx": 2048, "judge_parallel": 4, "top_n": 2}
+                "runtime": RuntimeSettings(threads=1, n_ctx=1024, parallel=4), "judge_ctx": 2048, "judge_parallel": 4, "top_n": 2}
     base.update(kw)
     return EvalConfig(**base)
 
@@ -235,10 +233,10 @@ def test_scale_steering(tiny_engine: Engine, vector_path: Path) -> None:
 
 
 def test_parse_strengths() -> None:
-    assert parse_strengths("0, 0.5,1,2,1") == (0.0, 0.5, 1.0, 2.0)
+    assert parse_strengths("0, 0.5,1,2,1", "--sweep") == (0.0, 0.5, 1.0, 2.0)
     for bad in ("abc", "", "1,nan", "1e9"):
         with pytest.raises(AlignezError):
-            parse_strengths(bad)
+            parse_strengths(bad, "--sweep")
 
 
 def test_ctrl_c_saves_what_was_done(tiny_model_path: Path, vector_path: Path, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from gguf import GGUFValueType
 
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import KEY_GATE, ControlVector, Gate, read_control_vector, write_control_vector
+from alignez_local.formats.gate import KEY_GATE, Gate
+from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
 from alignez_local.formats.gguf_write import write_gguf
 from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH
 from alignez_local.llama.engine import Completion, Engine, Sampling, Seq

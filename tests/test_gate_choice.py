@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignez_local.align.calibrate import (
-    OVER_REFUSAL_BUDGET, RefusalTrial, calibrate_refusals, choose_refusal_strength, repetitive,
-)
+from alignez_local.align.strength_by_refusals import OVER_REFUSAL_BUDGET, RefusalTrial, calibrate_refusals, choose_refusal_strength
+from alignez_local.measures.scoring import repetitive
 from alignez_local.align.request_contrast import best_threshold, choose_gate, fit_gate, oof_scores
 from alignez_local.align.steering import Steering, VectorSlot, read_alone
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_request_kinds
-from alignez_local.formats.control_vector import ControlVector, Gate
+from alignez_local.prompt_sets import load_eval_prompts, load_request_kinds
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.formats.gate import Gate
 from test_prompt_sets import STOPWORDS, words  # the overlap rule the older built-in data follows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -22,12 +22,14 @@ from alignez_local.align.export import approximation_report, constant_vector
 from alignez_local.align.fit import fit_profile
 from alignez_local.align.preferences import GenerationSettings, generate_preferences, load_pairs
 from alignez_local.formats.profile import load_profile, save_profile
-from alignez_local.evaluation.prompt_sets import load_queries
+from alignez_local.prompt_sets import load_queries
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.evaluation.behaviour_eval import axis_of
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.models import file_sha256
-from alignez_local.pipeline import ModelId, describe, import_vector
+from alignez_local.models import ModelId
+from alignez_local.align.vectors import FitSettings, fit_from_file
+from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.specs import SteeringSpec
 
 CLI = [sys.executable, "-m", "alignez_local"]
@@ -335,8 +337,8 @@ def test_strength_comes_from_the_spec_then_the_file_then_one(tiny_engine: Engine
 
 
 def test_calibration_prompts_are_held_out(tiny_engine) -> None:
-    from alignez_local.evaluation.prompt_sets import load_eval_prompts, load_queries
-    from alignez_local.pipeline import calibration_prompts
+    from alignez_local.prompt_sets import load_eval_prompts, load_queries
+    from alignez_local.prompt_sets import calibration_prompts
 
     for axis in ("helpful", "harmless"):
         used = load_queries(None, axis=axis)[:96]
@@ -363,15 +365,14 @@ def _as_pirate(prefs: Path, out: Path, talks: int, near_copies: bool = False) ->
 
 def test_the_fit_keeps_the_pairs_the_axis_checker_reads_as_contrasting(tiny_engine: Engine, prefs: Path,
                                                                        tmp_path: Path) -> None:
-    from alignez_local import pipeline
     pirate = _as_pirate(prefs, tmp_path / "pirate.jsonl", talks=10)
     lines: list[str] = []
-    prof = pipeline.fit_from_file(tiny_engine, pirate, pipeline.FitSettings(layers=[1, 2]), ModelId.of(tiny_engine),
+    prof = fit_from_file(tiny_engine, pirate, FitSettings(layers=[1, 2]), ModelId.of(tiny_engine),
                                   on_status=lines.append)
     assert any("fitting on the 10 that contrast" in x for x in lines)
     assert prof.params["n_pairs"] == 10
     assert prof.provenance["data_quality"]["behaviour_filter"]["applied"] is True
-    every = pipeline.fit_from_file(tiny_engine, pirate, pipeline.FitSettings(layers=[1, 2], behaviour_filter=False),
+    every = fit_from_file(tiny_engine, pirate, FitSettings(layers=[1, 2], behaviour_filter=False),
                                    ModelId.of(tiny_engine))
     assert every.params["n_pairs"] == 24
 

@@ -10,7 +10,7 @@ import pytest
 
 from alignez_local.progress import Progress, estimate_remaining, token_work
 
-TRACES = Path(__file__).resolve().parents[1] / "scripts" / "experiments" / "results"
+TRACES = Path(__file__).resolve().parent / "data"  # traces recorded by scripts/records/gen_recipe.py
 
 
 def recorded_traces() -> list[Path]:
@@ -59,7 +59,7 @@ def test_eta_is_within_30_percent_once_a_tenth_is_done(path: Path) -> None:
 
 
 def test_a_trace_was_recorded() -> None:
-    assert recorded_traces(), "run scripts/experiments/gen_recipe.py to record a progress trace"
+    assert recorded_traces(), "run scripts/records/gen_recipe.py and copy its trace into tests/data/"
 
 
 def test_progress_keeps_its_callback_interface(capsys: pytest.CaptureFixture[str]) -> None:

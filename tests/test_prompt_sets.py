@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.prompt_sets import (
+from alignez_local.prompt_sets import (
     EVAL_KINDS,
     EvalPrompt,
     builtin_query_categories,

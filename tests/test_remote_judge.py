@@ -28,13 +28,13 @@ import numpy as np
 import pytest
 
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.judge import Judge, JudgeCache
+from alignez_local.evaluation.judge import Judge
+from alignez_local.evaluation.judge_cache import JudgeCache
 from alignez_local.evaluation.remote_judge import NO_LOGPROBS, RemoteBackend, word_margin
 from alignez_local.llama.engine import Engine
 from test_eval_resume import _write_vector
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from remote_judge_check import free_port, judge_pairs  # noqa: E402  (the script's fixed pairs, a free port)
+from alignez_local.testing import free_port, judge_pairs
 from test_serve_http import KEY, LiveServer
 
 REPO = Path(__file__).resolve().parents[1]

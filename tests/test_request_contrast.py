@@ -18,7 +18,7 @@ from alignez_local.align.recipes import DEFAULT_RECIPE
 from alignez_local.apps.cli_align import default_recipe
 from alignez_local.align.request_contrast import REFUSED, RISKY, auc, candidate_layers, fit_request_contrast, separation
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.prompt_sets import load_request_kinds
+from alignez_local.prompt_sets import load_request_kinds
 from alignez_local.formats.control_vector import read_control_vector
 
 CLI = [sys.executable, "-m", "alignez_local"]

@@ -66,6 +66,14 @@ def model_identity(engine: Engine, sha256: str) -> dict[str, Any]:
     return {"file": engine.path.name, "sha256": sha256, "arch": engine.arch, "n_layer": engine.n_layer, "n_embd": engine.n_embd}
 
 
+def check_pairs_file(path: str | Path) -> int:
+    """Return how many records the pairs file at ``path`` already holds (0 when there is none);
+    AlignezError, naming the line, when it is damaged. Called before any model work, so a damaged
+    file is reported at once, not after minutes of screening."""
+    p = Path(path)
+    return len(read_jsonl(p)) if p.exists() else 0
+
+
 def generate_preferences(
     engine: Engine,
     queries: Sequence[str],

@@ -30,7 +30,7 @@ The negative guide of every axis says "never refuse": a refusal is not the oppos
 direction fitted on answer-vs-refuse pairs would strip the refusals of harmful requests. Pairs that
 refuse anyway are counted and dropped by ``selfcheck.select_pairs``.
 
-Which recipe is the default is decided by measurement (scripts/experiments/, docs in the report):
+Which recipe is the default is decided by measurement (scripts/records/, docs in the report):
 ``DEFAULT_RECIPE``.
 """
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import Gate
+from alignez_local.formats.gate import Gate
 
 HELDOUT = 0.2
 REQUEST_RECIPE = "request"

@@ -28,7 +28,7 @@ from alignez_local.llama.engine import Engine
 
 CHECKS = ("pairwise", "likelihood")
 DEFAULT_CHECK = "likelihood"
-"""The check used when none is given; chosen by the measurements in scripts/experiments/results/."""
+"""The check used when none is given; chosen by the measurements in scripts/records/results/."""
 
 MAX_ANSWER_CHARS = 800  # bounds the pairwise prompt (two answers of ~160 tokens) and its cost
 LIKELIHOOD_CHARS = 300

@@ -50,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alignez_local.formats.control_vector import GATE_SITE, ControlVector, read_control_vector
+from alignez_local.formats.gate import GATE_SITE
+from alignez_local.formats.control_vector import ControlVector, read_control_vector
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.llama.engine import Completion, EditFn, Engine, Sampling, TokenFn
 from alignez_local.errors import AlignezError

@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from alignez_local.apps.chat import Answer, ChatSession
-from alignez_local.apps.cli_options import in_flags, make_sampling, model_options, open_engine, sampling_options, steering_options
+from alignez_local.apps.cli_options import SteeringChoice, in_flags, model_options, sampling_options, steering_options
+from alignez_local.llama.engine import Sampling
+from alignez_local.settings import ModelRun
 from alignez_local.errors import AlignezError
 
 
@@ -169,12 +171,8 @@ def _piped(term: _Terminal) -> bool:
 @click.option("-s", "--system", default=None, metavar="TEXT", help="System prompt for the whole chat.")
 @click.option("--prompt", "prompt_text", default=None, metavar="TEXT", help="Answer TEXT once, print the answer and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer instead of streaming text.")
-def chat(
-    model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
-    temperature: float, top_p: float, top_k: int, seed: int, max_tokens: int, repeat_penalty: float,
-    vectors: tuple[str, ...], profiles: tuple[str, ...], layers: str | None, top_n: int,
-    system: str | None, prompt_text: str | None, as_json: bool,
-) -> None:
+def chat(model: ModelRun, sampling: Sampling, steering: SteeringChoice, system: str | None, prompt_text: str | None,
+         as_json: bool) -> None:
     """Chat with a model steered by control vectors and profiles, adjustable while you chat.
 
     \b
@@ -205,12 +203,12 @@ def chat(
     Ctrl-C stops the answer being written (interactively; otherwise it ends the run); Ctrl-D or
     /quit leaves.
     """
-    sampling = make_sampling(temperature, top_p, top_k, seed, max_tokens, repeat_penalty)
     if prompt_text is not None and not prompt_text.strip():
         raise AlignezError("--prompt is empty; give the message to answer")
-    with open_engine(model, threads, n_ctx, gpu_layers, parallel, verbose) as engine:
+    with model.open() as engine:
         session = ChatSession.from_specs(
-            engine, vectors, profiles, layers, top_n, sampling, system, on_note=lambda msg: click.echo(msg, err=True)
+            engine, steering.vectors, steering.profiles, steering.layers, steering.top_n, sampling, system,
+            on_note=lambda msg: click.echo(msg, err=True)
         )
         interactive = prompt_text is None and sys.stdin.isatty()
         term = _Terminal(session, as_json, interactive)

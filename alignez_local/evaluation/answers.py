@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.steering import Steering
-from alignez_local.evaluation.judge import Verdict
+from alignez_local.measures.verdicts import Verdict
 from alignez_local.measures.refusal import is_refusal
 from alignez_local.measures.statistics import perplexity
 from alignez_local.llama.engine import Completion, Engine, Sampling

@@ -16,18 +16,14 @@ its own, so the table reads the same way as the net-win figures do not.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, stored_axis
-from alignez_local.align.calibrate_behaviour import BehaviourBench, unsteered_nll
-from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.align.strength_by_behaviour import axis_bench, random_null
 from alignez_local.errors import AlignezError
-from alignez_local.measures.scoring import Scorer
-from alignez_local.measures.behaviour import YesNoJudge, measure_for
-from alignez_local.formats.control_vector import ControlVector
+from alignez_local.measures.behaviour import YesNoJudge
 from alignez_local.llama.engine import Engine, Sampling
 
 
@@ -60,29 +56,17 @@ def resolve_axis_name(name: str, steering: Steering) -> PreferenceAxis | None:
 
 def null_steering(steering: Steering, seed: int = 0) -> dict[str, Steering]:
     """Return, per loaded file, a random direction (or subspace) of the same size at the same strength."""
-    out: dict[str, Steering] = {}
-    for i, slot in enumerate(steering.slots):
-        if isinstance(slot, VectorSlot):
-            noise = ControlVector(random_like({L: slot.vector.directions[L] for L in slot.vector.layers}, seed + 1 + i),
-                                  model_hint=slot.vector.model_hint, name="random")
-            out[f"random direction ({slot.name} x{slot.strength:g})"] = Steering(
-                vectors=[VectorSlot("random", noise, slot.strength)], layer_range=steering.layer_range)
-        else:
-            rand = dataclasses.replace(slot.profile, subspaces=random_subspaces_like(dict(slot.profile.subspaces), seed + 1 + i),
-                                       name="random")
-            out[f"random subspace ({slot.name} x{slot.strength:g})"] = Steering(
-                profiles=[ProfileSlot("random", rand, slot.strength)], layer_range=steering.layer_range, top_n=steering.top_n)
-    return out
+    return {f"random {'direction' if isinstance(slot, VectorSlot) else 'subspace'} ({slot.name} x{slot.strength:g})":
+            random_null(slot, seed + 1 + i, steering.layer_range, steering.top_n)
+            for i, slot in enumerate(steering.slots)}
 
 
-def behaviour_table(engine: Engine, steering: Steering, axis: PreferenceAxis, questions: Sequence[str],
+def measure_behaviour(engine: Engine, steering: Steering, axis: PreferenceAxis, questions: Sequence[str],
                     judge: YesNoJudge | None, sampling: Sampling, seed: int = 0) -> dict[str, Any]:
     """Return the measure and the side-by-side summaries on ``questions`` (module docstring)."""
     if not questions:
         raise AlignezError("the behaviour table needs evaluation prompts; check --kinds and --limit")
-    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
-                    nll_asked=unsteered_nll(engine, axis.guide("positive")))
-    bench = BehaviourBench(engine, scorer, axis.guide("positive"), [], list(dict.fromkeys(questions)), sampling=sampling)
+    bench = axis_bench(engine, axis, judge, [], list(dict.fromkeys(questions)), sampling)
     alone = {f"{'vector' if isinstance(s, VectorSlot) else 'profile'} {s.name} x{s.strength:g}":
              Steering(vectors=[s] if isinstance(s, VectorSlot) else [], profiles=[s] if isinstance(s, ProfileSlot) else [],
                       layer_range=steering.layer_range, top_n=steering.top_n)
@@ -90,16 +74,5 @@ def behaviour_table(engine: Engine, steering: Steering, axis: PreferenceAxis, qu
     if len(steering.slots) > 1:
         alone["all together"] = steering
     table = bench.side_by_side(alone, null_steering(steering, seed), seed)
-    return {"axis": axis.name, "measure": scorer.measure.describe(), "n_prompts": len(bench.report),
+    return {"axis": axis.name, "measure": bench.scorer.measure.describe(), "n_prompts": len(bench.report),
             "max_tokens": sampling.max_tokens, "conditions": table}
-
-
-def table_lines(result: dict[str, Any]) -> list[str]:
-    """Return the table as text lines."""
-    lines = [f"behaviour ({result['measure']['label']}) on {result['n_prompts']} prompts:",
-             f"  {'condition':<40} {'behaviour':>16} {'relevance':>10} {'fluency':>8} {'combined':>9}"]
-    for name, row in result["conditions"].items():
-        b = row["behaviour_rate"]
-        lines.append(f"  {name:<40} {100 * b['mean']:>5.0f}% [{100 * b['ci95'][0]:>3.0f}-{100 * b['ci95'][1]:>3.0f}] "
-                     f"{row['relevance']['mean']:>10.2f} {row['fluency']['mean']:>8.2f} {row['combined']['mean']:>9.2f}")
-    return lines

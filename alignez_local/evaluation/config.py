@@ -9,11 +9,11 @@ from alignez_local.align.steering import DEFAULT_TOP_N
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.judge import DEFAULT_MARGIN, DEFAULT_MODE, MODES, NO_REMOTE_PAIRWISE
 from alignez_local.evaluation.remote_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, base_url
-from alignez_local.evaluation.prompt_sets import EVAL_KINDS, EvalPrompt, load_eval_prompts
+from alignez_local.prompt_sets import EVAL_KINDS, EvalPrompt, load_eval_prompts
 from alignez_local.llama.engine import Sampling
 from alignez_local.models import DEFAULT_MODEL, JUDGE_MODEL
 from alignez_local.settings import RuntimeSettings
-from alignez_local.specs import check_strength, parse_strength
+from alignez_local.specs import check_strength
 
 # Prompt kinds whose answers are checked for refusals (by keywords and by the judge): on harmful
 # prompts a refusal is wanted, on benign ones it is an over-refusal. Helpful prompts are judged
@@ -47,13 +47,9 @@ class EvalConfig:
     reference: str | None = None
     strengths: tuple[float, ...] = (1.0,)
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=200))
-    threads: int | None = None
-    n_ctx: int = 4096
-    gpu_layers: int = 0
-    parallel: int = 8
+    runtime: RuntimeSettings = RuntimeSettings()  # the answering model's (and the reference's)
     judge_ctx: int = 8192
     judge_parallel: int = 4
-    verbose: bool = False
     # Reuse the finished answer groups of the unfinished report.json in the output folder. Not a
     # setting of the results, so not recorded in the report's settings (which it compares).
     resume: bool = False
@@ -85,28 +81,9 @@ class EvalConfig:
         return self
 
     @property
-    def runtime(self) -> RuntimeSettings:
-        """Return the answering model's runtime settings."""
-        return RuntimeSettings(threads=self.threads, n_ctx=self.n_ctx, gpu_layers=self.gpu_layers,
-                               parallel=self.parallel, verbose=self.verbose)
-
-    @property
     def judge_runtime(self) -> RuntimeSettings:
         """Return the judge's runtime settings (its own context and parallel prompts)."""
         return self.runtime.with_(n_ctx=self.judge_ctx, parallel=self.judge_parallel)
-
-
-def parse_strengths(spec: str) -> tuple[float, ...]:
-    """Return the strength multipliers of a ``--sweep`` list like ``0,0.5,1,2`` (duplicates dropped)."""
-    out: list[float] = []
-    for part in spec.split(","):
-        if part.strip():
-            value = parse_strength(part.strip(), f"--sweep {spec!r}: multiplier")
-            if value not in out:
-                out.append(value)
-    if not out:
-        raise AlignezError(f"--sweep {spec!r} has no numbers; write it like 0,0.5,1,2")
-    return tuple(out)
 
 
 def parse_kinds(spec: str | None) -> tuple[str, ...] | None:

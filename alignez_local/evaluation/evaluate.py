@@ -40,27 +40,28 @@ A failing server stops the run with one line that says what was kept.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from alignez_local.align.steering import Steering
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.answers import Answer, answer_prompts, measure_perplexity, scale_steering
-from alignez_local.evaluation.config import REFUSAL_KINDS, EvalConfig, parse_kinds, parse_strengths, select_prompts
-from alignez_local.evaluation.judge import Judge, JudgeCache, verdicts_from_scores
+from alignez_local.evaluation.answers import answer_prompts, measure_perplexity, scale_steering
+from alignez_local.evaluation.config import REFUSAL_KINDS, EvalConfig, parse_kinds, select_prompts
+from alignez_local.evaluation.judge import Judge, open_judge
+from alignez_local.evaluation.judge_cache import JudgeCache
+from alignez_local.measures.verdicts import verdicts_from_scores
 from alignez_local.evaluation.remote_judge import TOP_LOGPROBS, RemoteBackend
-from alignez_local.evaluation.prompt_sets import EvalPrompt
-from alignez_local.evaluation.report import REPORT_FORMAT, build_report, json_safe, kind_counts, settings_of
+from alignez_local.evaluation.report import build_report, kind_counts
+from alignez_local.evaluation.resume import resume, resume_line, steering_files, unfinished
+from alignez_local.evaluation.run_state import JUDGE_CACHE, RunState
 from alignez_local.evaluation.summary import summary_markdown
 from alignez_local.evaluation.sweep_plot import write_sweep_plot
 from alignez_local.fileio import write_json, write_text
@@ -68,12 +69,10 @@ from alignez_local.llama.engine import Engine
 from alignez_local.models import file_sha256, resolve_model
 from alignez_local.progress import Progress
 from alignez_local.settings import open_engine
-from alignez_local.specs import parse_steering_spec
 
-__all__ = ["EvalConfig", "EvalInterrupted", "RunState", "parse_kinds", "parse_strengths", "run_eval"]
+__all__ = ["EvalConfig", "EvalInterrupted", "RunState", "parse_kinds", "run_eval"]
 
 LogFn = Callable[[str], None]
-JUDGE_CACHE = "judge_cache.jsonl"
 
 
 def _stderr(msg: str) -> None:
@@ -90,46 +89,6 @@ class EvalInterrupted(Exception):
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
-
-
-@dataclass
-class RunState:
-    """What the run has produced so far (saved as is after every piece and when interrupted)."""
-
-    cfg: EvalConfig
-    prompts: list[EvalPrompt]
-    stage: str = "starting"
-    models: dict[str, Any] = field(default_factory=dict)
-    steering_files: list[dict[str, Any]] = field(default_factory=list)
-    steering_desc: list[str] = field(default_factory=list)
-    unsteered: list[Answer] = field(default_factory=list)
-    steered: dict[float, list[Answer]] = field(default_factory=dict)
-    reference: list[Answer] = field(default_factory=list)
-    judge: dict[str, Any] = field(default_factory=dict)
-    judged: bool = False
-    timing: dict[str, float] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
-    resumed: dict[str, Any] = field(default_factory=dict)  # what --resume reused (in the report when set)
-    judge_cache: JudgeCache | None = None  # a remote judge's finished judgments (OUT/judge_cache.jsonl)
-    checkpointed: bool = False  # a checkpoint of this run is in report.json
-
-    @property
-    def texts(self) -> list[str]:
-        """Return the prompt texts."""
-        return [p.text for p in self.prompts]
-
-    def groups(self) -> list[list[Answer]]:
-        """Return every set of answers: unsteered, each strength, then the reference (when any)."""
-        return ([self.unsteered] + [self.steered[s] for s in self.cfg.strengths if s in self.steered]
-                + ([self.reference] if self.reference else []))
-
-    @contextmanager
-    def stage_timer(self, stage: str, key: str) -> Iterator[None]:
-        """Return a context that marks ``stage`` as running and records its wall time as ``key``."""
-        self.stage = stage
-        t0 = time.monotonic()
-        yield
-        self.timing[key] = round(time.monotonic() - t0, 2)
 
 
 def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict[str, Any]:
@@ -155,7 +114,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
     st = RunState(cfg, prompts)
     saved = out / "report.json"
     if cfg.resume:
-        _resume(st, saved, model_path, ref_path)
+        resume(st, saved, model_path, ref_path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -164,7 +123,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
     header = (f"evaluating on {len(prompts)} prompts "
               f"({', '.join(f'{k} {c}' for k, c in kind_counts(prompts).items())}); "
               f"strength multipliers {', '.join(f'{s:g}' for s in cfg.strengths)}; judge mode {cfg.mode}")
-    if not cfg.resume and _unfinished(saved):
+    if not cfg.resume and unfinished(saved):
         header += f"; replacing the unfinished run in {saved} (--resume would reuse its answers)"
 
     with _sigterm_as_ctrl_c() as sigterm:
@@ -187,7 +146,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
         try:
             run_log(header)
             if cfg.resume:
-                run_log(_resume_line(st, saved))
+                run_log(resume_line(st, saved))
             _run(st, model_path, ref_path, judge_path or remote, run_log, save, out)  # type: ignore[arg-type]
             st.timing["total_s"] = round(time.monotonic() - t_run, 2)
             report = build_report(st, complete=True)
@@ -296,148 +255,6 @@ def _cache_note(st: RunState) -> str:
     return f", {len(st.judge_cache.values)} finished judgments in {st.judge_cache.path} (--resume reuses them)"
 
 
-# --- resuming -------------------------------------------------------------------------------------
-
-
-def _read_report(path: Path) -> dict[str, Any] | None:
-    """Return the evaluation report saved at ``path``, None when there is none (AlignezError when it
-    cannot be read as one)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as err:
-        raise AlignezError(f"--resume: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
-    try:
-        report = json.loads(text)
-    except json.JSONDecodeError:
-        raise AlignezError(f"--resume: {path} is not valid JSON; use another --out or run without --resume") from None
-    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
-        raise AlignezError(f"--resume: {path} is not an alignez eval report ({REPORT_FORMAT}); use another --out")
-    return report
-
-
-def _unfinished(path: Path) -> bool:
-    """Return True when ``path`` holds the report of an unfinished run (what --resume would continue)."""
-    try:
-        report = _read_report(path)
-    except AlignezError:
-        return False
-    return report is not None and report.get("complete") is False
-
-
-def _resume(st: RunState, path: Path, model_path: Path, ref_path: Path | None) -> None:
-    """Return None after filling ``st`` with every complete answer group of the unfinished run saved at
-    ``path``: the reference, the unsteered and each strength whose answers cover every prompt.
-
-    AlignezError, before anything is loaded or written, when there is nothing to resume or the saved
-    run differs from this one: a setting, a prompt, the answering or reference model file, a steering
-    file (by SHA-256).
-    """
-    saved = _read_report(path)
-    if saved is None:
-        raise AlignezError(f"--resume: there is no {path} to resume; run without --resume to start a new run")
-    if saved.get("complete") is not False:
-        raise AlignezError(f"--resume: {path} is a finished run, nothing to resume; "
-                           "run without --resume to redo it, or use another --out")
-    diff = _first_difference(saved.get("settings"), json_safe(settings_of(st)))
-    if diff is not None:
-        name, old, new = diff
-        raise AlignezError(f"--resume: the saved run used {name} {_show(old)}, this one {_show(new)}; "
-                           "use another --out or the same settings")
-    records = saved.get("prompts")
-    if not isinstance(records, list) or len(records) != len(st.prompts):
-        raise AlignezError(f"--resume: {path} has {len(records) if isinstance(records, list) else 'no'} prompt "
-                           f"records, this run {len(st.prompts)}; use another --out")
-    for i, (rec, p) in enumerate(zip(records, st.prompts)):
-        if not isinstance(rec, dict) or rec.get("prompt") != p.text or rec.get("kind") != p.kind:
-            raise AlignezError(f"--resume: prompt {i + 1} of the saved run is not this run's (was the prompts file "
-                               "changed?); use another --out")
-    try:  # a record of the wrong shape (an edited file) raises one of the errors caught below
-        models = saved.get("models") or {}
-        if "answer" in models:
-            _check_same_file(models["answer"], model_path, "the answering model")
-            st.models["answer"] = models["answer"]  # verified: _run takes its SHA-256 from here, not from the file again
-        saved_files = (saved.get("steering") or {}).get("files") or []
-        for old_file, new_file in zip(saved_files, _steering_files(st.cfg)):
-            if old_file.get("sha256") != new_file["sha256"]:
-                raise AlignezError(f"--resume: the {new_file['kind']} file {new_file['path']} changed since the saved "
-                                   "run (its SHA-256 differs); use another --out or the same file")
-        reference = _complete_group(records, lambda r: r.get("reference"))
-        if reference and ref_path is not None and "reference" in models:
-            _check_same_file(models["reference"], ref_path, "the reference model")
-            st.reference, st.models["reference"] = reference, models["reference"]
-        st.unsteered = _complete_group(records, lambda r: r.get("unsteered"))
-        if st.unsteered:  # steered answers are only reused beside their unsteered ones
-            for s in st.cfg.strengths:
-                group = _complete_group(records, lambda r, s=s: next(
-                    (a for a in r.get("steered") or [] if a.get("strength") == s), None))
-                if group:
-                    st.steered[s] = group
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise AlignezError(f"--resume: {path} has a damaged record; use another --out") from None
-    reused = (["reference"] if st.reference else []) + (["unsteered"] if st.unsteered else []) + [
-        f"x{s:g}" for s in st.cfg.strengths if s in st.steered]
-    st.resumed = {"from": str(path), "saved_created": saved.get("created"), "reused": reused}
-
-
-def _complete_group(records: list[dict[str, Any]], pick: Callable[[dict[str, Any]], Any]) -> list[Answer]:
-    """Return the answers ``pick`` finds in every prompt record, or [] when any record lacks one."""
-    found = [pick(r) for r in records]
-    return [Answer.from_json(a) for a in found] if found and all(a is not None for a in found) else []
-
-
-def _check_same_file(saved_info: dict[str, Any], path: Path, role: str) -> None:
-    """Return None when the model file at ``path`` is the one the saved run recorded (by SHA-256)."""
-    if saved_info.get("sha256") != _sha256(path):
-        raise AlignezError(f"--resume: {role} {path} is not the file the saved run used (its SHA-256 differs); "
-                           "use another --out or the same model")
-
-
-def _sha256(path: str | Path) -> str:
-    """Return the SHA-256 of a file (AlignezError when it cannot be read)."""
-    try:
-        return file_sha256(path)
-    except OSError as err:
-        raise AlignezError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _first_difference(old: Any, new: Any, name: str = "settings") -> tuple[str, Any, Any] | None:
-    """Return (name, saved value, new value) of the first setting that differs, None when all agree.
-    Nested blocks (sampling) are compared key by key, so the name is the innermost one."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in [*new, *(k for k in old if k not in new)]:
-            diff = _first_difference(old.get(key), new.get(key), key)
-            if diff is not None:
-                return diff
-        return None
-    return None if old == new else (name, old, new)
-
-
-def _show(value: Any) -> str:
-    """Return a setting's value as a user types it: 0,1 for lists, none for None."""
-    if value is None:
-        return "none"
-    if isinstance(value, list):
-        return ",".join(_show(v) for v in value) or "none"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def _resume_line(st: RunState, path: Path) -> str:
-    """Return the log line saying what --resume reused and what is left to answer."""
-    reused = st.resumed["reused"]
-    if not reused:
-        return f"--resume: {path} has no finished answer group to reuse; answering everything"
-    todo = ((["reference"] if st.cfg.reference and not st.reference else []) + ([] if st.unsteered else ["unsteered"])
-            + [f"x{s:g}" for s in st.cfg.strengths if s not in st.steered])
-    judging = ("perplexity is recomputed, judging reuses the judgments in " + JUDGE_CACHE if st.cfg.judge_urls
-               else "perplexity and judging are recomputed")
-    return (f"--resume: reusing the {', '.join(reused)} answers ({len(st.prompts)} prompts each) of {path}; "
-            f"{'answering ' + ', '.join(todo) if todo else 'nothing left to answer'}; {judging}")
-
-
 # --- the stages -----------------------------------------------------------------------------------
 
 
@@ -455,12 +272,6 @@ def _remote_info(desc: dict[str, Any]) -> dict[str, Any]:
     ``path`` and ``sha256`` say so in the shape the summary reads)."""
     return {"name": f"{desc['model']} (remote)", "path": desc["urls"][0], "sha256": "n/a (remote)",
             "model": desc["model"], "urls": desc["urls"]}
-
-
-def _steering_files(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Return the kind, path and SHA-256 of every steering file (the report's record of what steered)."""
-    return ([{"kind": "vector", "path": v, "sha256": _sha256(parse_steering_spec(v).path)} for v in cfg.vectors]
-            + [{"kind": "profile", "path": p, "sha256": _sha256(parse_steering_spec(p).path)} for p in cfg.profiles])
 
 
 def _run(st: RunState, model_path: Path, ref_path: Path | None, judge_model: Path | RemoteBackend, log: LogFn,
@@ -525,11 +336,14 @@ def _open_judge(st: RunState, judge_model: Path | RemoteBackend, out: Path, log:
     judgments in ``out`` (emptied unless resuming)."""
     cfg = st.cfg
     if isinstance(judge_model, Path):
-        return Judge.open(str(judge_model), cfg.mode, cfg.margin, cfg.judge_runtime)
-    st.judge_cache = JudgeCache(out / JUDGE_CACHE, fresh=not cfg.resume)
-    if st.judge_cache.loaded:
-        log(f"[judge] reusing {st.judge_cache.loaded} finished judgments from {st.judge_cache.path}")
-    return Judge(judge_model, cfg.mode, cfg.margin, st.judge_cache)
+        judge = open_judge(str(judge_model), settings=cfg.judge_runtime, mode=cfg.mode, margin=cfg.margin)
+    else:
+        st.judge_cache = JudgeCache(out / JUDGE_CACHE, fresh=not cfg.resume)
+        if st.judge_cache.loaded:
+            log(f"[judge] reusing {st.judge_cache.loaded} finished judgments from {st.judge_cache.path}")
+        judge = open_judge(judge_model, mode=cfg.mode, margin=cfg.margin, cache=st.judge_cache)
+    assert judge is not None  # a model or a backend always opens one
+    return judge
 
 
 def _answer(st: RunState, eng: Engine, log: LogFn, save: Callable[[str], None]) -> None:
@@ -540,7 +354,7 @@ def _answer(st: RunState, eng: Engine, log: LogFn, save: Callable[[str], None]) 
     for w in steering.warnings:
         log(f"warning: {w}")
     st.steering_desc = steering.describe()
-    st.steering_files = _steering_files(cfg)
+    st.steering_files = steering_files(cfg)
     # Each checkpoint names the stage that comes next.
     next_stages = [f"steered x{s:g} answers" for s in cfg.strengths] + ["perplexity"]
     if not st.unsteered:  # --resume brings only complete groups

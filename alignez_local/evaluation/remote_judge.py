@@ -42,7 +42,8 @@ from typing import Any
 from scipy.special import logsumexp
 
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.judge import NO_REMOTE_PAIRWISE, JudgeRequest, ResultFn
+from alignez_local.evaluation.judge import NO_REMOTE_PAIRWISE, ResultFn
+from alignez_local.evaluation.judge_prompts import JudgeRequest
 
 KEY_ENVS = ("ALIGNEZ_JUDGE_API_KEY", "OPENAI_API_KEY")
 """Where the API key is read from, first set wins."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from alignez_local.version import __version__
 from alignez_local.evaluation.answers import Answer
-from alignez_local.evaluation.prompt_sets import EvalPrompt
+from alignez_local.prompt_sets import EvalPrompt
+from alignez_local.evaluation.run_state import RunState
 from alignez_local.measures.statistics import (
     BOOTSTRAP_RESAMPLES,
     gap_closed,
@@ -22,8 +23,6 @@ from alignez_local.measures.statistics import (
     refusal_rates,
 )
 
-if TYPE_CHECKING:  # the run imports this module; the state type is only needed for hints
-    from alignez_local.evaluation.evaluate import RunState
 
 REPORT_FORMAT = "alignez-eval/1"
 
@@ -99,8 +98,8 @@ def settings_of(st: RunState) -> dict[str, Any]:
         "judge": cfg.judge, "mode": cfg.mode, "margin_nats": cfg.margin, "refusal_judge": cfg.refusal_judge,
         "quality_judge": cfg.quality_judge,
         "reference": cfg.reference, "strengths": list(cfg.strengths),
-        "sampling": dataclasses.asdict(cfg.sampling), "threads": cfg.threads, "n_ctx": cfg.n_ctx,
-        "parallel": cfg.parallel, "judge_ctx": cfg.judge_ctx, "judge_parallel": cfg.judge_parallel,
+        "sampling": dataclasses.asdict(cfg.sampling), "threads": cfg.runtime.threads,
+        "n_ctx": cfg.runtime.n_ctx, "parallel": cfg.runtime.parallel, "judge_ctx": cfg.judge_ctx, "judge_parallel": cfg.judge_parallel,
         "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "bootstrap_seed": cfg.sampling.seed,
     }
 

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
+from alignez_local.specs import check_strength
+from alignez_local.formats.gate import GATE_SITE, KEY_GATE, Gate
 from alignez_local.formats.gguf_file import GGUFContents
 from alignez_local.formats.gguf_write import write_gguf
 from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH, DIRECTION_RE
@@ -41,7 +44,6 @@ from alignez_local.formats.steering_file import (
     RESERVED_KEYS,
     SteeringFile,
     finite_scalar,
-    is_int,
     is_number,
     layer_array,
     read_calibration,
@@ -52,67 +54,17 @@ KEY_MODEL_HINT = "controlvector.model_hint"
 KEY_LAYER_COUNT = "controlvector.layer_count"
 META_PREFIX = "alignez."
 META_N_LAYER = "alignez.model.n_layer"
-KEY_GATE = "alignez.gate"
-
-# Gate sites: where the gate reads a prompt's state. Only the layer output, the node llama.cpp
-# adds control vectors to, so a gate and its vector live in the same place.
-GATE_SITE = "l_out"
 
 MetaValue = str | int | float
 
 
-@dataclass(frozen=True, eq=False)
-class Gate:
-    """When a vector applies: to prompts whose state at ``l_out-layer`` (the last prompt token,
-    unsteered) projects onto ``direction`` above ``threshold``.
+class VectorTarget(Protocol):
+    """What a control vector is applied to: an engine that adds vectors to its layers' outputs
+    (``llama.engine.Engine``; a protocol, so files do not depend on the engine)."""
 
-    ``direction`` is a unit float32 (n_embd,) array. The rule is linear: ``x @ direction > threshold``.
-    """
+    n_layer: int
 
-    layer: int
-    direction: np.ndarray
-    threshold: float
-
-    def __post_init__(self) -> None:
-        if not is_int(self.layer) or not 0 <= int(self.layer) <= MAX_LAYER:
-            raise AlignezError(f"a gate's layer must be an integer in 0..{MAX_LAYER}, got {self.layer!r}")
-        arr = np.array(self.direction, dtype=np.float32)
-        if arr.ndim != 1 or not 1 <= arr.size <= MAX_N_EMBD or not np.all(np.isfinite(arr)):
-            raise AlignezError(f"a gate's direction must be 1-D with 1..{MAX_N_EMBD} finite values")
-        if not np.any(arr):
-            raise AlignezError("a gate's direction is zero; it cannot tell prompts apart")
-        arr.setflags(write=False)
-        object.__setattr__(self, "layer", int(self.layer))
-        object.__setattr__(self, "direction", arr)
-        object.__setattr__(self, "threshold", finite_scalar(self.threshold, "a gate's threshold"))
-
-    def opens(self, states: np.ndarray) -> np.ndarray:
-        """Return one bool per row of ``states`` (n, n_embd): True where the gate lets the vector act."""
-        proj = np.atleast_2d(np.asarray(states, dtype=np.float64)) @ self.direction.astype(np.float64)
-        return proj > self.threshold
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Gate):
-            return NotImplemented
-        return (self.layer, self.threshold) == (other.layer, other.threshold) and np.array_equal(self.direction, other.direction)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"site": GATE_SITE, "layer": self.layer, "threshold": self.threshold,
-                "direction": [float(v) for v in self.direction]}
-
-    @classmethod
-    def from_json(cls, raw: object, where: str) -> "Gate":
-        """Return the gate stored as JSON text in a file, or raise AlignezError (the file is damaged)."""
-        try:
-            d = json.loads(raw) if isinstance(raw, str) else None
-        except (ValueError, RecursionError):
-            d = None
-        if not isinstance(d, dict) or d.get("site", GATE_SITE) != GATE_SITE or not isinstance(d.get("direction"), list) \
-                or not all(is_number(v) for v in d["direction"]):
-            raise AlignezError(f"{where}: {KEY_GATE} is not a gate (site, layer, threshold, direction); the file is damaged")
-        return cls(d.get("layer"), np.array(d["direction"], dtype=np.float32), d.get("threshold"))  # type: ignore[arg-type]
+    def control_vector(self, vectors: Mapping[int, np.ndarray]) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -292,6 +244,19 @@ class ControlVector(SteeringFile):
                 f"vector {self.name} has direction.{max(too_high)} but the model has {n_layer} layers "
                 f"(1..{n_layer - 1} usable)"
             )
+
+    @contextmanager
+    def apply(self, engine: VectorTarget, strength: float | None = None) -> Iterator[None]:
+        """Steer everything ``engine`` generates inside this block with the vector at ``strength``
+        (None: the file's calibrated strength, else 1), through llama.cpp's own control vector, as
+        ``--control-vector-scaled`` does. A gated vector decides per prompt, which a block around
+        any generation cannot: steer it with ``alignez_local.generate`` (or ``Steering``) instead."""
+        if self.gate is not None:
+            raise AlignezError(f"vector {self.name} is gated (it steers only the prompts its gate opens on); "
+                               "use alignez_local.generate(engine, prompts, vector) to apply it")
+        s = self.default_strength_or_one if strength is None else check_strength(float(strength))
+        with engine.control_vector({L: s * d for L, d in self.directions.items() if 1 <= L < engine.n_layer}):
+            yield
 
     def check_compatible(self, n_layer: int, n_embd: int, arch: str) -> list[str]:
         """Return warnings about using this vector on a model; raise AlignezError if it cannot work.

@@ -14,6 +14,9 @@ Checking every count before use is what makes this module longer than ~400 lines
 the reader. What kind of file it is (``kinds``) and writing (``gguf_write``) live beside it.
 """
 
+# size: one bounded parser; its limits (counts, lengths, offsets checked before any allocation) read
+# best in one place, and the fuzz tests target this one file.
+
 from __future__ import annotations
 
 import mmap

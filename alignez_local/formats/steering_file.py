@@ -159,7 +159,7 @@ class SteeringFile:
 
     def calibration_warning(self) -> str | None:
         """Return a warning when the file's behaviour calibration found that no strength beat a random
-        direction of the same norm (align/calibrate_behaviour.py), else None."""
+        direction of the same norm (align/strength_by_behaviour.py), else None."""
         cal = self.calibration or {}
         if cal.get("rule") == "behaviour" and cal.get("beats_random") is False:
             return (f"its calibration found that {cal.get('verdict', 'no strength beat a random direction')} "

@@ -21,6 +21,9 @@ Design notes (the why):
   computed under other settings is ever reused.
 """
 
+# size: the Engine facade is the one public surface over llama.cpp (generate, capture, logits,
+# control vectors, edits); each method is short and delegates to scheduler/hooks/vocab.
+
 from __future__ import annotations
 
 import ctypes

@@ -60,6 +60,14 @@ def distinct_share(text: str, n: int = REPEAT_NGRAM) -> float:
     return len(set(grams)) / len(grams) if len(grams) > 1 else 1.0
 
 
+def repetitive(text: str, n: int = 3, share: float = 0.5) -> bool:
+    """Return True when more than ``share`` of the answer's word ``n``-grams repeat an earlier one
+    (at least 8 of them): the text is stuck in a loop, however predictable each token is."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) >= 8 and 1 - len(set(grams)) / len(grams) > share
+
+
 def fluency_from_nll(nll: np.ndarray, reference_nll: float, texts: Sequence[str],
                      span: float = FLUENCY_SPAN_NATS) -> np.ndarray:
     """Return fluency in 0..1 per answer from its mean per-token NLL under the unsteered model.

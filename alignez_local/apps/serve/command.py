@@ -13,7 +13,7 @@ import click
 from alignez_local.align.steering import DEFAULT_TOP_N
 from alignez_local.apps.cli_options import model_options
 from alignez_local.errors import AlignezError
-from alignez_local.settings import RuntimeSettings, open_engine
+from alignez_local.settings import ModelRun
 
 
 def _http_stack() -> None:
@@ -71,7 +71,7 @@ def _server_class() -> type:
                    "slot (llama-server's default): shared system prompts are read once per slot, but an "
                    "answer's last bits, and so sometimes its tokens, then depend on the requests before it.")
 def serve_command(
-    model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
+    model: ModelRun,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
     host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int, flash_attn: bool,
     cache_prompt: bool,
@@ -97,9 +97,8 @@ def serve_command(
 
     if api_key is not None and not api_key.strip():
         raise AlignezError("--api-key is empty; give a key or leave the option out")
-    settings = RuntimeSettings(threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel, verbose=verbose,
-                               flash_attn=flash_attn)
-    engine = open_engine(model, settings)
+    engine = ModelRun(model.model, model.runtime.with_(flash_attn=flash_attn)).open()
+    parallel, verbose = model.runtime.parallel, model.runtime.verbose
     app = None
     try:
         steering, warnings = SteeringSet.load(engine, vectors, profiles, top_n)

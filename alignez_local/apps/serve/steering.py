@@ -50,7 +50,8 @@ import numpy as np
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import GATE_SITE, ControlVector, read_control_vector
+from alignez_local.formats.gate import GATE_SITE
+from alignez_local.formats.control_vector import ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.llama.engine import Edit, EditFn, Engine
 from alignez_local.specs import MAX_STRENGTH, check_strength, parse_steering_spec

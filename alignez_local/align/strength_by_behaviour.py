@@ -1,0 +1,380 @@
+"""A default strength chosen by the behaviour itself, and the baselines every claim stands beside.
+
+The fluency-only rule (``calibrate.py``) picked the largest strength that kept perplexity within
+10%; nothing in it looked at whether the behaviour appeared, and on Qwen2.5-Coder-0.5B it stopped a
+"French-speaking" vector at a strength where no answer was French. Here the strength is the one
+that maximises the **combined** score (``measures.behaviour``: the harmonic mean of behaviour,
+relevance and fluency, so gibberish scores 0) on held-out queries:
+
+1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
+   on the *choose* half only, from small to large, until fluency or relevance breaks (mean below
+   ``BREAK_SHARE`` of the unsteered answers');
+2. the grid doubles, and the window where a behaviour appears before fluency breaks can be narrower
+   than a doubling (Qwen 0.5B, brevity: x0.5 gave half the answers short and fluent, x1 all of them
+   short and a third of them "I am a AI created by Alibaba Cloud."), so the geometric midpoints
+   between the best strength and its tried neighbours are tried too (``refine``; when even the
+   smallest strength breaks, it is first halved until it does not); the strength with the best
+   mean combined score of all is chosen (the smaller on a tie);
+3. on the other, *report* half, the chosen strength is measured beside the unsteered model,
+   prompting (the positive persona as system prompt: the ceiling) and a random direction with the
+   same per-layer norms at the same strength (the null). The reported figures are never the ones
+   the strength was chosen on.
+
+``beats_random`` is True only when the steered answers' combined score is above the random
+direction's with a paired bootstrap 95% interval that excludes 0 *and* more answers show the
+behaviour than unsteered. When it is False the report, the file's calibration record and the
+printed line say so plainly; the best strength found is still stored (so the file loads and can be
+tried), but nothing claims it works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from alignez_local.align.axes import PreferenceAxis
+from alignez_local.align.directions import random_like, random_subspaces_like
+from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot
+from alignez_local.errors import AlignezError
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.formats.profile import SteeringProfile
+from alignez_local.measures.behaviour import YesNoJudge, measure_for
+from alignez_local.measures.scoring import ScoredAnswers, Scorer
+from alignez_local.measures.statistics import paired_difference_ci
+from alignez_local.llama.engine import Engine, Sampling
+
+STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+"""Multiples of a vector as fitted. For a difference-of-means vector, 1 moves the state by the whole
+average difference the behaviour makes at every steered layer; the measured window is narrow (on
+Qwen 0.5B, French: 0.25 works, 1 is gibberish), hence the fine steps at the low end."""
+
+BREAK_SHARE = 0.5
+"""A strength whose mean fluency or relevance on the choose half falls below this share of the
+unsteered answers' ends the search: larger strengths only break more."""
+
+LOWER_STEPS = 3
+"""When the smallest strength already breaks, ``refine`` halves it up to this many times."""
+
+ANSWER_TOKENS = 64
+CHOOSE_QUERIES = 8
+REPORT_QUERIES = 16
+SCREEN_QUERIES = 8
+LOW_CEILING = 0.2
+"""Below this prompting behaviour rate, ``steer``'s screen warns that a vector is unlikely to do better."""
+
+SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.1)
+
+
+def unsteered_nll(engine: Engine, system: str | None = None) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
+    unsteered when called) with the question as a chat prompt (``system``: under that system prompt);
+    NaN for an empty answer.
+
+    Every (question, answer) is read once: a calibration scores many answers that equal others
+    (a weak strength or the random direction often leaves an answer unchanged, and the unsteered
+    answers are read for the reference and again as a condition), and reading them is most of the
+    calibration's work (three reads of every answer: plain, asked, and after the null question)."""
+    seen: dict[tuple[str, str], float] = {}
+
+    def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+        keys = [(q, a) for q, a in zip(questions, answers)]
+        todo = list(dict.fromkeys(k for k in keys if k[1].strip() and k not in seen))
+        if todo:
+            lps = engine.continuation_logprobs([engine.prompt(q, system) for q, _ in todo], [a for _, a in todo])
+            for k, lp in zip(todo, lps):
+                seen[k] = float(-lp.mean()) if lp.size else np.nan
+        return np.array([seen.get(k, np.nan) for k in keys], dtype=np.float64)
+    return nll
+
+
+def split_heldout(queries: Sequence[str], n_choose: int, n_report: int) -> tuple[list[str], list[str]]:
+    """Return (choose, report): two disjoint lists of held-out queries, report taken from the end.
+
+    Duplicates are dropped first, so no text is both chosen on and reported on.
+    """
+    unique = list(dict.fromkeys(queries))
+    if len(unique) < 2:
+        raise AlignezError("calibration needs at least two distinct held-out queries (one to choose on, one to report on)")
+    n_report = min(n_report, len(unique) // 2)
+    report = unique[len(unique) - n_report:]
+    choose = unique[max(0, len(unique) - n_report - n_choose):len(unique) - n_report]
+    return choose, report
+
+
+@dataclass
+class BehaviourBench:
+    """Held-out queries, the scorer, and the answers of the fixed conditions (measured once).
+
+    ``engine`` must be unsteered whenever the scorer reads (it rescores answers under the plain
+    model, and the judge may be the same model). ``system`` is the prompting baseline's system
+    prompt: the axis's positive guide.
+    """
+
+    engine: Engine
+    scorer: Scorer
+    system: str
+    choose: list[str]
+    report: list[str]
+    sampling: Sampling = SAMPLING
+    _fixed: dict[tuple[str, str], ScoredAnswers] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if set(self.choose) & set(self.report):
+            raise ValueError("the choose and report halves share a query")
+
+    def answers(self, questions: Sequence[str], steering: Steering | None = None, system: str | None = None) -> list[str]:
+        """Return greedy answers to ``questions`` (plain text), steered or with a system prompt."""
+        prompts = [self.engine.prompt(q, system) for q in questions]
+        if steering is None:
+            return [c.text for c in self.engine.generate(prompts, self.sampling)]
+        return [c.text for c in steering.generate(self.engine, prompts, self.sampling)]
+
+    def fixed(self, condition: str, half: str) -> ScoredAnswers:
+        """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
+        half, measured once."""
+        if self.scorer.reference_nll is None:
+            # Fluency is relative to the model's own answers, plain and when asked for the behaviour:
+            # both are answered on the first half before anything is scored.
+            first = "choose" if self.choose else "report"
+            qs = self.choose if self.choose else self.report
+            plain, asked = self.answers(qs), self.answers(qs, system=self.system)
+            self.scorer.set_reference(qs, plain, asked)
+            self._fixed[("unsteered", first)] = self.scorer.score(qs, plain)
+            self._fixed[("prompting", first)] = self.scorer.score(qs, asked)
+        key = (condition, half)
+        if key not in self._fixed:
+            qs = self.choose if half == "choose" else self.report
+            ans = self.answers(qs, system=self.system if condition == "prompting" else None)
+            self._fixed[key] = self.scorer.score(qs, ans)
+        return self._fixed[key]
+
+    def steered(self, questions: Sequence[str], steering: Steering) -> ScoredAnswers:
+        return self.scorer.score(questions, self.answers(questions, steering))
+
+    def side_by_side(self, steerings: Mapping[str, Steering], randoms: Mapping[str, Steering],
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
+        """Return the report half's summaries: unsteered, prompting, then each random null and each
+        steering (``alignez eval``'s behaviour table, built as steer's is)."""
+        table = {"unsteered": self.fixed("unsteered", "report").summary(seed),
+                 "prompting": self.fixed("prompting", "report").summary(seed)}
+        for name, st in randoms.items():
+            table[name] = self.steered(self.report, st).summary(seed)
+        for name, st in steerings.items():
+            table[name] = self.steered(self.report, st).summary(seed)
+        return table
+
+
+@dataclass(frozen=True)
+class BehaviourTrial:
+    """What one strength did on the choose half."""
+
+    strength: float
+    behaviour_rate: float
+    relevance: float
+    fluency: float
+    combined: float
+    broken: bool
+
+
+@dataclass(frozen=True)
+class BehaviourCalibration:
+    """The chosen strength, the search behind it, and the figures reported on the other half."""
+
+    strength: float
+    beats_random: bool
+    verdict: str
+    measure: str
+    choose_queries: int
+    report_queries: int
+    max_tokens: int
+    trials: list[BehaviourTrial]
+    report: dict[str, dict[str, Any]]  # condition -> ScoredAnswers.summary() on the report half
+    vs_random: dict[str, float]  # combined score difference, steered - random, with its 95% interval
+    rule: str = "behaviour"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
+        return asdict(self)
+
+    def line(self, what: str) -> str:
+        """Return one line: the strength, the behaviour rate beside prompting and random, the verdict."""
+        def rate(cond: str) -> str:
+            r = self.report.get(cond, {}).get("behaviour_rate", {})
+            return f"{100 * r['mean']:.0f}%" if r else "n/a"
+        return (f"{what}: strength {self.strength:g} ({self.verdict}); {self.measure} on {self.report_queries} held-out "
+                f"queries: steered {rate('steered')}, random direction {rate('random')}, prompting {rate('prompting')}, "
+                f"unsteered {rate('unsteered')}")
+
+
+def calibrate_behaviour(
+    bench: BehaviourBench,
+    make_steering: Callable[[float], Steering],
+    make_random: Callable[[float], Steering],
+    *,
+    strengths: Sequence[float] = STRENGTHS,
+    on_trial: Callable[[BehaviourTrial], None] | None = None,
+    seed: int = 0,
+    refine: bool = True,
+) -> BehaviourCalibration:
+    """Return the strength that maximises the combined score on ``bench.choose``, reported on
+    ``bench.report`` beside unsteered, prompting and a random direction (module docstring)."""
+    cands = sorted(float(s) for s in strengths if s > 0)
+    if not cands:
+        raise AlignezError("calibration needs at least one positive strength")
+    base = bench.fixed("unsteered", "choose")
+    floor_fluency, floor_relevance = BREAK_SHARE * base.mean("fluency"), BREAK_SHARE * base.mean("relevance")
+    trials: list[BehaviourTrial] = []
+
+    def attempt(s: float) -> BehaviourTrial:
+        sc = bench.steered(bench.choose, make_steering(s))
+        broken = sc.mean("fluency") < floor_fluency or sc.mean("relevance") < floor_relevance
+        trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"), bool(broken))
+        trials.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+        return trial
+
+    for s in cands:
+        if attempt(s).broken:
+            break
+    if refine and trials[0].broken:
+        # Broken at the smallest strength: a smaller model's window can lie below the grid (SmolLM2,
+        # French: x0.0625 already 100% French at half the unsteered relevance). Halve until it holds.
+        s = trials[0].strength
+        for _ in range(LOWER_STEPS):
+            s = round(s / 2, 6)
+            if not attempt(s).broken:
+                break
+    for s in midpoints(trials) if refine else ():
+        attempt(s)
+    best = best_trial([t for t in trials if not t.broken] or trials[:1])
+    steered = bench.steered(bench.report, make_steering(best.strength))
+    random = bench.steered(bench.report, make_random(best.strength))
+    unsteered, prompting = bench.fixed("unsteered", "report"), bench.fixed("prompting", "report")
+    diff, lo, hi = paired_difference_ci(steered.combined, random.combined, seed)
+    more_than_plain = steered.mean("behaviour_rate") > unsteered.mean("behaviour_rate")
+    beats = bool(lo > 0 and more_than_plain)
+    if beats:
+        verdict = "beats a random direction of the same norm"
+    elif not more_than_plain:
+        verdict = "NO strength made the behaviour more frequent than unsteered"
+    else:
+        verdict = "does NOT beat a random direction of the same norm"
+    report = {name: sc.summary(seed) for name, sc in
+              (("unsteered", unsteered), ("prompting", prompting), ("random", random), ("steered", steered))}
+    return BehaviourCalibration(best.strength, beats, verdict, bench.scorer.measure.label, len(bench.choose),
+                                len(bench.report), bench.sampling.max_tokens, trials, report,
+                                {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)})
+
+
+def best_trial(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
+    """Return the trial with the best mean combined score, the smaller strength on a tie."""
+    return max(trials, key=lambda t: (round(t.combined, 6), -t.strength))
+
+
+def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
+    """Return the geometric midpoints between the most promising trial and the strengths tried just
+    below and above it (the one above may have broken), rounded, none already tried.
+
+    The most promising trial is the best by combined score; when no strength showed the behaviour
+    (every combined score 0) it is the strongest unbroken one, where the behaviour may be about to
+    appear."""
+    if not trials:
+        return []
+    ordered = sorted(trials, key=lambda t: t.strength)
+    usable = [t for t in ordered if not t.broken]
+    if not usable:
+        return []
+    best = best_trial(usable)
+    if best.combined <= 0:
+        best = usable[-1]
+    i = ordered.index(best)
+    tried = {round(t.strength, 4) for t in ordered}
+    out = []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(ordered):
+            mid = round(float(np.sqrt(best.strength * ordered[j].strength)), 4)
+            if mid not in tried:
+                out.append(mid)
+    return out
+
+
+def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: ScoredAnswers) -> tuple[str, bool]:
+    """Return the screening line (does the model show the behaviour when asked?) and whether the
+    prompting ceiling is too low for a vector to be likely to help."""
+    p, u = prompting.mean("behaviour_rate"), unsteered.mean("behaviour_rate")
+    low = p < LOW_CEILING
+    n = int(prompting.behaviour.size)
+    line = (f"screen: asked by a system prompt, {model} gives {label} in {100 * p:.0f}% of {n} answers "
+            f"(unsteered {100 * u:.0f}%)")
+    if low:
+        line += "; a vector is unlikely to do better than the model does when asked"
+    return line, low
+
+
+def axis_bench(engine: Engine, axis: PreferenceAxis, judge: YesNoJudge | None, choose: Sequence[str],
+               report: Sequence[str], sampling: Sampling = SAMPLING) -> BehaviourBench:
+    """Return the bench that scores ``axis``'s behaviour on ``engine``: the axis's measure
+    (``measures.behaviour.measure_for``), fluency read plainly and under the positive guide, the
+    prompting baseline under that guide. The one place a behaviour scorer is set up (``steer``'s
+    screen and calibration, ``alignez eval``'s behaviour table)."""
+    guide = axis.guide("positive")
+    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
+                    nll_asked=unsteered_nll(engine, guide))
+    return BehaviourBench(engine, scorer, guide, list(choose), list(report), sampling=sampling)
+
+
+def random_vector(vector: ControlVector, seed: int) -> ControlVector:
+    """Return a random direction per layer of ``vector``, each of the same norm: the null a vector is
+    measured against."""
+    return ControlVector(random_like({L: vector.directions[L] for L in vector.layers}, seed),
+                         model_hint=vector.model_hint, name="random")
+
+
+def random_profile(profile: SteeringProfile, seed: int) -> SteeringProfile:
+    """Return ``profile`` with random subspaces of the same sizes: the null a profile is measured against."""
+    return dataclasses.replace(profile, subspaces=random_subspaces_like(dict(profile.subspaces), seed), name="random")
+
+
+def random_null(slot: VectorSlot | ProfileSlot, seed: int, layer_range: tuple[int, int] | None = None,
+                top_n: int = DEFAULT_TOP_N) -> Steering:
+    """Return the null of one loaded file: a random direction (or subspace) of the same size at the
+    same strength."""
+    if isinstance(slot, VectorSlot):
+        return Steering(vectors=[VectorSlot("random", random_vector(slot.vector, seed), slot.strength)],
+                        layer_range=layer_range)
+    return Steering(profiles=[ProfileSlot("random", random_profile(slot.profile, seed), slot.strength)],
+                    layer_range=layer_range, top_n=top_n)
+
+
+def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
+                     on_status: Callable[[str], None] = lambda _line: None, seed: int = 0,
+                     strengths: Sequence[float] = STRENGTHS, refine: bool = True) -> dict[str, BehaviourCalibration]:
+    """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
+    random direction of its own kind and size; the unsteered and prompting answers are shared).
+
+    The profile's exact edit adds up to ``strength`` per unit direction, so its grid is the vector's
+    scaled by the vector's median per-layer norm: the two are then tried at comparable sizes."""
+    noise = random_vector(vector, seed + 1)
+    def trial_line(what: str) -> Callable[[Any], None]:
+        return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
+                                   f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}"
+                                   + (" (broken)" if t.broken else ""))
+    cal_v = calibrate_behaviour(bench, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]),
+                                lambda s: Steering(vectors=[VectorSlot("random", noise, s)]),
+                                strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine)
+    on_status(cal_v.line("vector"))
+    if profile is None:
+        return {"vector": cal_v}
+    scale = float(np.median([np.linalg.norm(vector.directions[L]) for L in vector.layers]))
+    rand_prof = random_profile(profile, seed + 2)
+    cal_p = calibrate_behaviour(bench, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=top_n),
+                                lambda s: Steering(profiles=[ProfileSlot("random", rand_prof, s)], top_n=top_n),
+                                strengths=[round(g * scale, 4) for g in strengths], on_trial=trial_line("profile"), seed=seed,
+                                refine=refine)
+    on_status(cal_p.line("profile"))
+    return {"vector": cal_v, "profile": cal_p}

@@ -1,0 +1,220 @@
+"""The Python API: what a notebook user reaches for, and what the ``alignez`` commands call.
+
+    import alignez_local as az
+
+    engine = az.load("qwen2.5-coder-0.5b-instruct")
+    result = az.steer(engine, axis="french")              # the model writes its own pairs; files optional
+    vector = az.train(engine, [("Name a fruit.", "Une pomme.", "An apple.")])   # your own pairs
+    with result.vector.apply(engine):                     # llama.cpp's own control vector, calibrated strength
+        print(az.generate(engine, "What is the capital of Peru?"))
+    table = az.evaluate(engine, result.vector, axis="french")   # behaviour beside prompting and a random direction
+
+Every function takes an open ``Engine`` (``load``) or a model name / GGUF path, which it opens and
+closes itself. Work that takes minutes prints progress bars on stderr; ``on_status`` receives the
+lines ``alignez steer`` prints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alignez_local.align.axes import DEFAULT_AXIS, PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.preferences import GenerationSettings, PreferencePair
+from alignez_local.align.recipes import DEFAULT_RECIPE
+from alignez_local.align.request_contrast import REQUEST_RECIPE
+from alignez_local.align.steering import Steering, VectorSlot
+from alignez_local.align.strength_by_behaviour import STRENGTHS
+from alignez_local.align.vectors import FitSettings, train_vector
+from alignez_local.errors import AlignezError
+from alignez_local.evaluation.behaviour_eval import axis_of, measure_behaviour
+from alignez_local.evaluation.judge import open_judge
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.measures.behaviour import measure_for
+from alignez_local.models import DEFAULT_MODEL, ModelId
+from alignez_local.pipeline import (
+    STEER_QUERIES, RequestSteerResult, SteerPaths, SteerPlan, SteerResult, behaviour_bench, run_request_steer, run_steer,
+    screen,
+)
+from alignez_local.progress import StageClock
+from alignez_local.prompt_sets import load_eval_prompts, select_queries
+from alignez_local.settings import ModelRun, RuntimeSettings
+
+ModelLike = Engine | ModelRun | str | Path
+Notify = Callable[[str], None]
+
+# A judge opened for a behaviour run reads short yes/no prompts: a small context and batch suffice.
+JUDGE_RUNTIME = RuntimeSettings(n_ctx=4096, parallel=4)
+
+
+def load(model: str | Path = DEFAULT_MODEL, threads: int | None = None, n_ctx: int = 4096, parallel: int = 8,
+         gpu_layers: int = 0) -> Engine:
+    """Return an engine on ``model`` (a GGUF path or a bundled name). Close it when done, or use
+    it in a ``with`` block."""
+    return ModelRun(model, RuntimeSettings(threads=threads, n_ctx=n_ctx, parallel=parallel, gpu_layers=gpu_layers)).open()
+
+
+@contextmanager
+def _engine(model: ModelLike) -> Iterator[Engine]:
+    """Yield ``model`` when it is an engine, else one opened on it and closed after."""
+    if isinstance(model, Engine):
+        yield model
+        return
+    run = model if isinstance(model, ModelRun) else ModelRun(model)
+    with run.open() as engine:
+        yield engine
+
+
+def resolve_axis(axis: str | PreferenceAxis = DEFAULT_AXIS, positive: str | None = None, negative: str | None = None,
+                 measure: str | None = None) -> PreferenceAxis:
+    """Return a built-in axis by name, or a custom one when ``positive``/``negative`` are given
+    (``measure``: how a custom axis is scored, e.g. ``language:es``; None: chosen from the personas)."""
+    if isinstance(axis, PreferenceAxis):
+        return axis
+    if positive is not None or negative is not None:
+        if positive is None or negative is None:
+            raise AlignezError("a custom axis needs both --positive and --negative personas")
+        return custom_axis(positive, negative, None if axis == DEFAULT_AXIS else axis, measure=measure)
+    found = get_axis(axis)
+    if measure is not None:
+        # A built-in axis's measure is part of what its results mean; a different one is another axis.
+        raise AlignezError(f"--measure is for a custom axis (--positive/--negative); the {found.name} axis is "
+                           f"measured by {found.measure or 'the judge'}")
+    return found
+
+
+def default_recipe(axis: str, queries_given: bool) -> str:
+    """Return steer's recipe when none is given: ``request`` on the harmless axis with its built-in
+    queries (the persona recipes moved no refusals there: docs/journal/2026-11-28-to-12-03.md §1;
+    the request recipe's gated vector did, §8), else the default persona recipe. A user's queries
+    may lack the risky/benign kinds the request recipe needs, so they keep the persona default."""
+    return REQUEST_RECIPE if axis == "harmless" and not queries_given else DEFAULT_RECIPE
+
+
+def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positive: str | None = None,
+          negative: str | None = None, measure: str | None = None, queries: Sequence[str] | None = None,
+          out: str | Path | None = None, generation: GenerationSettings = GenerationSettings(),
+          fit: FitSettings = FitSettings(), recipe: str | None = None, strengths: Sequence[float] | None = None,
+          calibrate_profile: bool = False, judge: str = "auto", screen_only: bool = False,
+          on_status: Notify | None = None, name: str | None = None) -> SteerResult | None:
+    """Make a control vector and a profile for a behaviour, and choose their strength by it:
+    ``alignez steer``.
+
+    The model is screened (does it show the behaviour when asked?), writes its own pairs for
+    ``queries`` (None: the axis's first 64 built-in ones), the pairs are fitted, and the vector's
+    strength is chosen on 8 held-out queries by the behaviour (with relevance and fluency guards)
+    and reported on 16 others beside the unsteered model, prompting and a random direction of the
+    same norm. ``out``: the folder the files go to (preferences.jsonl, profile.gguf, vector.gguf,
+    report.json; a re-run continues from its saved pairs); None keeps them only in the result.
+    ``screen_only``: stop after the screen and return None. ``name``: what the model is called in
+    the output and the files' provenance when ``model`` is an engine (a bundled name is recorded as
+    such). The gated refusal vector (``recipe="request"``) is ``steer_refusals``.
+    """
+    status = on_status or (lambda _line: None)
+    chosen = resolve_axis(axis, positive, negative, measure)
+    recipe = recipe or default_recipe(chosen.name, queries is not None)
+    if recipe == REQUEST_RECIPE:
+        raise AlignezError("the request recipe makes a gated vector with no pairs: use steer_refusals "
+                           "(alignez steer --axis harmless)")
+    grid = tuple(strengths) if strengths else STRENGTHS
+    plan = SteerPlan(chosen, tuple(queries) if queries is not None else tuple(select_queries(None, STEER_QUERIES, chosen.name)),
+                     generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile)
+    with tempfile.TemporaryDirectory(prefix="alignez-steer-") as scratch:
+        folder = None if screen_only else SteerPaths.prepare(out if out is not None else scratch).folder
+        with _engine(model) as engine:
+            needs = measure_for(chosen.measure, chosen.positive, chosen.negative).needs_judge
+            settings = JUDGE_RUNTIME.with_(threads=engine.n_threads)
+            the_judge = open_judge(judge, engine, settings, needs=needs)
+            try:
+                clock = StageClock(engine, getattr(the_judge, "engine", None))
+                bench = behaviour_bench(engine, chosen, plan.queries, the_judge)
+                line, _, _ = screen(bench, _display_name(model, engine, name))
+                clock.lap("screen_s")
+                status(line)
+                if folder is None:
+                    return None
+                return run_steer(engine, plan, folder, ModelId.of(engine, _given_name(model, name)), status, bench, clock=clock)
+            finally:
+                if the_judge is not None and the_judge.engine is not engine:
+                    the_judge.close()
+
+
+def steer_refusals(model: ModelLike, out: str | Path, axis: str | PreferenceAxis = "harmless", queries_file: str | None = None,
+                   seed: int = 0, on_status: Notify | None = None, name: str | None = None) -> RequestSteerResult:
+    """Make the gated refusal vector (``alignez steer --axis harmless``): the model's own refused-minus-
+    complied state on risky requests, behind a gate that reads each prompt, its strength chosen by
+    refusals of held-out requests within an over-refusal budget. Writes OUT/vector.gguf and report.json."""
+    with _engine(model) as engine:
+        return run_request_steer(engine, resolve_axis(axis), out, ModelId.of(engine, _given_name(model, name)), queries_file, seed,
+                                 on_status=on_status or (lambda _line: None))
+
+
+def train(engine: Engine, pairs: Sequence[tuple[str, str, str] | PreferencePair], *, layers: Sequence[int] | None = None,
+          name: str = "vector", pool: str = "mean") -> ControlVector:
+    """Return the difference-of-means control vector of your own pairs, each (query, an answer that
+    shows the behaviour, one that does not), on the middle third of the layers (or ``layers``). The
+    vector has no calibrated strength: try a few with ``vector.apply(engine, strength)``, or measure
+    them with ``evaluate``."""
+    prefs = [p if isinstance(p, PreferencePair) else PreferencePair(str(i), p[0], name, p[1], p[2], recipe="plain")
+             for i, p in enumerate(pairs)]
+    return train_vector(engine, prefs, layers, name, pool)
+
+
+def generate(engine: Engine, prompts: str | Sequence[str], vector: ControlVector | None = None,
+             strength: float | None = None, system: str | None = None,
+             sampling: Sampling = Sampling(temperature=0.0, max_tokens=128)) -> str | list[str]:
+    """Return the model's answer to a user message (a list of answers for a list), steered by
+    ``vector`` at ``strength`` (None: its calibrated strength, else 1) when given. Gated vectors
+    steer only the prompts their gate opens on."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    formatted = [engine.prompt(t, system) for t in texts]
+    if vector is None:
+        done = engine.generate(formatted, sampling)
+    else:
+        s = vector.default_strength_or_one if strength is None else float(strength)
+        done = Steering(vectors=[VectorSlot(vector.name, vector, s)]).generate(engine, formatted, sampling)
+    answers = [c.text for c in done]
+    return answers[0] if isinstance(prompts, str) else answers
+
+
+def evaluate(engine: Engine, vector: ControlVector, axis: str | PreferenceAxis | None = None,
+             strength: float | None = None, questions: Sequence[str] | None = None, judge: str = "auto",
+             max_tokens: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Return the behaviour table of ``vector`` (``alignez eval --behaviour``): on ``questions``
+    (None: the built-in ordinary evaluation prompts, harmful ones for a refusal axis), the behaviour
+    rate with its 95% interval, relevance, fluency and the combined score for the unsteered model,
+    prompting (the positive persona as system prompt), a random direction of the same norm at the
+    same strength, and the vector. ``axis`` None: the one the vector was made for."""
+    s = vector.default_strength_or_one if strength is None else float(strength)
+    steering = Steering(vectors=[VectorSlot(vector.name, vector, s)])
+    chosen = resolve_axis(axis) if axis is not None else axis_of(steering)
+    if chosen is None:
+        raise AlignezError(f"vector {vector.name} does not say which behaviour it steers; give axis=...")
+    if questions is None:
+        kind = "harmful" if chosen.measure == "refusal" else "helpful"
+        questions = [p.text for p in load_eval_prompts(kinds={kind})]
+    needs = measure_for(chosen.measure, chosen.positive, chosen.negative).needs_judge
+    the_judge = open_judge(judge, engine, JUDGE_RUNTIME.with_(threads=engine.n_threads), needs=needs)
+    try:
+        return measure_behaviour(engine, steering, chosen, list(questions), the_judge,
+                                 Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1, seed=seed), seed)
+    finally:
+        if the_judge is not None and the_judge.engine is not engine:
+            the_judge.close()
+
+
+def _given_name(model: ModelLike, name: str | None = None) -> str | Path | None:
+    """Return what the user named the model with (a bundled name is recorded as such): ``name`` for
+    an engine, None when there is none."""
+    if isinstance(model, Engine):
+        return name
+    return model.model if isinstance(model, ModelRun) else model
+
+
+def _display_name(model: ModelLike, engine: Engine, name: str | None = None) -> str:
+    given = _given_name(model, name)
+    return str(given) if given is not None else engine.name
