@@ -26,7 +26,7 @@ from alignez_local.align.axes import DEFAULT_AXIS, PreferenceAxis, custom_axis, 
 from alignez_local.align.preferences import GenerationSettings, PreferencePair
 from alignez_local.align.recipes import DEFAULT_RECIPE
 from alignez_local.align.request_contrast import REQUEST_RECIPE
-from alignez_local.align.steering import Steering, VectorSlot
+from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import STRENGTHS
 from alignez_local.align.vectors import FitSettings, train_vector
 from alignez_local.errors import AlignezError
@@ -67,6 +67,12 @@ def _engine(model: ModelLike) -> Iterator[Engine]:
     run = model if isinstance(model, ModelRun) else ModelRun(model)
     with run.open() as engine:
         yield engine
+
+
+def queries(axis: str | None = None, limit: int | None = None, file: str | Path | None = None) -> list[str]:
+    """Return generation queries: the built-in set of ``axis`` (None: the general set) or a file
+    (one per line, or JSONL with a "query" field), the first ``limit`` of them."""
+    return select_queries(str(file) if file is not None else None, limit, axis=axis)
 
 
 def resolve_axis(axis: str | PreferenceAxis = DEFAULT_AXIS, positive: str | None = None, negative: str | None = None,
@@ -165,18 +171,19 @@ def train(engine: Engine, pairs: Sequence[tuple[str, str, str] | PreferencePair]
 
 
 def generate(engine: Engine, prompts: str | Sequence[str], vector: ControlVector | None = None,
-             strength: float | None = None, system: str | None = None,
-             sampling: Sampling = Sampling(temperature=0.0, max_tokens=128)) -> str | list[str]:
+             strength: float | None = None, system: str | None = None, max_tokens: int = 128,
+             sampling: Sampling | None = None) -> str | list[str]:
     """Return the model's answer to a user message (a list of answers for a list), steered by
     ``vector`` at ``strength`` (None: its calibrated strength, else 1) when given. Gated vectors
-    steer only the prompts their gate opens on."""
+    steer only the prompts their gate opens on. Greedy unless ``sampling`` says otherwise."""
+    sampling = sampling or Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     formatted = [engine.prompt(t, system) for t in texts]
     if vector is None:
         done = engine.generate(formatted, sampling)
     else:
         s = vector.default_strength_or_one if strength is None else float(strength)
-        done = Steering(vectors=[VectorSlot(vector.name, vector, s)]).generate(engine, formatted, sampling)
+        done = Steering.vector(vector, s).generate(engine, formatted, sampling)
     answers = [c.text for c in done]
     return answers[0] if isinstance(prompts, str) else answers
 
@@ -190,7 +197,7 @@ def evaluate(engine: Engine, vector: ControlVector, axis: str | PreferenceAxis |
     prompting (the positive persona as system prompt), a random direction of the same norm at the
     same strength, and the vector. ``axis`` None: the one the vector was made for."""
     s = vector.default_strength_or_one if strength is None else float(strength)
-    steering = Steering(vectors=[VectorSlot(vector.name, vector, s)])
+    steering = Steering.vector(vector, s)
     chosen = resolve_axis(axis) if axis is not None else axis_of(steering)
     if chosen is None:
         raise AlignezError(f"vector {vector.name} does not say which behaviour it steers; give axis=...")

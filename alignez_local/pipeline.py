@@ -25,7 +25,7 @@ from alignez_local.align.export import ApproximationReport, approximation_report
 from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
-from alignez_local.align.steering import Steering, VectorSlot, read_alone
+from alignez_local.align.steering import Steering, read_alone
 from alignez_local.align.strength import with_strength
 from alignez_local.align.strength_by_behaviour import (
     CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, axis_bench, choose_strengths,
@@ -118,6 +118,7 @@ class SteerResult:
     recipe: str = DEFAULT_RECIPE
     calibration: dict[str, BehaviourCalibration] = field(default_factory=dict)
     costs: dict[str, dict[str, float]] = field(default_factory=dict)  # per stage: tokens, peak RSS (StageClock)
+    report: dict[str, Any] = field(default_factory=dict)  # what report.json holds
 
 
 def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], judge: YesNoJudge | None,
@@ -204,7 +205,8 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
         raise Interrupted(f"the preference pairs are saved in {paths.preferences}", "fit and export from them") from None
     result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name, cals,
                          clock.costs)
-    write_json(paths.report, steer_report(result, plan, model))
+    result.report = steer_report(result, plan, model)
+    write_json(paths.report, result.report)
     return result
 
 
@@ -289,7 +291,7 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     # answers that are not refusals still fluent. No perplexity band: stock refusals are the model's
     # most predictable text, and the old band stopped the search at x1 for that (docs/results.md §8).
     risky_out, benign_out = list(fitted.heldout_risky), list(fitted.heldout_benign)
-    cal = calibrate_refusals(engine, lambda s: Steering(vectors=[VectorSlot(cv.name, cv, s)]),
+    cal = calibrate_refusals(engine, lambda s: Steering.vector(cv, s),
                              [engine.prompt(kinds["risky"][i]) for i in risky_out],
                              [engine.prompt(kinds["benign"][i]) for i in benign_out],
                              on_trial=lambda t: on_status(

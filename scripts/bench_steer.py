@@ -1,6 +1,10 @@
 """How long `alignez steer` takes with its defaults, stage by stage (the 15-minute target on 2 cores).
 
     .venv/bin/python scripts/bench_steer.py [-m MODEL] [--axis AXIS] [-- extra steer flags]
+    .venv/bin/python scripts/bench_steer.py --compare vectors/qwen2.5-coder-0.5b-instruct/french.gguf
+
+``--compare FILE``: the run's vector.gguf must be FILE to the byte (SHA-256): the check that a
+change to the code left the main job's vector bit-identical (exit 1 when it differs).
 
 Runs the real command (a fresh output folder, so nothing is resumed) and prints the wall time of
 each stage from its report.json, the machine it ran on, and whether the target was met. A
@@ -10,6 +14,7 @@ benchmark, not a test: the figure depends on the machine and on what else runs o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -39,6 +44,8 @@ def main() -> None:
     ap.add_argument("--axis", default=None)
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="Keep the run in DIR (must not exist) with steer's printed output in DIR/stdout.txt.")
+    ap.add_argument("--compare", default=None, metavar="FILE",
+                    help="Compare the run's vector.gguf with FILE by SHA-256 (exit 1 when they differ).")
     ap.add_argument("extra", nargs="*", help="More steer flags, after --")
     args = ap.parse_args()
     alignez = str(Path(sys.executable).with_name("alignez"))
@@ -56,6 +63,7 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"steer failed (exit {done.returncode})")
         rep = json.loads((out / "report.json").read_text())
+        made = hashlib.sha256((out / "vector.gguf").read_bytes()).hexdigest()
         if args.keep:
             (out / "stdout.txt").write_text(done.stdout)
     print(f"machine: {os.cpu_count()} cores, {cpu_model()}; model {rep['model']['name'] or rep['model']['file']}, "
@@ -66,6 +74,12 @@ def main() -> None:
     # CPU seconds do not count the time other jobs took the cores: on a shared machine they bound
     # what the run needs (with --threads 1, the wall time it would take on one free core).
     print(f"CPU time {cpu:.0f} s ({cpu / max(wall, 1e-9):.2f} cores busy on average)")
+    if args.compare:
+        want = hashlib.sha256(Path(args.compare).read_bytes()).hexdigest()
+        same = made == want
+        print(f"vector.gguf sha256 {made}: {'identical to' if same else 'DIFFERS from'} {args.compare} ({want})")
+        if not same:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("settings",),
     ("align",),
     ("evaluation",),
-    ("pipeline",),
+    ("pipeline", "testing"),
     ("api",),
     ("__init__",),
     ("apps",),
@@ -144,5 +144,7 @@ def test_the_architecture_doc_names_only_modules_that_exist(doc: str) -> None:
     dotted = set(re.findall(r"`((?:pipeline|api|settings|models|progress|specs|fileio)\.[a-z_]+)", text))
     for ref in sorted(dotted):
         mod, attr = ref.split(".", 1)
+        if attr == "py":
+            continue  # a file name, checked above
         src = (PACKAGE / f"{mod}.py").read_text(encoding="utf-8")
         assert re.search(rf"^(def|class) {attr}\b|^{attr} =", src, re.MULTILINE), f"{doc}: {ref} does not exist"

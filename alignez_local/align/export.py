@@ -26,7 +26,7 @@ from alignez_local.align.edit import mean_delta, plan_edit
 from alignez_local.llama.engine import Engine
 from alignez_local.errors import AlignezError
 from alignez_local.formats.profile import SteeringProfile
-from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.align.steering import ProfileSlot, Steering
 
 
 def constant_vector(
@@ -101,7 +101,7 @@ def approximation_report(
     exact_st = Steering(profiles=[ProfileSlot(profile.name, profile)], top_n=top_n)
     with exact_st.applied(engine, prompts):
         exact = engine.next_token_logits(prompts)
-    with Steering(vectors=[VectorSlot(vector.name, vector)]).applied(engine, prompts):
+    with Steering.vector(vector).applied(engine, prompts):
         const = engine.next_token_logits(prompts)
     return ApproximationReport(
         n_prompts=len(prompts),

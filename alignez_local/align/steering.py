@@ -128,6 +128,11 @@ class Steering:
             st.profiles.append(ProfileSlot(_unique(Path(spec.path).stem, used), prof, strength, origin, spec.path))
         return st
 
+    @classmethod
+    def vector(cls, vector: ControlVector, strength: float = 1.0, name: str | None = None) -> "Steering":
+        """Return steering by one control vector at ``strength`` (the commonest steering there is)."""
+        return cls(vectors=[VectorSlot(name or vector.name, vector, strength)])
+
     @property
     def active(self) -> bool:
         """True when something would change the model's output."""

@@ -364,8 +364,8 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
         return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
                                    f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}"
                                    + (" (broken)" if t.broken else ""))
-    cal_v = calibrate_behaviour(bench, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]),
-                                lambda s: Steering(vectors=[VectorSlot("random", noise, s)]),
+    cal_v = calibrate_behaviour(bench, lambda s: Steering.vector(vector, s),
+                                lambda s: Steering.vector(noise, s, "random"),
                                 strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine)
     on_status(cal_v.line("vector"))
     if profile is None:

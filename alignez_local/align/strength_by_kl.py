@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.special import log_softmax
 
-from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
+from alignez_local.align.steering import ProfileSlot, Steering
 from alignez_local.align.strength import with_strength
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector
@@ -208,6 +208,6 @@ def kl_calibrated_vector(engine: Engine, vector: ControlVector, prompts: Sequenc
                          baseline: Baseline | None = None) -> ControlVector:
     """Return ``vector`` with its default strength chosen by KL (and the evidence) stored.
     ``baseline``: the unsteered model's measurements on ``prompts``, when already taken."""
-    cal = calibrate_strength(engine, lambda s: Steering(vectors=[VectorSlot(vector.name, vector, s)]), prompts, baseline=baseline)
+    cal = calibrate_strength(engine, lambda s: Steering.vector(vector, s), prompts, baseline=baseline)
     on_status(cal.line("vector"))
     return with_strength(vector, cal)
