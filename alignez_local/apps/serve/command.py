@@ -70,11 +70,20 @@ def _server_class() -> type:
               help="Let a request start from the prompt cells an earlier request steered alike left in its "
                    "slot (llama-server's default): shared system prompts are read once per slot, but an "
                    "answer's last bits, and so sometimes its tokens, then depend on the requests before it.")
+@click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=4, show_default=True,
+              help="Largest request body in MB (413 beyond, refused before it is read).")
+@click.option("--max-messages", type=click.IntRange(1, 1 << 20), default=2048, show_default=True,
+              help="Most messages in one chat request.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1, 1 << 20), default=None,
+              help="Most prompt tokens in one request  [default: the context, --ctx]")
+@click.option("--completions-specials/--no-completions-specials", default=True, show_default=True,
+              help="Read control-token text (<|im_end|> ...) in a /v1/completions prompt as control tokens, as "
+                   "llama-server does; off, it is plain text. Chat message content is always plain text.")
 def serve_command(
     model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
     host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int, flash_attn: bool,
-    cache_prompt: bool,
+    cache_prompt: bool, max_body_mb: float, max_messages: int, max_prompt_tokens: int | None, completions_specials: bool,
 ) -> None:
     """Serve the OpenAI API; every request picks its own steering, all decoded together.
 
@@ -87,12 +96,13 @@ def serve_command(
     A request's "steering" field: {"NAME": strength, ...} chooses vectors/profiles and strengths,
     0 or {} means unsteered, and no field means the server's defaults (each file at the strength
     given here, else its own default, else 1). GET /v1/steering lists what is loaded.
-    Ctrl-C or SIGTERM stops the server cleanly.
+    Ctrl-C or SIGTERM stops the server cleanly. Limits and the control-token policy: docs/serve.md.
     """
     _http_stack()
     import uvicorn
 
     from alignez_local.apps.serve.app import ServeConfig, create_app
+    from alignez_local.apps.serve.schemas import Limits
     from alignez_local.apps.serve.steering import SteeringSet
 
     if api_key is not None and not api_key.strip():
@@ -106,7 +116,8 @@ def serve_command(
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         model_id = engine.path.stem
-        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt),
+        limits = Limits(int(max_body_mb * 1e6), max_messages, max_prompt_tokens, completions_specials)
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt, limits),
                          parallel)
         names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
         click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)
