@@ -134,7 +134,8 @@ def _number(body: dict[str, Any], key: str, lo: float, hi: float, default: float
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # An int is finite whatever its size (math.isfinite would overflow on a 400-digit one).
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
         raise ApiError(f"{key} must be a number, got {_show.repr(v)}", param=key, code="invalid_type")
     if not lo <= v <= hi:
         raise ApiError(f"{key} {_show.repr(v)} is out of range; use {lo:g} to {hi:g}", param=key, code="invalid_value")
@@ -243,7 +244,17 @@ def parse_request(
     on any thread) to refuse one that cannot fit before anything is streamed. Chat content is
     tokenized as text: only the chat template's own markup yields control tokens.
     """
-    body = parse_json(raw)
+    try:
+        return _parse_request(parse_json(raw), chat, engine, steering, default_max_tokens, limits)
+    except RecursionError:
+        # JSON nested just under the decoder's limit parses, and a deeper look at it (a comparison,
+        # a repr) can pass the limit then.
+        raise ApiError("the request body is nested too deeply; send a JSON object of a few levels", code="invalid_json") from None
+
+
+def _parse_request(
+    body: dict[str, Any], chat: bool, engine: Engine, steering: SteeringSet, default_max_tokens: int, limits: Limits
+) -> GenRequest:
     model = body.get("model", "")
     if not isinstance(model, str) or len(model) > MAX_MODEL_NAME:
         raise ApiError(f"model must be a string of at most {MAX_MODEL_NAME} characters", param="model", code="invalid_type")
