@@ -19,6 +19,7 @@ from alignez_local.fileio import check_writable
 from alignez_local.formats.control_vector import write_control_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.engine import Engine
+from alignez_local.llama.interrupt import Stopped
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
@@ -116,8 +117,9 @@ def _fit_settings(engine: Engine, method: str, site: str, layers: str | None, va
                        behaviour_filter=behaviour_filter)
 
 
-def _interrupted(err: pipeline.Interrupted) -> AlignezError:
-    return AlignezError(f"interrupted: {err.saved}; run the same command again to {err.resume}")
+def _interrupted(err: pipeline.Interrupted) -> Stopped:
+    # The CLI prints it after "interrupted: " (or "terminated (SIGTERM): ") and exits 130 (143).
+    return Stopped(f"{err.saved}; run the same command again to {err.resume}")
 
 
 @click.command()
@@ -306,7 +308,7 @@ def steer(model, threads, n_ctx, gpu_layers, parallel, verbose, axis_name, posit
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
-        raise AlignezError("interrupted while screening: nothing was written; run the same command again") from None
+        raise Stopped("nothing was written (the stop came while screening); run the same command again") from None
     finally:
         if judge is not None and judge.engine is not engine:
             judge.close()
@@ -362,7 +364,7 @@ def _steer_request(model, threads, n_ctx, gpu_layers, parallel, verbose, axis: P
         res = pipeline.run_request_steer(engine, axis, folder, ModelId.of(engine, model), queries_file, seed,
                                          on_status=lambda line: click.echo(line, err=True))
     except KeyboardInterrupt:
-        raise AlignezError("interrupted: nothing was written (this recipe keeps no partial state); run the same command again") from None
+        raise Stopped("nothing was written (this recipe keeps no partial state); run the same command again") from None
     scale = res.vector.default_strength_or_one
     click.echo(f"vector:  {res.vector_path} (layer {res.contrast.layer}, gated)\nreport:  {res.report_path}\n"
                f"took {res.timings['total_s']:.0f}s")
