@@ -17,9 +17,11 @@ import pytest
 from alignez_local.apps.serve.errors import ApiError
 from alignez_local.apps.serve.schemas import UNSUPPORTED, Limits, parse_request
 from alignez_local.apps.serve.steering import SteeringSet
+from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Engine
 from serve_process import HealthWatch, ServeProcess
 from test_serve_engine import tiny_files
+from tiny_model import CHATML_TEMPLATE, write_tiny_llama
 
 CTX = 1024
 FAST_S = 1.0  # the issue's bound, for the refusal and for /health meanwhile
@@ -147,6 +149,21 @@ def test_user_text_never_becomes_control_tokens_tiny(tiny_engine: Engine) -> Non
 @pytest.mark.smollm
 def test_user_text_never_becomes_control_tokens_smollm(smollm_engine: Engine) -> None:
     check_chat_tokens(smollm_engine)
+
+
+def test_base_model_and_rewriting_templates(tmp_path: Path) -> None:
+    """The plain format (no template) cuts like a template; a template that rewrites contents
+    (here: upper case) cannot be cut, so ordinary messages are tokenized whole and markers refused."""
+    with Engine(write_tiny_llama(tmp_path / "base.gguf", chat_template=None), n_ctx=256, n_threads=1) as base:
+        for msgs in CONVERSATIONS:
+            assert base.chat_tokens(msgs) == base.tokenize(base.format_chat(msgs)), msgs
+        assert special_count(base, base.chat_tokens([{"role": "user", "content": INJECTION}])) == 1  # BOS only
+    upper = CHATML_TEMPLATE.replace("message['content']", "message['content'] | upper")
+    with Engine(write_tiny_llama(tmp_path / "upper.gguf", chat_template=upper), n_ctx=256, n_threads=1) as e:
+        msgs = [{"role": "user", "content": "hello you"}]
+        assert e.chat_tokens(msgs) == e.tokenize(e.format_chat(msgs))
+        with pytest.raises(AlignezError, match="control text"):
+            e.chat_tokens([{"role": "user", "content": INJECTION}])
 
 
 def test_injection_over_http_counts_as_text(served: ServeProcess, tiny_engine: Engine) -> None:
