@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignez_local.api import JUDGE_RUNTIME
+from alignez_local.evaluation.judge import open_judge
 from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.prompt_sets import select_queries
 from alignez_local import pipeline
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
 from alignez_local.align.preferences import GenerationSettings
 from alignez_local.errors import AlignezError
-from alignez_local.apps.cli_align import open_judge
 from alignez_local.measures.behaviour import measure_for
 from alignez_local.align.vectors import FitSettings
 from alignez_local.models import ModelId
@@ -147,11 +148,12 @@ def main() -> None:
             print(f"== {args.model} {axis.name} {variant}", file=sys.stderr, flush=True)
             needs = measure_for(axis.measure, axis.positive).needs_judge
             if needs not in judges:
-                judges[needs] = open_judge(args.judge, engine, args.threads, needs=needs)
+                judges[needs] = open_judge(args.judge, engine, JUDGE_RUNTIME.with_(threads=args.threads), needs=needs)
             try:
-                res = pipeline.run_steer(engine, axis, queries, folder, gen, fit, model, recipe=v["recipe"], judge=judges[needs],
-                                         on_status=lambda line: print(line, file=sys.stderr, flush=True),
-                                         with_profile=v["profile"] and not args.no_profile)
+                plan = pipeline.SteerPlan(axis, tuple(queries), gen, fit, v["recipe"],
+                                          with_profile=v["profile"] and not args.no_profile)
+                res = pipeline.run_steer(engine, plan, folder, model, judge=judges[needs],
+                                         on_status=lambda line: print(line, file=sys.stderr, flush=True))
                 r = row(args.model, axis.name, variant, res)
             except AlignezError as err:
                 # A run that cannot fit (e.g. the model never wrote the behaviour) is a result too: record it, go on.

@@ -133,3 +133,22 @@ def test_engine_parameter_names_become_the_flags_that_set_them() -> None:
     assert in_flags("temperature 9 is out of range; use 0 (greedy) to 5").startswith("--temperature 9 ")
     assert in_flags("top_p 2 is out of range") == "--top-p 2 is out of range"
     assert in_flags("a --max-tokens of 5 and the temperature") == "a --max-tokens of 5 and the temperature"
+
+
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_an_empty_persona_is_named_as_empty(empty: str, files: dict[str, Path]) -> None:
+    """"" and "   " get the same line: the persona is empty (not "needs both")."""
+    res = run("steer", "-m", str(files["model"]), "--positive", empty, "--negative", "wordy", "--screen-only")
+    assert_one_line_error(res, "--positive is empty")
+
+
+def test_a_damaged_pairs_file_is_reported_before_any_model_work(files: dict[str, Path], tmp_path: Path) -> None:
+    """steer and generate read an existing pairs file before loading the model or screening."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "preferences.jsonl").write_text('{"id": "a", "query": "q"}\nnot json\n{"id": "b"}\n')
+    res = run("steer", "-m", str(files["model"]), "--axis", "french", "--threads", "1", "-o", str(out))
+    assert_one_line_error(res, "preferences.jsonl line 2 is not valid JSON")
+    assert "screen:" not in res.stderr
+    res = run("generate", "-m", str(files["text"]), "-o", str(out / "preferences.jsonl"))
+    assert_one_line_error(res, "line 2 is not valid JSON")  # before the (broken) model is even opened

@@ -28,7 +28,8 @@ from alignez_local.apps.cli import main as cli_main
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.answers import Answer
 from alignez_local.evaluation.config import EvalConfig
-from alignez_local.evaluation.evaluate import EvalInterrupted, _sigterm_as_ctrl_c, run_eval
+from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
+from alignez_local.llama.interrupt import sigterm_as_ctrl_c
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.llama import bindings
 from alignez_local.llama.engine import Sampling
@@ -237,7 +238,7 @@ def test_sigterm_inside_a_llama_callback_is_not_dropped(monkeypatch: pytest.Monk
     for _ in range(10):
         timer = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
         try:
-            with _sigterm_as_ctrl_c() as sigterm:
+            with sigterm_as_ctrl_c() as sigterm:
                 timer.start()
                 for _ in range(10**7):
                     if sigterm.seen:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from alignez_local.align.recipes import DEFAULT_RECIPE
-from alignez_local.apps.cli_align import default_recipe
+from alignez_local.api import default_recipe
 from alignez_local.align.request_contrast import REFUSED, RISKY, auc, candidate_layers, fit_request_contrast, separation
 from alignez_local.errors import AlignezError
 from alignez_local.prompt_sets import load_request_kinds
@@ -159,8 +159,8 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
 
 
 def test_default_recipe() -> None:
-    assert default_recipe("harmless", None) == "request"
-    assert default_recipe("harmless", "mine.jsonl") == default_recipe("helpful", None) == DEFAULT_RECIPE == "plain"
+    assert default_recipe("harmless", queries_given=False) == "request"
+    assert default_recipe("harmless", queries_given=True) == default_recipe("helpful", False) == DEFAULT_RECIPE == "plain"
 
 
 def test_steer_request_with_an_unusable_query_file_is_one_line(tiny_model_path: Path, tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def wait_idle(srv: LiveServer, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         h = srv.health()
-        if h["slots_processing"] == 0 and h["requests_waiting"] == 0:
+        if h["slots_processing"] == 0 and h["requests_waiting"] == 0 and h["requests_parsing"] == 0:
             return h
         assert time.monotonic() < deadline, f"slots still busy: {h}"
         time.sleep(0.1)
@@ -380,7 +380,8 @@ def test_a_disconnect_frees_its_slot_while_the_others_decode(tiny_model_path: Pa
         assert long.ended_at is None, "the long stream ended early: nothing to prove"
         finish, usage = long.result()
         assert finish == "length" and usage["completion_tokens"] == 3500
-        assert wait_idle(srv) == {"status": "ok", "slots_total": 4, "slots_processing": 0, "requests_waiting": 0}
+        assert wait_idle(srv) == {"status": "ok", "slots_total": 4, "slots_processing": 0, "requests_waiting": 0,
+                              "requests_parsing": 0}
     finally:
         srv.close()
 

@@ -9,10 +9,23 @@ import click
 from alignez_local.version import __version__
 from alignez_local.apps.cli_options import in_flags
 from alignez_local.errors import AlignezError
+from alignez_local.llama.interrupt import EXIT_CTRL_C, SigtermSeen, Stopped, sigterm_as_ctrl_c
+
+# The long commands stop on SIGTERM (kill, a job scheduler, a container's stop) as on Ctrl-C: the
+# same line, and the shell's exit code for the signal. Not chat (Ctrl-C there stops one answer)
+# nor serve (uvicorn owns its signals).
+SIGTERM_AS_CTRL_C = frozenset({"steer", "generate", "fit", "export", "eval"})
+_SIGTERM = "alignez.sigterm"
 
 
 class AlignezGroup(click.Group):
-    """A click group that turns our errors into one line and Ctrl-C into a clean stop."""
+    """A click group that turns our errors into one line and Ctrl-C (or SIGTERM) into a clean stop."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[no-untyped-def]
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in SIGTERM_AS_CTRL_C:
+            ctx.meta[_SIGTERM] = ctx.with_resource(sigterm_as_ctrl_c())  # until the command has ended
+        return name, cmd, rest
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -20,10 +33,13 @@ class AlignezGroup(click.Group):
         except AlignezError as err:
             click.echo(f"error: {in_flags(str(err))}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            sigterm: SigtermSeen | None = ctx.meta.get(_SIGTERM)
+            word = sigterm.word() if sigterm else "interrupted"
             # Output files are only ever replaced whole (atomic rename), so none is half-written.
-            click.echo("\ninterrupted: no output file was written or changed", err=True)
-            sys.exit(130)
+            detail = stop.line if isinstance(stop, Stopped) else "no output file was written or changed"
+            click.echo(f"\n{word}: {detail}", err=True)
+            sys.exit(sigterm.exit_code if sigterm else EXIT_CTRL_C)
         except BrokenPipeError:
             sys.exit(1)
 

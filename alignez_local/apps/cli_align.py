@@ -25,13 +25,13 @@ from alignez_local.align.selfcheck import quality_line
 from alignez_local.align.strength_by_kl import kl_calibrated_vector
 from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, data_quality, export_vector, fit_from_file
 from alignez_local.apps.cli_options import grouped, model_options, with_flag
-from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
 from alignez_local.fileio import check_writable
 from alignez_local.formats.control_vector import write_control_vector
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.formats.profile import load_profile, save_profile
+from alignez_local.llama.interrupt import Stopped
 from alignez_local.measures.behaviour import measure_keys_help
 from alignez_local.models import ModelId, resolve_model
 from alignez_local.prompt_sets import calibration_prompts, select_queries
@@ -140,8 +140,9 @@ def _check_layers(fit: FitSettings, n_layer: int) -> None:
             with_flag(flag, parse_layer_list, value, n_layer)
 
 
-def _interrupted(err: pipeline.Interrupted) -> AlignezError:
-    return AlignezError(f"interrupted: {err.saved}; run the same command again to {err.resume}")
+def _interrupted(err: pipeline.Interrupted) -> Stopped:
+    # The CLI prints it after "interrupted: " (or "terminated (SIGTERM): ") and exits 130 (143).
+    return Stopped(f"{err.saved}; run the same command again to {err.resume}")
 
 
 def _status(line: str) -> None:
@@ -318,7 +319,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
-        raise AlignezError("interrupted while screening: nothing was written; run the same command again") from None
+        raise Stopped("nothing was written (the stop came while screening); run the same command again") from None
     if res is None:
         return
     click.echo(diagnostics_table(res.profile))
@@ -337,7 +338,7 @@ def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice,
     try:
         res = api.steer_refusals(engine, folder, axis.name, queries.file, seed, on_status=_status, name=str(model.model))
     except KeyboardInterrupt:
-        raise AlignezError("interrupted: nothing was written (this recipe keeps no partial state); run the same command again") from None
+        raise Stopped("nothing was written (this recipe keeps no partial state); run the same command again") from None
     scale = res.vector.default_strength_or_one
     click.echo(f"vector:  {res.vector_path} (layer {res.contrast.layer}, gated)\nreport:  {res.report_path}\n"
                f"took {res.timings['total_s']:.0f}s")

@@ -40,15 +40,10 @@ A failing server stops the run with one line that says what was kept.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from alignez_local.align.steering import Steering
@@ -66,6 +61,7 @@ from alignez_local.evaluation.summary import summary_markdown
 from alignez_local.evaluation.sweep_plot import write_sweep_plot
 from alignez_local.fileio import write_json, write_text
 from alignez_local.llama.engine import Engine
+from alignez_local.llama.interrupt import sigterm_as_ctrl_c
 from alignez_local.models import file_sha256, resolve_model
 from alignez_local.progress import Progress
 from alignez_local.settings import open_engine
@@ -126,7 +122,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
     if not cfg.resume and unfinished(saved):
         header += f"; replacing the unfinished run in {saved} (--resume would reuse its answers)"
 
-    with _sigterm_as_ctrl_c() as sigterm:
+    with sigterm_as_ctrl_c() as sigterm:  # a background run (Ctrl-C ignored) still stops cleanly on kill
 
         def stop_if_terminated() -> None:
             # SIGTERM noted but not acted on: it came inside a callback from C, or the decode guard
@@ -158,61 +154,6 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
             st.timing["total_s"] = round(time.monotonic() - t_run, 2)
             raise _save_interrupted(st, out, terminated=sigterm.seen) from None
     return report
-
-
-@dataclass
-class _SigtermSeen:
-    """Whether SIGTERM arrived during the run (the stop it causes is a plain KeyboardInterrupt)."""
-
-    seen: bool = False
-
-
-# Python functions that llama.cpp calls from C: an exception raised in one is printed and dropped.
-_C_CALLBACKS = frozenset({"_log_sink", "eval_callback", "abort_callback"})
-
-
-def _in_c_callback(frame: FrameType | None) -> bool:
-    """Return True when ``frame`` (a signal handler's) runs inside one of our ctypes callbacks."""
-    while frame is not None:
-        if frame.f_code.co_name in _C_CALLBACKS and str(frame.f_globals.get("__name__", "")).startswith(
-                "alignez_local.llama."):
-            return True
-        frame = frame.f_back
-    return False
-
-
-@contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[_SigtermSeen]:
-    """Return a context in which SIGTERM (``kill``) stops the run as Ctrl-C does, so that a run started
-    in the background, where Ctrl-C is ignored, still saves what it did; the previous handler is put
-    back after. Only the main thread may set handlers (``signal.signal`` raises elsewhere): there
-    SIGTERM keeps its handler.
-
-    During a decode the scheduler's own SIGINT handler is in place: it aborts the decode cleanly and
-    raises KeyboardInterrupt after it, and SIGTERM calls it. Elsewhere SIGTERM raises KeyboardInterrupt,
-    except inside a callback from C (llama.cpp's log while a model loads), where the exception would be
-    printed and dropped: there it is only noted, and the run stops at its next log line or checkpoint
-    (``seen``).
-    """
-    seen = _SigtermSeen()
-    if threading.current_thread() is not threading.main_thread():
-        yield seen
-        return
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        seen.seen = True
-        ctrl_c = signal.getsignal(signal.SIGINT)
-        if callable(ctrl_c) and ctrl_c is not signal.default_int_handler:
-            ctrl_c(signum, frame)  # the decode's guard: it only sets flags, safe anywhere
-        elif not _in_c_callback(frame):
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield seen
-    finally:
-        # None: a handler not set from Python, which cannot be put back; the default is the nearest.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _checkpoint(st: RunState, out: Path, next_stage: str) -> None:

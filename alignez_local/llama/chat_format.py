@@ -3,6 +3,8 @@ sandbox), or a plain ``User:``/``Assistant:`` format for base models."""
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 
 from alignez_local.errors import AlignezError
@@ -70,3 +72,43 @@ def render_template(
             merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
             return render_template(template, merged + list(messages[2:]), bos_text, eos_text, add_generation_prompt)
         raise AlignezError(f"the model's chat template failed: {err}") from None
+
+
+def chat_parts(
+    messages: Sequence[Mapping[str, str]],
+    template: str | None,
+    bos_text: str = "",
+    eos_text: str = "",
+    add_generation_prompt: bool = True,
+) -> list[tuple[str, bool]] | None:
+    """Return ``format_chat``'s prompt cut into ``(text, is_markup)`` parts: the template's own text
+    (markup: its control-token text is meant as control tokens) and each message's content (not
+    markup: whatever it holds is text). None when the template changes the contents on the way
+    in a way this cannot follow.
+
+    The template is rendered once more with a unique placeholder for each content; the cut is
+    trusted only when putting the contents back (as they are, or stripped, as ``| trim`` and the
+    plain format do) gives exactly the ordinary rendering.
+    """
+    whole = format_chat(messages, template, bos_text, eos_text, add_generation_prompt)
+    nonce = secrets.token_hex(8)
+    # Private-use characters around a random number: no template writes them, and a content that
+    # happened to hold this exact string would only make the check below fail (None), never mislead.
+    marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
+    placeholders = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+    try:
+        skeleton = format_chat(placeholders, template, bos_text, eos_text, add_generation_prompt)
+    except AlignezError:
+        return None
+    pieces = re.split(f"\ue000{nonce}:([0-9]+)\ue001", skeleton)
+    for strip in (False, True):
+        parts: list[tuple[str, bool]] = []
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                parts.append((piece, True))
+            else:
+                content = messages[int(piece)]["content"]
+                parts.append((content.strip() if strip else content, False))
+        if "".join(text for text, _ in parts) == whole:
+            return [(text, markup) for text, markup in parts if text]
+    return None

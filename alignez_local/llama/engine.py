@@ -40,7 +40,7 @@ import llama_cpp.llama_cpp as C
 
 from alignez_local.errors import AlignezError
 from alignez_local.llama import bindings, hooks
-from alignez_local.llama.chat_format import PLAIN_STOP, format_chat
+from alignez_local.llama.chat_format import PLAIN_STOP, chat_parts, format_chat
 from alignez_local.llama.cvec import check_vectors, cvec_buffer
 from alignez_local.llama.hooks import Capture, Edit, EditFn, HookState
 from alignez_local.llama.sampling import Completion, Sampling, TokenFn, TokenLogprob
@@ -209,9 +209,51 @@ class Engine:
         """Stop strings the plain base-model format needs (none for chat-template models)."""
         return () if self.is_chat else PLAIN_STOP
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        """Return the token ids of ``text``, special tokens parsed, BOS added when the model wants it."""
-        return self._vocab.tokenize(text, add_bos)
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Return the token ids of ``text``, BOS added when the model wants it; ``special`` False
+        reads control-token text (``<|im_end|>``) as plain text (``Vocab.tokenize``)."""
+        return self._vocab.tokenize(text, add_bos, special)
+
+    def tokenize_parts(self, parts: Sequence[tuple[str, bool]], limit: int | None = None) -> list[int]:
+        """Return the token ids of the concatenated ``(text, special)`` parts, BOS added when the
+        model wants it; ``PromptTooLong`` as soon as there are more than ``limit`` (``Vocab.tokenize_parts``)."""
+        return self._vocab.tokenize_parts(parts, True, limit)
+
+    def chat_tokens(self, messages: Sequence[Mapping[str, str]], limit: int | None = None) -> list[int]:
+        """Return the prompt tokens of a conversation in which only the chat template's own markup
+        yields control tokens: a message's ``<|im_end|>`` stays text, so no message can close its
+        turn and open another. The same tokens as ``tokenize(format_chat(messages))`` otherwise.
+
+        A template that rewrites contents beyond stripping them cannot be cut into markup and
+        contents (``chat_format.chat_parts``); its prompt is then tokenized whole when no content
+        holds control-token text, and refused (AlignezError) when one does.
+        """
+        v = self._vocab
+        parts = chat_parts(messages, self.chat_template, v.bos_text, v.eos_text)
+        if parts is not None:
+            return v.tokenize_parts(parts, True, limit)
+        specials = self.special_texts()
+        for i, m in enumerate(messages):
+            hit = next((t for t in specials if t in m["content"]), None)
+            if hit is not None:
+                raise AlignezError(f"message {i} holds the control text {hit!r}, which this model's chat template "
+                                   "cannot keep as plain text; remove it")
+        return v.tokenize_parts([(self.format_chat(messages), True)], True, limit)
+
+    def special_texts(self) -> list[str]:
+        """Return the text of each control and unknown token (what special parsing turns into one)."""
+        return self._vocab.special_texts
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Return the ids of the control and unknown tokens."""
+        return self._vocab.special_ids
+
+    @property
+    def max_piece_bytes(self) -> int | None:
+        """Return the longest token text in bytes, a text of B bytes being at least B / this many
+        tokens; None for vocabularies where that bound does not hold (``Vocab.max_piece_bytes``)."""
+        return self._vocab.max_piece_bytes
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Return the text of ``tokens`` (special tokens left out)."""

@@ -14,11 +14,8 @@ cells a finished sequence of the same ``cache_tag`` left in its slot (the server
 from __future__ import annotations
 
 import codecs
-import signal
-import threading
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +25,7 @@ import llama_cpp.llama_cpp as C
 
 from alignez_local.errors import AlignezError
 from alignez_local.llama.hooks import HookState, Layout
+from alignez_local.llama.interrupt import decode_guard
 from alignez_local.llama.sampling import Sampling, TokenFn, TokenLogprob, make_sampler
 from alignez_local.llama.vocab import Vocab
 
@@ -174,7 +172,7 @@ class Scheduler:
         self._kept = {}
         self._reuse = reuse_prompts
         try:
-            with self._interruptible():
+            with decode_guard(self.state):  # Ctrl-C / SIGTERM: a clean abort, then KeyboardInterrupt
                 if share_prefix:
                     self._decode_prefix(seqs)
                 while True:
@@ -397,28 +395,6 @@ class Scheduler:
         idx = np.argpartition(logits, -k)[-k:]
         idx = idx[np.lexsort((idx, -logits[idx]))]
         return tuple((int(i), self.vocab.piece_bytes(int(i), True), float(logits[i]) - lse) for i in idx)
-
-    @contextmanager
-    def _interruptible(self) -> Iterator[None]:
-        """Turn Ctrl-C during a decode into a clean abort, then a KeyboardInterrupt after it.
-
-        Without this the interrupt would surface inside a ctypes callback, where Python can only
-        print it and carry on.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        st = self.state
-
-        def on_sigint(_signum: int, _frame: object) -> None:
-            st.interrupted = True
-            st.abort = True
-
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 # The key of the shared-prefix sequence (it decodes into the spare slot ``n_parallel``); callers'

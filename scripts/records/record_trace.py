@@ -33,7 +33,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            sys.path.insert(0, str(HERE.parents[1] / "tests"))
             from alignez_local.testing import write_tiny_llama
 
             model = str(write_tiny_llama(Path(tmp) / "tiny.gguf"))

@@ -18,20 +18,26 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from alignez_local.apps.serve.errors import HANDLERS, ApiError, unauthorized
-from alignez_local.apps.serve.schemas import GenRequest, parse_json, parse_request
+from alignez_local.apps.serve.schemas import GenRequest, Limits, parse_request
 from alignez_local.apps.serve.steering import SteeringSet
 from alignez_local.apps.serve.worker import Event, Job, Worker, asyncio_sink
 from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Completion, Engine, TokenLogprob
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+# Requests parsed and tokenized at once, on worker threads. Each is bounded by the Limits; more
+# threads would only share the same cores, and a burst of requests waits its turn without ever
+# holding up the event loop (/health and streaming stay responsive).
+PARSE_THREADS = 4
 
 
 @dataclass
@@ -43,6 +49,31 @@ class ServeConfig:
     default_max_tokens: int = 512
     batch_wait: float = 0.0  # seconds an idle server waits after a first request for others to start with it
     cache_prompt: bool = False  # reuse the prompt cells of an earlier request steered alike (Worker.reuse_prompts)
+    limits: Limits = Limits()  # what one request may ask (body bytes, messages, prompt tokens; docs/serve.md)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Return the request body, refused with a 413 once it is over ``limit`` bytes: at once when
+    Content-Length says so (nothing read), else as soon as the bytes received pass it."""
+    def too_big(size: str) -> ApiError:
+        return ApiError(f"the request body is {size} bytes; this server takes at most {limit} (--max-body-mb)", 413,
+                        code="request_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big(declared)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big(f"over {limit}")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody reads this answer; it only keeps an aborted upload out of the log as a traceback.
+        raise ApiError("the client went away before sending the whole body", 400, code="client_disconnected") from None
+    return b"".join(chunks)
 
 
 class _Server:
@@ -54,6 +85,8 @@ class _Server:
         self.worker = worker
         self.config = config
         self.created = int(time.time())
+        self.parsing = 0  # requests being parsed and tokenized on worker threads (for /health)
+        self.parse_limiter: anyio.CapacityLimiter | None = None  # made in the lifespan (needs the event loop)
 
     def check_key(self, request: Request) -> None:
         key = self.config.api_key
@@ -69,7 +102,7 @@ class _Server:
     # --- small routes ------------------------------------------------------------------------
 
     async def health(self, _request: Request) -> Response:
-        return JSONResponse({"status": "ok", **self.worker.stats()})
+        return JSONResponse({"status": "ok", **self.worker.stats(), "requests_parsing": self.parsing})
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
@@ -91,10 +124,18 @@ class _Server:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self.check_key(request)
-        body = parse_json(await request.body())
-        req = parse_request(body, chat, self.engine, self.steering, self.config.default_max_tokens)
+        cfg = self.config
+        raw = await read_body(request, cfg.limits.max_body_bytes)
+        # Parsing, the chat template and the tokenizer take time in proportion to the request: on a
+        # worker thread, so the event loop keeps answering everyone else meanwhile.
+        self.parsing += 1
+        try:
+            req = await anyio.to_thread.run_sync(parse_request, raw, chat, self.engine, self.steering, cfg.default_max_tokens,
+                                                 cfg.limits, limiter=self.parse_limiter)
+        finally:
+            self.parsing -= 1
         q: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(req.prompt, req.n_prompt, req.sampling, req.steering, asyncio_sink(asyncio.get_running_loop(), q),
+        job = Job(req.tokens, req.sampling, req.steering, asyncio_sink(asyncio.get_running_loop(), q),
                   top_logprobs=req.logprobs)
         try:
             self.worker.submit(job)
@@ -240,10 +281,12 @@ class _Shaper:
 def create_app(engine: Engine, steering: SteeringSet, config: ServeConfig, parallel: int | None = None) -> Starlette:
     """Return the app; its lifespan starts the engine worker and stops it cleanly on shutdown."""
     worker = Worker(engine, steering, parallel, config.batch_wait, config.cache_prompt)
+    engine.max_piece_bytes  # scans the vocabulary once now (0.1 s per 50k tokens), not on the first request
     srv = _Server(engine, steering, worker, config)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        srv.parse_limiter = anyio.CapacityLimiter(PARSE_THREADS)
         worker.start()
         try:
             yield

@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import signal
 
+from typing import Any
+
 import click
 
 from alignez_local.align.steering import DEFAULT_TOP_N
-from alignez_local.apps.cli_options import model_options
+from alignez_local.apps.cli_options import grouped, model_options
 from alignez_local.errors import AlignezError
 from alignez_local.settings import ModelRun
 
@@ -45,6 +47,28 @@ def _server_class() -> type:
     return StopOnSignal
 
 
+def _limits(max_body_mb: float, max_messages: int, max_prompt_tokens: int | None, completions_specials: bool) -> Any:
+    from alignez_local.apps.serve.schemas import Limits  # the HTTP stack loads only when serve runs
+
+    return Limits(int(max_body_mb * 1e6), max_messages, max_prompt_tokens, completions_specials)
+
+
+limit_options = grouped(
+    "limits", _limits,
+    ("max_body_mb", click.option("--max-body-mb", type=click.FloatRange(0.001, 1024), default=4, show_default=True,
+                                 help="Largest request body in MB (413 beyond, refused before it is read).")),
+    ("max_messages", click.option("--max-messages", type=click.IntRange(1, 1 << 20), default=2048, show_default=True,
+                                  help="Most messages in one chat request.")),
+    ("max_prompt_tokens", click.option("--max-prompt-tokens", type=click.IntRange(1, 1 << 20), default=None,
+                                       help="Most prompt tokens in one request  [default: the context, --ctx]")),
+    ("completions_specials", click.option(
+        "--completions-specials/--no-completions-specials", default=True, show_default=True,
+        help="Read control-token text (<|im_end|> ...) in a /v1/completions prompt as control tokens, as llama-server "
+             "does; off, it is plain text. Chat message content is always plain text.")),
+)
+"""The server's request limits -> ``limits: Limits`` (docs/serve.md)."""
+
+
 @click.command("serve")
 @model_options
 @click.option("--vector", "vectors", multiple=True, metavar="[NAME=]FILE[:STRENGTH]",
@@ -70,24 +94,25 @@ def _server_class() -> type:
               help="Let a request start from the prompt cells an earlier request steered alike left in its "
                    "slot (llama-server's default): shared system prompts are read once per slot, but an "
                    "answer's last bits, and so sometimes its tokens, then depend on the requests before it.")
+@limit_options
 def serve_command(
     model: ModelRun,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
     host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int, flash_attn: bool,
-    cache_prompt: bool,
+    cache_prompt: bool, limits: Any,
 ) -> None:
     """Serve the OpenAI API; every request picks its own steering, all decoded together.
 
     \b
-    alignez serve --vector helpful=vectors/smollm2-135m-instruct/helpful.gguf:4 --port 8080
+    alignez serve -m smollm2-135m-instruct --vector french=vectors/smollm2-135m-instruct/french.gguf --port 8080
     curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{"messages":[{"role":"user","content":"Hi"}],"steering":{"helpful":2}}'
+      -d '{"messages":[{"role":"user","content":"Hi"}],"steering":{"french":0.05}}'
 
     \b
     A request's "steering" field: {"NAME": strength, ...} chooses vectors/profiles and strengths,
     0 or {} means unsteered, and no field means the server's defaults (each file at the strength
     given here, else its own default, else 1). GET /v1/steering lists what is loaded.
-    Ctrl-C or SIGTERM stops the server cleanly.
+    Ctrl-C or SIGTERM stops the server cleanly. Limits and the control-token policy: docs/serve.md.
     """
     _http_stack()
     import uvicorn
@@ -105,7 +130,7 @@ def serve_command(
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         model_id = engine.path.stem
-        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt),
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt, limits),
                          parallel)
         names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
         click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)

@@ -38,6 +38,7 @@ the other. ``batch_edits`` reads gates alone, as ``Steering`` does.
 from __future__ import annotations
 
 import math
+import reprlib
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -162,10 +163,12 @@ class SteeringSet:
         for name, strength in value.items():
             if name not in self.items:
                 known = ", ".join(sorted(self.items)) or "none (start the server with --vector or --profile)"
-                raise AlignezError(f"unknown steering name {name!r}; loaded: {known}")
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-                raise AlignezError(f"steering strength for {name!r} must be a number, got {strength!r}")
-            check_strength(float(strength), f"steering strength for {name!r}")
+                raise AlignezError(f"unknown steering name {reprlib.repr(name)}; loaded: {known}")
+            # An int of 400 digits is a number too, but too large for a float: out of range, not a crash.
+            if (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                    or (isinstance(strength, float) and not math.isfinite(strength))):
+                raise AlignezError(f"steering strength for {name!r} must be a number, got {reprlib.repr(strength)}")
+            check_strength(float(strength) if abs(strength) < 1e300 else math.inf, f"steering strength for {name!r}")
             if strength != 0:
                 out[name] = float(strength)
         return out

@@ -60,8 +60,7 @@ class Event:
 class Job:
     """One request: a prompt, its sampling and steering, and where its events go."""
 
-    prompt: str
-    n_prompt: int
+    tokens: list[int]  # the prompt, tokenized by the HTTP side (chat content as text, not markup)
     sampling: Sampling
     steering: Choice
     emit: Callable[[Event], None]
@@ -73,7 +72,7 @@ class Job:
     @property
     def budget(self) -> int:
         """Return the KV cells this job can use at most."""
-        return self.n_prompt + self.sampling.max_tokens
+        return len(self.tokens) + self.sampling.max_tokens
 
     def cancel(self) -> None:
         """Stop caring about this job's output (the client went away)."""
@@ -290,7 +289,7 @@ class Worker:
         job.started = True
         with self._lock:
             self.waiting -= 1
-        tokens = self.engine.tokenize(job.prompt)
+        tokens = job.tokens
         if self._steer.needs_planning:
             seq = Seq(next(self._keys), tokens, cache_tag=() if self.reuse_prompts else None)  # unsteered cells
             self._steer.plan(seq.key)
