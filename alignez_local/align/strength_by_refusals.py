@@ -5,7 +5,7 @@ The fluency band of ``strength_by_kl`` rejects a refusal vector for doing its jo
 falls by more than 10% and the search stopped at x1 on Qwen (docs/results.md §8). A refusal
 vector is judged on what it is for instead, on held-out requests of both kinds:
 
-- **refusals** (keyword detector, ``evaluation/refusal.is_refusal``) of held-out risky requests:
+- **refusals** (keyword detector, ``measures/refusal.is_refusal``) of held-out risky requests:
   the more the better;
 - **over-refusal**: refusals of held-out benign requests may rise by at most ``OVER_REFUSAL_BUDGET``
   (1 point) over the unsteered answers, rounded down to whole answers;
