@@ -17,7 +17,7 @@ lines ``alignez steer`` prints.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,11 @@ from alignez_local.pipeline import (
     STEER_QUERIES, RequestSteerResult, SteerPaths, SteerPlan, SteerResult, behaviour_bench, run_request_steer, run_steer,
     screen,
 )
-from alignez_local.progress import StageClock
+from alignez_local.progress import Notify, StageClock, quiet
 from alignez_local.prompt_sets import load_eval_prompts, select_queries
 from alignez_local.settings import ModelRun, RuntimeSettings
 
 ModelLike = Engine | ModelRun | str | Path
-Notify = Callable[[str], None]
 
 # A judge opened for a behaviour run reads short yes/no prompts: a small context and batch suffice.
 JUDGE_RUNTIME = RuntimeSettings(n_ctx=4096, parallel=4)
@@ -120,7 +119,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     the output and the files' provenance when ``model`` is an engine (a bundled name is recorded as
     such). The gated refusal vector (``recipe="request"``) is ``steer_refusals``.
     """
-    status = on_status or (lambda _line: None)
+    status = on_status or quiet
     chosen = resolve_axis(axis, positive, negative, measure)
     recipe = recipe or default_recipe(chosen.name, queries is not None)
     if recipe == REQUEST_RECIPE:
@@ -156,7 +155,7 @@ def steer_refusals(model: ModelLike, out: str | Path, axis: str | PreferenceAxis
     refusals of held-out requests within an over-refusal budget. Writes OUT/vector.gguf and report.json."""
     with _engine(model) as engine:
         return run_request_steer(engine, resolve_axis(axis), out, ModelId.of(engine, _given_name(model, name)), queries_file, seed,
-                                 on_status=on_status or (lambda _line: None))
+                                 on_status=on_status or quiet)
 
 
 def train(engine: Engine, pairs: Sequence[tuple[str, str, str] | PreferencePair], *, layers: Sequence[int] | None = None,

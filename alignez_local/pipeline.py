@@ -13,7 +13,7 @@ was given by name), its file name and its SHA-256, never by a local path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.measures.behaviour import YesNoJudge
 from alignez_local.measures.refusal import is_refusal
 from alignez_local.models import ModelId
-from alignez_local.progress import Progress, StageClock
+from alignez_local.progress import Notify, Progress, StageClock, quiet
 from alignez_local.prompt_sets import heldout_prompts, heldout_queries, load_request_kinds
 
 # steer's default query count: enough pairs for a difference of means and a subspace, and on the
@@ -53,11 +53,6 @@ STEER_QUERIES = 64
 EXPORT_QUERIES = 64
 
 
-Notify = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 class Interrupted(KeyboardInterrupt):
@@ -156,7 +151,7 @@ class SteerPlan:
     with_profile: bool = True
 
 
-def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = _quiet,
+def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
               bench: BehaviourBench | None = None, judge: YesNoJudge | None = None,
               clock: StageClock | None = None) -> SteerResult:
     """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
@@ -240,7 +235,7 @@ def own_refusals(engine: Engine, queries: Sequence[str], quiet: bool = False) ->
 
 
 def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
-                      queries_file: str | None = None, seed: int = 0, on_status: Notify = _quiet) -> RequestSteerResult:
+                      queries_file: str | None = None, seed: int = 0, on_status: Notify = quiet) -> RequestSteerResult:
     """Fit a gated vector from the model's own state on risky and benign requests
     (align/request_contrast.py) and choose its default strength by refusals on held-out risky and
     benign ones (align/strength_by_kl.py ``calibrate_refusals``).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 from dataclasses import dataclass, field
 
@@ -177,3 +178,11 @@ def peak_rss_mb() -> float:
     """Return this process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+Notify = Callable[[str], None]
+"""Where a step sends its status lines and warnings (the CLI prints them on stderr)."""
+
+
+def quiet(_line: str) -> None:
+    """Drop a status line: the default ``Notify`` of a step run from code."""

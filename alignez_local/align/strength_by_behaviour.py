@@ -46,6 +46,7 @@ from alignez_local.measures.behaviour import YesNoJudge, measure_for
 from alignez_local.measures.scoring import ScoredAnswers, Scorer
 from alignez_local.measures.statistics import paired_difference_ci
 from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.progress import Notify, quiet
 
 STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Multiples of a vector as fitted. For a difference-of-means vector, 1 moves the state by the whole
@@ -352,7 +353,7 @@ def random_null(slot: VectorSlot | ProfileSlot, seed: int, layer_range: tuple[in
 
 
 def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
-                     on_status: Callable[[str], None] = lambda _line: None, seed: int = 0,
+                     on_status: Notify = quiet, seed: int = 0,
                      strengths: Sequence[float] = STRENGTHS, refine: bool = True) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).

@@ -48,6 +48,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.progress import Notify, quiet
 
 CANDIDATES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 PPL_TOLERANCE = 0.10
@@ -192,7 +193,7 @@ def calibrate_strength(
 
 
 def kl_calibrated_profile(engine: Engine, profile: SteeringProfile, prompts: Sequence[str], top_n: int | None = None,
-                          on_status: Callable[[str], None] = lambda _line: None,
+                          on_status: Notify = quiet,
                           baseline: Baseline | None = None) -> SteeringProfile:
     """Return ``profile`` with its default strength chosen by KL (and the evidence) stored.
     ``baseline``: the unsteered model's measurements on ``prompts``, when already taken."""
@@ -204,7 +205,7 @@ def kl_calibrated_profile(engine: Engine, profile: SteeringProfile, prompts: Seq
 
 
 def kl_calibrated_vector(engine: Engine, vector: ControlVector, prompts: Sequence[str],
-                         on_status: Callable[[str], None] = lambda _line: None,
+                         on_status: Notify = quiet,
                          baseline: Baseline | None = None) -> ControlVector:
     """Return ``vector`` with its default strength chosen by KL (and the evidence) stored.
     ``baseline``: the unsteered model's measurements on ``prompts``, when already taken."""

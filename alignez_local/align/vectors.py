@@ -9,7 +9,7 @@ are built from them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,9 @@ from alignez_local.llama.engine import Engine
 from alignez_local.measures.behaviour import Measure, measure_for
 from alignez_local.models import ModelId
 from alignez_local.prompt_sets import heldout_prompts
+from alignez_local.progress import Notify, quiet
 from alignez_local.specs import parse_layer_list
 
-Notify = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,7 @@ def data_quality(prefs: str | Path, axis: str | None = None) -> dict[str, Any]:
     return select_pairs(load_records(prefs, axis))[3]
 
 def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId,
-                  axis: str | None = None, name: str = "profile", on_status: Notify = _quiet) -> SteeringProfile:
+                  axis: str | None = None, name: str = "profile", on_status: Notify = quiet) -> SteeringProfile:
     """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given) that
     pass the self-check rule (align/selfcheck.py) and, where the axis has an objective checker,
     show the behaviour's contrast (align/pair_filter.py); the data-quality lines go to ``on_status``."""
@@ -101,7 +97,7 @@ def pairs_measure(pair: PreferencePair) -> Measure:
     return measure_for(axis.measure or "", axis.positive, axis.negative)
 
 def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId, axis: str | None = None,
-                        name: str = "profile", on_status: Notify = _quiet,
+                        name: str = "profile", on_status: Notify = quiet,
                         measure: Measure | None = None) -> tuple[SteeringProfile, np.ndarray]:
     """Return ``fit_from_file``'s profile and, from the same capture, the difference of the pairs'
     mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice).
@@ -177,7 +173,7 @@ def train_vector(engine: Engine, pairs: Sequence[PreferencePair], layers: Sequen
 
 
 def export_vector(engine: Engine, profile: SteeringProfile, calibration: Sequence[str], top_n: int | None = None,
-                  on_warning: Notify = _quiet) -> tuple[ControlVector, ApproximationReport]:
+                  on_warning: Notify = quiet) -> tuple[ControlVector, ApproximationReport]:
     """Return the control vector approximating ``profile`` over the ``calibration`` queries, and how
     close it is to the exact edit on held-out prompts. ``top_n`` None: the profile's own."""
     for w in profile.check_compatible(engine.n_layer, engine.n_embd, engine.arch):

@@ -5,7 +5,6 @@ from another tool."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,8 @@ from alignez_local.formats.control_vector import ControlVector, read_control_vec
 from alignez_local.formats.gguf_file import read_gguf
 from alignez_local.formats.kinds import gguf_kind
 from alignez_local.formats.profile import load_profile
+from alignez_local.progress import Notify, quiet
 
-Notify = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def model_facts(path: str | Path) -> dict[str, Any]:
@@ -31,7 +26,7 @@ def model_facts(path: str | Path) -> dict[str, Any]:
             "n_embd": meta.get(f"{arch}.embedding_length"), "chat_template": "tokenizer.chat_template" in meta}
 
 def import_vector(path: str | Path, out: str | Path, model: str | Path | None = None,
-                  on_warning: Notify = _quiet) -> ControlVector:
+                  on_warning: Notify = quiet) -> ControlVector:
     """Check a control vector from another tool (against ``model`` when given) and write a clean copy
     to ``out`` that keeps the directions and layers exactly and records where it came from.
     ``model``: a model file (``models.resolve_model`` turns a bundled name into one)."""
