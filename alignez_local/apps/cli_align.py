@@ -336,7 +336,7 @@ def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice,
     """``steer --recipe request``: the gated vector (align/request_contrast.py)."""
     engine = model.open()
     try:
-        res = api.steer_refusals(engine, folder, axis.name, queries.file, seed, on_status=_status, name=str(model.model))
+        res = api.steer_refusals(engine, folder, axis, queries.file, seed, on_status=_status, name=str(model.model))
     except KeyboardInterrupt:
         raise Stopped("nothing was written (this recipe keeps no partial state); run the same command again") from None
     scale = res.vector.default_strength_or_one
