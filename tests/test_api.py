@@ -60,3 +60,18 @@ def test_bad_input_is_one_clear_error(tiny_engine: Engine) -> None:
             pass
     with pytest.raises(AlignezError, match="both"):
         az.resolve_axis(positive="pirate-like")
+
+
+def test_the_api_and_the_cli_share_their_defaults() -> None:
+    """`alignez steer` with no options and `az.steer(engine)` make the same pairs and the same fit."""
+    from alignez_local.align.preferences import GenerationSettings
+    from alignez_local.align.vectors import FitSettings
+    from alignez_local.apps.cli_align import _fit, _generation, steer
+
+    defaults = steer.make_context("steer", []).params  # what the command receives with no options
+    gen = _generation(**{k: defaults[k] for k in ("responses", "response_tokens", "temperature", "seed")})
+    fit = _fit(**{k: defaults[k] for k in ("method", "site", "pool", "layers", "variance", "max_cos", "top_n", "self_check",
+                                           "behaviour_filter", "flip_inverted")})
+    assert gen == GenerationSettings()
+    assert fit == FitSettings()
+    assert defaults["judge"] == "auto" and defaults["strengths"] is None and defaults["calibrate_profile"] is False

@@ -41,7 +41,10 @@ class GenerationSettings:
     top_k: int = 40  # cuts the long tail a 135M model samples nonsense from at temperature 0.7
     repeat_penalty: float = 1.1
     characteristics_tokens: int = 48
-    response_tokens: int = 160
+    # 96: the plain recipe reads the behaviour over every answer token, and generation is the
+    # second-largest stage of a steer run (the paper used about 200 tokens). The CLI's
+    # --response-tokens and the Python API both default to this one value.
+    response_tokens: int = 96
     responses_per_query: int = 1
     seed: int = 0
 

@@ -77,11 +77,12 @@ def _generation(responses: int, response_tokens: int, temperature: float, seed: 
 generation_options = grouped(
     "generation", _generation,
     ("responses", click.option("--responses", type=click.IntRange(1, 16), default=1, show_default=True, help="Pairs per query.")),
-    # 96: the plain recipe reads the behaviour over every answer token, and generation is the
-    # second-largest stage of a steer run (the paper used about 200 tokens: --response-tokens 200).
-    ("response_tokens", click.option("--response-tokens", type=click.IntRange(8, 4096), default=96, show_default=True)),
-    ("temperature", click.option("--temperature", type=click.FloatRange(0, 5), default=0.7, show_default=True)),
-    ("seed", click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=0, show_default=True)),
+    # The library's defaults (GenerationSettings), so a command and the Python API make the same pairs.
+    ("response_tokens", click.option("--response-tokens", type=click.IntRange(8, 4096),
+                                     default=GenerationSettings.response_tokens, show_default=True)),
+    ("temperature", click.option("--temperature", type=click.FloatRange(0, 5), default=GenerationSettings.temperature,
+                                 show_default=True)),
+    ("seed", click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=GenerationSettings.seed, show_default=True)),
 )
 """--responses, --response-tokens, --temperature, --seed -> ``generation: GenerationSettings``."""
 
