@@ -61,7 +61,7 @@ from alignez_local.evaluation.summary import summary_markdown
 from alignez_local.evaluation.sweep_plot import write_sweep_plot
 from alignez_local.fileio import write_json, write_text
 from alignez_local.llama.engine import Engine
-from alignez_local.llama.interrupt import sigterm_as_ctrl_c
+from alignez_local.llama.interrupt import SigtermSeen, sigterm_as_ctrl_c
 from alignez_local.models import file_sha256, resolve_model
 from alignez_local.progress import Progress
 from alignez_local.settings import open_engine
@@ -152,7 +152,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, log: LogFn = _stderr) -> dict
             write_text(out / "summary.md", summary_markdown(report))
         except KeyboardInterrupt:
             st.timing["total_s"] = round(time.monotonic() - t_run, 2)
-            raise _save_interrupted(st, out, terminated=sigterm.seen) from None
+            raise _save_interrupted(st, out, sigterm) from None
     return report
 
 
@@ -169,9 +169,10 @@ def _checkpoint(st: RunState, out: Path, next_stage: str) -> None:
     st.checkpointed = True
 
 
-def _save_interrupted(st: RunState, out: Path, terminated: bool = False) -> EvalInterrupted:
-    """Return the EvalInterrupted to raise after saving the partial report (if a second Ctrl-C allows)."""
-    how, code = ("terminated (SIGTERM)", 143) if terminated else ("interrupted", 130)
+def _save_interrupted(st: RunState, out: Path, stop: SigtermSeen) -> EvalInterrupted:
+    """Return the EvalInterrupted to raise after saving the partial report (if a second Ctrl-C allows);
+    ``stop`` tells SIGTERM from Ctrl-C (its line's word and the shell's exit code)."""
+    how, code = stop.word(), stop.exit_code
     report = build_report(st, complete=False)
     try:
         write_json(out / "report.json", report)
