@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,9 @@ from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import STRENGTHS
 from alignez_local.align.vectors import FitSettings, train_vector
 from alignez_local.errors import AlignezError
-from alignez_local.evaluation.behaviour_eval import axis_of, measure_behaviour
-from alignez_local.evaluation.judge import open_judge
+from alignez_local.evaluation.behaviour_eval import axis_of, behaviour_judge, measure_behaviour, prompt_kind
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
-from alignez_local.measures.behaviour import measure_for
 from alignez_local.models import DEFAULT_MODEL, ModelId
 from alignez_local.pipeline import (
     STEER_QUERIES, RequestSteerResult, SteerPaths, SteerPlan, SteerResult, behaviour_bench, run_request_steer, run_steer,
@@ -45,10 +43,6 @@ from alignez_local.prompt_sets import load_eval_prompts, select_queries
 from alignez_local.settings import ModelRun, RuntimeSettings
 
 ModelLike = Engine | ModelRun | str | Path
-
-# A judge opened for a behaviour run reads short yes/no prompts: a small context and batch suffice.
-JUDGE_RUNTIME = RuntimeSettings(n_ctx=4096, parallel=4)
-
 
 def load(model: str | Path = DEFAULT_MODEL, threads: int | None = None, n_ctx: int = 4096, parallel: int = 8,
          gpu_layers: int = 0) -> Engine:
@@ -128,13 +122,14 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     grid = tuple(strengths) if strengths else STRENGTHS
     plan = SteerPlan(chosen, tuple(queries) if queries is not None else tuple(select_queries(None, STEER_QUERIES, chosen.name)),
                      generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile)
-    with tempfile.TemporaryDirectory(prefix="alignez-steer-") as scratch:
-        folder = None if screen_only else SteerPaths.prepare(out if out is not None else scratch).folder
+    with ExitStack() as stack:
+        if screen_only:
+            folder = None
+        else:
+            where = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="alignez-steer-"))
+            folder = SteerPaths.prepare(where).folder
         with _engine(model) as engine:
-            needs = measure_for(chosen.measure, chosen.positive, chosen.negative).needs_judge
-            settings = JUDGE_RUNTIME.with_(threads=engine.n_threads)
-            the_judge = open_judge(judge, engine, settings, needs=needs)
-            try:
+            with behaviour_judge(judge, engine, chosen) as the_judge:
                 clock = StageClock(engine, getattr(the_judge, "engine", None))
                 bench = behaviour_bench(engine, chosen, plan.queries, the_judge)
                 line, _, _ = screen(bench, _display_name(model, engine, name))
@@ -143,9 +138,6 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
                 if folder is None:
                     return None
                 return run_steer(engine, plan, folder, ModelId.of(engine, _given_name(model, name)), status, bench, clock=clock)
-            finally:
-                if the_judge is not None and the_judge.engine is not engine:
-                    the_judge.close()
 
 
 def steer_refusals(model: ModelLike, out: str | Path, axis: str | PreferenceAxis = "harmless", queries_file: str | None = None,
@@ -201,16 +193,10 @@ def evaluate(engine: Engine, vector: ControlVector, axis: str | PreferenceAxis |
     if chosen is None:
         raise AlignezError(f"vector {vector.name} does not say which behaviour it steers; give axis=...")
     if questions is None:
-        kind = "harmful" if chosen.measure == "refusal" else "helpful"
-        questions = [p.text for p in load_eval_prompts(kinds={kind})]
-    needs = measure_for(chosen.measure, chosen.positive, chosen.negative).needs_judge
-    the_judge = open_judge(judge, engine, JUDGE_RUNTIME.with_(threads=engine.n_threads), needs=needs)
-    try:
+        questions = [p.text for p in load_eval_prompts(kinds={prompt_kind(chosen)})]
+    with behaviour_judge(judge, engine, chosen) as the_judge:
         return measure_behaviour(engine, steering, chosen, list(questions), the_judge,
                                  Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1, seed=seed), seed)
-    finally:
-        if the_judge is not None and the_judge.engine is not engine:
-            the_judge.close()
 
 
 def _given_name(model: ModelLike, name: str | None = None) -> str | Path | None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignez_local.api import JUDGE_RUNTIME
+from alignez_local.evaluation.behaviour_eval import JUDGE_RUNTIME
 from alignez_local.evaluation.judge import open_judge
 from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.prompt_sets import select_queries

@@ -30,8 +30,8 @@ from alignez_local.evaluation.answers import Answer
 from alignez_local.evaluation.config import EvalConfig
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
 from alignez_local.llama.interrupt import sigterm_as_ctrl_c
+from test_interrupt import sigterm_while_logging
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
-from alignez_local.llama import bindings
 from alignez_local.llama.engine import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,18 +236,12 @@ def test_sigterm_inside_a_llama_callback_is_not_dropped(monkeypatch: pytest.Monk
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)  # where ctypes reports what it dropped
     outcomes = set()
     for _ in range(10):
-        timer = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
         try:
             with sigterm_as_ctrl_c() as sigterm:
-                timer.start()
-                for _ in range(10**7):
-                    if sigterm.seen:
-                        break
-                    bindings._log_sink(2, b"load_tensors: loading\n", None)
+                sigterm_while_logging(sigterm)
             outcomes.add("noted" if sigterm.seen else "missed")
         except KeyboardInterrupt:
             outcomes.add("raised")
-        timer.join()
     assert outcomes and "missed" not in outcomes
     assert dropped == []
 

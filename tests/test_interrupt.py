@@ -16,7 +16,7 @@ import pytest
 
 from alignez_local.llama import bindings
 from alignez_local.llama.engine import Engine, Sampling
-from alignez_local.llama.interrupt import decode_guard, sigterm_as_ctrl_c
+from alignez_local.llama.interrupt import SigtermSeen, decode_guard, sigterm_as_ctrl_c
 
 CLI = [sys.executable, "-m", "alignez_local"]
 
@@ -78,24 +78,31 @@ def test_a_stop_after_the_last_decode_step_is_not_lost(tiny_engine: Engine) -> N
     assert tiny_engine.generate(["Hi"], Sampling(max_tokens=2))[0].n_tokens == 2  # the next run starts clean
 
 
+def sigterm_while_logging(sigterm: SigtermSeen) -> None:
+    """Send this process SIGTERM in 10 ms and call llama.cpp's real log sink (through ctypes, as
+    while a model loads) until ``sigterm`` has seen it; KeyboardInterrupt when it lands outside the sink."""
+    timer = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        for _ in range(10**7):
+            if sigterm.seen:
+                break
+            bindings._log_sink(2, b"load_tensors: loading\n", None)
+    finally:
+        timer.join()
+
+
 def test_sigterm_noted_in_a_llama_callback_stops_the_next_decode(tiny_engine: Engine) -> None:
     """SIGTERM inside a C callback (llama.cpp's log while a model loads) is only noted there; the
     decode that follows must not start."""
     for _ in range(20):
-        timer = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
         try:
             with sigterm_as_ctrl_c() as sigterm:
-                timer.start()
-                for _ in range(10**7):
-                    if sigterm.seen:
-                        break
-                    bindings._log_sink(2, b"load_tensors: loading\n", None)
+                sigterm_while_logging(sigterm)
                 with pytest.raises(KeyboardInterrupt):
                     tiny_engine.generate(["Hi"], Sampling(max_tokens=2))
                 assert sigterm.exit_code == 143
                 return
         except KeyboardInterrupt:
             pass  # it landed outside the sink this time (raised at once): try again
-        finally:
-            timer.join()
     pytest.fail("SIGTERM never landed inside the log callback")

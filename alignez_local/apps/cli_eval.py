@@ -9,10 +9,8 @@ from typing import Any
 import click
 
 from alignez_local.align.steering import Steering
-from alignez_local.api import JUDGE_RUNTIME
 from alignez_local.apps.cli_options import SteeringChoice, grouped, model_options, sampling_options, steering_options
-from alignez_local.measures.behaviour import measure_for
-from alignez_local.evaluation.behaviour_eval import measure_behaviour, resolve_axis_name
+from alignez_local.evaluation.behaviour_eval import behaviour_judge, measure_behaviour, prompt_kind, resolve_axis_name
 from alignez_local.evaluation.behaviour_report import eval_lines
 from alignez_local.evaluation.config import EvalConfig, parse_kinds, select_prompts
 from alignez_local.fileio import write_json
@@ -20,7 +18,7 @@ from alignez_local.llama.engine import Sampling
 from alignez_local.settings import ModelRun, open_engine
 from alignez_local.specs import parse_strengths
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
-from alignez_local.evaluation.judge import DEFAULT_MARGIN, JUDGE_NAMES, MODES, open_judge
+from alignez_local.evaluation.judge import DEFAULT_MARGIN, JUDGE_NAMES, MODES
 from alignez_local.prompt_sets import EVAL_KINDS
 from alignez_local.evaluation.remote_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT
 from alignez_local.errors import AlignezError
@@ -177,15 +175,9 @@ def _behaviour(cfg: EvalConfig, axis_name: str, judge_name: str, out: Path) -> d
         if axis is None:
             click.echo("behaviour: the steering files do not say which behaviour they steer; give --behaviour AXIS", err=True)
             return None
-        kind = "harmful" if axis.measure == "refusal" else "helpful"
-        questions = [p.text for p in select_prompts(cfg) if p.kind == kind]
-        judge = open_judge(judge_name, engine, JUDGE_RUNTIME.with_(threads=cfg.runtime.threads),
-                           needs=measure_for(axis.measure, axis.positive).needs_judge)
-        try:
+        questions = [p.text for p in select_prompts(cfg) if p.kind == prompt_kind(axis)]
+        with behaviour_judge(judge_name, engine, axis) as judge:
             table = measure_behaviour(engine, steering, axis, questions, judge, cfg.sampling, cfg.sampling.seed or 0)
-        finally:
-            if judge is not None and judge.engine is not engine:
-                judge.close()
     finally:
         engine.close()
     write_json(out / "behaviour.json", table)

@@ -16,14 +16,17 @@ its own, so the table reads the same way as the net-win figures do not.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, stored_axis
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
 from alignez_local.align.strength_by_behaviour import axis_bench, random_null
 from alignez_local.errors import AlignezError
-from alignez_local.measures.behaviour import YesNoJudge
+from alignez_local.evaluation.judge import Judge, open_judge
+from alignez_local.measures.behaviour import YesNoJudge, measure_for
+from alignez_local.settings import RuntimeSettings
 from alignez_local.llama.engine import Engine, Sampling
 
 
@@ -52,6 +55,30 @@ def resolve_axis_name(name: str, steering: Steering) -> PreferenceAxis | None:
     if name not in BUILTIN_AXES:
         raise AlignezError(f"--behaviour {name!r} is not a built-in axis; use one of {', '.join(BUILTIN_AXES)}, auto or off")
     return BUILTIN_AXES[name]
+
+
+JUDGE_RUNTIME = RuntimeSettings(n_ctx=4096, parallel=4)
+"""A behaviour run's judge reads short yes/no prompts: a small context and batch suffice."""
+
+
+@contextmanager
+def behaviour_judge(name: str, engine: Engine, axis: PreferenceAxis) -> Iterator[Judge | None]:
+    """Yield the judge a behaviour run on ``axis`` reads with (``judge.open_judge``: ``name`` auto,
+    self, none or a model; None where the axis's measure needs none), on ``engine``'s threads, and
+    close it after unless it is ``engine`` itself."""
+    needs = measure_for(axis.measure, axis.positive, axis.negative).needs_judge
+    judge = open_judge(name, engine, JUDGE_RUNTIME.with_(threads=engine.n_threads), needs=needs)
+    try:
+        yield judge
+    finally:
+        if judge is not None and judge.engine is not engine:
+            judge.close()
+
+
+def prompt_kind(axis: PreferenceAxis) -> str:
+    """Return the kind of evaluation prompt a behaviour is read on: harmful requests for a refusal
+    measure, ordinary ones otherwise."""
+    return "harmful" if axis.measure == "refusal" else "helpful"
 
 
 def null_steering(steering: Steering, seed: int = 0) -> dict[str, Steering]:
