@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
 from alignez_local.align.strength_by_behaviour import (
-    BehaviourBench, BehaviourTrial, calibrate_behaviour, midpoints, split_heldout,
+    LOOP_MARGIN, BehaviourBench, BehaviourTrial, calibrate_behaviour, lowest_is_best, midpoints, split_heldout,
 )
 from alignez_local.align.pair_filter import filter_line, keep_contrasting
 from alignez_local.align.preferences import PreferencePair
@@ -21,7 +21,7 @@ from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.measures.behaviour import MEASURES, JudgeMeasure, MarkerMeasure, contrast_probability, measure_for
-from alignez_local.measures.scoring import Scorer, distinct_share, fluency_from_nll, harmonic_mean, pmi_relevance
+from alignez_local.measures.scoring import Scorer, distinct_share, fluency_from_nll, harmonic_mean, loops, pmi_relevance
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.align.strength_by_behaviour import unsteered_nll
@@ -136,6 +136,49 @@ def test_fluency_is_relative_to_the_unsteered_answers_and_punishes_loops() -> No
     assert distinct_share("one two three four five six") == 1.0
 
 
+LOOPING = [
+    "THE BIG BANG THEORY THE BIG BANG THEORY THE BIG BANG THEORY THE BIG BANG",
+    "I AM HERE TO HELP YOU TO BECOME THE GUESTS OF THE EVENT. I AM HERE TO HELP YOU TO BECOME THE GUESTS "
+    "OF THE EVENT. I AM HERE TO HELP YOU TO BECOME THE GUESTS",
+    "Bonjour ! Je suis là pour vous aider. Je suis là pour vous aider. Je suis là pour vous aider.",
+    "the the the the the the the the the the",
+]
+HEALTHY = [
+    "To get better sleep on night shifts, keep the bedroom dark and cool, go to bed at the same time "
+    "every morning, and avoid caffeine in the last hours of your shift.",
+    "Pour mieux dormir, gardez la chambre sombre et fraîche, couchez-vous à la même heure et évitez le café.",
+    "1. Drink water. 2. Sleep well. 3. Eat well. 4. Move every day. 5. See friends.",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\nprint(add(3, 4))",
+    "Paris.",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", LOOPING)
+def test_a_phrase_said_again_and_again_loops(text: str) -> None:
+    assert loops(text)
+
+
+@pytest.mark.parametrize("text", HEALTHY)
+def test_healthy_answers_do_not_loop(text: str) -> None:
+    assert not loops(text)
+
+
+def test_the_combined_score_is_zero_where_the_behaviour_is_absent() -> None:
+    """AxBench's rule: a judge's P(yes) of 0.3 (behaviour absent) must not enter the mean, or the
+    calibration ranks strengths that do nothing (every strength 0% behaviour, combined 0.5)."""
+    class Judge:
+        def yes_probability(self, question, pairs):
+            return np.array([0.3 if "plain" in a else 0.8 for _, a in pairs])
+
+    measure = JudgeMeasure("ocean", "mentions the ocean", needs_judge=True, persona="ocean-loving")
+    scorer = Scorer(measure, lambda qs, ans: np.full(len(ans), 0.4), Judge())
+    scorer.reference_nll = 0.4
+    sc = scorer.score(["q1", "q2"], ["a plain answer", "the sea, the waves"])
+    assert sc.combined[0] == 0.0 and sc.combined[1] > 0.5
+    assert sc.summary()["loop_share"]["mean"] == 0.0
+
+
 def test_the_asked_reading_is_taken_only_where_it_can_raise_fluency() -> None:
     """Fluency is the better of the plain and the asked-for reading; an answer read plainly at or
     below the reference is already at 1, so only the others are read under the instruction."""
@@ -210,10 +253,13 @@ def _planted(engine: Engine, path: Path, size: float) -> ControlVector:
     return ControlVector({engine.n_layer - 1: w / np.linalg.norm(w) * np.float32(size)}, model_hint=engine.arch)
 
 
-def _calibrate(engine: Engine, cv: ControlVector, grid: tuple[float, ...] = GRID):
+def _calibrate(engine: Engine, cv: ControlVector, grid: tuple[float, ...] = GRID, loop_margin: float = 1.0):
+    """The planted behaviour is a word said again ("the the the"): loops are allowed unless a test
+    checks the loop rule itself."""
     noise = ControlVector(random_like(dict(cv.directions), seed=1), model_hint=engine.arch)
     return calibrate_behaviour(_bench(engine), lambda s: Steering(vectors=[VectorSlot("v", cv, s)]),
-                               lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=grid)
+                               lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=grid,
+                               loop_margin=loop_margin)
 
 
 def test_a_grid_that_starts_broken_is_halved_until_it_holds(tiny_engine: Engine, tiny_model_path: Path) -> None:
@@ -244,6 +290,43 @@ def test_calibration_finds_where_the_planted_behaviour_appears(tiny_engine: Engi
     assert cal.vs_random["ci95_low"] > 0
 
 
+def test_a_search_from_a_middle_strength_goes_down_only_while_the_weakest_is_best(
+        tiny_engine: Engine, tiny_model_path: Path) -> None:
+    """The default search starts at START, not at the smallest strength: what it finds on the planted
+    behaviour is what the search from the bottom finds, and the weaker strengths are tried only
+    while the weakest tried is the best (or broke)."""
+    cv = _planted(tiny_engine, tiny_model_path, 1.0)
+    noise = ControlVector(random_like(dict(cv.directions), seed=1), model_hint=tiny_engine.arch)
+    full = _calibrate(tiny_engine, cv)
+    for start in (16, 32, 128):
+        cal = calibrate_behaviour(_bench(tiny_engine), lambda s: Steering(vectors=[VectorSlot("v", cv, s)]),
+                                  lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=GRID, start=start,
+                                  loop_margin=1.0)
+        assert cal.trials[0].strength == start
+        below = [i for i, t in enumerate(cal.trials) if t.strength < start and t.strength in GRID]
+        assert all(lowest_is_best(cal.trials[:i]) for i in below)
+        assert cal.strength == full.strength
+
+
+def test_weaker_strengths_are_tried_only_when_the_weakest_is_best_or_broke() -> None:
+    assert lowest_is_best([_trial(0.125, 0.8), _trial(0.25, 0.5)])
+    assert not lowest_is_best([_trial(0.125, 0.5), _trial(0.25, 0.8)])
+    assert lowest_is_best([_trial(0.125, 0.0, broken=True)])
+    assert not lowest_is_best([_trial(0.125, 0.0), _trial(0.25, 0.0)])  # nothing shows: weaker is no help
+
+
+def test_a_strength_whose_answers_loop_more_than_prompting_is_not_chosen(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    """With the default margin, the strength where the planted " the" takes over ("the the the": a
+    loop a reader sees, however likely each token) cannot win, although its combined score is best."""
+    cv = _planted(tiny_engine, tiny_model_path, 1.0)
+    free, ruled = _calibrate(tiny_engine, cv), _calibrate(tiny_engine, cv, loop_margin=LOOP_MARGIN)
+    looping = [t for t in ruled.trials if t.loops_too_often and not t.broken]
+    assert looping, "no strength looped: the rule was not exercised"
+    assert ruled.strength not in {t.strength for t in looping}
+    assert free.strength in {t.strength for t in looping}  # the best combined score was a looping one
+    assert next(t for t in ruled.trials if t.strength == ruled.strength).eligible
+
+
 def test_calibration_says_plainly_when_nothing_beats_random(tiny_engine: Engine, tiny_model_path: Path) -> None:
     cal = _calibrate(tiny_engine, _planted(tiny_engine, tiny_model_path, 1e-6))
     assert not cal.beats_random and "NO strength" in cal.verdict
@@ -267,16 +350,44 @@ def test_each_answer_is_read_once_for_its_fluency(tiny_engine: Engine) -> None:
     assert np.allclose(fresh, first[:2], atol=1e-4)
 
 
+def test_answers_the_unsteered_model_wrote_are_not_read_again(smollm_engine: Engine) -> None:
+    """The unsteered answers' generation holds their plain NLL (token log-probabilities of the raw
+    distribution): the reader keeps it, equal to a fresh reading where the text tokenizes back to
+    the same tokens, and decodes nothing for them (SmolLM2: the random test model's text rarely
+    tokenizes back to what it generated)."""
+    reader = unsteered_nll(smollm_engine)
+    qs = ["Name a fruit.", "What colour is the sky?", "Say hello.", "What is two plus two?"]
+    done = smollm_engine.generate([smollm_engine.prompt(q) for q in qs], Sampling(temperature=0.0, max_tokens=16))
+    reader.remember(qs, done)
+    same = [i for i, c in enumerate(done) if smollm_engine.tokenize(c.text, add_bos=False) == list(c.tokens)]
+    assert same, "no answer tokenizes back to its own tokens: nothing compared"
+    before = smollm_engine.counts.snapshot()
+    kept = reader([qs[i] for i in same], [done[i].text for i in same])
+    assert smollm_engine.counts.since(before).tokens == 0 and np.isfinite(kept).all()
+    fresh = unsteered_nll(smollm_engine)([qs[i] for i in same], [done[i].text for i in same])
+    # Decoded one token per step against read in one batch: llama.cpp's kernels differ (matrix-vector
+    # against matrix-matrix), so the per-token means differ in the second decimal (0.022 at most here).
+    np.testing.assert_allclose(kept, fresh, atol=0.05)
+    # a text the tokenizer would split otherwise is read, not taken from its generation
+    other = [i for i in range(len(done)) if i not in same and done[i].text.strip()]
+    if other:
+        before = smollm_engine.counts.snapshot()
+        reader([qs[other[0]]], [done[other[0]].text])
+        assert smollm_engine.counts.since(before).tokens > 0
+
+
 def _trial(strength: float, combined: float, broken: bool = False) -> BehaviourTrial:
     return BehaviourTrial(strength, combined, 0.9, 0.9, combined, broken)
 
 
 def test_the_grid_is_refined_around_the_best_strength_and_never_past_a_break() -> None:
     grid = [_trial(0.25, 0.1), _trial(0.5, 0.4), _trial(1.0, 0.42), _trial(2.0, 0.0, broken=True)]
-    assert midpoints(grid) == [round(np.sqrt(0.5), 4), round(np.sqrt(2.0), 4)]  # between 0.5|1 and 1|2
+    assert midpoints(grid) == [round(np.sqrt(0.5), 4)]  # towards the better neighbour: 0.5|1, not 1|2
+    rising = [_trial(0.25, 0.1), _trial(0.5, 0.4), _trial(1.0, 0.42), _trial(2.0, 0.41)]
+    assert midpoints(rising) == [round(np.sqrt(2.0), 4)]
     # nothing showed the behaviour: refine above the strongest unbroken strength, where it may begin
     flat = [_trial(0.25, 0.0), _trial(0.5, 0.0), _trial(1.0, 0.0, broken=True)]
-    assert midpoints(flat) == [round(np.sqrt(0.125), 4), round(np.sqrt(0.5), 4)]
+    assert midpoints(flat) == [round(np.sqrt(0.5), 4)]
     # the best at the end of the grid has one neighbour; after a refinement, its nearer neighbours count
     assert midpoints([_trial(1.0, 0.1), _trial(2.0, 0.5)]) == [round(np.sqrt(2.0), 4)]
     assert midpoints([_trial(1.0, 0.1), _trial(2.0, 0.5), _trial(1.4142, 0.2)]) == [round(np.sqrt(2.0 * 1.4142), 4)]

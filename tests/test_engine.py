@@ -210,3 +210,28 @@ def test_ffn_out_edit_runs_once_per_layer_with_a_control_vector(tiny_engine: Eng
     np.testing.assert_array_equal(with_vec, plain)
     # ... and each wanted node was handled once in the one decode
     assert calls == {1: 1, 2: 1}
+
+
+def test_generation_can_decode_the_prompts_shared_head_once(smollm_engine: Engine) -> None:
+    """``generate(share_prefix=True)``: the system prompt every prompt shares is decoded once and
+    copied (calibration and pair generation use it). The answers are those of other batch shapes:
+    where both pick the same first token its log-probability agrees to llama.cpp's batch-shape
+    rounding (0.07 here); at a near tie the greedy choice can flip ("Say hello.": 'Hello' 27.02
+    against 'I' 26.98 in logits), as it does between a prompt decoded alone and in a batch."""
+    e = smollm_engine
+    system = "You are a careful assistant who answers every question in one short sentence."
+    prompts = [e.prompt(q, system) for q in ("Name a fruit.", "What colour is the sky?", "Say hello.")]
+    head = min(len(e.tokenize(p)) for p in prompts)
+    shared = next(i for i in range(head) if len({tuple(e.tokenize(p)[:i + 1]) for p in prompts}) > 1)
+    assert shared >= 16, "the prompts must share a head long enough to be shared"
+    sp = Sampling(temperature=0.0, max_tokens=8)
+    before = e.counts.snapshot()
+    plain = e.generate(prompts, sp)
+    read_plain = e.counts.since(before).tokens
+    before = e.counts.snapshot()
+    once = e.generate(prompts, sp, share_prefix=True)
+    read_once = e.counts.since(before).tokens
+    assert read_plain - read_once == (len(prompts) - 1) * shared
+    same = [(a, b) for a, b in zip(once, plain) if a.tokens[:1] == b.tokens[:1]]
+    assert len(same) >= 2
+    np.testing.assert_allclose([a.token_logprobs[0] for a, _ in same], [b.token_logprobs[0] for _, b in same], atol=0.15)

@@ -283,8 +283,9 @@ class Steering:
         prompts: Sequence[str],
         sampling: Sampling | Sequence[Sampling] = Sampling(),
         on_token: TokenFn | None = None,
+        share_prefix: bool = False,
     ) -> list[Completion]:
-        """Return completions for ``prompts`` under this steering.
+        """Return completions for ``prompts`` under this steering (``share_prefix``: as ``Engine.generate``'s).
 
         A prompt whose gates all stay shut gets exactly (token for token, bit for bit in its
         log-probabilities) what ``without_gated().generate`` gives it in the same batch, in the same
@@ -292,11 +293,11 @@ class Steering:
         that call), then the prompts a gate opened on are decoded again, steered (module docstring).
         """
         if not self.active or not prompts:
-            return engine.generate(prompts, sampling, on_token=on_token)
+            return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix)
         opens = self.open_gates(engine, prompts)
         if all(o == opens[0] for o in opens):
             with self._applied(engine, prompts, opens):
-                return engine.generate(prompts, sampling, on_token=on_token)
+                return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix)
         sps = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
         if len(sps) != len(prompts):
             raise ValueError("one Sampling per prompt, or a single one for all")
@@ -307,14 +308,16 @@ class Steering:
             # prompts the gate opened on are decoded too (and their answers dropped) so that every
             # batch of this run has the shapes the reference's has.
             stream = None if on_token is None else (lambda k, text: on_token(k, text) if k in shut else None)
-            for i, c in enumerate(self.without_gated().generate(engine, prompts, sps, on_token=stream)):
+            for i, c in enumerate(self.without_gated().generate(engine, prompts, sps, on_token=stream,
+                                                                share_prefix=share_prefix)):
                 if i in shut:
                     out[i] = c
         opened = [i for i in range(len(prompts)) if i not in shut]
         sub = [prompts[i] for i in opened]
         stream = None if on_token is None else (lambda k, text: on_token(opened[k], text))
         with self._applied(engine, sub, [opens[i] for i in opened]):
-            for i, c in zip(opened, engine.generate(sub, [sps[i] for i in opened], on_token=stream)):
+            for i, c in zip(opened, engine.generate(sub, [sps[i] for i in opened], on_token=stream,
+                                                    share_prefix=share_prefix)):
                 out[i] = c
         return [c for c in out if c is not None]
 

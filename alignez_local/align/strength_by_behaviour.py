@@ -7,14 +7,18 @@ that maximises the **combined** score (``measures.behaviour``: the harmonic mean
 relevance and fluency, so gibberish scores 0) on held-out queries:
 
 1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
-   on the *choose* half only, from small to large, until fluency or relevance breaks (mean below
-   ``BREAK_SHARE`` of the unsteered answers');
+   on the *choose* half only, from ``START`` upwards, until fluency or relevance breaks (mean below
+   ``BREAK_SHARE`` of the unsteered answers'); the grid below ``START`` is tried only while the
+   smallest strength tried is the best one (or broke): a strength that weak is usually inert, and
+   each one tried costs as many answers as the report's whole random null;
 2. the grid doubles, and the window where a behaviour appears before fluency breaks can be narrower
    than a doubling (Qwen 0.5B, brevity: x0.5 gave half the answers short and fluent, x1 all of them
    short and a third of them "I am a AI created by Alibaba Cloud."), so the geometric midpoints
    between the best strength and its tried neighbours are tried too (``refine``; when even the
    smallest strength breaks, it is first halved until it does not); the strength with the best
-   mean combined score of all is chosen (the smaller on a tie);
+   mean combined score of all is chosen (the smaller on a tie) among those whose answers loop no
+   more often than the prompting answers do (``LOOP_MARGIN``: a looping answer can still read as
+   fluent and relevant to the likelihood measures, and a reader sees it at once);
 3. on the other, *report* half, the chosen strength is measured beside the unsteered model,
    prompting (the positive persona as system prompt: the ceiling) and a random direction with the
    same per-layer norms at the same strength (the null). The reported figures are never the ones
@@ -45,7 +49,7 @@ from alignez_local.formats.profile import SteeringProfile
 from alignez_local.measures.behaviour import YesNoJudge, measure_for
 from alignez_local.measures.scoring import ScoredAnswers, Scorer
 from alignez_local.measures.statistics import paired_difference_ci
-from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.llama.engine import Completion, Engine, Sampling
 from alignez_local.progress import Notify, quiet
 
 STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -60,7 +64,16 @@ unsteered answers' ends the search: larger strengths only break more."""
 LOWER_STEPS = 3
 """When the smallest strength already breaks, ``refine`` halves it up to this many times."""
 
-ANSWER_TOKENS = 64
+START = 0.125
+"""Where the default search starts (``STRENGTHS`` below it are tried only when this one is the best or
+broke). On Qwen 0.5B, French, x0.0625 changed no answer (0% French, the unsteered text) while the
+window was x0.125-x0.35; SmolLM2's lay lower and is reached by going down."""
+
+LOOP_MARGIN = 0.125
+"""A strength whose share of looping answers (``measures.scoring.loops``) on the choose half exceeds
+the prompting answers' share by more than this (one answer in eight) cannot be chosen."""
+
+ANSWER_TOKENS = 48
 CHOOSE_QUERIES = 8
 REPORT_QUERIES = 16
 SCREEN_QUERIES = 8
@@ -70,26 +83,52 @@ LOW_CEILING = 0.2
 SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.1)
 
 
-def unsteered_nll(engine: Engine, system: str | None = None) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
-    """Return (questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
-    unsteered when called) with the question as a chat prompt (``system``: under that system prompt);
-    NaN for an empty answer.
+class AnswerReader:
+    """(questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
+    unsteered when called) with the question as a chat prompt (``system``: under that system
+    prompt); NaN for an empty answer.
 
     Every (question, answer) is read once: a calibration scores many answers that equal others
     (a weak strength or the random direction often leaves an answer unchanged, and the unsteered
     answers are read for the reference and again as a condition), and reading them is most of the
-    calibration's work (three reads of every answer: plain, asked, and after the null question)."""
-    seen: dict[tuple[str, str], float] = {}
+    calibration's work (three reads of every answer: plain, asked, and after the null question).
+    Answers the unsteered engine itself wrote in this context are not read at all (``remember``):
+    their generation's token log-probabilities are that reading already."""
 
-    def nll(questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    def __init__(self, engine: Engine, system: str | None = None) -> None:
+        self.engine, self.system = engine, system
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def __call__(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         keys = [(q, a) for q, a in zip(questions, answers)]
-        todo = list(dict.fromkeys(k for k in keys if k[1].strip() and k not in seen))
+        todo = list(dict.fromkeys(k for k in keys if k[1].strip() and k not in self.seen))
         if todo:
-            lps = engine.continuation_logprobs([engine.prompt(q, system) for q, _ in todo], [a for _, a in todo])
+            lps = self.engine.continuation_logprobs([self.engine.prompt(q, self.system) for q, _ in todo],
+                                                    [a for _, a in todo])
             for k, lp in zip(todo, lps):
-                seen[k] = float(-lp.mean()) if lp.size else np.nan
-        return np.array([seen.get(k, np.nan) for k in keys], dtype=np.float64)
-    return nll
+                self.seen[k] = float(-lp.mean()) if lp.size else np.nan
+        return np.array([self.seen.get(k, np.nan) for k in keys], dtype=np.float64)
+
+    def remember(self, questions: Sequence[str], completions: Sequence[Completion]) -> None:
+        """Keep the NLL of answers ``engine`` wrote unsteered, under this reader's system prompt,
+        from their own token log-probabilities (the raw distribution, before the repeat penalty:
+        what a reading computes, up to llama.cpp's kernels: decoded a token per step rather than read
+        in one batch, SmolLM2's per-token means moved by up to 0.022 nats, under 1% of a fluency).
+
+        Only where the text tokenizes back to the tokens generated: a reading tokenizes the text, and
+        a model can write a split its tokenizer would not make (the random test model mostly does),
+        whose reading is then less likely than its writing; kept, such values would lower the
+        fluency reference below what the steered answers, all read, are measured with."""
+        for q, c in zip(questions, completions):
+            key = (q, c.text)
+            if (key not in self.seen and c.text.strip() and c.token_logprobs.size and c.finish_reason != "interrupted"
+                    and self.engine.tokenize(c.text, add_bos=False) == list(c.tokens)):
+                self.seen[key] = float(-np.mean(c.token_logprobs))
+
+
+def unsteered_nll(engine: Engine, system: str | None = None) -> AnswerReader:
+    """Return the reader of answers' NLL under ``engine`` (``AnswerReader``)."""
+    return AnswerReader(engine, system)
 
 
 def split_heldout(queries: Sequence[str], n_choose: int, n_report: int) -> tuple[list[str], list[str]]:
@@ -128,11 +167,24 @@ class BehaviourBench:
             raise ValueError("the choose and report halves share a query")
 
     def answers(self, questions: Sequence[str], steering: Steering | None = None, system: str | None = None) -> list[str]:
-        """Return greedy answers to ``questions`` (plain text), steered or with a system prompt."""
+        """Return greedy answers to ``questions`` (plain text), steered or with a system prompt.
+
+        The prompts' shared head (the chat template's system prompt, or the guide) is decoded once:
+        on Qwen it is about 25 tokens of every prompt, 60 under the guide."""
         prompts = [self.engine.prompt(q, system) for q in questions]
         if steering is None:
-            return [c.text for c in self.engine.generate(prompts, self.sampling)]
-        return [c.text for c in steering.generate(self.engine, prompts, self.sampling)]
+            return [c.text for c in self.engine.generate(prompts, self.sampling, share_prefix=True)]
+        return [c.text for c in steering.generate(self.engine, prompts, self.sampling, share_prefix=True)]
+
+    def _unsteered(self, questions: Sequence[str], system: str | None) -> list[str]:
+        """Return the unsteered answers under ``system``; the scorer's reader of that context keeps
+        their NLL from the generation (``AnswerReader.remember``) instead of reading them again."""
+        done = self.engine.generate([self.engine.prompt(q, system) for q in questions], self.sampling,
+                                    share_prefix=True)
+        reader = self.scorer.nll if system is None else self.scorer.nll_asked
+        if isinstance(reader, AnswerReader) and reader.engine is self.engine and reader.system == system:
+            reader.remember(questions, done)
+        return [c.text for c in done]
 
     def fixed(self, condition: str, half: str) -> ScoredAnswers:
         """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
@@ -142,14 +194,14 @@ class BehaviourBench:
             # both are answered on the first half before anything is scored.
             first = "choose" if self.choose else "report"
             qs = self.choose if self.choose else self.report
-            plain, asked = self.answers(qs), self.answers(qs, system=self.system)
+            plain, asked = self._unsteered(qs, None), self._unsteered(qs, self.system)
             self.scorer.set_reference(qs, plain, asked)
             self._fixed[("unsteered", first)] = self.scorer.score(qs, plain)
             self._fixed[("prompting", first)] = self.scorer.score(qs, asked)
         key = (condition, half)
         if key not in self._fixed:
             qs = self.choose if half == "choose" else self.report
-            ans = self.answers(qs, system=self.system if condition == "prompting" else None)
+            ans = self._unsteered(qs, self.system if condition == "prompting" else None)
             self._fixed[key] = self.scorer.score(qs, ans)
         return self._fixed[key]
 
@@ -179,6 +231,12 @@ class BehaviourTrial:
     fluency: float
     combined: float
     broken: bool
+    loop_share: float = 0.0
+    loops_too_often: bool = False  # more looping answers than prompting's + LOOP_MARGIN: cannot be chosen
+
+    @property
+    def eligible(self) -> bool:
+        return not (self.broken or self.loops_too_often)
 
 
 @dataclass(frozen=True)
@@ -220,42 +278,57 @@ def calibrate_behaviour(
     on_trial: Callable[[BehaviourTrial], None] | None = None,
     seed: int = 0,
     refine: bool = True,
+    start: float | None = None,
+    loop_margin: float = LOOP_MARGIN,
 ) -> BehaviourCalibration:
     """Return the strength that maximises the combined score on ``bench.choose``, reported on
-    ``bench.report`` beside unsteered, prompting and a random direction (module docstring)."""
+    ``bench.report`` beside unsteered, prompting and a random direction (module docstring).
+    ``start``: the first strength tried (None: the smallest); the ones below it are tried only while
+    the smallest tried is the best or broke. ``loop_margin``: how much more often than the prompting
+    answers a chosen strength's answers may loop (1: any share)."""
     cands = sorted(float(s) for s in strengths if s > 0)
     if not cands:
         raise AlignezError("calibration needs at least one positive strength")
     base = bench.fixed("unsteered", "choose")
     floor_fluency, floor_relevance = BREAK_SHARE * base.mean("fluency"), BREAK_SHARE * base.mean("relevance")
+    loop_ceiling = bench.fixed("prompting", "choose").mean("loop_share") + loop_margin
     trials: list[BehaviourTrial] = []
 
     def attempt(s: float) -> BehaviourTrial:
         sc = bench.steered(bench.choose, make_steering(s))
         broken = sc.mean("fluency") < floor_fluency or sc.mean("relevance") < floor_relevance
-        trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"), bool(broken))
+        trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"),
+                               bool(broken), sc.mean("loop_share"), bool(sc.mean("loop_share") > loop_ceiling + 1e-9))
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
         return trial
 
-    for s in cands:
+    first = next((i for i, s in enumerate(cands) if start is None or s >= start), len(cands) - 1)
+    for s in cands[first:]:
         if attempt(s).broken:
             break
-    if refine and trials[0].broken:
+    for s in reversed(cands[:first]):
+        if not lowest_is_best(trials):
+            break
+        attempt(s)
+    if refine and min(trials, key=lambda t: t.strength).broken:
         # Broken at the smallest strength: a smaller model's window can lie below the grid (SmolLM2,
         # French: x0.0625 already 100% French at half the unsteered relevance). Halve until it holds.
-        s = trials[0].strength
+        s = min(t.strength for t in trials)
         for _ in range(LOWER_STEPS):
             s = round(s / 2, 6)
             if not attempt(s).broken:
                 break
     for s in midpoints(trials) if refine else ():
         attempt(s)
-    best = best_trial([t for t in trials if not t.broken] or trials[:1])
+    best = best_trial([t for t in trials if t.eligible] or [t for t in trials if not t.broken]
+                      or [min(trials, key=lambda t: t.strength)])
+    # The fixed conditions first: their NLL comes from their generation (AnswerReader.remember), and
+    # a random direction's answer is often the unsteered one to the letter, then not read at all.
+    unsteered, prompting = bench.fixed("unsteered", "report"), bench.fixed("prompting", "report")
     steered = bench.steered(bench.report, make_steering(best.strength))
     random = bench.steered(bench.report, make_random(best.strength))
-    unsteered, prompting = bench.fixed("unsteered", "report"), bench.fixed("prompting", "report")
     diff, lo, hi = paired_difference_ci(steered.combined, random.combined, seed)
     more_than_plain = steered.mean("behaviour_rate") > unsteered.mean("behaviour_rate")
     beats = bool(lo > 0 and more_than_plain)
@@ -277,13 +350,26 @@ def best_trial(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
     return max(trials, key=lambda t: (round(t.combined, 6), -t.strength))
 
 
+def lowest_is_best(trials: Sequence[BehaviourTrial]) -> bool:
+    """True when the weakest strength tried broke, or is the best of the unbroken ones and shows the
+    behaviour: the window may then lie lower. When nothing showed the behaviour, weaker is no help."""
+    weakest = min(trials, key=lambda t: t.strength)
+    usable = [t for t in trials if not t.broken]
+    if weakest.broken or not usable:
+        return True
+    best = best_trial(usable)
+    return best is weakest and best.combined > 0
+
+
 def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
-    """Return the geometric midpoints between the most promising trial and the strengths tried just
-    below and above it (the one above may have broken), rounded, none already tried.
+    """Return the geometric midpoint between the most promising trial and its better neighbour (the
+    strength tried just below or just above it, which may have broken), rounded; [] when tried.
 
     The most promising trial is the best by combined score; when no strength showed the behaviour
-    (every combined score 0) it is the strongest unbroken one, where the behaviour may be about to
-    appear."""
+    (every combined score 0) it is the strongest unbroken one, and the midpoint is above it, where
+    the behaviour may be about to appear. One midpoint, not both: the side with the better score is
+    where the combined score rises (measured: on Qwen 0.5B, French, x0.1768 towards x0.125 won and
+    x0.3536 towards the broken x0.5 did not), and each trial costs as much as the report's random null."""
     if not trials:
         return []
     ordered = sorted(trials, key=lambda t: t.strength)
@@ -291,17 +377,18 @@ def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
     if not usable:
         return []
     best = best_trial(usable)
-    if best.combined <= 0:
+    flat = best.combined <= 0
+    if flat:
         best = usable[-1]
     i = ordered.index(best)
-    tried = {round(t.strength, 4) for t in ordered}
-    out = []
-    for j in (i - 1, i + 1):
-        if 0 <= j < len(ordered):
-            mid = round(float(np.sqrt(best.strength * ordered[j].strength)), 4)
-            if mid not in tried:
-                out.append(mid)
-    return out
+    sides = [ordered[j] for j in (i - 1, i + 1) if 0 <= j < len(ordered)]
+    if flat:
+        sides = [t for t in sides if t.strength > best.strength]
+    if not sides:
+        return []
+    other = max(sides, key=lambda t: (round(t.combined, 6), -t.strength))
+    mid = round(float(np.sqrt(best.strength * other.strength)), 4)
+    return [] if mid in {round(t.strength, 4) for t in ordered} else [mid]
 
 
 def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: ScoredAnswers) -> tuple[str, bool]:
@@ -354,7 +441,8 @@ def random_null(slot: VectorSlot | ProfileSlot, seed: int, layer_range: tuple[in
 
 def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
                      on_status: Notify = quiet, seed: int = 0,
-                     strengths: Sequence[float] = STRENGTHS, refine: bool = True) -> dict[str, BehaviourCalibration]:
+                     strengths: Sequence[float] = STRENGTHS, refine: bool = True,
+                     start: float | None = START) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
 
@@ -363,11 +451,13 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     noise = random_vector(vector, seed + 1)
     def trial_line(what: str) -> Callable[[Any], None]:
         return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
-                                   f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}"
-                                   + (" (broken)" if t.broken else ""))
+                                   f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}, "
+                                   f"loops {100 * t.loop_share:.0f}%" + (" (broken)" if t.broken else "")
+                                   + (" (loops more than prompting)" if t.loops_too_often and not t.broken else ""))
     cal_v = calibrate_behaviour(bench, lambda s: Steering.vector(vector, s),
                                 lambda s: Steering.vector(noise, s, "random"),
-                                strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine)
+                                strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine,
+                                start=start if refine else None)
     on_status(cal_v.line("vector"))
     if profile is None:
         return {"vector": cal_v}
@@ -376,6 +466,6 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     cal_p = calibrate_behaviour(bench, lambda s: Steering(profiles=[ProfileSlot(profile.name, profile, s)], top_n=top_n),
                                 lambda s: Steering(profiles=[ProfileSlot("random", rand_prof, s)], top_n=top_n),
                                 strengths=[round(g * scale, 4) for g in strengths], on_trial=trial_line("profile"), seed=seed,
-                                refine=refine)
+                                refine=refine, start=round(start * scale, 4) if refine and start else None)
     on_status(cal_p.line("profile"))
     return {"vector": cal_v, "profile": cal_p}

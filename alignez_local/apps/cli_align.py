@@ -324,7 +324,8 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     if res is None:
         return
     click.echo(diagnostics_table(res.profile))
-    click.echo("\n".join(res.approximation.lines()))
+    if res.approximation is not None:
+        click.echo("\n".join(res.approximation.lines()))
     click.echo("\n".join(steer_lines(res.calibration)))
     p = res.paths
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")

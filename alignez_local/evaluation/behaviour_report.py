@@ -1,7 +1,7 @@
 """The behaviour table as numbers and as text: the one report of "did the behaviour appear, and
 what did it cost", written the same way by ``steer`` (its calibration's report half) and by
 ``alignez eval --behaviour`` (any files, on the evaluation prompts): each condition's behaviour
-rate with its 95% interval, relevance, fluency and combined score."""
+rate with its 95% interval, relevance, fluency, combined score and the share of answers that loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from alignez_local.align.strength_by_behaviour import BehaviourCalibration
 
-HEADER = f"{'behaviour':>16} {'relevance':>10} {'fluency':>8} {'combined':>9}"
+HEADER = f"{'behaviour':>16} {'relevance':>10} {'fluency':>8} {'combined':>9} {'loops':>6}"
 
 
 def condition_lines(rows: Mapping[str, Mapping[str, Any]], width: int) -> list[str]:
@@ -18,8 +18,10 @@ def condition_lines(rows: Mapping[str, Mapping[str, Any]], width: int) -> list[s
     lines = [f"  {'condition':<{width}} {HEADER}"]
     for name, row in rows.items():
         b = row["behaviour_rate"]
+        # Records written before the loop share existed (older report.json files) show a dash.
+        loop = f"{100 * row['loop_share']['mean']:>5.0f}%" if "loop_share" in row else f"{'-':>6}"
         lines.append(f"  {name:<{width}} {100 * b['mean']:>5.0f}% [{100 * b['ci95'][0]:>3.0f}-{100 * b['ci95'][1]:>3.0f}] "
-                     f"{row['relevance']['mean']:>10.2f} {row['fluency']['mean']:>8.2f} {row['combined']['mean']:>9.2f}")
+                     f"{row['relevance']['mean']:>10.2f} {row['fluency']['mean']:>8.2f} {row['combined']['mean']:>9.2f} {loop}")
     return lines
 
 

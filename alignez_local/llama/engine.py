@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import logsumexp
 
 import llama_cpp.llama_cpp as C
 
@@ -44,7 +43,7 @@ from alignez_local.llama.chat_format import PLAIN_STOP, chat_parts, format_chat
 from alignez_local.llama.cvec import check_vectors, cvec_buffer
 from alignez_local.llama.hooks import Capture, Edit, EditFn, HookState
 from alignez_local.llama.sampling import Completion, Sampling, TokenFn, TokenLogprob
-from alignez_local.llama.scheduler import CANCELLED, AdmitFn, DecodeCounts, Scheduler, Seq
+from alignez_local.llama.scheduler import CANCELLED, AdmitFn, DecodeCounts, Scheduler, Seq, logsumexp_row
 from alignez_local.llama.vocab import Vocab
 from alignez_local.specs import CAPTURE_SITES
 
@@ -277,15 +276,19 @@ class Engine:
         prompts: Sequence[str],
         sampling: Sampling | Sequence[Sampling] = Sampling(),
         on_token: TokenFn | None = None,
+        share_prefix: bool = False,
     ) -> list[Completion]:
         """Return one completion per prompt, decoded as parallel sequences in shared batches.
 
         ``sampling`` is one setting for all prompts or one per prompt (e.g. different seeds).
         ``on_token(i, text)`` streams new text of prompt i as it is decided. Each sequence has its
         own sampler, so a prompt's output does not depend on which others share the batch.
+        ``share_prefix``: the leading tokens every prompt shares (a chat template's system prompt)
+        are decoded once and their cells copied into each sequence; the answers are then those of
+        this call's batch shapes, deterministic but not bit-equal to the same prompts without it.
         """
         seqs = self._generating(prompts, sampling)
-        self._sched.run(seqs, on_token=on_token)
+        self._sched.run(seqs, on_token=on_token, share_prefix=share_prefix)
         return [self.completion(s) for s in seqs]
 
     def generate_with_first_logits(
@@ -422,8 +425,8 @@ class Engine:
 
         def grab(s: Seq, pos: int, row: int) -> None:
             if pos + 1 < len(s.tokens):
-                logits = self._logits_row(row).astype(np.float64)
-                res[s.key][pos - (s.output_from or 0)] = logits[s.tokens[pos + 1]] - logsumexp(logits)
+                logits = self._logits_row(row)
+                res[s.key][pos - (s.output_from or 0)] = float(logits[s.tokens[pos + 1]]) - logsumexp_row(logits)
 
         self._sched.run(seqs, on_logits=grab, share_prefix=self.share_prefix)
         return res

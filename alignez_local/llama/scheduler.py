@@ -356,7 +356,7 @@ class Scheduler:
             # the log-probabilities are the model's own distribution under this sequence's
             # steering, before temperature, top-k/top-p and repeat penalty (as OpenAI reports).
             logits = np.ctypeslib.as_array(C.llama_get_logits_ith(self.ctx, row), shape=(self.vocab.n_tokens,))
-            lse = _logsumexp(logits)
+            lse = logsumexp_row(logits)
             lp = float(logits[tok]) - lse
             s.logprobs.append(lp)
             if s.n_top is not None:  # only sequences that ask pay for the top-k and the pieces
@@ -426,10 +426,11 @@ def shared_prefix_len(seqs: list[Seq]) -> int:
     return max(n, 0)
 
 
-def _logsumexp(logits: np.ndarray) -> float:
+def logsumexp_row(logits: np.ndarray) -> float:
     """Return log(sum(exp(logits))) of one row: float32 exponentials, summed in float64. Runs for
-    every generated token; scipy's version (a float64 copy of the whole vocabulary first) cost 2.6%
-    of generation time at 8 sequences on SmolLM2."""
+    every generated token and every token read for its likelihood; scipy's version (a float64 copy
+    of the whole vocabulary first) cost 2.6% of generation time at 8 sequences on SmolLM2, and 2 ms
+    per row on Qwen's 151,936 logits against 0.15 ms here (serial Python, while llama.cpp waits)."""
     m = float(logits.max())
     return m + float(np.log(np.exp(logits - np.float32(m)).sum(dtype=np.float64)))
 

@@ -10,8 +10,12 @@ Beside the behaviour (``behaviour.py``), two guards for every answer, as AxBench
   repetition factor (greedy decoding can loop on a phrase that the model finds very likely, which
   perplexity alone scores as fluent).
 
-The answer's **combined** score is the harmonic mean of the three (0 when any is 0), so a gibberish
-or off-topic answer scores 0 whatever its trait. Measures for which relevance means nothing (a
+The answer's **combined** score is the harmonic mean of the three, and 0 when any is 0 or when the
+answer does not show the behaviour (AxBench's rule: a judge's P(yes) of 0.3 on an answer it reads as
+not showing the behaviour would otherwise enter the mean and rank strengths that do nothing), so a
+gibberish or off-topic answer scores 0 whatever its trait. Beside them, whether the answer **loops**
+(``loops``: a phrase said again and again), which a reader sees at once and the likelihood measures
+can miss (a loop of likely tokens reads as fluent). Measures for which relevance means nothing (a
 refusal addresses no request) leave it out of the mean. ``Scorer`` puts a measure and the guards
 together; numpy in, numpy out: the model is reached only through the NLL and judge callables.
 """
@@ -58,6 +62,26 @@ def distinct_share(text: str, n: int = REPEAT_NGRAM) -> float:
     words = re.findall(r"\w+|[^\w\s]", text.lower())
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if len(grams) > 1 else 1.0
+
+
+LOOP_NGRAM = 4
+LOOP_REPEATS = 3
+"""An answer loops when one word 4-gram comes back three times (48 tokens hold about 35 words: a
+healthy answer repeats a 4-gram at most twice, "THE BIG BANG THEORY THE BIG BANG THEORY THE BIG
+BANG THEORY" three times), or when fewer than ``MIN_DISTINCT_SHARE`` of its trigrams are distinct."""
+
+
+def loops(text: str) -> bool:
+    """Return True when ``text`` loops on a phrase (``LOOP_REPEATS`` times the same word 4-gram, or
+    fewer than ``MIN_DISTINCT_SHARE`` distinct word trigrams)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+    counts: dict[tuple[str, ...], int] = {}
+    for g in grams:
+        counts[g] = counts.get(g, 0) + 1
+        if counts[g] >= LOOP_REPEATS:
+            return True
+    return distinct_share(text) < MIN_DISTINCT_SHARE
 
 
 def repetitive(text: str, n: int = 3, share: float = 0.5) -> bool:
@@ -124,6 +148,11 @@ class ScoredAnswers:
     answers: list[str] = field(default_factory=list)
 
     @property
+    def looping(self) -> np.ndarray:
+        """One bool per answer: does it loop on a phrase (``loops``)?"""
+        return np.array([loops(a) for a in self.answers], dtype=bool)
+
+    @property
     def shows(self) -> np.ndarray:
         """One bool per answer: does it show the behaviour?"""
         return self.behaviour >= BEHAVIOUR_THRESHOLD
@@ -132,14 +161,16 @@ class ScoredAnswers:
         """Return the means (behaviour as a rate) with 95% bootstrap intervals over prompts."""
         out: dict[str, Any] = {"n": int(self.behaviour.size)}
         for name, values in (("behaviour_rate", self.shows.astype(float)), ("relevance", self.relevance),
-                             ("fluency", self.fluency), ("combined", self.combined)):
+                             ("fluency", self.fluency), ("combined", self.combined),
+                             ("loop_share", self.looping.astype(float))):
             lo, hi = bootstrap_ci(values, seed=seed)
             out[name] = {"mean": round(float(np.mean(values)), 4) if values.size else float("nan"),
                          "ci95": [round(lo, 4), round(hi, 4)]}
         return out
 
     def mean(self, name: str) -> float:
-        values = self.shows.astype(float) if name == "behaviour_rate" else getattr(self, name)
+        values = {"behaviour_rate": self.shows, "loop_share": self.looping}.get(name, None)
+        values = getattr(self, name) if values is None else values.astype(float)
         return float(np.mean(values)) if values.size else float("nan")
 
 
@@ -252,5 +283,6 @@ class Scorer:
                 self._cache[key] = (float(b), float(r), float(f))
         rows = np.array([self._cache[(q, a)] for q, a in zip(questions, answers)], dtype=np.float64).reshape(-1, 3)
         b, r, f = rows[:, 0], rows[:, 1], rows[:, 2]
-        combined = harmonic_mean(b, r, f) if self.uses_relevance else harmonic_mean(b, f)
+        shown = np.where(b >= BEHAVIOUR_THRESHOLD, b, 0.0)  # absent behaviour: combined 0 (module docstring)
+        combined = harmonic_mean(shown, r, f) if self.uses_relevance else harmonic_mean(shown, f)
         return ScoredAnswers(b, r, f, combined, list(answers))
