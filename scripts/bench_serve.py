@@ -18,7 +18,18 @@ a fixed max_tokens, 1 and 8 concurrent streaming clients, with nothing loaded an
 SmolLM2 vector at strength 1 in both (``--vector`` chosen by every request / ``--control-vector-scaled
 FILE:1``). Tokens are counted from the ``usage`` each server reports (neither is told to ignore EOS).
 Prints, per condition and client count, the median over rounds of tok/s for both, the ratio,
-p50 latency, and the server process's CPU seconds beside the wall seconds.
+p50 latency, and the server process's CPU seconds beside the wall seconds. ``alignez serve`` runs
+with its defaults (flash attention and prompt cache on); ``--alignez-deterministic`` passes
+``--deterministic``.
+
+``--mixed`` (issue 32, EasySteer's table) instead measures what distinct steerings in one batch
+cost: one ``alignez serve`` with SmolLM2's shipped vectors (helpful, french, the gated harmless),
+its profile and two random-direction vectors loaded; 8 concurrent streaming clients send the same
+prompts with 0, 1, 2, 4 and 8 distinct steerings (``MIXES``: request i takes steering i mod k;
+vectors, another strength, the profile, the gated vector, a sum of two). Tokens/s of each against
+the unsteered requests on the same server, and against a server with nothing loaded (no planning
+prefill). Every round runs every condition, in an order rotated by one per round, so drift in the
+machine's speed reaches each condition alike; the ratios are per round, then the median.
 """
 
 from __future__ import annotations
@@ -69,7 +80,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def engine_baseline(model: str, texts: list[str], defaults: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
-    settings = RuntimeSettings(threads=args.threads, n_ctx=args.ctx, parallel=8)
+    # Flash attention as alignez serve runs by default (the engine's own default is off).
+    settings = RuntimeSettings(threads=args.threads, n_ctx=args.ctx, parallel=8, flash_attn=True)
     with open_engine(model, settings) as engine:
         st, _ = SteeringSet.load(engine, [f"vec={VEC}"], [f"prof={PROF}"])
         ps = [engine.prompt(t) for t in texts]
@@ -176,7 +188,7 @@ def side_command(which: str, model: str, port: int, vector: bool, args: argparse
                "--ctx", str(args.ctx), "--threads", threads]
         if vector:
             cmd += ["--vector", f"vec={VEC}:1"]
-        return cmd + (["--flash-attn"] if args.alignez_flash_attn else []) + (["--cache-prompt"] if args.alignez_cache_prompt else [])
+        return cmd + (["--deterministic"] if args.alignez_deterministic else [])
     cmd = [str(args.llama_server), "-m", model, "--port", str(port), "--parallel", "8", "-c", str(args.ctx),
            "--threads", threads, "--threads-batch", threads, "-fa", args.llama_fa]
     return cmd + (["--control-vector-scaled", f"{VEC}:1"] if vector else [])
@@ -216,7 +228,7 @@ def side_by_side(model: str, args: argparse.Namespace) -> dict[str, Any]:
                 port = free_port()
                 cmd = side_command(which, model, port, vector, args)
                 proc, url = start_side(cmd, port)
-                # llama-server reuses a slot's cached prompt prefix unless told not to; alignez only with --alignez-cache-prompt.
+                # Both servers reuse a slot's cached prompt prefix unless told not to (alignez: --deterministic).
                 extra = {"cache_prompt": False} if which == "llama" and args.llama_no_cache_prompt else None
                 try:
                     one_request(url, None, levels[1][0], None, 4, extra)  # warm-up, not counted
@@ -266,14 +278,153 @@ def main_side_by_side(args: argparse.Namespace) -> None:
     result = {"machine": machine, "model": Path(model).name, "threads": args.threads or 1, "parallel": 8, "ctx": args.ctx,
               "max_tokens": args.max_tokens, "rounds": args.rounds, "llama_fa": args.llama_fa,
               "llama_cache_prompt": not args.llama_no_cache_prompt,
-              "alignez_flash_attn": args.alignez_flash_attn, "alignez_cache_prompt": args.alignez_cache_prompt, **res}
+              "alignez_deterministic": args.alignez_deterministic, **res}
     head = (f"{Path(model).name}, threads {args.threads or 1} in both, --parallel 8, ctx {args.ctx}, {args.max_tokens} tokens greedy, "
             f"{args.rounds} alternating rounds (medians), llama-server -fa {args.llama_fa} "
-            f"cache_prompt {'off' if args.llama_no_cache_prompt else 'on (its default)'}, alignez flash attention "
-            f"{'on' if args.alignez_flash_attn else 'off'}, alignez --cache-prompt {'on' if args.alignez_cache_prompt else 'off'}; CPUs allowed {machine['affinity']} of {machine['cpus']}")
+            f"cache_prompt {'off' if args.llama_no_cache_prompt else 'on (its default)'}, alignez "
+            f"{'--deterministic' if args.alignez_deterministic else 'defaults (flash attention, prompt cache)'}; "
+            f"CPUs allowed {machine['affinity']} of {machine['cpus']}")
     print(head + "\n" + side_table(res["rows"]), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result, indent=2))
+
+
+# --- distinct steerings in one batch (issue 32) -------------------------------------------------
+
+SMOL = ROOT / "vectors" / "smollm2-135m-instruct"
+# (label, request i's steering for k distinct steerings: MIX[i % k]); names as loaded by mixed_server.
+MIX: list[tuple[str, dict[str, float]]] = [
+    ("helpful vector", {"helpful": 0.5}),
+    ("french vector", {"french": 0.0442}),
+    ("helpful profile", {"prof": 1.0}),
+    ("gated harmless vector", {"harmless": 0.25}),
+    ("helpful vector at half strength", {"helpful": 0.25}),
+    ("random direction A", {"randA": 1.0}),
+    ("random direction B", {"randB": 1.0}),
+    ("helpful + french", {"helpful": 0.5, "french": 0.0442}),
+]
+DISTINCT = (0, 1, 2, 4, 8)
+
+
+def random_vectors(d: Path) -> list[Path]:
+    """Write two control vectors on helpful.gguf's layers with its per-layer norms in random
+    directions (the project's writer; fixed seed), and return their paths."""
+    from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
+
+    import numpy as np
+
+    ref = read_control_vector(SMOL / "helpful.gguf")
+    rng = np.random.default_rng(32)
+    out = []
+    for name in ("randA", "randB"):
+        dirs = {}
+        for layer, v in ref.directions.items():
+            r = rng.standard_normal(v.shape).astype(np.float32)
+            dirs[layer] = (r * (np.linalg.norm(v) / np.linalg.norm(r))).astype(np.float32)
+        out.append(write_control_vector(d / f"{name}.gguf", ControlVector(dirs, model_hint=ref.model_hint)))
+    return out
+
+
+def mixed_server(model: str, args: argparse.Namespace, loaded: bool, rand: list[Path]) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "alignez_local", "serve", "-m", model, "--port", str(port), "--parallel", "8",
+           "--ctx", str(args.ctx), "--threads", str(args.threads or 1), *args.serve_args.split()]
+    if loaded:
+        cmd += ["--vector", f"helpful={SMOL / 'helpful.gguf'}", "--vector", f"french={SMOL / 'french.gguf'}",
+                "--vector", f"harmless={SMOL / 'harmless.gguf'}", "--vector", f"randA={rand[0]}",
+                "--vector", f"randB={rand[1]}", "--profile", f"prof={SMOL / 'helpful.profile.gguf'}"]
+    proc, url = start_side(cmd, port)
+    return proc, url, cmd
+
+
+def mixed_level(url: str, pid: int, texts: list[str], k: int, max_tokens: int) -> dict[str, Any]:
+    """8 clients, request i steered by MIX[i % k] (k 0: unsteered); tok/s and the server's CPU."""
+    c0, t0 = cpu_seconds(pid), time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        res = list(pool.map(lambda i: one_request(url, None, texts[i], MIX[i % k][1] if k else {}, max_tokens),
+                            range(len(texts))))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
+    ok = [r for r in res if r["ok"]]
+    n = sum(r["tokens"] for r in ok)
+    return {"requests": len(res), "failures": len(res) - len(ok), "tokens": n, "wall_s": round(wall, 3),
+            "server_cpu_s": round(cpu, 3), "tok_per_s": round(n / wall, 2)}
+
+
+def mixed_runs(model: str, args: argparse.Namespace, rand: list[Path]) -> list[dict[str, Any]]:
+    """Every condition once per round, rotated; the plain server (nothing loaded) alternately
+    before and after the loaded one. Return one record per (round, condition)."""
+    texts = prompts(args.mixed_requests)
+    conds: list[Any] = [*DISTINCT, "plain"]
+    runs: list[dict[str, Any]] = []
+    for rnd in range(args.mixed_rounds):
+        order = conds[rnd % len(conds):] + conds[: rnd % len(conds)]
+        loaded_first = rnd % 2 == 0
+        for loaded in (True, False) if loaded_first else (False, True):
+            proc, url, _ = mixed_server(model, args, loaded, rand)
+            try:
+                one_request(url, None, texts[0], {}, 4)  # warm-up, not counted
+                for c in order:
+                    if (c == "plain") == loaded:
+                        continue
+                    lv = mixed_level(url, proc.pid, texts, 0 if c == "plain" else c, args.max_tokens)
+                    lv.update(round=rnd, condition=c)
+                    runs.append(lv)
+                    print(f"progress: {json.dumps(lv)}", file=sys.stderr, flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    return runs
+
+
+def mixed_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per condition: median tok/s, and per-round ratios to the same round's unsteered (loaded server) and plain server."""
+    by = {(r["round"], r["condition"]): r for r in runs}
+    rounds = sorted({r["round"] for r in runs})
+    rows = []
+    for c in [*DISTINCT, "plain"]:
+        mine = [by[(n, c)] for n in rounds]
+        vs0 = [by[(n, c)]["tok_per_s"] / by[(n, 0)]["tok_per_s"] for n in rounds]
+        vsp = [by[(n, c)]["tok_per_s"] / by[(n, "plain")]["tok_per_s"] for n in rounds]
+        rows.append({"condition": c, "steerings": [] if c == "plain" else [MIX[i][0] for i in range(c)],
+                     "tok_per_s": statistics.median(r["tok_per_s"] for r in mine),
+                     "tokens": [r["tokens"] for r in mine], "failures": sum(r["failures"] for r in mine),
+                     "server_cpu_s": statistics.median(r["server_cpu_s"] for r in mine),
+                     "wall_s": statistics.median(r["wall_s"] for r in mine),
+                     "vs_unsteered": round(statistics.median(vs0), 3), "vs_unsteered_per_round": [round(x, 3) for x in vs0],
+                     "vs_plain_server": round(statistics.median(vsp), 3)})
+    return rows
+
+
+def mixed_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| distinct steerings (8 clients) | tok/s | vs unsteered, same server (per round) | vs server with nothing loaded "
+           "| server CPU / wall (s) | tokens per round |", "|---|---:|---|---:|---|---|"]
+    for r in rows:
+        c = r["condition"]
+        what = "unsteered, nothing loaded" if c == "plain" else ("0 (unsteered)" if c == 0 else f"{c}")
+        out.append(f"| {what} | {r['tok_per_s']:.1f} | **{r['vs_unsteered']:.2f}x** "
+                   f"({', '.join(f'{x:.2f}' for x in r['vs_unsteered_per_round'])}) | {r['vs_plain_server']:.2f}x "
+                   f"| {r['server_cpu_s']:.1f} / {r['wall_s']:.1f} | {', '.join(map(str, r['tokens']))} |")
+    return "\n".join(out)
+
+
+def main_mixed(args: argparse.Namespace) -> None:
+    import tempfile
+
+    model = str(resolve_model(args.model))
+    with tempfile.TemporaryDirectory() as tmp:
+        rand = random_vectors(Path(tmp))
+        runs = mixed_runs(model, args, rand)
+    rows = mixed_rows(runs)
+    machine = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "platform": platform.platform(),
+               "processor": platform.processor() or platform.machine(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    head = (f"{Path(model).name}, alignez serve {args.serve_args or '(defaults)'}, threads {args.threads or 1}, --parallel 8, "
+            f"8 clients x {args.mixed_requests} requests, {args.max_tokens} tokens greedy, {args.mixed_rounds} rounds; "
+            f"steerings in order: {'; '.join(f'{i + 1} {lab} {json.dumps(st)}' for i, (lab, st) in enumerate(MIX))}")
+    print(head + "\n" + mixed_table(rows), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({"machine": machine, "model": Path(model).name, "threads": args.threads or 1,
+                          "serve_args": args.serve_args, "max_tokens": args.max_tokens, "mix": MIX, "runs": runs,
+                          "rows": rows}, indent=2))
 
 
 def main() -> None:
@@ -292,12 +443,20 @@ def main() -> None:
     side.add_argument("--llama-fa", choices=("auto", "on", "off"), default="auto", help="llama-server's -fa")
     side.add_argument("--llama-no-cache-prompt", action="store_true",
                       help="send cache_prompt: false to llama-server (no reuse of a slot's cached prompt prefix)")
-    side.add_argument("--alignez-flash-attn", action="store_true", help="start alignez serve with --flash-attn")
-    side.add_argument("--alignez-cache-prompt", action="store_true", help="start alignez serve with --cache-prompt")
+    side.add_argument("--alignez-deterministic", action="store_true", help="start alignez serve with --deterministic")
     side.add_argument("--rounds", type=int, default=2, help="alternating rounds per condition (A,B then B,A...)")
     side.add_argument("--requests-1", type=int, default=6, help="requests sent by the single client")
     side.add_argument("--requests-8", type=int, default=24, help="requests sent by the 8 clients")
+    mix = ap.add_argument_group("distinct steerings in one batch (issue 32)")
+    mix.add_argument("--mixed", action="store_true", help="run the mixed-steering table instead")
+    mix.add_argument("--mixed-requests", type=int, default=24, help="requests per condition (8 clients)")
+    mix.add_argument("--mixed-rounds", type=int, default=3, help="rounds; every condition runs once per round")
+    mix.add_argument("--serve-args", default="", help="more alignez serve options for --mixed (e.g. --deterministic)")
     args = ap.parse_args()
+    if args.mixed:
+        args.max_tokens = args.max_tokens or 64
+        main_mixed(args)
+        return
     if args.vs_llama_server:
         args.max_tokens = args.max_tokens or 64
         main_side_by_side(args)

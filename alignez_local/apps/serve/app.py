@@ -48,7 +48,9 @@ class ServeConfig:
     api_key: str | None = None
     default_max_tokens: int = 512
     batch_wait: float = 0.0  # seconds an idle server waits after a first request for others to start with it
-    cache_prompt: bool = False  # reuse the prompt cells of an earlier request steered alike (Worker.reuse_prompts)
+    # Reuse the prompt cells of an earlier request steered alike (Worker.reuse_prompts): on, as in
+    # ``alignez serve`` without --deterministic.
+    cache_prompt: bool = True
     limits: Limits = Limits()  # what one request may ask (body bytes, messages, prompt tokens; docs/serve.md)
 
 
