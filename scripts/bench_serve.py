@@ -183,19 +183,19 @@ def cpu_seconds(pid: int) -> float:
 def side_command(which: str, model: str, port: int, vector: bool, args: argparse.Namespace) -> list[str]:
     """Return the command line of one server: ``alignez`` or ``llama``, same model, threads, slots, context."""
     threads = str(args.threads or 1)
-    if which == "alignez":
+    if which.startswith("alignez"):
         cmd = [sys.executable, "-m", "alignez_local", "serve", "-m", model, "--port", str(port), "--parallel", "8",
                "--ctx", str(args.ctx), "--threads", threads]
         if vector:
             cmd += ["--vector", f"vec={VEC}:1"]
-        return cmd + (["--deterministic"] if args.alignez_deterministic else [])
+        return cmd + (["--deterministic"] if args.alignez_deterministic or which == "alignez-det" else [])
     cmd = [str(args.llama_server), "-m", model, "--port", str(port), "--parallel", "8", "-c", str(args.ctx),
            "--threads", threads, "--threads-batch", threads, "-fa", args.llama_fa]
     return cmd + (["--control-vector-scaled", f"{VEC}:1"] if vector else [])
 
 
-def start_side(cmd: list[str], port: int) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_side(cmd: list[str], port: int, cwd: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     if not wait_ready(proc, url):
         proc.kill()
@@ -222,9 +222,11 @@ def side_by_side(model: str, args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"llama-server not found at {args.llama_server}; give --llama-server PATH")
     levels = {1: prompts(args.requests_1), 8: prompts(args.requests_8)}
     runs: list[dict[str, Any]] = []
+    # alignez-det: alignez serve --deterministic in the same rounds (what the fast paths are worth)
+    sides = ["alignez", "llama"] + (["alignez-det"] if args.with_deterministic else [])
     for vector in (False, True):
         for rnd in range(args.rounds):
-            for which in ("alignez", "llama") if rnd % 2 == 0 else ("llama", "alignez"):
+            for which in sides[rnd % len(sides):] + sides[: rnd % len(sides)]:
                 port = free_port()
                 cmd = side_command(which, model, port, vector, args)
                 proc, url = start_side(cmd, port)
@@ -244,7 +246,7 @@ def side_by_side(model: str, args: argparse.Namespace) -> dict[str, Any]:
     for vector in (False, True):
         for clients in levels:
             pick = {w: [r for r in runs if r["server"] == w and r["vector"] == vector and r["clients"] == clients]
-                    for w in ("alignez", "llama")}
+                    for w in sides}
             med = {w: {k: statistics.median(r[k] for r in rs) for k in ("tok_per_s", "latency_p50_s", "wall_s", "server_cpu_s")}
                    for w, rs in pick.items()}
             ratios = [a["tok_per_s"] / b["tok_per_s"] for a, b in zip(pick["alignez"], pick["llama"])]
@@ -254,6 +256,11 @@ def side_by_side(model: str, args: argparse.Namespace) -> dict[str, Any]:
                          "tokens": {w: [r["tokens"] for r in rs] for w, rs in pick.items()},
                          "prompt_tokens": {w: [r["prompt_tokens"] for r in rs] for w, rs in pick.items()},
                          "failures": sum(r["failures"] for rs in pick.values() for r in rs)})
+            if "alignez-det" in pick:
+                rows[-1]["deterministic"] = med["alignez-det"]
+                rows[-1]["ratio_deterministic"] = round(med["alignez-det"]["tok_per_s"] / med["llama"]["tok_per_s"], 3)
+                rows[-1]["ratio_deterministic_per_round"] = [
+                    round(a["tok_per_s"] / b["tok_per_s"], 3) for a, b in zip(pick["alignez-det"], pick["llama"])]
     return {"runs": runs, "rows": rows}
 
 
@@ -266,7 +273,12 @@ def side_table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {'helpful x1' if r['vector'] else 'none'} | {r['clients']} | {a['tok_per_s']:.1f} | {b['tok_per_s']:.1f} "
                    f"| **{r['ratio']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['ratio_per_round'])}) "
                    f"| {a['latency_p50_s']:.2f} / {b['latency_p50_s']:.2f} | {a['server_cpu_s']:.1f} / {a['wall_s']:.1f} "
-                   f"| {b['server_cpu_s']:.1f} / {b['wall_s']:.1f} |")
+                   f"| {b['server_cpu_s']:.1f} / {b['wall_s']:.1f} |"
+                   + (f" {r['deterministic']['tok_per_s']:.1f}: **{r['ratio_deterministic']:.2f}x** "
+                      f"({', '.join(f'{x:.2f}' for x in r['ratio_deterministic_per_round'])}) |" if "deterministic" in r else ""))
+    if rows and "deterministic" in rows[0]:
+        out[0] += " alignez --deterministic tok/s: ratio (per round) |"
+        out[1] += "---|"
     return "\n".join(out)
 
 
@@ -325,7 +337,8 @@ def random_vectors(d: Path) -> list[Path]:
     return out
 
 
-def mixed_server(model: str, args: argparse.Namespace, loaded: bool, rand: list[Path]) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+def mixed_server(model: str, args: argparse.Namespace, loaded: bool, rand: list[Path], root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``alignez serve`` from the checkout ``root`` (its ``alignez_local`` comes first on the path)."""
     port = free_port()
     cmd = [sys.executable, "-m", "alignez_local", "serve", "-m", model, "--port", str(port), "--parallel", "8",
            "--ctx", str(args.ctx), "--threads", str(args.threads or 1), *args.serve_args.split()]
@@ -333,8 +346,7 @@ def mixed_server(model: str, args: argparse.Namespace, loaded: bool, rand: list[
         cmd += ["--vector", f"helpful={SMOL / 'helpful.gguf'}", "--vector", f"french={SMOL / 'french.gguf'}",
                 "--vector", f"harmless={SMOL / 'harmless.gguf'}", "--vector", f"randA={rand[0]}",
                 "--vector", f"randB={rand[1]}", "--profile", f"prof={SMOL / 'helpful.profile.gguf'}"]
-    proc, url = start_side(cmd, port)
-    return proc, url, cmd
+    return start_side(cmd, port, cwd=root)
 
 
 def mixed_level(url: str, pid: int, texts: list[str], k: int, max_tokens: int) -> dict[str, Any]:
@@ -351,23 +363,23 @@ def mixed_level(url: str, pid: int, texts: list[str], k: int, max_tokens: int) -
 
 
 def mixed_runs(model: str, args: argparse.Namespace, rand: list[Path]) -> list[dict[str, Any]]:
-    """Every condition once per round, rotated; the plain server (nothing loaded) alternately
-    before and after the loaded one. Return one record per (round, condition)."""
+    """Per round: each loaded server (this checkout, and --compare-root's) runs every condition in
+    an order rotated by one per round, and the plain server (nothing loaded) runs unsteered; the
+    servers' order rotates too. Return one record per (round, server, condition)."""
     texts = prompts(args.mixed_requests)
-    conds: list[Any] = [*DISTINCT, "plain"]
+    servers: list[tuple[str, Path, bool]] = [("this", ROOT, True), ("plain", ROOT, False)]
+    if args.compare_root:
+        servers.insert(1, ("compare", Path(args.compare_root).resolve(), True))
     runs: list[dict[str, Any]] = []
     for rnd in range(args.mixed_rounds):
-        order = conds[rnd % len(conds):] + conds[: rnd % len(conds)]
-        loaded_first = rnd % 2 == 0
-        for loaded in (True, False) if loaded_first else (False, True):
-            proc, url, _ = mixed_server(model, args, loaded, rand)
+        order = list(DISTINCT[rnd % len(DISTINCT):] + DISTINCT[: rnd % len(DISTINCT)])
+        for label, root, loaded in servers[rnd % len(servers):] + servers[: rnd % len(servers)]:
+            proc, url = mixed_server(model, args, loaded, rand, root)
             try:
                 one_request(url, None, texts[0], {}, 4)  # warm-up, not counted
-                for c in order:
-                    if (c == "plain") == loaded:
-                        continue
-                    lv = mixed_level(url, proc.pid, texts, 0 if c == "plain" else c, args.max_tokens)
-                    lv.update(round=rnd, condition=c)
+                for k in order if loaded else [0]:
+                    lv = mixed_level(url, proc.pid, texts, k, args.max_tokens)
+                    lv.update(round=rnd, server=label, condition=k)
                     runs.append(lv)
                     print(f"progress: {json.dumps(lv)}", file=sys.stderr, flush=True)
             finally:
@@ -377,31 +389,40 @@ def mixed_runs(model: str, args: argparse.Namespace, rand: list[Path]) -> list[d
 
 
 def mixed_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per condition: median tok/s, and per-round ratios to the same round's unsteered (loaded server) and plain server."""
-    by = {(r["round"], r["condition"]): r for r in runs}
+    """Per loaded server and condition: median tok/s, and per-round ratios to the same server's
+    unsteered requests and to the plain server's."""
+    by = {(r["round"], r["server"], r["condition"]): r for r in runs}
     rounds = sorted({r["round"] for r in runs})
     rows = []
-    for c in [*DISTINCT, "plain"]:
-        mine = [by[(n, c)] for n in rounds]
-        vs0 = [by[(n, c)]["tok_per_s"] / by[(n, 0)]["tok_per_s"] for n in rounds]
-        vsp = [by[(n, c)]["tok_per_s"] / by[(n, "plain")]["tok_per_s"] for n in rounds]
-        rows.append({"condition": c, "steerings": [] if c == "plain" else [MIX[i][0] for i in range(c)],
-                     "tok_per_s": statistics.median(r["tok_per_s"] for r in mine),
-                     "tokens": [r["tokens"] for r in mine], "failures": sum(r["failures"] for r in mine),
-                     "server_cpu_s": statistics.median(r["server_cpu_s"] for r in mine),
-                     "wall_s": statistics.median(r["wall_s"] for r in mine),
-                     "vs_unsteered": round(statistics.median(vs0), 3), "vs_unsteered_per_round": [round(x, 3) for x in vs0],
-                     "vs_plain_server": round(statistics.median(vsp), 3)})
+    for server in [x for x in ("this", "compare") if any(r["server"] == x for r in runs)]:
+        for k in DISTINCT:
+            mine = [by[(n, server, k)] for n in rounds]
+            vs0 = [by[(n, server, k)]["tok_per_s"] / by[(n, server, 0)]["tok_per_s"] for n in rounds]
+            vsp = [by[(n, server, k)]["tok_per_s"] / by[(n, "plain", 0)]["tok_per_s"] for n in rounds]
+            rows.append({"server": server, "distinct": k, "steerings": [MIX[i][0] for i in range(k)],
+                         "tok_per_s": statistics.median(r["tok_per_s"] for r in mine),
+                         "tokens": [r["tokens"] for r in mine], "failures": sum(r["failures"] for r in mine),
+                         "server_cpu_s": statistics.median(r["server_cpu_s"] for r in mine),
+                         "wall_s": statistics.median(r["wall_s"] for r in mine),
+                         "vs_unsteered": round(statistics.median(vs0), 3), "vs_unsteered_per_round": [round(x, 3) for x in vs0],
+                         "vs_plain_server": round(statistics.median(vsp), 3)})
+    plain = [by[(n, "plain", 0)] for n in rounds]
+    rows.append({"server": "plain", "distinct": 0, "steerings": [], "tok_per_s": statistics.median(r["tok_per_s"] for r in plain),
+                 "tokens": [r["tokens"] for r in plain], "failures": sum(r["failures"] for r in plain),
+                 "server_cpu_s": statistics.median(r["server_cpu_s"] for r in plain),
+                 "wall_s": statistics.median(r["wall_s"] for r in plain)})
     return rows
 
 
 def mixed_table(rows: list[dict[str, Any]]) -> str:
-    out = ["| distinct steerings (8 clients) | tok/s | vs unsteered, same server (per round) | vs server with nothing loaded "
-           "| server CPU / wall (s) | tokens per round |", "|---|---:|---|---:|---|---|"]
+    out = ["| server | distinct steerings (8 clients) | tok/s | vs unsteered, same server (per round) "
+           "| vs server with nothing loaded | server CPU / wall (s) | tokens per round |", "|---|---|---:|---|---:|---|---|"]
     for r in rows:
-        c = r["condition"]
-        what = "unsteered, nothing loaded" if c == "plain" else ("0 (unsteered)" if c == 0 else f"{c}")
-        out.append(f"| {what} | {r['tok_per_s']:.1f} | **{r['vs_unsteered']:.2f}x** "
+        if r["server"] == "plain":
+            out.append(f"| nothing loaded | 0 | {r['tok_per_s']:.1f} | | 1.00x | {r['server_cpu_s']:.1f} / {r['wall_s']:.1f} "
+                       f"| {', '.join(map(str, r['tokens']))} |")
+            continue
+        out.append(f"| {r['server']} | {r['distinct']} | {r['tok_per_s']:.1f} | **{r['vs_unsteered']:.2f}x** "
                    f"({', '.join(f'{x:.2f}' for x in r['vs_unsteered_per_round'])}) | {r['vs_plain_server']:.2f}x "
                    f"| {r['server_cpu_s']:.1f} / {r['wall_s']:.1f} | {', '.join(map(str, r['tokens']))} |")
     return "\n".join(out)
@@ -417,13 +438,14 @@ def main_mixed(args: argparse.Namespace) -> None:
     rows = mixed_rows(runs)
     machine = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "platform": platform.platform(),
                "processor": platform.processor() or platform.machine(), "load_avg_1m": round(os.getloadavg()[0], 2)}
-    head = (f"{Path(model).name}, alignez serve {args.serve_args or '(defaults)'}, threads {args.threads or 1}, --parallel 8, "
+    head = (f"{Path(model).name}, alignez serve {args.serve_args or '(defaults)'}"
+            f"{f', compare = {args.compare_root}' if args.compare_root else ''}, threads {args.threads or 1}, --parallel 8, "
             f"8 clients x {args.mixed_requests} requests, {args.max_tokens} tokens greedy, {args.mixed_rounds} rounds; "
             f"steerings in order: {'; '.join(f'{i + 1} {lab} {json.dumps(st)}' for i, (lab, st) in enumerate(MIX))}")
     print(head + "\n" + mixed_table(rows), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({"machine": machine, "model": Path(model).name, "threads": args.threads or 1,
-                          "serve_args": args.serve_args, "max_tokens": args.max_tokens, "mix": MIX, "runs": runs,
+                          "serve_args": args.serve_args, "compare_root": args.compare_root, "max_tokens": args.max_tokens, "mix": MIX, "runs": runs,
                           "rows": rows}, indent=2))
 
 
@@ -444,6 +466,8 @@ def main() -> None:
     side.add_argument("--llama-no-cache-prompt", action="store_true",
                       help="send cache_prompt: false to llama-server (no reuse of a slot's cached prompt prefix)")
     side.add_argument("--alignez-deterministic", action="store_true", help="start alignez serve with --deterministic")
+    side.add_argument("--with-deterministic", action="store_true",
+                      help="also measure alignez serve --deterministic in the same rounds (a third server)")
     side.add_argument("--rounds", type=int, default=2, help="alternating rounds per condition (A,B then B,A...)")
     side.add_argument("--requests-1", type=int, default=6, help="requests sent by the single client")
     side.add_argument("--requests-8", type=int, default=24, help="requests sent by the 8 clients")
@@ -452,6 +476,9 @@ def main() -> None:
     mix.add_argument("--mixed-requests", type=int, default=24, help="requests per condition (8 clients)")
     mix.add_argument("--mixed-rounds", type=int, default=3, help="rounds; every condition runs once per round")
     mix.add_argument("--serve-args", default="", help="more alignez serve options for --mixed (e.g. --deterministic)")
+    mix.add_argument("--compare-root", default=None, metavar="DIR",
+                     help="another checkout (e.g. a git worktree of an older commit) whose alignez serve is measured "
+                          "in the same rounds: before/after in one run")
     args = ap.parse_args()
     if args.mixed:
         args.max_tokens = args.max_tokens or 64

@@ -42,12 +42,13 @@ class LiveServer:
 
     def __init__(self, model: Path, vectors: Sequence[str] = (), profiles: Sequence[str] = (),
                  api_key: str | None = KEY, parallel: int = 4, batch_wait: float = 0.0, max_tokens: int = 16,
-                 ctx: int = CTX, cache_prompt: bool = False, flash_attn: bool = False) -> None:
-        # Off by default, as ``alignez serve --deterministic`` runs: most tests here compare answers
-        # bit for bit across batch neighbours. ``alignez serve``'s defaults are both on.
+                 ctx: int = CTX, cache_prompt: bool = False, flash_attn: bool = False, deterministic: bool = True) -> None:
+        # ``alignez serve --deterministic`` by default (flash attention and prompt reuse off, every job
+        # planned): most tests here compare answers bit for bit across batch neighbours.
+        # ``alignez serve``'s defaults are cache_prompt=True, flash_attn=True, deterministic=False.
         self.engine = Engine(model, n_ctx=ctx, n_threads=1, n_parallel=parallel, flash_attn=flash_attn)
         steering, _ = SteeringSet.load(self.engine, vectors, profiles)
-        config = ServeConfig("test-model", api_key, max_tokens, batch_wait, cache_prompt)
+        config = ServeConfig("test-model", api_key, max_tokens, batch_wait, cache_prompt, plan_every_job=deterministic)
         self.app = create_app(self.engine, steering, config, parallel)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -275,7 +276,7 @@ def test_default_mode_keeps_each_requests_steering_to_itself(tiny_model_path: Pa
     prompts then come from the prompt cache, read in other shapes), while the steered requests
     themselves move by far more: what a leak would look like."""
     srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=4, batch_wait=BATCH_WAIT,
-                     cache_prompt=True, flash_attn=True)
+                     cache_prompt=True, flash_attn=True, deterministic=False)
     prompts = ["Hi", "Tell me a story", "Count", "Why?"]
     steered = [{"v": 3}, {"p": 2, "v": -1}]
 
@@ -302,6 +303,29 @@ def test_default_mode_keeps_each_requests_steering_to_itself(tiny_model_path: Pa
     assert all(steps >= 1 for _, steps in noise)
     assert max(d for d, _ in noise) < 0.05, noise
     assert min(moved) > 0.3, moved  # measured: noise under 0.01, steered 0.63 and 0.96
+
+
+def test_only_deterministic_plans_requests_that_use_no_plan(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    """With a profile loaded, --deterministic decodes every request's prompt once more unsteered
+    (the planning prefill), so batch shapes never depend on the neighbours' choices; by default only
+    the requests that chose the profile (or a gated vector) pay for it. Alone, the answers agree."""
+    read: dict[tuple[bool, str], int] = {}
+    texts: dict[tuple[bool, str], str] = {}
+    for det in (True, False):
+        srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=1, deterministic=det)
+        try:
+            for label, steering in (("none", {}), ("v", {"v": 3}), ("p", {"p": 2})):
+                before = srv.engine.counts.tokens
+                r = srv.post("/v1/chat/completions", chat_body("Tell me a story", steering=steering, max_tokens=4))
+                assert r.status_code == 200, r.text
+                read[det, label] = srv.engine.counts.tokens - before
+                texts[det, label] = r.json()["choices"][0]["message"]["content"]
+                n_prompt = r.json()["usage"]["prompt_tokens"]
+        finally:
+            srv.close()
+    assert read[True, "none"] - read[False, "none"] == read[True, "v"] - read[False, "v"] == n_prompt
+    assert read[True, "p"] == read[False, "p"]
+    assert all(texts[True, k] == texts[False, k] for k in ("none", "v", "p"))
 
 
 def test_deterministic_refuses_the_fast_paths_by_name(tiny_model_path: Path) -> None:

@@ -145,7 +145,8 @@ def serve_command(
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         model_id = engine.path.stem
-        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt, limits),
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt,
+                                                                  plan_every_job=deterministic, limits=limits),
                          parallel)
         names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
         mode = "deterministic" if deterministic else (

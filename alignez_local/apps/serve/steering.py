@@ -276,15 +276,20 @@ class LiveSteering:
 
     @property
     def needs_planning(self) -> bool:
-        """True when requests must be decoded once unsteered first (a profile is loaded).
+        """True when some requests must be decoded once unsteered first (a profile or a gated vector is loaded).
 
-        Every request is planned then, steered or not, although only profile requests use the plan:
-        a planning prefill only for them would make the decode's batch shapes depend on the
-        neighbours' steering, and llama.cpp's numerics depend on batch shapes (on SmolLM2 an
-        unsteered answer then changed with its neighbours' choice). Tried on 2026-11-28: 8 clients
-        rose from 0.70x to 0.87x of the engine (docs/performance.md), and the HTTP isolation test failed.
+        ``serve --deterministic`` then plans every request, steered or not, although only profile
+        and gated requests use the plan: a planning prefill only for them would make the decode's
+        batch shapes depend on the neighbours' steering, and llama.cpp's numerics depend on batch
+        shapes (on SmolLM2 an unsteered answer then changed with its neighbours' choice). The
+        default mode plans only the requests that need it (``uses_plan``), since flash attention
+        and prompt reuse make the bits depend on the neighbours anyway.
         """
         return bool(self.profiles or self.gated)
+
+    def uses_plan(self, choice: Choice) -> bool:
+        """True when ``choice`` needs the unsteered planning prefill: it names a profile or a gated vector."""
+        return any(s.name in choice for s in (*self.profiles, *self.gated))
 
     def edits(self) -> list[BatchEdit]:
         """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""
