@@ -204,10 +204,13 @@ def start_side(cmd: list[str], port: int, cwd: Path | None = None) -> tuple[subp
 
 
 def side_level(url: str, pid: int, texts: list[str], clients: int, max_tokens: int,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+               extra: dict[str, Any] | None = None, steerings: list[dict[str, float]] | None = None) -> dict[str, Any]:
+    """``texts`` from ``clients`` concurrent clients (request i steered by ``steerings[i]``, else
+    no steering field); tok/s, the server's CPU seconds and p50 latency."""
     c0, t0 = cpu_seconds(pid), time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        res = list(pool.map(lambda t: one_request(url, None, t, None, max_tokens, extra), texts))
+        res = list(pool.map(lambda i: one_request(url, None, texts[i], steerings[i] if steerings else None, max_tokens, extra),
+                            range(len(texts))))
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
     ok = [r for r in res if r["ok"]]
     n = sum(r["tokens"] for r in ok)
@@ -350,16 +353,8 @@ def mixed_server(model: str, args: argparse.Namespace, loaded: bool, rand: list[
 
 
 def mixed_level(url: str, pid: int, texts: list[str], k: int, max_tokens: int) -> dict[str, Any]:
-    """8 clients, request i steered by MIX[i % k] (k 0: unsteered); tok/s and the server's CPU."""
-    c0, t0 = cpu_seconds(pid), time.perf_counter()
-    with ThreadPoolExecutor(8) as pool:
-        res = list(pool.map(lambda i: one_request(url, None, texts[i], MIX[i % k][1] if k else {}, max_tokens),
-                            range(len(texts))))
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - c0
-    ok = [r for r in res if r["ok"]]
-    n = sum(r["tokens"] for r in ok)
-    return {"requests": len(res), "failures": len(res) - len(ok), "tokens": n, "wall_s": round(wall, 3),
-            "server_cpu_s": round(cpu, 3), "tok_per_s": round(n / wall, 2)}
+    """8 clients, request i steered by MIX[i % k] (k 0: unsteered)."""
+    return side_level(url, pid, texts, 8, max_tokens, steerings=[MIX[i % k][1] if k else {} for i in range(len(texts))])
 
 
 def mixed_runs(model: str, args: argparse.Namespace, rand: list[Path]) -> list[dict[str, Any]]:
@@ -481,6 +476,8 @@ def main() -> None:
                           "in the same rounds: before/after in one run")
     args = ap.parse_args()
     if args.mixed:
+        if args.compare_root and not (Path(args.compare_root) / "alignez_local").is_dir():
+            raise SystemExit(f"--compare-root {args.compare_root}: no alignez_local package there; give a checkout of this repository")
         args.max_tokens = args.max_tokens or 64
         main_mixed(args)
         return

@@ -21,8 +21,10 @@ A gate that stays shut (issue 20): the request gets bit for bit what it gets ask
 (``{}``, ``0``, or the vector at 0) beside the same neighbours, decoded the same way. Its rows are
 never written (no entry in the per-key tables), and the eval callback that the loaded vector adds
 to every decode changes no value by splitting the graph (measured: a no-op edit of every ``l_out``
-row leaves the logits bit-identical on the tiny model and on Qwen2.5-Coder-0.5B). Every job is
-planned whether it chose the gated vector or not, so the choice does not change the batch shapes.
+row leaves the logits bit-identical on the tiny model and on Qwen2.5-Coder-0.5B). With
+``serve --deterministic`` every job is planned whether it chose the gated vector or not, so the
+choice does not change the batch shapes; by default only the jobs that chose it are, and the bits
+depend on the neighbours anyway (flash attention, prompt reuse).
 What the server cannot give is ``Steering.generate``'s stronger promise, equality with a batch in
 which NOBODY's gate opened: a request whose gate opens answers differently, ends at another step,
 and from then on its neighbours decode in other batch shapes, which moves their logits in the last
