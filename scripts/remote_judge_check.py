@@ -73,7 +73,8 @@ def alignez_serve(model: str, threads: int, parallel: int, ctx: int, log: Path) 
     """Return the command's context: ``alignez serve`` on a free port."""
     port = free_port()
     cmd = [sys.executable, "-c", "from alignez_local.apps.cli import main; main()", "serve", "-m", model,
-           "--port", str(port), "--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx)]
+           "--port", str(port), "--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx),
+           "--deterministic"]  # its margins are compared with the local judge, which runs without the fast paths
     return server(cmd, f"http://127.0.0.1:{port}", log)
 
 

@@ -24,6 +24,7 @@ from alignez_local.apps.serve.app import ServeConfig, create_app
 from alignez_local.apps.serve.steering import SteeringSet
 from alignez_local.llama.engine import Engine
 from alignez_local.llama.scheduler import MIN_SHARED_PREFIX, common_prefix_len
+from test_cli_errors import assert_one_line_error
 from test_serve_engine import SMOL_DIR, tiny_files
 
 openai = pytest.importorskip("openai")
@@ -41,10 +42,13 @@ class LiveServer:
 
     def __init__(self, model: Path, vectors: Sequence[str] = (), profiles: Sequence[str] = (),
                  api_key: str | None = KEY, parallel: int = 4, batch_wait: float = 0.0, max_tokens: int = 16,
-                 ctx: int = CTX, cache_prompt: bool = False) -> None:
-        self.engine = Engine(model, n_ctx=ctx, n_threads=1, n_parallel=parallel)
+                 ctx: int = CTX, cache_prompt: bool = False, flash_attn: bool = False, deterministic: bool = True) -> None:
+        # ``alignez serve --deterministic`` by default (flash attention and prompt reuse off, every job
+        # planned): most tests here compare answers bit for bit across batch neighbours.
+        # ``alignez serve``'s defaults are cache_prompt=True, flash_attn=True, deterministic=False.
+        self.engine = Engine(model, n_ctx=ctx, n_threads=1, n_parallel=parallel, flash_attn=flash_attn)
         steering, _ = SteeringSet.load(self.engine, vectors, profiles)
-        config = ServeConfig("test-model", api_key, max_tokens, batch_wait, cache_prompt)
+        config = ServeConfig("test-model", api_key, max_tokens, batch_wait, cache_prompt, plan_every_job=deterministic)
         self.app = create_app(self.engine, steering, config, parallel)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -241,6 +245,94 @@ def test_http_isolation_tiny(tiny_model_path: Path, files: tuple[Path, Path]) ->
         check_http_isolation(srv, ["Hi", "Tell me a story", "Count", "Why?"], [{"v": 3}, {"p": 2, "v": -1}])
     finally:
         srv.close()
+
+
+def answer_logprobs(r: httpx.Response) -> list[dict[str, Any]]:
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    return choice["logprobs"]["content"]
+
+
+def drift(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, int]:
+    """Return (largest |logprob difference| over the shared top alternatives, steps compared) of two
+    greedy answers, step by step while their tokens agree (after a token differs, the two answers
+    are read in different contexts and nothing is comparable)."""
+    worst, steps = 0.0, 0
+    for x, y in zip(a, b):
+        # By bytes: the tiny model has many tokens whose text is the same lone U+FFFD.
+        tops = {tuple(t["bytes"]): t["logprob"] for t in y["top_logprobs"]}
+        worst = max([worst] + [abs(t["logprob"] - tops[b]) for t in x["top_logprobs"] if (b := tuple(t["bytes"])) in tops])
+        steps += 1
+        if x["bytes"] != y["bytes"]:
+            break
+    return worst, steps
+
+
+def test_default_mode_keeps_each_requests_steering_to_itself(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    """``alignez serve``'s defaults (flash attention, prompt reuse): an answer's last bits may depend
+    on its neighbours, but never their steering. Unsteered requests decoded beside strongly steered
+    ones stay within flash attention's rounding of the same requests beside unsteered ones (their
+    prompts then come from the prompt cache, read in other shapes), while the steered requests
+    themselves move by far more: what a leak would look like."""
+    srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=4, batch_wait=BATCH_WAIT,
+                     cache_prompt=True, flash_attn=True, deterministic=False)
+    prompts = ["Hi", "Tell me a story", "Count", "Why?"]
+    steered = [{"v": 3}, {"p": 2, "v": -1}]
+
+    def together(steerings: list[dict[str, float]]) -> list[list[dict[str, Any]]]:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = []
+            for p, st in zip(prompts, steerings):
+                futures.append(pool.submit(srv.post, "/v1/chat/completions",
+                                           chat_body(p, steering=st, max_tokens=8, logprobs=True, top_logprobs=5)))
+                time.sleep(0.3)
+            return [answer_logprobs(f.result()) for f in futures]
+
+    try:
+        before = srv.engine.counts.tokens
+        quiet = together([{}] * 4)
+        read_quiet = srv.engine.counts.tokens - before
+        mixed = together([{}, {}, *steered])
+    finally:
+        srv.close()
+    read_mixed = srv.engine.counts.tokens - before - read_quiet
+    assert read_mixed < read_quiet  # the unsteered prompts came from the cache
+    noise = [drift(q, m) for q, m in zip(quiet[:2], mixed[:2])]
+    moved = [drift(q, m)[0] for q, m in zip(quiet[2:], mixed[2:])]
+    assert all(steps >= 1 for _, steps in noise)
+    assert max(d for d, _ in noise) < 0.05, noise
+    assert min(moved) > 0.3, moved  # measured: noise under 0.01, steered 0.63 and 0.96
+
+
+def test_only_deterministic_plans_requests_that_use_no_plan(tiny_model_path: Path, files: tuple[Path, Path]) -> None:
+    """With a profile loaded, --deterministic decodes every request's prompt once more unsteered
+    (the planning prefill), so batch shapes never depend on the neighbours' choices; by default only
+    the requests that chose the profile (or a gated vector) pay for it. Alone, the answers agree."""
+    read: dict[tuple[bool, str], int] = {}
+    texts: dict[tuple[bool, str], str] = {}
+    for det in (True, False):
+        srv = LiveServer(tiny_model_path, [f"v={files[0]}:3"], [f"p={files[1]}"], parallel=1, deterministic=det)
+        try:
+            for label, steering in (("none", {}), ("v", {"v": 3}), ("p", {"p": 2})):
+                before = srv.engine.counts.tokens
+                r = srv.post("/v1/chat/completions", chat_body("Tell me a story", steering=steering, max_tokens=4))
+                assert r.status_code == 200, r.text
+                read[det, label] = srv.engine.counts.tokens - before
+                texts[det, label] = r.json()["choices"][0]["message"]["content"]
+                n_prompt = r.json()["usage"]["prompt_tokens"]
+        finally:
+            srv.close()
+    assert read[True, "none"] - read[False, "none"] == read[True, "v"] - read[False, "v"] == n_prompt
+    assert read[True, "p"] == read[False, "p"]
+    assert all(texts[True, k] == texts[False, k] for k in ("none", "v", "p"))
+
+
+def test_deterministic_refuses_the_fast_paths_by_name(tiny_model_path: Path) -> None:
+    for flag in ("--flash-attn", "--cache-prompt"):
+        res = subprocess.run([sys.executable, "-m", "alignez_local", "serve", "-m", str(tiny_model_path), "--deterministic",
+                              flag], capture_output=True, text=True, timeout=120)
+        assert_one_line_error(res, "--deterministic", flag)
 
 
 def chat_cli(model: Path, prompt: str, *args: str) -> str:

@@ -48,7 +48,12 @@ class ServeConfig:
     api_key: str | None = None
     default_max_tokens: int = 512
     batch_wait: float = 0.0  # seconds an idle server waits after a first request for others to start with it
-    cache_prompt: bool = False  # reuse the prompt cells of an earlier request steered alike (Worker.reuse_prompts)
+    # Reuse the prompt cells of an earlier request steered alike (Worker.reuse_prompts): on, as in
+    # ``alignez serve`` without --deterministic.
+    cache_prompt: bool = True
+    # Decode every job's planning prefill while a profile or gated vector is loaded, used or not
+    # (Worker.plan_every_job): on with --deterministic.
+    plan_every_job: bool = False
     limits: Limits = Limits()  # what one request may ask (body bytes, messages, prompt tokens; docs/serve.md)
 
 
@@ -280,7 +285,7 @@ class _Shaper:
 
 def create_app(engine: Engine, steering: SteeringSet, config: ServeConfig, parallel: int | None = None) -> Starlette:
     """Return the app; its lifespan starts the engine worker and stops it cleanly on shutdown."""
-    worker = Worker(engine, steering, parallel, config.batch_wait, config.cache_prompt)
+    worker = Worker(engine, steering, parallel, config.batch_wait, config.cache_prompt, config.plan_every_job)
     engine.max_piece_bytes  # scans the vocabulary once now (0.1 s per 50k tokens), not on the first request
     srv = _Server(engine, steering, worker, config)
 

@@ -69,6 +69,20 @@ limit_options = grouped(
 """The server's request limits -> ``limits: Limits`` (docs/serve.md)."""
 
 
+def fast_paths(flash_attn: bool | None, cache_prompt: bool | None, deterministic: bool) -> tuple[bool, bool]:
+    """Return (flash attention, prompt reuse) for the server: both on unless --deterministic.
+
+    The server's defaults differ from the rest of the toolkit's (``RuntimeSettings.flash_attn`` is
+    off): steer and eval compare answers across batches, a server is compared with llama-server.
+    """
+    if deterministic:
+        asked = [f for f, on in (("--flash-attn", flash_attn), ("--cache-prompt", cache_prompt)) if on]
+        if asked:
+            raise AlignezError(f"--deterministic turns {' and '.join(asked)} off; give one or the other")
+        return False, False
+    return flash_attn is not False, cache_prompt is not False
+
+
 @click.command("serve")
 @model_options
 @click.option("--vector", "vectors", multiple=True, metavar="[NAME=]FILE[:STRENGTH]",
@@ -86,20 +100,20 @@ limit_options = grouped(
 @click.option("--batch-wait-ms", type=click.IntRange(0, 10000), default=0, show_default=True,
               help="How long an idle server waits after a first request for others to start with it "
                    "(later requests join the running decode anyway).")
-@click.option("--flash-attn", is_flag=True,
-              help="Use llama.cpp's flash attention (llama-server's default on CPU): faster with several "
-                   "clients, but an answer's last bits, and so sometimes its tokens, then depend on the "
-                   "requests decoded beside it; off, they depend only on the batch shapes.")
-@click.option("--cache-prompt", is_flag=True,
-              help="Let a request start from the prompt cells an earlier request steered alike left in its "
-                   "slot (llama-server's default): shared system prompts are read once per slot, but an "
-                   "answer's last bits, and so sometimes its tokens, then depend on the requests before it.")
+@click.option("--flash-attn/--no-flash-attn", default=None,
+              help="llama.cpp's flash attention, as llama-server uses it on CPU  [default: on; off with --deterministic]")
+@click.option("--cache-prompt/--no-cache-prompt", default=None,
+              help="Let a request start from the prompt cells an earlier request steered alike left in its slot, as "
+                   "llama-server does: shared system prompts are read once per slot  [default: on; off with --deterministic]")
+@click.option("--deterministic", is_flag=True,
+              help="Flash attention and prompt reuse off: an answer's bits then depend only on the batch shapes, never on "
+                   "what its neighbours or the requests before it were (slower; docs/serve.md says by how much).")
 @limit_options
 def serve_command(
     model: ModelRun,
     vectors: tuple[str, ...], profiles: tuple[str, ...], top_n: int,
-    host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int, flash_attn: bool,
-    cache_prompt: bool, limits: Any,
+    host: str, port: int, api_key: str | None, max_tokens: int, batch_wait_ms: int, flash_attn: bool | None,
+    cache_prompt: bool | None, deterministic: bool, limits: Any,
 ) -> None:
     """Serve the OpenAI API; every request picks its own steering, all decoded together.
 
@@ -122,6 +136,7 @@ def serve_command(
 
     if api_key is not None and not api_key.strip():
         raise AlignezError("--api-key is empty; give a key or leave the option out")
+    flash_attn, cache_prompt = fast_paths(flash_attn, cache_prompt, deterministic)
     engine = ModelRun(model.model, model.runtime.with_(flash_attn=flash_attn)).open()
     parallel, verbose = model.runtime.parallel, model.runtime.verbose
     app = None
@@ -130,10 +145,14 @@ def serve_command(
         for w in warnings:
             click.echo(f"warning: {w}", err=True)
         model_id = engine.path.stem
-        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt, limits),
+        app = create_app(engine, steering, ServeConfig(model_id, api_key, max_tokens, batch_wait_ms / 1000, cache_prompt,
+                                                                  plan_every_job=deterministic, limits=limits),
                          parallel)
         names = ", ".join(f"{n} ({s.kind}, default {s.default_strength:g})" for n, s in steering.items.items()) or "none"
-        click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots); steering: {names}", err=True)
+        mode = "deterministic" if deterministic else (
+            f"flash attention {'on' if flash_attn else 'off'}, prompt cache {'on' if cache_prompt else 'off'}")
+        click.echo(f"alignez serve: {model_id} on http://{host}:{port}/v1 ({parallel} slots, {mode}); steering: {names}",
+                   err=True)
         config = uvicorn.Config(app, host=host, port=port, log_level="debug" if verbose else "warning",
                                 timeout_graceful_shutdown=5)
         _server_class()(config).run()

@@ -21,8 +21,10 @@ A gate that stays shut (issue 20): the request gets bit for bit what it gets ask
 (``{}``, ``0``, or the vector at 0) beside the same neighbours, decoded the same way. Its rows are
 never written (no entry in the per-key tables), and the eval callback that the loaded vector adds
 to every decode changes no value by splitting the graph (measured: a no-op edit of every ``l_out``
-row leaves the logits bit-identical on the tiny model and on Qwen2.5-Coder-0.5B). Every job is
-planned whether it chose the gated vector or not, so the choice does not change the batch shapes.
+row leaves the logits bit-identical on the tiny model and on Qwen2.5-Coder-0.5B). With
+``serve --deterministic`` every job is planned whether it chose the gated vector or not, so the
+choice does not change the batch shapes; by default only the jobs that chose it are, and the bits
+depend on the neighbours anyway (flash attention, prompt reuse).
 What the server cannot give is ``Steering.generate``'s stronger promise, equality with a batch in
 which NOBODY's gate opened: a request whose gate opens answers differently, ends at another step,
 and from then on its neighbours decode in other batch shapes, which moves their logits in the last
@@ -276,15 +278,20 @@ class LiveSteering:
 
     @property
     def needs_planning(self) -> bool:
-        """True when requests must be decoded once unsteered first (a profile is loaded).
+        """True when some requests must be decoded once unsteered first (a profile or a gated vector is loaded).
 
-        Every request is planned then, steered or not, although only profile requests use the plan:
-        a planning prefill only for them would make the decode's batch shapes depend on the
-        neighbours' steering, and llama.cpp's numerics depend on batch shapes (on SmolLM2 an
-        unsteered answer then changed with its neighbours' choice). Tried on 2026-11-28: 8 clients
-        rose from 0.70x to 0.87x of the engine (docs/performance.md), and the HTTP isolation test failed.
+        ``serve --deterministic`` then plans every request, steered or not, although only profile
+        and gated requests use the plan: a planning prefill only for them would make the decode's
+        batch shapes depend on the neighbours' steering, and llama.cpp's numerics depend on batch
+        shapes (on SmolLM2 an unsteered answer then changed with its neighbours' choice). The
+        default mode plans only the requests that need it (``uses_plan``), since flash attention
+        and prompt reuse make the bits depend on the neighbours anyway.
         """
         return bool(self.profiles or self.gated)
+
+    def uses_plan(self, choice: Choice) -> bool:
+        """True when ``choice`` needs the unsteered planning prefill: it names a profile or a gated vector."""
+        return any(s.name in choice for s in (*self.profiles, *self.gated))
 
     def edits(self) -> list[BatchEdit]:
         """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""

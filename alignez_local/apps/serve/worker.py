@@ -8,10 +8,12 @@ Continuous admission: the worker runs one ``Engine.generate_live`` while there i
 decode steps the engine asks the worker (``_admit``) for sequences to start; a job that arrived
 meanwhile joins the running decode at once when a slot is free and its KV budget fits: the KV
 cache is unified, so the prompts plus max_tokens of the running jobs must fit n_ctx together.
-Each job is steered by its own choice through ``LiveSteering``. With a profile loaded, a job is
-decoded twice, as the single-user path does: a prefill-only planning sequence (the unsteered
-activation the exact edit's plan needs), then the generating sequence. Every job takes this path
-then, steered or not, so the batch shapes a request sees never depend on its neighbours' choices.
+Each job is steered by its own choice through ``LiveSteering``. A job that chose a profile or a
+gated vector is decoded twice, as the single-user path does: a prefill-only planning sequence (the
+unsteered activation the exact edit's plan and the gate need), then the generating sequence. With
+``plan_every_job`` (``serve --deterministic``) every job takes this path while a profile or gated
+vector is loaded, steered or not, so the batch shapes a request sees never depend on its
+neighbours' choices.
 
 A job whose client went away is cancelled: waiting, it is dropped; running, its sequence leaves
 the decode before the next step (KV cells removed, slot free) while the others keep decoding.
@@ -113,7 +115,7 @@ class Worker:
 
     def __init__(
         self, engine: Engine, steering: SteeringSet, parallel: int | None = None, batch_wait: float = 0.0,
-        reuse_prompts: bool = False,
+        reuse_prompts: bool = False, plan_every_job: bool = False,
     ) -> None:
         self.engine = engine
         self.steering = steering
@@ -123,6 +125,9 @@ class Worker:
         # job steered alike left in its slot; the run then lasts while the server does, so the
         # cells outlive an idle moment.
         self.reuse_prompts = reuse_prompts
+        # Plan jobs that do not use the plan too, so batch shapes never depend on the neighbours'
+        # choices (--deterministic; else a planning prefill costs only the jobs that need it).
+        self.plan_every_job = plan_every_job
         self.parallel = min(parallel or engine.n_parallel, engine.n_parallel)
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._held: list[Job] = []  # taken from the queue but not started (no slot or no room yet)
@@ -290,7 +295,7 @@ class Worker:
         with self._lock:
             self.waiting -= 1
         tokens = job.tokens
-        if self._steer.needs_planning:
+        if self._steer.needs_planning and (self.plan_every_job or self._steer.uses_plan(job.steering)):
             seq = Seq(next(self._keys), tokens, cache_tag=() if self.reuse_prompts else None)  # unsteered cells
             self._steer.plan(seq.key)
             self._live[seq.key] = _Live(job, seq, planning=True)
