@@ -104,7 +104,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     ``alignez steer``.
 
     The model is screened (does it show the behaviour when asked?), writes its own pairs for
-    ``queries`` (None: the axis's first ``pipeline.STEER_QUERIES`` built-in ones, 32), the pairs are fitted, and the vector's
+    ``queries`` (None: the axis's first ``pipeline.STEER_QUERIES`` built-in ones, 24), the pairs are fitted, and the vector's
     strength is chosen on 8 held-out queries by the behaviour (with relevance and fluency guards)
     and reported on 16 others beside the unsteered model, prompting and a random direction of the
     same norm. ``out``: the folder the files go to (preferences.jsonl, profile.gguf, vector.gguf,

@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-TARGET_S = 5 * 60  # issue 32: the main job on a quiet 2-core machine, 2 threads (it was 15 minutes, issue 19)
+# Issue 32, on a quiet 2-core machine with 2 threads (the main job's was 15 minutes in issue 19).
+TARGETS_S = {"qwen2.5-coder-0.5b-instruct": 5 * 60, "qwen2.5-coder-1.5b-instruct": 20 * 60}
 
 
 def cpu_model() -> str:
@@ -70,7 +71,9 @@ def main() -> None:
           f"axis {rep['axis']['name']}, {rep['n_queries']} queries")
     for stage, seconds in rep["timings"].items():
         print(f"  {stage:<14} {seconds:>8.1f} s")
-    print(f"wall time {wall:.0f} s: target {TARGET_S} s {'met' if wall <= TARGET_S else 'MISSED'}")
+    # The targets are issue 32's: the default model in 5 minutes, Qwen2.5-Coder-1.5B in 20.
+    target = TARGETS_S.get(rep["model"]["name"] or "")
+    print(f"wall time {wall:.0f} s" + (f": target {target} s {'met' if wall <= target else 'MISSED'}" if target else ""))
     # CPU seconds do not count the time other jobs took the cores: on a shared machine they bound
     # what the run needs (with --threads 1, the wall time it would take on one free core).
     print(f"CPU time {cpu:.0f} s ({cpu / max(wall, 1e-9):.2f} cores busy on average)")

@@ -283,6 +283,10 @@ def test_calibration_finds_where_the_planted_behaviour_appears(tiny_engine: Engi
     extra = [t.strength for t in cal.trials if t.strength not in GRID]
     assert extra and all(GRID[0] < s < coarse[-1].strength for s in extra)
     assert extra == midpoints(coarse)
+    # a strength far below the break floor on the first half of the choose queries is not answered
+    # on the second; every strength that held was measured on all of them
+    assert any(t.broken and t.answers == 4 for t in cal.trials)
+    assert all(t.answers == 8 for t in cal.trials if not t.broken)
     rep = cal.report
     assert rep["steered"]["behaviour_rate"]["mean"] >= 0.5
     assert rep["random"]["behaviour_rate"]["mean"] <= rep["unsteered"]["behaviour_rate"]["mean"] + 0.125
@@ -304,7 +308,7 @@ def test_a_search_from_a_middle_strength_goes_down_only_while_the_weakest_is_bes
                                   loop_margin=1.0)
         assert cal.trials[0].strength == start
         below = [i for i, t in enumerate(cal.trials) if t.strength < start and t.strength in GRID]
-        assert all(lowest_is_best(cal.trials[:i]) for i in below)
+        assert all(lowest_is_best(cal.trials[:i]) for i in below)  # (and the guards had fallen)
         assert cal.strength == full.strength
 
 
@@ -313,6 +317,9 @@ def test_weaker_strengths_are_tried_only_when_the_weakest_is_best_or_broke() -> 
     assert not lowest_is_best([_trial(0.125, 0.5), _trial(0.25, 0.8)])
     assert lowest_is_best([_trial(0.125, 0.0, broken=True)])
     assert not lowest_is_best([_trial(0.125, 0.0), _trial(0.25, 0.0)])  # nothing shows: weaker is no help
+    # best and weakest, but its relevance and fluency (0.9) hold: a weaker strength could only lose behaviour
+    assert not lowest_is_best([_trial(0.125, 0.8), _trial(0.25, 0.5)], guards=(0.8, 0.8))
+    assert lowest_is_best([_trial(0.125, 0.8), _trial(0.25, 0.5)], guards=(0.95, 0.8))
 
 
 def test_a_strength_whose_answers_loop_more_than_prompting_is_not_chosen(tiny_engine: Engine, tiny_model_path: Path) -> None:

@@ -44,7 +44,7 @@ class GenerationSettings:
     # 48: the plain recipe reads the behaviour over every answer token, and generation is the
     # second-largest stage of a steer run (the paper used about 200 tokens). Measured on Qwen 0.5B,
     # French (scripts/pair_length.py): the vector from the same pairs cut at 48 tokens has cosine
-    # 0.993 per layer to the 96-token one, from half the queries at 48 tokens 0.983 (docs/performance.md).
+    # 0.993 per layer to the 96-token one; from steer's 24 queries at 48 tokens 0.974 (docs/performance.md).
     # The CLI's --response-tokens and the Python API both default to this one value.
     response_tokens: int = 48
     responses_per_query: int = 1

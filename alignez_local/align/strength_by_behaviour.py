@@ -9,8 +9,9 @@ relevance and fluency, so gibberish scores 0) on held-out queries:
 1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
    on the *choose* half only, from ``START`` upwards, until fluency or relevance breaks (mean below
    ``BREAK_SHARE`` of the unsteered answers'); the grid below ``START`` is tried only while the
-   smallest strength tried is the best one (or broke): a strength that weak is usually inert, and
-   each one tried costs as many answers as the report's whole random null;
+   smallest strength tried broke, or is the best one and has lost relevance or fluency
+   (``lowest_is_best``): a strength that weak is usually inert, and each one tried costs half as
+   many answers as the report's random null;
 2. the grid doubles, and the window where a behaviour appears before fluency breaks can be narrower
    than a doubling (Qwen 0.5B, brevity: x0.5 gave half the answers short and fluent, x1 all of them
    short and a third of them "I am a AI created by Alibaba Cloud."), so the geometric midpoints
@@ -69,11 +70,24 @@ START = 0.125
 broke). On Qwen 0.5B, French, x0.0625 changed no answer (0% French, the unsteered text) while the
 window was x0.125-x0.35; SmolLM2's lay lower and is reached by going down."""
 
+EARLY_SHARE = 0.5
+"""A strength is tried on the first half of the choose queries, then the second; when the first
+half's mean fluency or relevance is already below this share of the break floor (a quarter of the
+unsteered answers'), it is broken without the second half (on Qwen 0.5B, French, x0.5 scored
+fluency 0.00 on all eight answers)."""
+
+GUARD_SHARE = 0.9
+"""The search goes below ``START`` only when the weakest strength tried is the best and its mean
+relevance or fluency is below this share of the unsteered answers' (``lowest_is_best``)."""
+
 LOOP_MARGIN = 0.125
 """A strength whose share of looping answers (``measures.scoring.loops``) on the choose half exceeds
 the prompting answers' share by more than this (one answer in eight) cannot be chosen."""
 
-ANSWER_TOKENS = 48
+ANSWER_TOKENS = 40
+"""Greedy tokens per calibration answer (64 until issue 32). Every checker decides within the first
+few dozen tokens (about 30 words here: a language, 20 words or fewer, capitals, a phrase looping
+three times), and reading the answers back is most of the calibration's cost."""
 CHOOSE_QUERIES = 8
 REPORT_QUERIES = 16
 SCREEN_QUERIES = 8
@@ -233,6 +247,7 @@ class BehaviourTrial:
     broken: bool
     loop_share: float = 0.0
     loops_too_often: bool = False  # more looping answers than prompting's + LOOP_MARGIN: cannot be chosen
+    answers: int = 0  # how many choose-half answers the figures are from (half of them: broken early, EARLY_SHARE)
 
     @property
     def eligible(self) -> bool:
@@ -295,10 +310,15 @@ def calibrate_behaviour(
     trials: list[BehaviourTrial] = []
 
     def attempt(s: float) -> BehaviourTrial:
-        sc = bench.steered(bench.choose, make_steering(s))
+        steering, half = make_steering(s), len(bench.choose) // 2
+        sc = bench.steered(bench.choose[:half] if half >= 2 else bench.choose, steering)
+        if half >= 2 and not (sc.mean("fluency") < EARLY_SHARE * floor_fluency
+                              or sc.mean("relevance") < EARLY_SHARE * floor_relevance):
+            sc = sc.joined(bench.steered(bench.choose[half:], steering))
         broken = sc.mean("fluency") < floor_fluency or sc.mean("relevance") < floor_relevance
         trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"),
-                               bool(broken), sc.mean("loop_share"), bool(sc.mean("loop_share") > loop_ceiling + 1e-9))
+                               bool(broken), sc.mean("loop_share"), bool(sc.mean("loop_share") > loop_ceiling + 1e-9),
+                               int(sc.behaviour.size))
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
@@ -308,8 +328,9 @@ def calibrate_behaviour(
     for s in cands[first:]:
         if attempt(s).broken:
             break
+    guards = (GUARD_SHARE * base.mean("relevance"), GUARD_SHARE * base.mean("fluency"))
     for s in reversed(cands[:first]):
-        if not lowest_is_best(trials):
+        if not lowest_is_best(trials, guards):
             break
         attempt(s)
     if refine and min(trials, key=lambda t: t.strength).broken:
@@ -350,15 +371,20 @@ def best_trial(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
     return max(trials, key=lambda t: (round(t.combined, 6), -t.strength))
 
 
-def lowest_is_best(trials: Sequence[BehaviourTrial]) -> bool:
-    """True when the weakest strength tried broke, or is the best of the unbroken ones and shows the
-    behaviour: the window may then lie lower. When nothing showed the behaviour, weaker is no help."""
+def lowest_is_best(trials: Sequence[BehaviourTrial], guards: tuple[float, float] | None = None) -> bool:
+    """True when the weakest strength tried broke, or is the best of the unbroken ones, shows the
+    behaviour and (with ``guards``: relevance and fluency floors) has lost relevance or fluency: the
+    window may then lie lower. When nothing showed the behaviour, weaker is no help; when the best
+    is the weakest and its guards hold, a weaker strength could only lose behaviour (on Qwen 0.5B,
+    French: x0.125 was best at relevance 0.85 and fluency 0.97, and x0.0625 gave no French)."""
     weakest = min(trials, key=lambda t: t.strength)
     usable = [t for t in trials if not t.broken]
     if weakest.broken or not usable:
         return True
     best = best_trial(usable)
-    return best is weakest and best.combined > 0
+    if best is not weakest or best.combined <= 0:
+        return False
+    return guards is None or best.relevance < guards[0] or best.fluency < guards[1]
 
 
 def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:

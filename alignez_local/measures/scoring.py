@@ -66,9 +66,10 @@ def distinct_share(text: str, n: int = REPEAT_NGRAM) -> float:
 
 LOOP_NGRAM = 4
 LOOP_REPEATS = 3
-"""An answer loops when one word 4-gram comes back three times (48 tokens hold about 35 words: a
-healthy answer repeats a 4-gram at most twice, "THE BIG BANG THEORY THE BIG BANG THEORY THE BIG
-BANG THEORY" three times), or when fewer than ``MIN_DISTINCT_SHARE`` of its trigrams are distinct."""
+"""An answer loops when one word 4-gram comes back three times (a calibration answer of 40 tokens
+holds about 30 words: a healthy one repeats a 4-gram at most twice, "THE BIG BANG THEORY THE BIG
+BANG THEORY THE BIG BANG THEORY" three times), or when fewer than ``MIN_DISTINCT_SHARE`` of its
+trigrams are distinct."""
 
 
 def loops(text: str) -> bool:
@@ -146,6 +147,12 @@ class ScoredAnswers:
     fluency: np.ndarray
     combined: np.ndarray
     answers: list[str] = field(default_factory=list)
+
+    def joined(self, other: "ScoredAnswers") -> "ScoredAnswers":
+        """Return these answers followed by ``other``'s (two halves of one condition)."""
+        return ScoredAnswers(*(np.concatenate([getattr(self, f), getattr(other, f)])
+                               for f in ("behaviour", "relevance", "fluency", "combined")),
+                             answers=[*self.answers, *other.answers])
 
     @property
     def looping(self) -> np.ndarray:
