@@ -27,10 +27,8 @@ from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.steering import Steering, read_alone
 from alignez_local.align.strength import with_strength
-from alignez_local.align.strength_by_behaviour import (
-    CHOOSE_QUERIES, REPORT_QUERIES, STRENGTHS, BehaviourBench, BehaviourCalibration, axis_bench, choose_strengths,
-    screen_line, split_heldout,
-)
+from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, BehaviourBench, axis_bench, split_heldout
+from alignez_local.align.strength_by_behaviour import STRENGTHS, BehaviourCalibration, choose_strengths, screen_line
 from alignez_local.align.strength_by_refusals import calibrate_refusals
 from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, export_vector, fit_with_difference, mean_diff_vector
 from alignez_local.errors import AlignezError

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from alignez_local.align.strength_by_behaviour import unsteered_nll
+from alignez_local.align.behaviour_bench import unsteered_nll
 from alignez_local.measures.behaviour import MEASURES
 from alignez_local.measures.scoring import Scorer
 from alignez_local.evaluation.judge import Judge

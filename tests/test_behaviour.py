@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alignez_local.align.axes import BUILTIN_AXES, TRAITS, custom_axis
+from alignez_local.align.behaviour_bench import BehaviourBench, split_heldout, unsteered_nll
 from alignez_local.align.strength_by_behaviour import (
-    LOOP_MARGIN, BehaviourBench, BehaviourTrial, calibrate_behaviour, lowest_is_best, midpoints, split_heldout,
+    LOOP_MARGIN, BehaviourTrial, calibrate_behaviour, lowest_is_best, midpoints,
 )
 from alignez_local.align.pair_filter import filter_line, keep_contrasting
 from alignez_local.align.preferences import PreferencePair
@@ -24,7 +25,6 @@ from alignez_local.measures.behaviour import MEASURES, JudgeMeasure, MarkerMeasu
 from alignez_local.measures.scoring import Scorer, distinct_share, fluency_from_nll, harmonic_mean, loops, pmi_relevance
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
-from alignez_local.align.strength_by_behaviour import unsteered_nll
 
 
 # --- objective measures ------------------------------------------------------------------------

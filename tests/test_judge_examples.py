@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignez_local.align.strength_by_behaviour import unsteered_nll
+from alignez_local.align.behaviour_bench import unsteered_nll
 from alignez_local.errors import AlignezError
 from alignez_local.measures.behaviour import MEASURES
 from alignez_local.measures.scoring import Scorer

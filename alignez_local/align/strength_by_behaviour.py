@@ -35,22 +35,20 @@ tried), but nothing claims it works.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from alignez_local.align.axes import PreferenceAxis
+from alignez_local.align.behaviour_bench import BehaviourBench
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.formats.profile import SteeringProfile
-from alignez_local.measures.behaviour import YesNoJudge, measure_for
-from alignez_local.measures.scoring import ScoredAnswers, Scorer
+from alignez_local.measures.scoring import ScoredAnswers
 from alignez_local.measures.statistics import paired_difference_ci
-from alignez_local.llama.engine import Completion, Engine, Sampling
 from alignez_local.progress import Notify, quiet
 
 STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -84,156 +82,9 @@ LOOP_MARGIN = 0.125
 """A strength whose share of looping answers (``measures.scoring.loops``) on the choose half exceeds
 the prompting answers' share by more than this (one answer in eight) cannot be chosen."""
 
-ANSWER_TOKENS = 40
-"""Greedy tokens per calibration answer (64 until issue 32). Every checker decides within the first
-few dozen tokens (about 30 words here: a language, 20 words or fewer, capitals, a phrase looping
-three times), and reading the answers back is most of the calibration's cost."""
-CHOOSE_QUERIES = 8
-REPORT_QUERIES = 16
 SCREEN_QUERIES = 8
 LOW_CEILING = 0.2
 """Below this prompting behaviour rate, ``steer``'s screen warns that a vector is unlikely to do better."""
-
-SAMPLING = Sampling(temperature=0.0, max_tokens=ANSWER_TOKENS, repeat_penalty=1.1)
-
-
-class AnswerReader:
-    """(questions, answers) -> each answer's mean per-token NLL under ``engine`` (which must be
-    unsteered when called) with the question as a chat prompt (``system``: under that system
-    prompt); NaN for an empty answer.
-
-    Every (question, answer) is read once: a calibration scores many answers that equal others
-    (a weak strength or the random direction often leaves an answer unchanged, and the unsteered
-    answers are read for the reference and again as a condition), and reading them is most of the
-    calibration's work (three reads of every answer: plain, asked, and after the null question).
-    Answers the unsteered engine itself wrote in this context are not read at all (``remember``):
-    their generation's token log-probabilities are that reading already."""
-
-    def __init__(self, engine: Engine, system: str | None = None) -> None:
-        self.engine, self.system = engine, system
-        self.seen: dict[tuple[str, str], float] = {}
-
-    def __call__(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-        keys = [(q, a) for q, a in zip(questions, answers)]
-        todo = list(dict.fromkeys(k for k in keys if k[1].strip() and k not in self.seen))
-        if todo:
-            lps = self.engine.continuation_logprobs([self.engine.prompt(q, self.system) for q, _ in todo],
-                                                    [a for _, a in todo])
-            for k, lp in zip(todo, lps):
-                self.seen[k] = float(-lp.mean()) if lp.size else np.nan
-        return np.array([self.seen.get(k, np.nan) for k in keys], dtype=np.float64)
-
-    def remember(self, questions: Sequence[str], completions: Sequence[Completion]) -> None:
-        """Keep the NLL of answers ``engine`` wrote unsteered, under this reader's system prompt,
-        from their own token log-probabilities (the raw distribution, before the repeat penalty:
-        what a reading computes, up to llama.cpp's kernels: decoded a token per step rather than read
-        in one batch, SmolLM2's per-token means moved by up to 0.022 nats, under 1% of a fluency).
-
-        Only where the text tokenizes back to the tokens generated: a reading tokenizes the text, and
-        a model can write a split its tokenizer would not make (the random test model mostly does),
-        whose reading is then less likely than its writing; kept, such values would lower the
-        fluency reference below what the steered answers, all read, are measured with."""
-        for q, c in zip(questions, completions):
-            key = (q, c.text)
-            if (key not in self.seen and c.text.strip() and c.token_logprobs.size and c.finish_reason != "interrupted"
-                    and self.engine.tokenize(c.text, add_bos=False) == list(c.tokens)):
-                self.seen[key] = float(-np.mean(c.token_logprobs))
-
-
-def unsteered_nll(engine: Engine, system: str | None = None) -> AnswerReader:
-    """Return the reader of answers' NLL under ``engine`` (``AnswerReader``)."""
-    return AnswerReader(engine, system)
-
-
-def split_heldout(queries: Sequence[str], n_choose: int, n_report: int) -> tuple[list[str], list[str]]:
-    """Return (choose, report): two disjoint lists of held-out queries, report taken from the end.
-
-    Duplicates are dropped first, so no text is both chosen on and reported on.
-    """
-    unique = list(dict.fromkeys(queries))
-    if len(unique) < 2:
-        raise AlignezError("calibration needs at least two distinct held-out queries (one to choose on, one to report on)")
-    n_report = min(n_report, len(unique) // 2)
-    report = unique[len(unique) - n_report:]
-    choose = unique[max(0, len(unique) - n_report - n_choose):len(unique) - n_report]
-    return choose, report
-
-
-@dataclass
-class BehaviourBench:
-    """Held-out queries, the scorer, and the answers of the fixed conditions (measured once).
-
-    ``engine`` must be unsteered whenever the scorer reads (it rescores answers under the plain
-    model, and the judge may be the same model). ``system`` is the prompting baseline's system
-    prompt: the axis's positive guide.
-    """
-
-    engine: Engine
-    scorer: Scorer
-    system: str
-    choose: list[str]
-    report: list[str]
-    sampling: Sampling = SAMPLING
-    _fixed: dict[tuple[str, str], ScoredAnswers] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if set(self.choose) & set(self.report):
-            raise ValueError("the choose and report halves share a query")
-
-    def answers(self, questions: Sequence[str], steering: Steering | None = None, system: str | None = None) -> list[str]:
-        """Return greedy answers to ``questions`` (plain text), steered or with a system prompt.
-
-        The prompts' shared head (the chat template's system prompt, or the guide) is decoded once:
-        on Qwen it is about 25 tokens of every prompt, 60 under the guide."""
-        prompts = [self.engine.prompt(q, system) for q in questions]
-        if steering is None:
-            return [c.text for c in self.engine.generate(prompts, self.sampling, share_prefix=True)]
-        return [c.text for c in steering.generate(self.engine, prompts, self.sampling, share_prefix=True)]
-
-    def _unsteered(self, questions: Sequence[str], system: str | None) -> list[str]:
-        """Return the unsteered answers under ``system``; the scorer's reader of that context keeps
-        their NLL from the generation (``AnswerReader.remember``) instead of reading them again."""
-        done = self.engine.generate([self.engine.prompt(q, system) for q in questions], self.sampling,
-                                    share_prefix=True)
-        reader = self.scorer.nll if system is None else self.scorer.nll_asked
-        if isinstance(reader, AnswerReader) and reader.engine is self.engine and reader.system == system:
-            reader.remember(questions, done)
-        return [c.text for c in done]
-
-    def fixed(self, condition: str, half: str) -> ScoredAnswers:
-        """Return the scored ``unsteered`` or ``prompting`` answers on the ``choose`` or ``report``
-        half, measured once."""
-        if self.scorer.reference_nll is None:
-            # Fluency is relative to the model's own answers, plain and when asked for the behaviour:
-            # both are answered on the first half before anything is scored.
-            first = "choose" if self.choose else "report"
-            qs = self.choose if self.choose else self.report
-            plain, asked = self._unsteered(qs, None), self._unsteered(qs, self.system)
-            self.scorer.set_reference(qs, plain, asked)
-            self._fixed[("unsteered", first)] = self.scorer.score(qs, plain)
-            self._fixed[("prompting", first)] = self.scorer.score(qs, asked)
-        key = (condition, half)
-        if key not in self._fixed:
-            qs = self.choose if half == "choose" else self.report
-            ans = self._unsteered(qs, self.system if condition == "prompting" else None)
-            self._fixed[key] = self.scorer.score(qs, ans)
-        return self._fixed[key]
-
-    def steered(self, questions: Sequence[str], steering: Steering) -> ScoredAnswers:
-        return self.scorer.score(questions, self.answers(questions, steering))
-
-    def side_by_side(self, steerings: Mapping[str, Steering], randoms: Mapping[str, Steering],
-                     seed: int = 0) -> dict[str, dict[str, Any]]:
-        """Return the report half's summaries: unsteered, prompting, then each random null and each
-        steering (``alignez eval``'s behaviour table, built as steer's is)."""
-        table = {"unsteered": self.fixed("unsteered", "report").summary(seed),
-                 "prompting": self.fixed("prompting", "report").summary(seed)}
-        for name, st in randoms.items():
-            table[name] = self.steered(self.report, st).summary(seed)
-        for name, st in steerings.items():
-            table[name] = self.steered(self.report, st).summary(seed)
-        return table
-
 
 @dataclass(frozen=True)
 class BehaviourTrial:
@@ -299,7 +150,8 @@ def calibrate_behaviour(
     """Return the strength that maximises the combined score on ``bench.choose``, reported on
     ``bench.report`` beside unsteered, prompting and a random direction (module docstring).
     ``start``: the first strength tried (None: the smallest); the ones below it are tried only while
-    the smallest tried is the best or broke. ``loop_margin``: how much more often than the prompting
+    the smallest tried broke, or is the best and has lost relevance or fluency (``lowest_is_best``).
+    ``loop_margin``: how much more often than the prompting
     answers a chosen strength's answers may loop (1: any share)."""
     cands = sorted(float(s) for s in strengths if s > 0)
     if not cands:
@@ -428,18 +280,6 @@ def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: Sco
     if low:
         line += "; a vector is unlikely to do better than the model does when asked"
     return line, low
-
-
-def axis_bench(engine: Engine, axis: PreferenceAxis, judge: YesNoJudge | None, choose: Sequence[str],
-               report: Sequence[str], sampling: Sampling = SAMPLING) -> BehaviourBench:
-    """Return the bench that scores ``axis``'s behaviour on ``engine``: the axis's measure
-    (``measures.behaviour.measure_for``), fluency read plainly and under the positive guide, the
-    prompting baseline under that guide. The one place a behaviour scorer is set up (``steer``'s
-    screen and calibration, ``alignez eval``'s behaviour table)."""
-    guide = axis.guide("positive")
-    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
-                    nll_asked=unsteered_nll(engine, guide))
-    return BehaviourBench(engine, scorer, guide, list(choose), list(report), sampling=sampling)
 
 
 def random_vector(vector: ControlVector, seed: int) -> ControlVector:

@@ -22,7 +22,8 @@ from typing import Any
 
 from alignez_local.align.axes import BUILTIN_AXES, PreferenceAxis, stored_axis
 from alignez_local.align.steering import ProfileSlot, Steering, VectorSlot
-from alignez_local.align.strength_by_behaviour import axis_bench, random_null
+from alignez_local.align.behaviour_bench import axis_bench
+from alignez_local.align.strength_by_behaviour import random_null
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.judge import Judge, open_judge
 from alignez_local.measures.behaviour import YesNoJudge, measure_for
