@@ -22,7 +22,7 @@ import numpy as np
 from alignez_local.align.directions import mean_difference
 from alignez_local.align.fit import capture_layers, capture_pairs
 from alignez_local.align.pair_filter import keep_contrasting
-from alignez_local.align.preferences import load_selected_pairs
+from alignez_local.align.preferences import load_records, load_selected_pairs
 from alignez_local.align.vectors import middle_layers, pairs_measure
 from alignez_local.models import resolve_model
 from alignez_local.settings import RuntimeSettings, open_engine
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     engine = open_engine(resolve_model(args.model), RuntimeSettings(threads=args.threads))
+    n_queries = len({r["query"] for r in load_records(args.pairs)})
     pairs, _ = load_selected_pairs(args.pairs)
     pairs, _ = keep_contrasting(pairs, pairs_measure(pairs[0]))
     layers = middle_layers(engine.n_layer)
@@ -60,8 +61,9 @@ def main() -> None:
     print(f"\ncosine to the vector from all {len(pairs)} pairs at {full_cap} tokens (min / mean over layers), norm ratio")
     print("queries  " + "  ".join(f"{c:>17d}" for c in sorted(vecs, reverse=True)))
     for nq in sorted({int(q) for q in args.queries.split(",")}, reverse=True):
-        # The first pairs in file order: steer's --limit takes the first queries of the set.
-        ids = [i for i, p in enumerate(pairs)][: max(1, round(len(pairs) * nq / 64))]
+        # The first pairs in file order (steer's --limit takes the first queries of the set), as many
+        # as the kept pairs' share of the file's queries: 29 of 58 kept for 32 of 64 queries.
+        ids = list(range(max(1, round(len(pairs) * nq / n_queries))))
         row = []
         for cap in sorted(vecs, reverse=True):
             pos, neg = vecs[cap]
