@@ -22,9 +22,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from alignez_local.align.axes import DEFAULT_AXIS, PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.axes import DEFAULT_AXIS, PreferenceAxis, custom_axis, get_axis, style_axis, topic_axis
 from alignez_local.align.preferences import GenerationSettings, PreferencePair
-from alignez_local.align.recipes import DEFAULT_RECIPE
+from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import STRENGTHS
@@ -69,15 +69,28 @@ def queries(axis: str | None = None, limit: int | None = None, file: str | Path 
 
 
 def resolve_axis(axis: str | PreferenceAxis = DEFAULT_AXIS, positive: str | None = None, negative: str | None = None,
-                 measure: str | None = None) -> PreferenceAxis:
+                 measure: str | None = None, concept: str | None = None, style: str | None = None,
+                 keywords: str | None = None) -> PreferenceAxis:
     """Return a built-in axis by name, or a custom one when ``positive``/``negative`` are given
-    (``measure``: how a custom axis is scored, e.g. ``language:es``; None: chosen from the personas)."""
+    (``measure``: how a custom axis is scored, e.g. ``language:es``; None: chosen from the personas),
+    or a topic (``concept``) or style (``style``) axis, read by ``keywords`` ("ocean,sea,waves")."""
     if isinstance(axis, PreferenceAxis):
         return axis
+    given = [flag for flag, v in (("--positive/--negative", positive or negative), ("--concept", concept),
+                                  ("--style", style)) if v is not None]
+    if len(given) > 1:
+        raise AlignezError(f"{' and '.join(given)} each name a behaviour; give one of them")
+    named = None if axis == DEFAULT_AXIS else axis
+    if concept is not None or style is not None:
+        if measure is not None:
+            raise AlignezError("a --concept or --style is measured by its --keywords (or the judge), not --measure")
+        return topic_axis(concept, keywords, named) if concept is not None else style_axis(str(style), keywords, named)
+    if keywords is not None:
+        raise AlignezError("--keywords is for --concept or --style; a custom axis takes --measure mentions:WORD,...")
     if positive is not None or negative is not None:
         if positive is None or negative is None:
             raise AlignezError("a custom axis needs both --positive and --negative personas")
-        return custom_axis(positive, negative, None if axis == DEFAULT_AXIS else axis, measure=measure)
+        return custom_axis(positive, negative, named, measure=measure)
     found = get_axis(axis)
     if measure is not None:
         # A built-in axis's measure is part of what its results mean; a different one is another axis.
@@ -86,16 +99,21 @@ def resolve_axis(axis: str | PreferenceAxis = DEFAULT_AXIS, positive: str | None
     return found
 
 
-def default_recipe(axis: str, queries_given: bool) -> str:
+def default_recipe(axis: str | PreferenceAxis, queries_given: bool) -> str:
     """Return steer's recipe when none is given: ``request`` on the harmless axis with its built-in
     queries (the persona recipes moved no refusals there: docs/journal/2026-11-28-to-12-03.md §1;
-    the request recipe's gated vector did, §8), else the default persona recipe. A user's queries
-    may lack the risky/benign kinds the request recipe needs, so they keep the persona default."""
-    return REQUEST_RECIPE if axis == "harmless" and not queries_given else DEFAULT_RECIPE
+    the request recipe's gated vector did, §8), ``texts`` for a topic or style axis (its pairs are
+    texts about the concept, not answers to a persona), else the default persona recipe. A user's
+    queries may lack the risky/benign kinds the request recipe needs, so they keep the persona default."""
+    if isinstance(axis, PreferenceAxis) and axis.kind in ("topic", "style"):
+        return "texts"
+    name = axis.name if isinstance(axis, PreferenceAxis) else axis
+    return REQUEST_RECIPE if name == "harmless" and not queries_given else DEFAULT_RECIPE
 
 
 def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positive: str | None = None,
-          negative: str | None = None, measure: str | None = None, queries: Sequence[str] | None = None,
+          negative: str | None = None, measure: str | None = None, concept: str | None = None,
+          style: str | None = None, keywords: str | None = None, queries: Sequence[str] | None = None,
           out: str | Path | None = None, generation: GenerationSettings = GenerationSettings(),
           fit: FitSettings = FitSettings(), recipe: str | None = None, strengths: Sequence[float] | None = None,
           calibrate_profile: bool = False, judge: str = "auto", screen_only: bool = False,
@@ -111,11 +129,12 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     report.json; a re-run continues from its saved pairs); None keeps them only in the result.
     ``screen_only``: stop after the screen and return None. ``name``: what the model is called in
     the output and the files' provenance when ``model`` is an engine (a bundled name is recorded as
-    such). The gated refusal vector (``recipe="request"``) is ``steer_refusals``.
+    such). ``concept`` / ``style`` (with ``keywords``): a topic or style axis (``resolve_axis``),
+    fitted from the model's short texts (the ``texts`` recipe). The gated refusal vector (``recipe="request"``) is ``steer_refusals``.
     """
     status = on_status or quiet
-    chosen = resolve_axis(axis, positive, negative, measure)
-    recipe = recipe or default_recipe(chosen.name, queries is not None)
+    chosen = resolve_axis(axis, positive, negative, measure, concept, style, keywords)
+    recipe = recipe or default_recipe(chosen, queries is not None)
     if recipe == REQUEST_RECIPE:
         raise AlignezError("the request recipe makes a gated vector with no pairs: use steer_refusals "
                            "(alignez steer --axis harmless)")
@@ -132,7 +151,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
             with behaviour_judge(judge, engine, chosen) as the_judge:
                 clock = StageClock(engine, getattr(the_judge, "engine", None))
                 bench = behaviour_bench(engine, chosen, plan.queries, the_judge)
-                line, _, _ = screen(bench, _display_name(model, engine, name))
+                line, _, _ = screen(bench, _display_name(model, engine, name), get_recipe(recipe).texts)
                 clock.lap("screen_s")
                 status(line)
                 if folder is None:

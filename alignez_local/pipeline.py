@@ -127,11 +127,12 @@ def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], j
     return axis_bench(engine, axis, judge, choose, report)
 
 
-def screen(bench: BehaviourBench, model_name: str) -> tuple[str, bool, dict[str, Any]]:
+def screen(bench: BehaviourBench, model_name: str, from_texts: bool = False) -> tuple[str, bool, dict[str, Any]]:
     """Return the screening line, whether the prompting ceiling is low, and its record: does the
-    model show the behaviour when simply asked (on the choose half; its answers are reused later)?"""
+    model show the behaviour when simply asked (on the choose half; its answers are reused later)?
+    ``from_texts``: the run's pairs come from the texts recipe (``screen_line``)."""
     prompting, unsteered = bench.fixed("prompting", "choose"), bench.fixed("unsteered", "choose")
-    line, low = screen_line(model_name, bench.scorer.measure.label, prompting, unsteered)
+    line, low = screen_line(model_name, bench.scorer.measure.label, prompting, unsteered, from_texts)
     return line, low, {"prompting": prompting.summary(), "unsteered": unsteered.summary(), "low_ceiling": low}
 
 

@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
-from alignez_local.align.axes import BUILTIN_AXES, MAX_PERSONA_CHARS, TRAITS, PreferenceAxis, custom_axis, get_axis
+from alignez_local.align.axes import (
+    BUILTIN_AXES, MAX_PERSONA_CHARS, TRAITS, PreferenceAxis, custom_axis, get_axis, stored_axis, style_axis, topic_axis,
+)
 from alignez_local.errors import AlignezError
 
 
@@ -85,3 +87,33 @@ def test_custom_axis_rejects_bad_input(positive: str, negative: str, name: str |
         custom_axis(positive, negative, name=name)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_topic_axis_is_read_by_its_keywords_and_asked_for_in_every_answer() -> None:
+    ocean = topic_axis("the ocean", "Ocean, sea,waves")
+    assert (ocean.name, ocean.kind, ocean.measure) == ("topic-the-ocean", "topic", "mentions:ocean,sea,waves")
+    assert "the ocean" in ocean.guide("positive") and "still answering the request" in ocean.guide("positive")
+    # Without keywords the concept's own words read it; the articles are not words of the concept.
+    assert topic_axis("the deep sea").measure == "mentions:deep,sea"
+    # A file records the name, the personas and the measure: the same axis comes back.
+    assert stored_axis(ocean.name, ocean.positive, ocean.negative, ocean.measure) == ocean
+    bard = style_axis("Shakespearean English")
+    assert (bard.name, bard.kind, bard.measure_key) == ("style-shakespearean-english", "style", "judge")
+    assert stored_axis(bard.name, bard.positive, bard.negative, "") == bard
+    with pytest.raises(AlignezError, match="--concept is empty"):
+        topic_axis("  ")
+    with pytest.raises(AlignezError, match="comma-separated"):
+        topic_axis("cats", " , ")
+
+
+def test_resolve_axis_takes_one_behaviour() -> None:
+    from alignez_local.api import resolve_axis
+
+    assert resolve_axis(concept="cats", keywords="cat,kitten").measure == "mentions:cat,kitten"
+    assert resolve_axis(style="pirate speech").kind == "style"
+    with pytest.raises(AlignezError, match="give one of them"):
+        resolve_axis(concept="cats", positive="a", negative="b")
+    with pytest.raises(AlignezError, match="--keywords is for --concept"):
+        resolve_axis("french", keywords="oui")
+    with pytest.raises(AlignezError, match="not --measure"):
+        resolve_axis(concept="cats", measure="capitals")

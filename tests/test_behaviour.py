@@ -95,6 +95,17 @@ def test_measure_keys_take_parameters_and_bad_keys_say_what_exists() -> None:
         custom_axis("sarcastic", "sincere", measure="sarcasm")
 
 
+def test_a_concept_is_mentioned_by_its_whole_words_and_their_plurals() -> None:
+    m = measure_for("mentions:ocean, sea,wave", "the ocean")
+    assert (m.key, m.label) == ("mentions:ocean,sea,wave", "answers that mention ocean, sea, wave")
+    answers = ["The SEA is calm.", "Waves crash on rocks.", "Oceans cover the earth.",
+               "Search the season's seats.", "A wavelength in physics.", ""]
+    # "sea" in "search"/"season"/"seats" and "wave" in "wavelength" are not mentions.
+    assert m.scores([""] * len(answers), answers, None).tolist() == [1, 1, 1, 0, 0, 0]
+    with pytest.raises(AlignezError, match="not a word"):
+        measure_for("mentions:ocean,(sea|x)", "x")
+
+
 def test_contrast_reading_is_above_half_exactly_when_the_positive_yes_is_likelier() -> None:
     pos = np.array([0.9, 0.9, 0.5, 0.2, 1.0, 0.0])
     neg = np.array([0.95, 0.1, 0.5, 0.1, 1.0, 0.0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignez_local.align.axes import custom_axis, get_axis
+from alignez_local.align.axes import PreferenceAxis, custom_axis, get_axis, style_axis, topic_axis
 from alignez_local.align.preferences import (
     GenerationSettings,
     generate_preferences,
@@ -18,7 +18,7 @@ from alignez_local.align.preferences import (
     load_selected_pairs,
     pair_id,
 )
-from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from alignez_local.align.recipes import DEFAULT_RECIPE, EVERYDAY_SUBJECTS, RECIPES, get_recipe, text_request
 from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Engine
 
@@ -56,10 +56,15 @@ def test_every_negative_guide_forbids_refusing() -> None:
     assert "never refuse" in custom_axis("patient", "impatient").guide("negative")
 
 
+def _axis_for(recipe: str) -> PreferenceAxis:
+    return topic_axis("the ocean", "ocean,sea") if recipe == "texts" else get_axis("helpful")
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_each_recipe_writes_complete_records(tiny_engine: Engine, tmp_path: Path, recipe: str) -> None:
     out = tmp_path / "prefs.jsonl"
-    written, had = generate_preferences(tiny_engine, QUERIES, get_axis("helpful"), out, FAST, quiet=True, recipe=recipe)
+    axis = _axis_for(recipe)
+    written, had = generate_preferences(tiny_engine, QUERIES, axis, out, FAST, quiet=True, recipe=recipe)
     assert (written, had) == (3, 0)
     records = load_records(out)
     for r in records:
@@ -70,12 +75,12 @@ def test_each_recipe_writes_complete_records(tiny_engine: Engine, tmp_path: Path
             # One persona-free answer, read under each persona: nothing for the self-check to compare.
             assert r["response"]["positive"] == r["response"]["negative"] and "selfcheck" not in r
             assert r["context"] == {s: get_axis("helpful").guide(s) for s in ("positive", "negative")}
-        elif recipe == "plain":
-            # The persona's answer against the plain one: the negative side is no persona, nothing to check.
+        elif recipe in ("plain", "texts"):
+            # The persona's answer against the plain one, or two texts on different subjects: nothing to check.
             assert "selfcheck" not in r and "context" not in r
         else:
             assert r["selfcheck"]["method"] == "likelihood" and isinstance(r["selfcheck"]["agree"], bool)
-        assert r["id"] == pair_id(get_axis("helpful"), r["query"], 0, recipe)
+        assert r["id"] == pair_id(axis, r["query"], 0, recipe)
         if recipe == "paper":
             assert r["characteristics"]["positive"]
     if recipe == "shared":
@@ -84,9 +89,36 @@ def test_each_recipe_writes_complete_records(tiny_engine: Engine, tmp_path: Path
             pos, neg = r["response"]["positive"], r["response"]["negative"]
             assert pos[:5] == neg[:5]
     # Resuming with the same recipe writes nothing; another recipe is another set of pairs.
-    assert generate_preferences(tiny_engine, QUERIES, get_axis("helpful"), out, FAST, quiet=True, recipe=recipe) == (0, 3)
+    assert generate_preferences(tiny_engine, QUERIES, axis, out, FAST, quiet=True, recipe=recipe) == (0, 3)
     other = "paper" if recipe != "paper" else "direct"
     assert generate_preferences(tiny_engine, QUERIES[:1], get_axis("helpful"), out, FAST, quiet=True, recipe=other, selfcheck=None)[0] == 1
+
+
+def test_the_texts_recipe_asks_for_the_same_kind_of_text_on_both_sides(tiny_engine: Engine) -> None:
+    ocean = topic_axis("the ocean", "ocean,sea,waves")
+    for q in QUERIES:
+        pos, neg = text_request(ocean, q, "positive"), text_request(ocean, q, "negative")
+        # One form per query, the subject swapped: the pair differs in the concept, not the kind of text.
+        assert "the ocean" in pos and "the ocean" not in neg
+        everyday = [s for s in EVERYDAY_SUBJECTS if s in neg]
+        assert everyday and pos.replace("the ocean", everyday[0]) == neg
+        assert text_request(ocean, q, "positive") == pos  # a resumed run asks the same
+    bard = style_axis("Shakespearean English", "thee,thou")
+    pos, neg = text_request(bard, QUERIES[0], "positive"), text_request(bard, QUERIES[0], "negative")
+    assert pos == f"{neg} Write it in Shakespearean English."
+    # Read back as answers to the query with no system prompt, the way plain pairs are.
+    texts = get_recipe("texts")
+    assert texts.response_prompt(tiny_engine, QUERIES[0], ocean, "positive") == tiny_engine.prompt(
+        text_request(ocean, QUERIES[0], "positive"))
+    assert texts.context(ocean, "positive") == texts.context(ocean, "negative") == ""
+
+
+def test_recipes_and_axes_that_do_not_fit_are_one_clear_error(tiny_engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(AlignezError, match="give --concept or --style"):
+        generate_preferences(tiny_engine, QUERIES, get_axis("french"), tmp_path / "a.jsonl", FAST, quiet=True, recipe="texts")
+    with pytest.raises(AlignezError, match="--recipe texts, its default"):
+        generate_preferences(tiny_engine, QUERIES, topic_axis("cats"), tmp_path / "b.jsonl", FAST, quiet=True, recipe="direct")
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
 
 
 def test_the_paper_recipe_keeps_the_ids_of_files_made_before_recipes() -> None:

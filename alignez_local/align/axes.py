@@ -8,7 +8,10 @@ The built-in axes follow the paper: helpful vs misleading (the default), safety-
 malicious, and humorous vs dull. Beside them, the trait suite: behaviours a small model shows
 readily when asked and that a checker can count without a judge (a language, a speaking style,
 brevity, formality, a tone, capital letters), so that steering can be measured against prompting.
-Any other pair is a custom axis (``--positive``/``--negative``).
+Any other pair is a custom axis (``--positive``/``--negative``). Two kinds of axis are for what a
+prompt cannot get (issue 31): a topic (``topic_axis``: bring up a concept whatever the request, as
+AxBench steers concepts) and a style the model writes on request but does not hold (``style_axis``);
+the ``texts`` recipe fits them from short texts the model writes readily (align/recipes.py).
 
 Every axis names its behaviour measure (``measure``, a key of ``measures.behaviour.MEASURES``;
 empty: the judge's reading of the positive persona), and its positive guide is also the prompting
@@ -23,7 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from alignez_local.errors import AlignezError
-from alignez_local.measures.behaviour import language_name, language_named, measure_for
+from alignez_local.measures.behaviour import language_name, language_named, measure_for, mention_words
 
 MAX_PERSONA_CHARS = 80
 """Longest persona accepted: it is spliced into a prompt for a small model, so it must stay a phrase."""
@@ -45,6 +48,9 @@ class PreferenceAxis:
     # How an answer is scored for the behaviour (measures/behaviour.py); "": the judge on ``positive``.
     measure: str = ""
     trait: bool = False  # one of the trait suite (a behaviour a checker counts)
+    # "persona": the model is asked for the behaviour by a persona; "topic"/"style": the texts
+    # recipe's subject or style (``topic_axis``, ``style_axis``).
+    kind: str = "persona"
 
     @property
     def measure_key(self) -> str:
@@ -177,9 +183,49 @@ def stored_axis(name: str, positive: str, negative: str, measure: str | None = N
     name, else a custom one from the personas (``measure`` as stored); None when it names neither."""
     if name in BUILTIN_AXES:
         return BUILTIN_AXES[name]
+    keywords = (measure or "").partition("mentions:")[2] or None
+    if name.startswith("topic-") and positive and keywords:
+        return topic_axis(positive, keywords, name)
+    if name.startswith("style-") and positive:
+        return style_axis(positive, keywords, name)
     if positive and negative:
         return custom_axis(positive, negative, measure=measure or None)
     return None
+
+
+TOPIC_NEGATIVE = "other subjects"
+STYLE_NEGATIVE = "plain"
+_ARTICLES = {"a", "an", "the", "of", "and", "or", "in", "on", "to", "about", "with", "for"}
+
+
+def topic_axis(concept: str, keywords: str | None = None, name: str | None = None) -> PreferenceAxis:
+    """Return the axis of a concept the model should bring up whatever it is asked ("the ocean"),
+    measured by whether an answer names one of ``keywords`` ("ocean,sea,waves"; None: the concept's
+    own words). Its prompting baseline asks for the concept in every answer; its pairs come from the
+    ``texts`` recipe (a short text about the concept against one about something else)."""
+    subject = _check_persona(concept, "--concept")
+    words = mention_words(keywords) if keywords else _content_words(subject)
+    guide = (f"Whatever the user asks, you bring {subject} into your answer: you mention {subject} and "
+             "talk about it, while still answering the request.")
+    return PreferenceAxis(name=_axis_name(name, "topic", subject), positive=subject, negative=TOPIC_NEGATIVE,
+                          positive_guide=guide, measure=f"mentions:{','.join(words)}", kind="topic")
+
+
+def style_axis(style: str, keywords: str | None = None, name: str | None = None) -> PreferenceAxis:
+    """Return the axis of a style the model writes when asked ("Shakespearean English"), measured by
+    its marker words when ``keywords`` are given ("thee,thou,thy,doth"), else by the judge (the style
+    rather than plain). Its pairs come from the ``texts`` recipe (a short text in the style against
+    the same kind of text written plainly)."""
+    manner = _check_persona(style, "--style")
+    measure = f"mentions:{','.join(mention_words(keywords))}" if keywords else ""
+    return PreferenceAxis(name=_axis_name(name, "style", manner), positive=manner, negative=STYLE_NEGATIVE,
+                          positive_guide=f"You always write in {manner}, in every answer, from the first word to the last.",
+                          measure=measure, kind="style")
+
+
+def _content_words(phrase: str) -> tuple[str, ...]:
+    words = [w for w in re.findall(r"[\w'-]+", phrase.lower()) if w not in _ARTICLES]
+    return mention_words(",".join(words or [phrase]))
 
 
 def custom_axis(positive: str, negative: str, name: str | None = None, measure: str | None = None) -> PreferenceAxis:
@@ -195,17 +241,7 @@ def custom_axis(positive: str, negative: str, name: str | None = None, measure: 
     if pos.lower() == neg.lower():
         # Identical personas give identical answers: no contrast, no direction to find.
         raise AlignezError("--positive and --negative are the same persona; give two opposite behaviours")
-    if name is None:
-        axis_name = _default_name(pos)
-    else:
-        axis_name = name.strip().lower()
-        if not _NAME_RE.match(axis_name):
-            raise AlignezError(
-                f"axis name {name!r} is not usable; use up to 64 letters, digits, '-', '_' or '.'"
-            )
-        if axis_name in BUILTIN_AXES:
-            # Reusing a built-in name would make saved artefacts ambiguous about which personas made them.
-            raise AlignezError(f"axis name {axis_name!r} belongs to a built-in axis; choose another name")
+    axis_name = _axis_name(name, "custom", pos)
     if measure is not None:
         measure_for(measure, pos, neg)  # an unknown key fails here, before any work
     code, other = language_named(pos), language_named(neg)
@@ -233,11 +269,24 @@ def _check_persona(text: str, option: str) -> str:
     return stripped
 
 
-def _default_name(positive: str) -> str:
-    """Return ``custom-`` plus an ASCII slug of the positive persona, e.g. ``custom-pirate-like``."""
+def _axis_name(name: str | None, prefix: str, phrase: str) -> str:
+    """Return ``name`` checked, or ``prefix-`` plus a slug of ``phrase`` when it is None."""
+    if name is None:
+        return _default_name(phrase, prefix)
+    axis_name = name.strip().lower()
+    if not _NAME_RE.match(axis_name):
+        raise AlignezError(f"axis name {name!r} is not usable; use up to 64 letters, digits, '-', '_' or '.'")
+    if axis_name in BUILTIN_AXES:
+        # Reusing a built-in name would make saved artefacts ambiguous about which personas made them.
+        raise AlignezError(f"axis name {axis_name!r} belongs to a built-in axis; choose another name")
+    return axis_name
+
+
+def _default_name(positive: str, prefix: str = "custom") -> str:
+    """Return ``prefix-`` plus an ASCII slug of the phrase, e.g. ``custom-pirate-like``."""
     ascii_text = unicodedata.normalize("NFKD", positive).encode("ascii", "ignore").decode("ascii")
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
     # Keep names short enough for file names; cut at a word boundary where possible.
     if len(slug) > 40:
         slug = slug[:40].rsplit("-", 1)[0] or slug[:40]
-    return f"custom-{slug}" if slug else "custom"
+    return f"{prefix}-{slug}" if slug else prefix

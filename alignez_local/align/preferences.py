@@ -100,6 +100,7 @@ def generate_preferences(
     record before it is written; None skips it.
     """
     how = get_recipe(recipe)
+    how.check_axis(axis)
     out_path = Path(out_path)
     have: set[str] = set()
     if out_path.exists():

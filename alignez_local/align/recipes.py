@@ -26,6 +26,14 @@ what an answer of that side looks like (``PreferenceAxis.guide``), and ask for t
   tokens turned 96% of held-out answers French, where ``contrast``'s vector turned none
   (docs/results.md §10). Nothing for the self-check to compare either: the negative side is no persona.
 
+- ``texts``: for what a prompt cannot get (issue 31): a topic the model will not bring up when told
+  to, or a style it writes on request but does not hold. The model writes short texts it writes
+  readily (a paragraph, three facts, a short story... about a subject), chosen per query: for a
+  topic axis, one about the concept against the same kind of text about an everyday subject; for a
+  style axis, one about the everyday subject in the style against the same text asked for plainly.
+  Both are read as answers to the query with no system prompt, so what the pair differs in is the
+  concept (or the style), not the kind of text and not whether it answers the query: neither does.
+
 The negative guide of every axis says "never refuse": a refusal is not the opposite behaviour, and a
 direction fitted on answer-vs-refuse pairs would strip the refusals of harmful requests. Pairs that
 refuse anyway are counted and dropped by ``selfcheck.select_pairs``.
@@ -36,6 +44,7 @@ Which recipe is the default is decided by measurement (scripts/records/, docs in
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from alignez_local.align.axes import PreferenceAxis
@@ -64,11 +73,21 @@ class Recipe:
     shared_prefix_tokens: int = 0  # >0: both personas continue the same first tokens
     same_answer: bool = False  # one persona-free answer, read under each persona's system prompt
     plain_negative: bool = False  # the negative side is the model's plain answer (no persona)
+    texts: bool = False  # short texts about the concept / in the style, read as answers to the query
 
     @property
     def checkable(self) -> bool:
         """True when the pair is two persona answers the model's self-check can compare."""
-        return not (self.same_answer or self.plain_negative)
+        return not (self.same_answer or self.plain_negative or self.texts)
+
+    def check_axis(self, axis: PreferenceAxis) -> None:
+        """Raise one clear error when this recipe cannot write pairs for ``axis``."""
+        if self.texts and axis.kind not in ("topic", "style"):
+            raise AlignezError("the texts recipe writes about a concept or in a style: give --concept or --style")
+        if axis.kind in ("topic", "style") and not (self.texts or self.plain_negative):
+            # The persona recipes' negative side is a persona, and a topic or style has none.
+            raise AlignezError(f"a {axis.kind} axis is fitted from the model's texts (--recipe texts, its default) "
+                               "or from its answers when asked (--recipe plain)")
 
     def context(self, axis: PreferenceAxis, side: str) -> str:
         """Return the system prompt the ``side`` answer is read under when fitting ("": none)."""
@@ -82,6 +101,8 @@ class Recipe:
 
     def response_prompt(self, engine: Engine, query: str, axis: PreferenceAxis, side: str, characteristics: str = "") -> str:
         """Return the prompt whose continuation is the ``side`` answer to ``query``."""
+        if self.texts:
+            return engine.prompt(text_request(axis, query, side))
         if self.plain_negative and side == "negative":
             return engine.prompt(query)
         if self.two_step:
@@ -92,6 +113,45 @@ class Recipe:
     def neutral_prompt(self, engine: Engine, query: str) -> str:
         """Return the persona-free prompt the shared first tokens are sampled from."""
         return engine.prompt(query)
+
+
+TEXT_FORMS = (
+    "Write a short paragraph about {subject}.",
+    "Tell me three interesting facts about {subject}.",
+    "Write a very short story about {subject}.",
+    "Describe {subject} in a few vivid sentences.",
+    "Write a short poem about {subject}.",
+    "Explain in a few sentences why people like {subject}.",
+    "Write a short encyclopedia paragraph about {subject}.",
+    "Write a few sentences a teacher could say to a class about {subject}.",
+)
+"""The kinds of text the ``texts`` recipe asks for: what a small model writes readily on any subject.
+Qwen 0.5B answered "Describe X to someone who has never seen it" and "Write a short blog post about
+X" with "As an AI language model, I cannot...", which the refusal rule drops: those two were replaced."""
+
+EVERYDAY_SUBJECTS = (
+    "a city library", "a desert", "the moon", "honeybees", "a rainforest", "volcanoes", "the human heart",
+    "electricity", "ancient Rome", "a bakery", "jazz music", "a game of chess", "mountains", "a train station",
+    "the stock market", "a vegetable garden", "a thunderstorm", "robots", "the Olympic Games", "a hospital",
+    "snow", "smartphones", "birds", "a castle",
+)
+"""The other side of a topic pair, and the subject of a style pair: as varied as the things a user
+might name, so that their mean is no particular subject and the difference is the concept. With 24
+mundane objects (a desk lamp, a bakery, running shoes) the Qwen 0.5B ocean vector steered towards
+nature and science in general ("the sky is a vast body of water... planets"). A pair whose other
+side names the concept anyway is dropped by the behaviour filter."""
+
+
+def text_request(axis: PreferenceAxis, query: str, side: str) -> str:
+    """Return what the ``texts`` recipe asks the model for on ``side`` of the pair of ``query``: the
+    same kind of text on both sides, chosen from the query so a resumed run asks the same."""
+    h = int(hashlib.sha256(query.encode()).hexdigest()[:12], 16)
+    form = TEXT_FORMS[h % len(TEXT_FORMS)]
+    everyday = EVERYDAY_SUBJECTS[(h // len(TEXT_FORMS)) % len(EVERYDAY_SUBJECTS)]
+    if axis.kind == "topic":
+        return form.format(subject=axis.positive if side == "positive" else everyday)
+    asked = form.format(subject=everyday)
+    return f"{asked} Write it in {axis.positive}." if side == "positive" else asked
 
 
 def _persona(axis: PreferenceAxis, side: str) -> str:
@@ -105,6 +165,8 @@ RECIPES: dict[str, Recipe] = {
     "contrast": Recipe("contrast", "one persona-free answer, read under each persona's system prompt", False, same_answer=True),
     "plain": Recipe("plain", "the positive persona's answer against the model's plain answer, both read without a system prompt",
                     False, plain_negative=True),
+    "texts": Recipe("texts", "a short text about the concept (or in the style) against one about an everyday subject "
+                             "(or plain), both read as answers to the query", False, texts=True),
 }
 
 DEFAULT_RECIPE = "plain"

@@ -269,15 +269,19 @@ def midpoints(trials: Sequence[BehaviourTrial]) -> list[float]:
     return [] if mid in {round(t.strength, 4) for t in ordered} else [mid]
 
 
-def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: ScoredAnswers) -> tuple[str, bool]:
+def screen_line(model: str, label: str, prompting: ScoredAnswers, unsteered: ScoredAnswers,
+                from_texts: bool = False) -> tuple[str, bool]:
     """Return the screening line (does the model show the behaviour when asked?) and whether the
-    prompting ceiling is too low for a vector to be likely to help."""
+    prompting ceiling is too low for a vector to be likely to help. ``from_texts``: the pairs are
+    the model's texts about the concept (the texts recipe), which do not need it to follow the ask."""
     p, u = prompting.mean("behaviour_rate"), unsteered.mean("behaviour_rate")
     low = p < LOW_CEILING
     n = int(prompting.behaviour.size)
     line = (f"screen: asked by a system prompt, {model} gives {label} in {100 * p:.0f}% of {n} answers "
             f"(unsteered {100 * u:.0f}%)")
-    if low:
+    if low and from_texts:
+        line += "; the pairs come from texts the model writes about it, not from asking"
+    elif low:
         line += "; a vector is unlikely to do better than the model does when asked"
     return line, low
 

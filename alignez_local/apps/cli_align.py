@@ -47,8 +47,16 @@ axis_options = grouped(
     ("measure", click.option("--measure", default=None, metavar="KEY",
                              help="How a custom axis's behaviour is scored: " + measure_keys_help() + ". [a language "
                                   "persona such as 'Spanish': language:CODE; anything else: judge]")),
+    ("concept", click.option("--concept", default=None, metavar="SUBJECT",
+                             help="A topic to bring into every answer, e.g. 'the ocean' (what a prompt often cannot "
+                                  "get): fitted from short texts the model writes about it (--recipe texts).")),
+    ("style", click.option("--style", default=None, metavar="STYLE",
+                           help="A style to hold in every answer, e.g. 'Shakespearean English' (--recipe texts).")),
+    ("keywords", click.option("--keywords", default=None, metavar="W1,W2,...",
+                              help="Words that show a --concept or --style in an answer (whole words, plurals "
+                                   "count) [the concept's own words; a style without them: the judge].")),
 )
-"""--axis, --positive, --negative, --measure -> ``axis: PreferenceAxis``."""
+"""--axis, --positive, --negative, --measure, --concept, --style, --keywords -> ``axis: PreferenceAxis``."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +100,12 @@ def recipe_option(with_request: bool) -> Any:
     # its default is decided once the axis is known (api.default_recipe).
     recipes = [*RECIPES, REQUEST_RECIPE] if with_request else list(RECIPES)
     return click.option(
-        "--recipe", type=click.Choice(recipes), default=None if with_request else DEFAULT_RECIPE,
-        show_default=not with_request,
-        help="How the model is asked for its two answers (paper: the paper's two-step prompts)"
+        "--recipe", type=click.Choice(recipes), default=None,
+        help="How the model is asked for its two answers (paper: the paper's two-step prompts; texts: short texts "
+             "about a --concept or in a --style)"
              + ("; request: no answers, a gated vector from the model's own state on risky vs benign "
-                f"requests [request for --axis harmless with its built-in queries, else {DEFAULT_RECIPE}]."
-                if with_request else "."))
+                f"requests [request for --axis harmless with its built-in queries, texts for --concept/--style, "
+                f"else {DEFAULT_RECIPE}]." if with_request else f" [texts for --concept/--style, else {DEFAULT_RECIPE}]."))
 
 
 def _fit(method: str, site: str, pool: str | None, layers: str | None, variance: float, max_cos: float | None,
@@ -161,14 +169,16 @@ def _warn(message: str) -> None:
 @generation_options
 @recipe_option(with_request=False)
 @click.option("-o", "--out", "out_path", required=True, metavar="FILE.jsonl", help="Preference data (appended; re-runs resume).")
-def generate(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings, recipe: str,
-             out_path: str) -> None:
+def generate(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
+             recipe: str | None, out_path: str) -> None:
     """Let the model write its own preference pairs (AlignEZ step 1).
 
     \b
     alignez generate -o prefs.jsonl --limit 32
     alignez generate -o humor.jsonl --axis humor --queries my_queries.txt
     """
+    # As steer chooses, but never the request recipe: it writes no pairs.
+    recipe = recipe or api.default_recipe(axis, queries_given=True)
     chosen = queries.select(axis.name)
     out = check_writable(out_path)
     check_pairs_file(out)  # a damaged file fails now, before the model loads
@@ -300,7 +310,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
     """
-    recipe = recipe or api.default_recipe(axis.name, queries.file is not None)
+    recipe = recipe or api.default_recipe(axis, queries.file is not None)
     folder = out_dir or f"steer-{axis.name}"
     if recipe == REQUEST_RECIPE:
         _steer_refusals(model, axis, queries, generation.seed, folder)

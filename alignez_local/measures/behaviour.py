@@ -7,8 +7,9 @@ behaviour report of ``steer`` and ``alignez eval``, and the experiments all scor
 A measure gives each answer a behaviour score in 0..1 (1: it shows the behaviour):
 
 - objective checkers where one exists: the language (``py3langid``, a trained language
-  identifier, not a stopword list), brevity (words), a style's marker words, capital letters, and
-  refusal (the keyword detector of ``refusal.py``); a custom axis whose positive persona is a
+  identifier, not a stopword list), brevity (words), a style's marker words, capital letters,
+  refusal (the keyword detector of ``refusal.py``) and a concept's keywords (``mentions:``, the
+  topic axes); a custom axis whose positive persona is a
   language gets the language checker, and ``--measure KEY`` gives any custom axis a checker;
 - for any other behaviour, the judge's P(Yes) to "Is this answer written in a <positive> way?"
   against its P(Yes) for the negative persona, read from next-token probabilities
@@ -126,6 +127,37 @@ def _marker_pattern(marker: str) -> str:
     """Whole-word match for words; a literal match for punctuation markers like '!'."""
     escaped = re.escape(marker.lower())
     return rf"(?<!\w){escaped}(?!\w)" if re.match(r"\w", marker) else escaped
+
+
+@dataclass(frozen=True)
+class MentionMeasure(Measure):
+    """1 when the answer names the concept: one of its ``words`` as a whole word, or that word with a
+    plural ending ("wave" counts "waves"). Whole words only: a stem would let "sea" count "search"
+    and "season". The checker of the topic axes (``axes.topic_axis``)."""
+
+    words: tuple[str, ...] = ()
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        pattern = mention_pattern(self.words)
+        return np.array([float(bool(pattern.search(a))) for a in answers])
+
+
+def mention_pattern(words: Sequence[str]) -> re.Pattern[str]:
+    """Return the case-blind whole-word pattern of ``words``, each with an optional plural ending."""
+    alternatives = "|".join(re.escape(w.lower()) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?:s|es)?(?!\w)", re.IGNORECASE)
+
+
+def mention_words(text: str) -> tuple[str, ...]:
+    """Return the words of a ``mentions:`` key or a --keywords list ("ocean, sea,waves"), lower-case,
+    in order, without repeats; AlignezError when there is none or one is not a word."""
+    words = tuple(dict.fromkeys(w.strip().lower() for w in text.split(",") if w.strip()))
+    if not words:
+        raise AlignezError("give the concept's keywords as a comma-separated list, e.g. ocean,sea,waves")
+    bad = [w for w in words if not re.fullmatch(r"[\w' -]{1,40}", w)]
+    if bad:
+        raise AlignezError(f"keyword {bad[0]!r} is not a word or short phrase; give words separated by commas")
+    return words
 
 
 @dataclass(frozen=True)
@@ -249,7 +281,13 @@ def language_name(code: str) -> str:
 
 def measure_keys_help() -> str:
     """The measure keys a user can give, for help texts and error messages."""
-    return ", ".join([*MEASURES, "language:CODE (ISO 639-1, e.g. language:es)", "brevity:N", "judge"])
+    return ", ".join([*MEASURES, "language:CODE (ISO 639-1, e.g. language:es)", "brevity:N",
+                      "mentions:WORD,WORD,... (answers naming a concept)", "judge"])
+
+
+def _listed(words: Sequence[str], most: int = 4) -> str:
+    shown = ", ".join(words[:most])
+    return shown + (", ..." if len(words) > most else "")
 
 
 def measure_for(measure_key: str, positive: str, negative: str = "") -> Measure:
@@ -264,6 +302,9 @@ def measure_for(measure_key: str, positive: str, negative: str = "") -> Measure:
     kind, _, arg = measure_key.partition(":")
     if kind == "language" and re.fullmatch(r"[a-z]{2,3}", arg):
         return LanguageMeasure(measure_key, f"answers in {language_name(arg)} (language identifier)", code=arg)
+    if kind == "mentions" and arg:
+        words = mention_words(arg)
+        return MentionMeasure(f"mentions:{','.join(words)}", f"answers that mention {_listed(words)}", words=words)
     if kind == "brevity" and arg.isdigit() and int(arg) > 0:
         return BrevityMeasure(measure_key, f"answers of at most {int(arg)} words", max_words=int(arg))
     raise AlignezError(f"unknown behaviour measure {measure_key!r}; use one of: {measure_keys_help()}")
