@@ -1,6 +1,6 @@
 """The trait suite: steer each trait with each recipe variant and print the behaviour table.
 
-    .venv/bin/python scripts/trait_suite.py qwen2.5-coder-0.5b-instruct --traits french,brief --variants default,contrast
+    .venv/bin/python scripts/trait_suite.py qwen2.5-coder-0.5b-instruct --traits "french;brief" --variants default,contrast
     .venv/bin/python scripts/trait_suite.py smollm2-135m-instruct --limit 48 --out runs/suite
     .venv/bin/python scripts/trait_suite.py qwen2.5-coder-0.5b-instruct --limit 24 \
         --traits "topic:the ocean=ocean,sea,wave,tide,beach,shore,coral,marine,whale,seawater" --concept-targets
@@ -142,7 +142,9 @@ def parse_trait(trait: str) -> PreferenceAxis:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--traits", default=",".join(TRAITS), help="Comma-separated axes; custom:POS/NEG for your own.")
+    # ";" between traits: a topic's keywords are comma-separated.
+    ap.add_argument("--traits", default=";".join(TRAITS),
+                    help="Axes separated by ';': built-in traits, custom:POS/NEG, topic:SUBJECT=W1,W2, style:STYLE=W1,W2.")
     ap.add_argument("--variants", default="default")
     # steer's own defaults (the suite's were 48 and 64 before issue 32; the older records say so).
     ap.add_argument("--limit", type=int, default=pipeline.STEER_QUERIES, help="Generation queries per trait.")
@@ -166,7 +168,7 @@ def main() -> None:
     model = ModelId.of(engine, args.model)
     table_variants = variants(engine.n_layer)
     gen = GenerationSettings(temperature=0.7, response_tokens=args.response_tokens, seed=0)
-    for trait in args.traits.split(","):
+    for trait in args.traits.split(";"):
         axis = parse_trait(trait)
         queries = select_queries(None, args.limit, axis=axis.name)
         for variant in args.variants.split(","):

@@ -142,6 +142,20 @@ def test_an_empty_persona_is_named_as_empty(empty: str, files: dict[str, Path]) 
     assert_one_line_error(res, "--positive is empty")
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--concept", "the ocean", "--positive", "a", "--negative", "b"], "give one of them"),
+    (["--concept", "the ocean", "--keywords", " , "], "comma-separated"),
+    (["--concept", "the ocean", "--measure", "capitals"], "not --measure"),
+    (["--axis", "french", "--keywords", "oui"], "--keywords is for --concept"),
+    (["--axis", "french", "--recipe", "texts"], "give --concept or --style"),
+])
+def test_a_concept_or_style_given_wrongly_is_one_line(args: list[str], needle: str, files: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    res = run("generate", "-m", str(files["model"]), *args, "--limit", "2", "-o", str(tmp_path / "p.jsonl"))
+    assert_one_line_error(res, needle)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_a_damaged_pairs_file_is_reported_before_any_model_work(files: dict[str, Path], tmp_path: Path) -> None:
     """steer and generate read an existing pairs file before loading the model or screening."""
     out = tmp_path / "run"
