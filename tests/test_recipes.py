@@ -18,7 +18,7 @@ from alignez_local.align.preferences import (
     load_selected_pairs,
     pair_id,
 )
-from alignez_local.align.recipes import DEFAULT_RECIPE, EVERYDAY_SUBJECTS, RECIPES, get_recipe, text_request
+from alignez_local.align.recipes import DEFAULT_RECIPE, OTHER_SUBJECTS, RECIPES, get_recipe, text_request
 from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Engine
 
@@ -100,8 +100,8 @@ def test_the_texts_recipe_asks_for_the_same_kind_of_text_on_both_sides(tiny_engi
         pos, neg = text_request(ocean, q, "positive"), text_request(ocean, q, "negative")
         # One form per query, the subject swapped: the pair differs in the concept, not the kind of text.
         assert "the ocean" in pos and "the ocean" not in neg
-        everyday = [s for s in EVERYDAY_SUBJECTS if s in neg]
-        assert everyday and pos.replace("the ocean", everyday[0]) == neg
+        other = [s for s in OTHER_SUBJECTS if s in neg]
+        assert other and pos.replace("the ocean", other[0]) == neg
         assert text_request(ocean, q, "positive") == pos  # a resumed run asks the same
     bard = style_axis("Shakespearean English", "thee,thou")
     pos, neg = text_request(bard, QUERIES[0], "positive"), text_request(bard, QUERIES[0], "negative")

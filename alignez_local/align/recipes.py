@@ -29,8 +29,9 @@ what an answer of that side looks like (``PreferenceAxis.guide``), and ask for t
 - ``texts``: for what a prompt cannot get (issue 31): a topic the model will not bring up when told
   to, or a style it writes on request but does not hold. The model writes short texts it writes
   readily (a paragraph, three facts, a short story... about a subject), chosen per query: for a
-  topic axis, one about the concept against the same kind of text about an everyday subject; for a
-  style axis, one about the everyday subject in the style against the same text asked for plainly.
+  topic axis, one about the concept against the same kind of text about another subject (one of 24
+  varied ones); for a style axis, one about such a subject in the style against the same text asked
+  for plainly.
   Both are read as answers to the query with no system prompt, so what the pair differs in is the
   concept (or the style), not the kind of text and not whether it answers the query: neither does.
 
@@ -129,7 +130,7 @@ TEXT_FORMS = (
 Qwen 0.5B answered "Describe X to someone who has never seen it" and "Write a short blog post about
 X" with "As an AI language model, I cannot...", which the refusal rule drops: those two were replaced."""
 
-EVERYDAY_SUBJECTS = (
+OTHER_SUBJECTS = (
     "a city library", "a desert", "the moon", "honeybees", "a rainforest", "volcanoes", "the human heart",
     "electricity", "ancient Rome", "a bakery", "jazz music", "a game of chess", "mountains", "a train station",
     "the stock market", "a vegetable garden", "a thunderstorm", "robots", "the Olympic Games", "a hospital",
@@ -147,10 +148,10 @@ def text_request(axis: PreferenceAxis, query: str, side: str) -> str:
     same kind of text on both sides, chosen from the query so a resumed run asks the same."""
     h = int(hashlib.sha256(query.encode()).hexdigest()[:12], 16)
     form = TEXT_FORMS[h % len(TEXT_FORMS)]
-    everyday = EVERYDAY_SUBJECTS[(h // len(TEXT_FORMS)) % len(EVERYDAY_SUBJECTS)]
+    other = OTHER_SUBJECTS[(h // len(TEXT_FORMS)) % len(OTHER_SUBJECTS)]
     if axis.kind == "topic":
-        return form.format(subject=axis.positive if side == "positive" else everyday)
-    asked = form.format(subject=everyday)
+        return form.format(subject=axis.positive if side == "positive" else other)
+    asked = form.format(subject=other)
     return f"{asked} Write it in {axis.positive}." if side == "positive" else asked
 
 
@@ -165,7 +166,7 @@ RECIPES: dict[str, Recipe] = {
     "contrast": Recipe("contrast", "one persona-free answer, read under each persona's system prompt", False, same_answer=True),
     "plain": Recipe("plain", "the positive persona's answer against the model's plain answer, both read without a system prompt",
                     False, plain_negative=True),
-    "texts": Recipe("texts", "a short text about the concept (or in the style) against one about an everyday subject "
+    "texts": Recipe("texts", "a short text about the concept (or in the style) against one about another subject "
                              "(or plain), both read as answers to the query", False, texts=True),
 }
 
