@@ -49,7 +49,8 @@ def main() -> None:
             shutil.copy(run / "preferences.jsonl", dest / f"{trait}.preferences.jsonl")
         prov = {
             "command": args.command or f"scripts/trait_suite.py {args.model} --traits {trait} --variants default --no-profile "
-                       f"(pipeline.run_steer: --recipe {rep['recipe']}, --limit {rep['n_queries']}, --response-tokens 64, seed 0)",
+                       f"(pipeline.run_steer: --recipe {rep['recipe']}, --limit {rep['n_queries']}, "
+                       f"--response-tokens {_response_tokens(run)}, seed 0)",
             "made_by": "scripts/ship_suite.py (copies the suite's vector.gguf and this record from its report.json)",
             "axis": rep["axis"], "model": rep["model"], "recipe": rep["recipe"], "n_queries": rep["n_queries"],
             "data_sha256": rep["data_sha256"], "site": rep["site"], "vector_layers": cv.layers,
@@ -60,6 +61,15 @@ def main() -> None:
         }
         (dest / f"{trait}.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
         print(f"{trait}: shipped {dest / (trait + '.gguf')} (strength {cv.default_strength:g}, {cal.get('verdict')})")
+
+
+def _response_tokens(run: Path) -> int | str:
+    """Return the answer length the run's pairs were written with (every record stores its sampling)."""
+    pairs = run / "preferences.jsonl"
+    if not pairs.exists():
+        return "?"
+    with pairs.open() as f:
+        return int(json.loads(f.readline())["sampling"]["response_tokens"])
 
 
 if __name__ == "__main__":

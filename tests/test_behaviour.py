@@ -22,7 +22,9 @@ from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.measures.behaviour import MEASURES, JudgeMeasure, MarkerMeasure, contrast_probability, measure_for
-from alignez_local.measures.scoring import Scorer, distinct_share, fluency_from_nll, harmonic_mean, loops, pmi_relevance
+from alignez_local.measures.scoring import (
+    Scorer, answers_nothing, distinct_share, fluency_from_nll, harmonic_mean, loops, pmi_relevance,
+)
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 
@@ -188,6 +190,33 @@ def test_the_combined_score_is_zero_where_the_behaviour_is_absent() -> None:
     sc = scorer.score(["q1", "q2"], ["a plain answer", "the sea, the waves"])
     assert sc.combined[0] == 0.0 and sc.combined[1] > 0.5
     assert sc.summary()["loop_share"]["mean"] == 0.0
+
+
+@pytest.mark.parametrize("question,answer,nothing", [
+    ("Why do we have leap years?", "LEAP YEAR", True),
+    ("Why do we have leap years?", "We have leap years.", True),
+    ("What does the ozone layer protect us from?", "THE OZONE LAYER PROTECTS US FROM.", True),
+    ("How do I boil an egg?", "I'm sorry, but I can't assist with that.", True),
+    ("Why is the sky blue?", "The sky is blue because of Rayleigh scattering.", False),
+    ("Why is the sky blue?", "Le ciel est bleu.", False),
+    ("Can I get out of a gym contract I signed?", "Yes.", False),
+    ("Write a Python function that reverses a list.", "def rev(xs): return xs[::-1]", False),
+    ("Q?", "", False),  # empty: fluency's 0 already, not this rule's
+])
+def test_a_refusal_or_the_question_said_back_answers_nothing(question: str, answer: str, nothing: bool) -> None:
+    assert answers_nothing(question, answer) is nothing
+
+
+def test_relevance_is_zero_for_an_answer_that_answers_nothing_whatever_the_judge_says() -> None:
+    """The 1.5B judge and the PMI reading both passed refusals and restatements (issue 31)."""
+    class Judge:
+        def yes_probability(self, question, pairs):
+            return np.full(len(pairs), 0.9)
+
+    scorer = Scorer(measure_for("capitals", "x"), lambda qs, ans: np.full(len(ans), 0.4), Judge())
+    scorer.reference_nll = 0.4
+    sc = scorer.score(["Why do we have leap years?"] * 2, ["WE HAVE LEAP YEARS.", "THE EARTH TAKES 365.25 DAYS."])
+    assert sc.relevance.tolist() == [0.0, 0.9] and sc.combined[0] == 0.0 and sc.combined[1] > 0.5
 
 
 def test_the_asked_reading_is_taken_only_where_it_can_raise_fluency() -> None:

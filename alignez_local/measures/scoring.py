@@ -4,7 +4,11 @@ Beside the behaviour (``behaviour.py``), two guards for every answer, as AxBench
 
 - **relevance**: the judge's probability that the answer still addresses the request, whatever its
   language or style (a refusal, an off-topic answer or gibberish does not); without a judge, the
-  answer's pointwise mutual information with its question under the unsteered model;
+  answer's pointwise mutual information with its question under the unsteered model. Either way 0
+  for an answer a reader sees at once answers nothing (``answers_nothing``): a refusal, or one that
+  only says the question back ("WE HAVE LEAP YEARS." to "Why do we have leap years?"). Both read
+  as relevant to the likelihoods and to the 1.5B judge: the refusals scored 0.90-1.00 by PMI, and
+  5 of 8 brief answers at turn 6 of a conversation only restated the question (issue 31);
 - **fluency**: how much less likely the answer is, per token, under the *unsteered* model than the
   unsteered model's own answers are, mapped linearly to 0..1 over ``FLUENCY_SPAN_NATS``, times a
   repetition factor (greedy decoding can loop on a phrase that the model finds very likely, which
@@ -31,6 +35,7 @@ import numpy as np
 
 from alignez_local.errors import AlignezError
 from alignez_local.measures.behaviour import BEHAVIOUR_THRESHOLD, Measure, YesNoJudge
+from alignez_local.measures.refusal import is_refusal
 from alignez_local.measures.statistics import bootstrap_ci
 
 FLUENCY_SPAN_NATS = 3.0
@@ -55,6 +60,31 @@ RELEVANCE_QUESTION = (
 
 
 # --- the guards and the combined score ---------------------------------------------------------
+
+
+_FUNCTION_WORDS = frozenset(
+    "the and for you your are was were what why how who when where which that this these those with have has had "
+    "does did can could should would will not but from they them their our its there here about into out all any "
+    "some more most very just also than then been being get got let".split())
+
+
+def _content_stems(text: str) -> set[str]:
+    # A plural's "s" off, then five-letter stems: "years" and "protects" add nothing to "year" and "protect".
+    words = [w for w in re.findall(r"[^\W\d_]{3,}", text.lower()) if w not in _FUNCTION_WORDS]
+    return {(w[:-1] if len(w) > 3 and w.endswith("s") else w)[:5] for w in words}
+
+
+def restates(question: str, answer: str) -> bool:
+    """True when an answer has words and every content word of it is already in the question: it says
+    the question back and adds nothing ("LEAP YEAR" to "Why do we have leap years?")."""
+    words = _content_stems(answer)
+    return bool(words) and words <= _content_stems(question)
+
+
+def answers_nothing(question: str, answer: str) -> bool:
+    """True for an answer a reader sees at once does not address its question: a refusal (the
+    keyword detector) or a restatement of the question (``restates``)."""
+    return is_refusal(answer) or restates(question, answer)
 
 
 def distinct_share(text: str, n: int = REPEAT_NGRAM) -> float:
@@ -235,9 +265,12 @@ class Scorer:
         if not self.uses_relevance:
             return np.ones(len(pairs))
         if self.judge is not None:
-            return self.judge.yes_probability(RELEVANCE_QUESTION, pairs)
-        assert self.reference_pmi is not None
-        return pmi_relevance(self.pmi([q for q, _ in pairs], [a for _, a in pairs], nll), self.reference_pmi)
+            read = self.judge.yes_probability(RELEVANCE_QUESTION, pairs)
+        else:
+            assert self.reference_pmi is not None
+            read = pmi_relevance(self.pmi([q for q, _ in pairs], [a for _, a in pairs], nll), self.reference_pmi)
+        nothing = np.array([answers_nothing(q, a) for q, a in pairs], dtype=bool)
+        return np.where(nothing, 0.0, read)
 
     @staticmethod
     def _median(nll: np.ndarray) -> float:
