@@ -463,3 +463,16 @@ def test_pairs_are_kept_only_where_the_checker_sees_the_contrast() -> None:
     assert kept == pairs and "no objective checker" in filter_line(rec)
     same = [_pair(i, short, short) for i in range(10)]
     assert keep_contrasting(same, measure)[0] == same
+
+
+def test_the_screen_warns_of_a_low_ceiling_unless_the_pairs_come_from_texts() -> None:
+    """A topic the model will not bring up when asked is what the texts recipe is for: its screen
+    says where the pairs come from instead of "a vector is unlikely to do better"."""
+    from alignez_local.align.strength_by_behaviour import screen_line
+    from alignez_local.measures.scoring import ScoredAnswers
+
+    none = ScoredAnswers(*(np.zeros(8) for _ in range(4)), answers=["a"] * 8)
+    line, low = screen_line("m", "answers that mention ocean", none, none)
+    assert low and "unlikely to do better" in line
+    line, low = screen_line("m", "answers that mention ocean", none, none, from_texts=True)
+    assert low and "texts the model writes" in line and "unlikely" not in line
