@@ -76,8 +76,8 @@ def resolve_axis(axis: str | PreferenceAxis = DEFAULT_AXIS, positive: str | None
     or a topic (``concept``) or style (``style``) axis, read by ``keywords`` ("ocean,sea,waves")."""
     if isinstance(axis, PreferenceAxis):
         return axis
-    given = [flag for flag, v in (("--positive/--negative", positive or negative), ("--concept", concept),
-                                  ("--style", style)) if v is not None]
+    given = [flag for flag, v in (("--positive/--negative", (positive, negative) != (None, None)),
+                                  ("--concept", concept is not None), ("--style", style is not None)) if v]
     if len(given) > 1:
         raise AlignezError(f"{' and '.join(given)} each name a behaviour; give one of them")
     named = None if axis == DEFAULT_AXIS else axis
@@ -105,7 +105,7 @@ def default_recipe(axis: str | PreferenceAxis, queries_given: bool) -> str:
     the request recipe's gated vector did, §8), ``texts`` for a topic or style axis (its pairs are
     texts about the concept, not answers to a persona), else the default persona recipe. A user's
     queries may lack the risky/benign kinds the request recipe needs, so they keep the persona default."""
-    if isinstance(axis, PreferenceAxis) and axis.kind in ("topic", "style"):
+    if isinstance(axis, PreferenceAxis) and axis.from_texts:
         return "texts"
     name = axis.name if isinstance(axis, PreferenceAxis) else axis
     return REQUEST_RECIPE if name == "harmless" and not queries_given else DEFAULT_RECIPE

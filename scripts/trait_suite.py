@@ -171,18 +171,19 @@ def main() -> None:
     for trait in args.traits.split(";"):
         axis = parse_trait(trait)
         queries = select_queries(None, args.limit, axis=axis.name)
+        # "default" is the recipe steer uses for this axis.
+        recipe_of = {name: v["recipe"] or default_recipe(axis, queries_given=True) for name, v in table_variants.items()}
         for variant in args.variants.split(","):
             if any(r["trait"] == axis.name and r["variant"] == variant for r in done):
                 continue
-            v = dict(table_variants[variant])
-            v["recipe"] = v["recipe"] or default_recipe(axis, queries_given=True)
+            v = {**table_variants[variant], "recipe": recipe_of[variant]}
             folder = root / axis.name / variant
             folder.mkdir(parents=True, exist_ok=True)
             # Share the pairs with an earlier variant of the same recipe: only fitting is paid again.
             if not (folder / "preferences.jsonl").exists():
-                for other, ov in table_variants.items():
+                for other in table_variants:
                     src = root / axis.name / other / "preferences.jsonl"
-                    if other != variant and (ov["recipe"] or default_recipe(axis, True)) == v["recipe"] and src.exists():
+                    if other != variant and recipe_of[other] == v["recipe"] and src.exists():
                         shutil.copy(src, folder / "preferences.jsonl")
                         break
             fit = dataclasses.replace(FitSettings(), **v["fit"])

@@ -92,6 +92,7 @@ def test_custom_axis_rejects_bad_input(positive: str, negative: str, name: str |
 def test_a_topic_axis_is_read_by_its_keywords_and_asked_for_in_every_answer() -> None:
     ocean = topic_axis("the ocean", "Ocean, sea,waves")
     assert (ocean.name, ocean.kind, ocean.measure) == ("topic-the-ocean", "topic", "mentions:ocean,sea,waves")
+    assert ocean.from_texts and style_axis("pirate speech").from_texts and not get_axis("french").from_texts
     assert "the ocean" in ocean.guide("positive") and "still answering the request" in ocean.guide("positive")
     # Without keywords the concept's own words read it; the articles are not words of the concept.
     assert topic_axis("the deep sea").measure == "mentions:deep,sea"
@@ -113,6 +114,8 @@ def test_resolve_axis_takes_one_behaviour() -> None:
     assert resolve_axis(style="pirate speech").kind == "style"
     with pytest.raises(AlignezError, match="give one of them"):
         resolve_axis(concept="cats", positive="a", negative="b")
+    with pytest.raises(AlignezError, match="give one of them"):
+        resolve_axis(concept="cats", positive="")  # an empty persona is still a second behaviour given
     with pytest.raises(AlignezError, match="--keywords is for --concept"):
         resolve_axis("french", keywords="oui")
     with pytest.raises(AlignezError, match="not --measure"):

@@ -53,6 +53,11 @@ class PreferenceAxis:
     kind: str = "persona"
 
     @property
+    def from_texts(self) -> bool:
+        """True for a topic or style axis: its pairs are the model's texts (the ``texts`` recipe)."""
+        return self.kind in ("topic", "style")
+
+    @property
     def measure_key(self) -> str:
         """The measure's key as files and reports store it ("judge" for the judge's reading)."""
         return self.measure or "judge"

@@ -83,9 +83,9 @@ class Recipe:
 
     def check_axis(self, axis: PreferenceAxis) -> None:
         """Raise one clear error when this recipe cannot write pairs for ``axis``."""
-        if self.texts and axis.kind not in ("topic", "style"):
+        if self.texts and not axis.from_texts:
             raise AlignezError("the texts recipe writes about a concept or in a style: give --concept or --style")
-        if axis.kind in ("topic", "style") and not (self.texts or self.plain_negative):
+        if axis.from_texts and not (self.texts or self.plain_negative):
             # The persona recipes' negative side is a persona, and a topic or style has none.
             raise AlignezError(f"a {axis.kind} axis is fitted from the model's texts (--recipe texts, its default) "
                                "or from its answers when asked (--recipe plain)")
