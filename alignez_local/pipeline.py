@@ -34,7 +34,7 @@ from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, export_vect
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_report import steer_table
 from alignez_local.fileio import check_writable, plain, write_json
-from alignez_local.formats.control_vector import META_N_LAYER, ControlVector, write_control_vector
+from alignez_local.formats.control_vector import EVERY_TOKEN, META_N_LAYER, ControlVector, write_control_vector
 from alignez_local.formats.profile import SteeringProfile, save_profile
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.measures.behaviour import YesNoJudge
@@ -150,6 +150,7 @@ class SteerPlan:
     strengths: tuple[float, ...] = STRENGTHS
     refine: bool = True
     with_profile: bool = True
+    placements: tuple[str, ...] = (EVERY_TOKEN,)  # the tokens the vector may be added to; several: the choose half decides
 
 
 def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
@@ -195,8 +196,8 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
             cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
         cals = choose_strengths(bench, prof if plan.with_profile else None, cv, fit.top_n, on_status, fit.seed,
-                                plan.strengths, plan.refine)
-        cv = with_strength(cv, cals["vector"])
+                                plan.strengths, plan.refine, placements=plan.placements)
+        cv = with_strength(cv.placed(cals["vector"].placement), cals["vector"])
         if "profile" in cals:
             prof = with_strength(prof, cals["profile"])
         save_profile(paths.profile, prof)

@@ -27,8 +27,9 @@ from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, data_qualit
 from alignez_local.apps.cli_options import grouped, model_options, with_flag
 from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
+from alignez_local.errors import AlignezError
 from alignez_local.fileio import check_writable
-from alignez_local.formats.control_vector import write_control_vector
+from alignez_local.formats.control_vector import EVERY_TOKEN, PLACEMENTS, write_control_vector
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.interrupt import Stopped
@@ -290,10 +291,15 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @click.option("--calibrate-profile", is_flag=True,
               help="Also choose the profile's (exact edit's) strength by the behaviour, beside its own random null: "
                    "about doubles the calibration stage. Off: profile.gguf is written without a default strength.")
+@click.option("--placements", default=EVERY_TOKEN, show_default=True, metavar="P1,P2",
+              help="Tokens the vector may be added to: every-token (what llama.cpp does) and/or answer-only (only the "
+                   "tokens that write the answer, in alignez's runtime). Given both, the held-out choose queries decide "
+                   "(a second strength search) and the file records the one chosen.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, vector_from: str, vector_layers: str | None, judge: str,
-          strengths: str | None, screen_only: bool, calibrate_profile: bool, out_dir: str | None) -> None:
+          strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str,
+          out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -316,6 +322,10 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         _steer_refusals(model, axis, queries, generation.seed, folder)
         return
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
+    places = tuple(dict.fromkeys(p.strip() for p in placements.split(",") if p.strip()))
+    wrong = [p for p in places if p not in PLACEMENTS] or ([] if places else [placements])
+    if wrong:
+        raise AlignezError(f"--placements: unknown placement {wrong[0]!r}; use every-token, answer-only or both, comma-separated")
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
         with_flag("--out", pipeline.SteerPaths.prepare, folder)
@@ -326,7 +336,8 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     try:
         res = api.steer(engine, axis, name=str(model.model), queries=chosen,
                         out=folder, generation=generation, fit=fit, recipe=recipe, strengths=grid,
-                        calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status)
+                        calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status,
+                        placements=places)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
