@@ -147,15 +147,16 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
                      generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile,
                      placements=tuple(placements))
     with ExitStack() as stack:
-        if screen_only:
-            folder = None
-        else:
+        folder, used = None, list(plan.queries)
+        if not screen_only:
             where = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="alignez-steer-"))
-            folder = SteerPaths.prepare(where).folder
+            paths = SteerPaths.prepare(where)
+            # Queries fitted on (those of pairs already in the folder too) are never held out.
+            folder, used = paths.folder, paths.fitted_queries(plan.queries)
         with _engine(model) as engine:
             with behaviour_judge(judge, engine, chosen) as the_judge:
                 clock = StageClock(engine, getattr(the_judge, "engine", None))
-                bench = behaviour_bench(engine, chosen, plan.queries, the_judge)
+                bench = behaviour_bench(engine, chosen, used, the_judge)
                 line, _, _ = screen(bench, _display_name(model, engine, name), get_recipe(recipe).texts)
                 clock.lap("screen_s")
                 status(line)

@@ -22,7 +22,7 @@ import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.export import ApproximationReport, approximation_report
-from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences
+from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences, load_pairs
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.steering import Steering, read_alone
@@ -96,6 +96,13 @@ class SteerPaths:
             check_writable(p)
         check_pairs_file(paths.preferences)  # a damaged file fails now, not after the screen
         return paths
+
+    def fitted_queries(self, queries: Sequence[str]) -> list[str]:
+        """Return ``queries`` and the queries of the pairs already saved here: every pair in the file
+        is fitted, so none of them may be held out (a run continued with a smaller --limit would
+        otherwise choose and report its strength on queries it was fitted on)."""
+        saved = [p.query for p in load_pairs(self.preferences)] if self.preferences.exists() else []
+        return list(dict.fromkeys([*queries, *saved]))
 
 
 @dataclass
@@ -172,7 +179,7 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     clock = clock or StageClock(engine)
     if fit.vector_from not in VECTOR_SOURCES:
         raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
-    bench = bench or behaviour_bench(engine, axis, queries, judge)
+    bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge)
     written, had = generate(engine, queries, axis, paths.preferences, plan.generation, model, recipe)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")

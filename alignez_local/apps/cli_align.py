@@ -352,7 +352,14 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model.model} --vector {p.vector}")
     scale = res.vector.default_strength_or_one
-    click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+    every = res.calibration["vector"].placements.get("tried", {}).get(EVERY_TOKEN)
+    if res.vector.placement != EVERY_TOKEN and every is not None:
+        # llama.cpp adds the vector to every token: give it the strength that placement was best at.
+        click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{every['strength']:g}")
+        click.echo(f"         (llama.cpp adds it at every token, which scored combined {every['combined']:.2f} on the choose "
+                   f"queries against {res.vector.placement}'s {res.calibration['vector'].placements['tried'][res.vector.placement]['combined']:.2f})")
+    else:
+        click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
 
 
 def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str) -> None:
