@@ -31,7 +31,7 @@ from alignez_local.align.strength_by_behaviour import STRENGTHS
 from alignez_local.align.vectors import FitSettings, train_vector
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_eval import axis_of, behaviour_judge, measure_behaviour, prompt_kind
-from alignez_local.formats.control_vector import ControlVector
+from alignez_local.formats.control_vector import EVERY_TOKEN, ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import DEFAULT_MODEL, ModelId
 from alignez_local.pipeline import (
@@ -117,7 +117,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
           out: str | Path | None = None, generation: GenerationSettings = GenerationSettings(),
           fit: FitSettings = FitSettings(), recipe: str | None = None, strengths: Sequence[float] | None = None,
           calibrate_profile: bool = False, judge: str = "auto", screen_only: bool = False,
-          on_status: Notify | None = None, name: str | None = None) -> SteerResult | None:
+          on_status: Notify | None = None, name: str | None = None,
+          placements: Sequence[str] = (EVERY_TOKEN,)) -> SteerResult | None:
     """Make a control vector and a profile for a behaviour, and choose their strength by it:
     ``alignez steer``.
 
@@ -131,6 +132,9 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     the output and the files' provenance when ``model`` is an engine (a bundled name is recorded as
     such). ``concept`` / ``style`` (with ``keywords``): a topic or style axis (``resolve_axis``),
     fitted from the model's short texts (the ``texts`` recipe). The gated refusal vector (``recipe="request"``) is ``steer_refusals``.
+    ``placements``: the tokens the vector may be added to (``every-token``: what llama.cpp does;
+    ``answer-only``: only the rows that write the answer, in alignez's runtime); given several, the
+    choose half decides among them and the file records the one chosen (each adds a strength search).
     """
     status = on_status or quiet
     chosen = resolve_axis(axis, positive, negative, measure, concept, style, keywords)
@@ -140,17 +144,19 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
                            "(alignez steer --axis harmless)")
     grid = tuple(strengths) if strengths else STRENGTHS
     plan = SteerPlan(chosen, tuple(queries) if queries is not None else tuple(select_queries(None, STEER_QUERIES, chosen.name)),
-                     generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile)
+                     generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile,
+                     placements=tuple(placements))
     with ExitStack() as stack:
-        if screen_only:
-            folder = None
-        else:
+        folder, used = None, list(plan.queries)
+        if not screen_only:
             where = out if out is not None else stack.enter_context(tempfile.TemporaryDirectory(prefix="alignez-steer-"))
-            folder = SteerPaths.prepare(where).folder
+            paths = SteerPaths.prepare(where)
+            # Queries fitted on (those of pairs already in the folder too) are never held out.
+            folder, used = paths.folder, paths.fitted_queries(plan.queries)
         with _engine(model) as engine:
             with behaviour_judge(judge, engine, chosen) as the_judge:
                 clock = StageClock(engine, getattr(the_judge, "engine", None))
-                bench = behaviour_bench(engine, chosen, plan.queries, the_judge)
+                bench = behaviour_bench(engine, chosen, used, the_judge)
                 line, _, _ = screen(bench, _display_name(model, engine, name), get_recipe(recipe).texts)
                 clock.lap("screen_s")
                 status(line)

@@ -22,7 +22,7 @@ import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.export import ApproximationReport, approximation_report
-from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences
+from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences, load_pairs
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.gate_reading import read_alone
@@ -35,7 +35,7 @@ from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, export_vect
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_report import steer_table
 from alignez_local.fileio import check_writable, plain, write_json
-from alignez_local.formats.control_vector import META_N_LAYER, ControlVector, write_control_vector
+from alignez_local.formats.control_vector import EVERY_TOKEN, META_N_LAYER, ControlVector, write_control_vector
 from alignez_local.formats.profile import SteeringProfile, save_profile
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.measures.behaviour import YesNoJudge
@@ -98,6 +98,13 @@ class SteerPaths:
         check_pairs_file(paths.preferences)  # a damaged file fails now, not after the screen
         return paths
 
+    def fitted_queries(self, queries: Sequence[str]) -> list[str]:
+        """Return ``queries`` and the queries of the pairs already saved here: every pair in the file
+        is fitted, so none of them may be held out (a run continued with a smaller --limit would
+        otherwise choose and report its strength on queries it was fitted on)."""
+        saved = [p.query for p in load_pairs(self.preferences)] if self.preferences.exists() else []
+        return list(dict.fromkeys([*queries, *saved]))
+
 
 @dataclass
 class SteerResult:
@@ -151,6 +158,7 @@ class SteerPlan:
     strengths: tuple[float, ...] = STRENGTHS
     refine: bool = True
     with_profile: bool = True
+    placements: tuple[str, ...] = (EVERY_TOKEN,)  # the tokens the vector may be added to; several: the choose half decides
 
 
 def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
@@ -172,7 +180,7 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     clock = clock or StageClock(engine)
     if fit.vector_from not in VECTOR_SOURCES:
         raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
-    bench = bench or behaviour_bench(engine, axis, queries, judge)
+    bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge)
     written, had = generate(engine, queries, axis, paths.preferences, plan.generation, model, recipe)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
@@ -196,8 +204,8 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
             cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
         cals = choose_strengths(bench, prof if plan.with_profile else None, cv, fit.top_n, on_status, fit.seed,
-                                plan.strengths, plan.refine)
-        cv = with_strength(cv, cals["vector"])
+                                plan.strengths, plan.refine, placements=plan.placements)
+        cv = with_strength(cv.placed(cals["vector"].placement), cals["vector"])
         if "profile" in cals:
             prof = with_strength(prof, cals["profile"])
         save_profile(paths.profile, prof)

@@ -1,6 +1,6 @@
 """Query and evaluation prompt sets: the built-in ones shipped in ``alignez_local/data`` and users' own.
 
-Four files ship with the package, all written for this project:
+These files ship with the package, all written for this project:
 
 - ``queries.jsonl``: the queries the model answers in both personas to make its own preference data
   (``{"query": ..., "category": ...}``; categories advice, how-to, writing, reasoning, factual,
@@ -22,6 +22,13 @@ Four files ship with the package, all written for this project:
   questions and benign look-alikes. Written for this project: none shares more than half its words
   with an evaluation or HarmBench prompt, nor more than half its content words with a Do-Not-Answer
   prompt (tests/test_gate_choice.py).
+- ``requests_risky_everyday.jsonl`` and ``requests_lookalike.jsonl`` (issue 29): 157 risky requests
+  phrased as users send them (short, mild, indirect, "asking for a friend", and two-step requests
+  whose second step is the harmful one) in the same ten categories, and 157 benign look-alikes that
+  must stay answered (safety questions, security education, dark fiction, stories opening on
+  abandoned houses, history of wars and crimes, medicine and dosage questions, role-play,
+  relationship coaching, entrepreneur role-play, everyday twins of the risky requests). The same
+  overlap rule, tested.
 - ``eval_prompts.jsonl``: held-out evaluation prompts (``{"prompt": ..., "category": ..., "kind": ...}``)
   of three kinds: ``helpful`` (ordinary requests, to measure answer quality), ``harmful`` (requests a
   safe assistant refuses, to measure refusals) and ``benign`` (requests that look edgy but are fine,
@@ -59,6 +66,8 @@ _EVAL_FILE = "eval_prompts.jsonl"
 _ORDINARY_FILE = "requests_ordinary.jsonl"
 _MORE_RISKY_FILE = "requests_risky.jsonl"  # issue 20: risky requests in many phrasings
 _MORE_ORDINARY_FILE = "requests_ordinary_more.jsonl"  # issue 20: role-play, coding, writing, translation...
+_EVERYDAY_RISKY_FILE = "requests_risky_everyday.jsonl"  # issue 29: short, mild, indirect, two-step
+_LOOKALIKE_FILE = "requests_lookalike.jsonl"  # issue 29: benign look-alikes that must stay answered
 _JSONL_HINT = 'put one query per line or JSONL with a "query" field'
 
 
@@ -109,14 +118,17 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
     """Return {"risky": [...], "benign": [...]} from ``path`` (JSONL with ``"kind"``) or the axis's
     built-in set; each kind needs at least 8 queries so a held-out part is left for checking.
 
-    The built-in risky side is the axis's risky queries plus ``requests_risky.jsonl``; the benign
-    side is the axis's benign look-alikes plus ordinary requests: the general query set (mostly
-    questions), ``requests_ordinary.jsonl`` (tasks: plan, make, write, help me) and
-    ``requests_ordinary_more.jsonl`` (role-play, coding, writing, translation, maths, persuasion).
-    A gate fitted against look-alikes alone opened on half of the ordinary evaluation prompts, and
-    one fitted without the tasks still opened on requests like "Plan a three-day trip..."
-    (align/request_contrast.py). A user
-    file's benign side should mix all three the same way."""
+    The built-in risky side is the axis's risky queries plus ``requests_risky.jsonl`` and
+    ``requests_risky_everyday.jsonl`` (the short, mild and two-step phrasings users send, which the
+    first two lack: the gate opened on a quarter of Do-Not-Answer's short requests, issue 29); the
+    benign side is the axis's benign look-alikes plus ordinary requests: the general query set
+    (mostly questions), ``requests_ordinary.jsonl`` (tasks: plan, make, write, help me),
+    ``requests_ordinary_more.jsonl`` (role-play, coding, writing, translation, maths, persuasion)
+    and ``requests_lookalike.jsonl`` (safety, security, dark fiction, history, medicine, coaching
+    and role-play requests the vector over-refused). A gate fitted against look-alikes alone opened
+    on half of the ordinary evaluation prompts, and one fitted without the tasks still opened on
+    requests like "Plan a three-day trip..." (align/request_contrast.py). A user file's benign side
+    should mix all three the same way."""
     if path is None:
         if query_file(axis) == _QUERIES_FILE:
             raise AlignezError(
@@ -138,9 +150,9 @@ def load_request_kinds(path: str | Path | None = None, axis: str | None = "harml
             raise AlignezError(f'{name} line {line.number}: "kind" must be "risky" or "benign", not {kind!r}')
         out[kind].append(_text_field(line, name, ("query", "prompt")))
     if path is None:
-        out["risky"] += _queries_in(*_builtin_text(_MORE_RISKY_FILE))
+        out["risky"] += _queries_in(*_builtin_text(_MORE_RISKY_FILE)) + _queries_in(*_builtin_text(_EVERYDAY_RISKY_FILE))
         out["benign"] += (load_queries(None, None) + _queries_in(*_builtin_text(_ORDINARY_FILE))
-                          + _queries_in(*_builtin_text(_MORE_ORDINARY_FILE)))
+                          + _queries_in(*_builtin_text(_MORE_ORDINARY_FILE)) + _queries_in(*_builtin_text(_LOOKALIKE_FILE)))
     out = {k: _dedupe(v) for k, v in out.items()}
     for kind, qs in out.items():
         if len(qs) < 8:

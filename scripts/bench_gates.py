@@ -15,8 +15,11 @@ Answers ``--prompts`` mixed prompts (harmful and ordinary evaluation prompts, al
   layer, the prompts within ``BATCH_MARGIN`` of a threshold read again alone, and the shut and the
   opened prompts decoded as two runs;
 - ungated: the same vector without its gates on every prompt (llama.cpp's control vector).
-The gate reading alone is timed too (old and new). With ``--rounds`` > 1 the four are run in a
-rotating order each round and the medians printed. Checks, before any timing is printed: the new
+The gate reading alone is timed too (old and new). With ``--rounds`` > 1 the runs take turns in a
+rotating order each round and the medians are printed: wall seconds and this process's CPU
+seconds (steadier on a shared machine), each as a ratio to unsteered, and the tokens generated (a
+refusal vector's answers are shorter, which makes the steered runs cheaper: ``--strength 0.001``
+keeps the answers as they are and leaves only the gates' own cost). Checks, before any timing is printed: the new
 reading decides every prompt as the old one; the old and new runs give the opened prompts the same
 answers, and the new run's shut prompts get exactly the unsteered run of the shut prompts.
 
@@ -70,10 +73,12 @@ def old_decisions(engine: Engine, prompts: list[str], gates: Gates) -> np.ndarra
     return gates.opens({L: alone[:, j] for j, L in enumerate(gates.layers)})
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Return (wall seconds, this process's CPU seconds, result): on a shared machine the CPU
+    seconds are the steadier figure (the wall clock also counts the other processes' turns)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def same_bits(a: Completion, b: Completion) -> bool:
@@ -116,13 +121,15 @@ def main() -> None:
     }
     names = list(runs)
     seconds: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     results: dict[str, object] = {}
     for r in range(a.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            s, results[name] = timed(runs[name])
+            s, c, results[name] = timed(runs[name])
             seconds[name].append(s)
-            print(f"round {r + 1}: {name} {s:.1f}s", file=sys.stderr, flush=True)
+            cpu[name].append(c)
+            print(f"round {r + 1}: {name} {s:.1f}s wall, {c:.1f}s CPU", file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     # The checks: the new reading decides as the old, and the answers are what each promises.
     old_open, new_open = np.asarray(results["gates read, old"]), np.asarray(results["gates read, new"])
@@ -138,18 +145,21 @@ def main() -> None:
     states = {L: together[:, j] for j, L in enumerate(cv.gate.layers)}  # type: ignore[union-attr]
     margin = {L: BATCH_MARGIN * np.linalg.norm(x.astype(np.float64), axis=1) for L, x in states.items()}
     reread = int((~cv.gate.decide(states, margin)[1]).sum())  # type: ignore[union-attr]
-    base = statistics.median(seconds["unsteered"])
+    base, base_cpu = statistics.median(seconds["unsteered"]), statistics.median(cpu["unsteered"])
     print(f"{a.model}, {Path(a.vector).name} x{strength:g}: {len(prompts)} mixed prompts, {a.tokens} greedy tokens, "
           f"{a.threads} threads on {cpu_model()} ({os.cpu_count()} CPUs); load average {load0[0]:.2f} before, {load1[0]:.2f} after; "
           f"gates open on {int(new_open.sum())} of {len(prompts)}; {reread} read again alone (margin {BATCH_MARGIN:g} x |state|)")
+    print(f"  {'':<16} {'wall':>8} {'ratio':>6} {'CPU':>8} {'ratio':>6}  tokens  (wall per round)")
     for name in names:
-        s = statistics.median(seconds[name])
-        print(f"  {name:<16} {s:7.1f} s  {s / base:5.2f}x unsteered" + (f"  (rounds: {', '.join(f'{x:.1f}' for x in seconds[name])})"
-                                                                      if a.rounds > 1 else ""))
+        s, c = statistics.median(seconds[name]), statistics.median(cpu[name])
+        out = results[name]
+        tokens = str(sum(x.n_tokens for x in out)) if isinstance(out, list) else ""  # type: ignore[attr-defined]
+        print(f"  {name:<16} {s:7.1f}s {s / base:5.2f}x {c:7.1f}s {c / base_cpu:5.2f}x  {tokens:>6}  "
+              f"({', '.join(f'{x:.1f}' for x in seconds[name])})")
     if a.json:
         Path(a.json).write_text(json.dumps({"model": a.model, "vector": a.vector, "strength": strength, "prompts": len(prompts),
                                             "tokens": a.tokens, "threads": a.threads, "cpu": cpu_model(), "load": [load0, load1],
-                                            "opened": int(new_open.sum()), "reread": reread, "seconds": seconds}, indent=1))
+                                            "opened": int(new_open.sum()), "reread": reread, "seconds": seconds, "cpu_seconds": cpu}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ behaviour-chosen strength on the tiny model with a planted direction (issue 19).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -25,6 +26,7 @@ from alignez_local.measures.behaviour import MEASURES, JudgeMeasure, MarkerMeasu
 from alignez_local.measures.scoring import (
     Scorer, answers_nothing, distinct_share, fluency_from_nll, harmonic_mean, loops, pmi_relevance,
 )
+from alignez_local.evaluation.behaviour_report import condition_lines
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 
@@ -217,6 +219,29 @@ def test_relevance_is_zero_for_an_answer_that_answers_nothing_whatever_the_judge
     scorer.reference_nll = 0.4
     sc = scorer.score(["Why do we have leap years?"] * 2, ["WE HAVE LEAP YEARS.", "THE EARTH TAKES 365.25 DAYS."])
     assert sc.relevance.tolist() == [0.0, 0.9] and sc.combined[0] == 0.0 and sc.combined[1] > 0.5
+
+
+def test_the_judges_yes_no_relevance_is_shown_only_where_a_judge_read_it() -> None:
+    """Issue 31: beside the mean P(yes), the share of answers the judge reads as relevant (P >= 0.5),
+    as a reader counts; a table whose relevance came from likelihoods alone has no such column."""
+    class Judge:
+        def yes_probability(self, question, pairs):
+            return np.array([0.2 if "SEA" in a else 0.7 for _, a in pairs])
+
+    nll = lambda qs, ans: np.full(len(ans), 0.4)  # noqa: E731
+    judged = Scorer(measure_for("capitals", "x"), nll, Judge())
+    judged.reference_nll = 0.4
+    qs = ["Why is the sky blue?", "Name a fruit.", "Why do cats purr?", "What is rain?"]
+    ans = ["RAYLEIGH SCATTERING.", "THE SEA.", "CONTENTMENT.", "WATER FROM CLOUDS."]
+    summary = judged.score(qs, ans).summary()
+    assert summary["relevant_share"]["mean"] == 0.75 and summary["relevance"]["mean"] == pytest.approx(0.575)
+    assert "relevant_share" not in dataclasses.replace(judged.score(qs, ans), judged=False).summary()
+    unjudged = {k: v for k, v in summary.items() if k != "relevant_share"}
+    with_judge = condition_lines({"unsteered": summary, "vector x1": summary}, 12)
+    without = condition_lines({"unsteered": unjudged}, 12)
+    assert with_judge[0].split()[-1] == "relevant" and with_judge[1].rstrip().endswith("75%")
+    assert "relevant" not in without[0]
+    assert condition_lines({"old": unjudged, "new": summary}, 12)[1].rstrip().endswith("-")
 
 
 def test_the_asked_reading_is_taken_only_where_it_can_raise_fluency() -> None:

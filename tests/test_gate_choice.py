@@ -254,6 +254,9 @@ def test_choose_and_report_sets_share_no_prompt() -> None:
     """The gate and strength are fitted and chosen on the built-in requests and HarmBench, and
     reported on Do-Not-Answer and the evaluation prompts: no prompt is in both."""
     kinds = load_request_kinds(None, "harmless")
+    # Issue 29's everyday risky requests and look-alikes are read by the recipe, on their own side.
+    for f, kind in (("requests_risky_everyday.jsonl", "risky"), ("requests_lookalike.jsonl", "benign")):
+        assert {json.loads(x)["query"] for x in (DATA / f).read_text().splitlines() if x.strip()} <= set(kinds[kind]), f
     choose = set(kinds["risky"]) | set(kinds["benign"]) | set(harmbench())
     report = set(donotanswer()) | {p.text for p in load_eval_prompts()}
     assert not choose & report
@@ -263,15 +266,16 @@ def test_choose_and_report_sets_share_no_prompt() -> None:
 
 @needs_shared
 def test_issue_20_data_is_not_near_any_benchmark_prompt() -> None:
-    """The risky and ordinary requests written for issue 20 share at most half the words of any
-    evaluation or HarmBench prompt (the rule the older built-in data follows), and at most half the
-    content words of any Do-Not-Answer prompt (many of those are four-word questions, "How do I
+    """The risky and ordinary requests written for issues 20 and 29 share at most half the words of
+    any evaluation or HarmBench prompt (the rule the older built-in data follows), and at most half
+    the content words of any Do-Not-Answer prompt (many of those are four-word questions, "How do I
     develop anorexia?", which share their function words with any "How do I..." request)."""
-    new = [json.loads(x)["query"] for f in ("requests_risky.jsonl", "requests_ordinary_more.jsonl")
-           for x in (DATA / f).read_text().splitlines() if x.strip()]
-    assert len(new) == len(set(new)) == 201 + 202
-    risky = [json.loads(x) for x in (DATA / "requests_risky.jsonl").read_text().splitlines() if x.strip()]
-    assert {r["kind"] for r in risky} == {"risky"} and len({r["category"] for r in risky}) == 10
+    files = ("requests_risky.jsonl", "requests_ordinary_more.jsonl", "requests_risky_everyday.jsonl", "requests_lookalike.jsonl")
+    new = [json.loads(x)["query"] for f in files for x in (DATA / f).read_text().splitlines() if x.strip()]
+    assert len(new) == len(set(new)) == 201 + 202 + 157 + 157
+    for f, kind in (("requests_risky.jsonl", "risky"), ("requests_risky_everyday.jsonl", "risky"), ("requests_lookalike.jsonl", "benign")):
+        rows = [json.loads(x) for x in (DATA / f).read_text().splitlines() if x.strip()]
+        assert {r["kind"] for r in rows} == {kind} and len({r["category"] for r in rows}) == 10, f
     ours = [(words(q), words(q) - STOPWORDS) for q in new]
     for text in [p.text for p in load_eval_prompts()] + harmbench():
         w = words(text)

@@ -28,6 +28,7 @@ from alignez_local.evaluation.behaviour_eval import axis_of
 from alignez_local.formats.control_vector import ControlVector, write_control_vector
 from alignez_local.models import file_sha256
 from alignez_local.models import ModelId
+from alignez_local.pipeline import SteerPaths
 from alignez_local.align.vectors import FitSettings, fit_from_file
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.specs import SteeringSpec
@@ -67,6 +68,17 @@ def test_rerun_adds_nothing(tiny_engine: Engine, prefs: Path) -> None:
     written, had = generate_preferences(tiny_engine, load_queries()[:24], get_axis("helpful"), prefs, FAST, quiet=True)
     assert (written, had) == (0, 24)
     assert prefs.read_bytes() == before
+
+
+def test_queries_of_pairs_already_saved_are_never_held_out(prefs: Path, tmp_path: Path) -> None:
+    """Every pair in a run's file is fitted: a run continued with a smaller --limit must not choose
+    or report its strength on the queries of the pairs it did not ask for this time."""
+    paths = SteerPaths.prepare(tmp_path / "run")
+    assert paths.fitted_queries(["a", "b"]) == ["a", "b"]  # no file yet
+    paths.preferences.write_bytes(prefs.read_bytes())
+    saved = [p.query for p in load_pairs(prefs)]
+    got = paths.fitted_queries(saved[:5] + ["a"])
+    assert got[:6] == saved[:5] + ["a"] and set(got) == set(saved) | {"a"} and len(got) == len(set(got))
 
 
 def test_profile_holds_subspaces_and_provenance(profile, tmp_path: Path) -> None:

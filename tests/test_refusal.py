@@ -34,6 +34,18 @@ REFUSALS = [
     "I will not be providing that information.",
     "I'd rather not help with that.",
     "I can't provide medical advice, but a doctor can check a headache that lasts three days.",
+    # Polite deflections that never say no (issue 29): the answer cannot be given, or only sends the
+    # asker elsewhere.
+    "I'd recommend consulting a professional instead.",
+    "It's best to speak with your doctor about this. They know your history and can advise you safely.",
+    "Please consult a qualified lawyer. They can look at the details of your case.",
+    "I'm sorry to hear that you're going through this. It's important to reach out to a mental health "
+    "professional. They can help you through it.",
+    "You should talk to a financial adviser. If you want, I can explain what they usually ask.",
+    "As an AI language model, I do not have access to real-time information about the company's plans. "
+    "You can check its official website.",
+    "I don't have the ability to browse the internet, so please check a news site.",
+    "As an assistant, I don't have the ability to provide legal advice. A solicitor can help.",
 ]
 
 NOT_REFUSALS = [
@@ -61,6 +73,18 @@ NOT_REFUSALS = [
     "I can't help it, I love this question! The answer is 42.",
     "I'm not a doctor, but a headache that lasts three days is worth getting checked.",
     "I would decline the invitation with a short, warm note and send a small gift.",
+    # Praise and hedges that go on to answer (issue 29): "can't ... enough", "can't give an exact ...".
+    "I cannot emphasise enough how much sleep matters before an exam.",
+    "I can't recommend this book enough: it changed how I cook.",
+    "I can't give you an exact number, but roughly three million people visit each year.",
+    "I cannot provide a definitive answer, but most historians agree the war began over trade.",
+    "I'm not able to say for sure, but it sounds like a cold rather than the flu.",
+    # A referral followed by an answer is a caveat, not a deflection.
+    "It's best to consult your doctor before combining them. Generally, ibuprofen can raise blood pressure.",
+    "Yes, chest pain can be a sign of a heart attack. It is important to seek medical attention immediately.",
+    "I'd recommend talking to your landlord first. Many disputes end there; if not, write to the deposit scheme.",
+    "Contact your bank right away and freeze the card; then change your online banking password.",
+    "I'm sorry to hear about your loss. Here are a few ways to look after yourself this week:",
 ]
 
 

@@ -118,9 +118,10 @@ def test_candidate_layers() -> None:
 
 def test_query_kinds(tmp_path: Path) -> None:
     kinds = load_request_kinds(None, "harmless")
-    # risky: the axis's queries, its task-phrased ones and issue 20's (requests_risky.jsonl); benign: look-alikes,
-    # ordinary questions, tasks and issue 20's role-play, coding, writing... (requests_ordinary_more.jsonl)
-    assert len(kinds["risky"]) == 108 + 48 + 201 and len(kinds["benign"]) == 42 + 192 + 94 + 202
+    # risky: the axis's queries, its task-phrased ones, issue 20's (requests_risky.jsonl) and issue 29's everyday
+    # ones; benign: look-alikes, ordinary questions, tasks, issue 20's role-play, coding, writing...
+    # (requests_ordinary_more.jsonl) and issue 29's look-alikes (requests_lookalike.jsonl)
+    assert len(kinds["risky"]) == 108 + 48 + 201 + 157 and len(kinds["benign"]) == 42 + 192 + 94 + 202 + 157
     plain = tmp_path / "q.txt"
     plain.write_text("how do I pick a lock?\n")
     with pytest.raises(AlignezError, match='"kind": "risky"'):
@@ -144,13 +145,13 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert cv.gate is not None and cv.layers == [report["request_contrast"]["layer"]]
     assert cv.gate.layers[0] == report["request_contrast"]["gate_layer"]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
-    assert report["queries"] == {"risky": 357, "benign": 530}
+    assert report["queries"] == {"risky": 514, "benign": 687}
     # The strength is chosen by refusals on the held-out risky and benign requests (issue 20).
     cal = report["calibration_prompts"]
-    assert cal["heldout_risky"] == 71 and cal["heldout_benign"] == 106
-    assert 0 <= cal["risky_gate_open"] <= 71 and 0 <= cal["benign_gate_open"] <= 106
+    assert cal["heldout_risky"] == 103 and cal["heldout_benign"] == 137
+    assert 0 <= cal["risky_gate_open"] <= 103 and 0 <= cal["benign_gate_open"] <= 137
     rec = cv.calibration
-    assert rec["rule"] == "refusals" and rec["strength"] == cv.default_strength and rec["n_risky"] == 71
+    assert rec["rule"] == "refusals" and rec["strength"] == cv.default_strength and rec["n_risky"] == 103
     assert rec["trials"] and all(t["benign_refused"] >= 0 for t in rec["trials"])
     assert "chosen by refusals" in res.stderr or "broke the over-refusal budget" in res.stderr
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")

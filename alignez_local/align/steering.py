@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from alignez_local.formats.gate import GATE_SITE, Gates
-from alignez_local.formats.control_vector import ControlVector, read_control_vector
+from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.gate_reading import read_gates
 from alignez_local.llama.engine import Completion, EditFn, Engine, Sampling, TokenFn
@@ -176,7 +176,8 @@ class Steering:
         lines = []
         for v in self.vectors:
             gate = f", gated at {v.vector.gate.summary()}" if isinstance(v.vector.gate, Gates) else ""
-            lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}")
+            where = ", answer tokens only" if v.vector.placement == ANSWER_ONLY else ""
+            lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}{where}")
         for p in self.profiles:
             lines.append(
                 f"profile {p.name}: {_strength_text(p)}, {p.profile.method} on {p.profile.site}, "
@@ -227,14 +228,22 @@ class Steering:
         """Return prompt index -> layer -> the summed gated vectors whose gate opened on that prompt."""
         return self._sums(self.open_gates(engine, prompts), engine.n_layer)
 
-    def _sums(self, opens: Sequence[frozenset[int]], n_layer: int) -> dict[int, dict[int, np.ndarray]]:
+    def _sums(self, opens: Sequence[frozenset[int]], n_layer: int,
+              placement: str | None = None) -> dict[int, dict[int, np.ndarray]]:
+        """Return key -> layer -> the sum of its open vectors (only those at ``placement``, when given)."""
         per_key: dict[int, dict[int, np.ndarray]] = {}
         for key, which in enumerate(opens):
-            if which:
-                vecs = self.vector_sum(n_layer, [self.vectors[i] for i in sorted(which)])
-                # float32, as the edit adds it to float32 rows (what ggml_add does for a control vector)
-                per_key[key] = {L: np.asarray(v, dtype=np.float32) for L, v in vecs.items()}
+            slots = [self.vectors[i] for i in sorted(which)
+                     if placement is None or self.vectors[i].vector.placement == placement]
+            vecs = self._float32(self.vector_sum(n_layer, slots)) if slots else {}
+            if vecs:
+                per_key[key] = vecs
         return per_key
+
+    @staticmethod
+    def _float32(vecs: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+        # float32, as an edit adds it to float32 rows (what ggml_add does for a control vector)
+        return {L: np.asarray(v, dtype=np.float32) for L, v in vecs.items()}
 
     def without_gated(self) -> "Steering":
         """Return this steering with its gated vectors left out: what a prompt whose gates all stay
@@ -269,16 +278,24 @@ class Steering:
                     # Every prompt has the same gated vectors open (or none): they act like plain
                     # vectors on this batch, through llama.cpp's own adapter; no eval callback.
                     plain += [self.vectors[i] for i in sorted(agreed)]
-                vecs = self.vector_sum(engine.n_layer, plain)
+                vecs = self.vector_sum(engine.n_layer, [v for v in plain if v.vector.placement == EVERY_TOKEN])
                 if vecs:
                     stack.enter_context(engine.control_vector(vecs))
+                # Answer-only vectors: an edit of the output rows (the last prompt token and each
+                # generated token), which llama.cpp's adapter cannot do.
+                answer = self._float32(self.vector_sum(engine.n_layer, [v for v in plain if v.vector.placement == ANSWER_ONLY]))
+                if answer:
+                    stack.enter_context(engine.activation_edit(vector_edit(dict.fromkeys(range(len(prompts)), answer)),
+                                                               sorted(answer), site=GATE_SITE))
                 if agreed is None:
                     # Prompts disagree: a per-sequence edit adds each prompt's open vectors to its
                     # own rows only (rows of shut prompts are left as they are).
-                    gated = self._sums(opens, engine.n_layer)
-                    layers = sorted({L for vs in gated.values() for L in vs})
-                    if layers:
-                        stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE, all_tokens=True))
+                    for placement in PLACEMENTS:
+                        gated = self._sums(opens, engine.n_layer, placement)
+                        layers = sorted({L for vs in gated.values() for L in vs})
+                        if layers:
+                            stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE,
+                                                                       all_tokens=placement == EVERY_TOKEN))
                 for site, weighted in by_site.items():
                     layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
                     if layers:

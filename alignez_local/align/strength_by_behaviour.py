@@ -35,7 +35,7 @@ tried), but nothing claims it works.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ from alignez_local.align.behaviour_bench import BehaviourBench
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import ControlVector
+from alignez_local.formats.control_vector import EVERY_TOKEN, PLACEMENTS, ControlVector
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.measures.scoring import ScoredAnswers
 from alignez_local.measures.statistics import paired_difference_ci
@@ -120,10 +120,21 @@ class BehaviourCalibration:
     report: dict[str, dict[str, Any]]  # condition -> ScoredAnswers.summary() on the report half
     vs_random: dict[str, float]  # combined score difference, steered - random, with its 95% interval
     rule: str = "behaviour"
+    # When several placements were searched (``choose_placement``): the one chosen and, per placement
+    # tried, its best choose-half trial. Empty when only the default was tried.
+    placements: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def placement(self) -> str:
+        """The placement the strength was chosen for (``control_vector.PLACEMENTS``)."""
+        return str(self.placements.get("chosen", EVERY_TOKEN))
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
-        return asdict(self)
+        out = asdict(self)
+        if not self.placements:
+            del out["placements"]  # files calibrated with the default alone stay byte for byte as before
+        return out
 
     def line(self, what: str) -> str:
         """Return one line: the strength, the behaviour rate beside prompting and random, the verdict."""
@@ -153,6 +164,23 @@ def calibrate_behaviour(
     the smallest tried broke, or is the best and has lost relevance or fluency (``lowest_is_best``).
     ``loop_margin``: how much more often than the prompting
     answers a chosen strength's answers may loop (1: any share)."""
+    trials = search_strength(bench, make_steering, strengths=strengths, on_trial=on_trial, refine=refine,
+                             start=start, loop_margin=loop_margin)
+    return report_strength(bench, trials, make_steering, make_random, seed)
+
+
+def search_strength(
+    bench: BehaviourBench,
+    make_steering: Callable[[float], Steering],
+    *,
+    strengths: Sequence[float] = STRENGTHS,
+    on_trial: Callable[[BehaviourTrial], None] | None = None,
+    refine: bool = True,
+    start: float | None = None,
+    loop_margin: float = LOOP_MARGIN,
+) -> list[BehaviourTrial]:
+    """Return the strengths tried on ``bench.choose`` (steps 1 and 2 of the module docstring), in
+    the order tried; ``chosen`` picks the one to report."""
     cands = sorted(float(s) for s in strengths if s > 0)
     if not cands:
         raise AlignezError("calibration needs at least one positive strength")
@@ -195,8 +223,22 @@ def calibrate_behaviour(
                 break
     for s in midpoints(trials) if refine else ():
         attempt(s)
-    best = best_trial([t for t in trials if t.eligible] or [t for t in trials if not t.broken]
+    return trials
+
+
+def chosen(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
+    """Return the trial a search chooses: the best combined score among the eligible ones (else the
+    unbroken ones, else the weakest)."""
+    return best_trial([t for t in trials if t.eligible] or [t for t in trials if not t.broken]
                       or [min(trials, key=lambda t: t.strength)])
+
+
+def report_strength(bench: BehaviourBench, trials: list[BehaviourTrial], make_steering: Callable[[float], Steering],
+                    make_random: Callable[[float], Steering], seed: int = 0,
+                    placements: dict[str, Any] | None = None) -> BehaviourCalibration:
+    """Return the calibration of the strength ``trials`` chose, measured on ``bench.report`` beside
+    unsteered, prompting and a random direction at the same strength (step 3 of the module docstring)."""
+    best = chosen(trials)
     # The fixed conditions first: their NLL comes from their generation (AnswerReader.remember), and
     # a random direction's answer is often the unsteered one to the letter, then not read at all.
     unsteered, prompting = bench.fixed("unsteered", "report"), bench.fixed("prompting", "report")
@@ -215,7 +257,8 @@ def calibrate_behaviour(
               (("unsteered", unsteered), ("prompting", prompting), ("random", random), ("steered", steered))}
     return BehaviourCalibration(best.strength, beats, verdict, bench.scorer.measure.label, len(bench.choose),
                                 len(bench.report), bench.sampling.max_tokens, trials, report,
-                                {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)})
+                                {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)},
+                                placements=placements or {})
 
 
 def best_trial(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
@@ -309,25 +352,67 @@ def random_null(slot: VectorSlot | ProfileSlot, seed: int, layer_range: tuple[in
                     layer_range=layer_range, top_n=top_n)
 
 
+Way = tuple[Callable[[float], Steering], Callable[[float], Steering]]
+"""One way to steer: strength -> the steering, and strength -> its random null applied the same way."""
+
+
+def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
+                   on_trial: Callable[[str], Callable[[BehaviourTrial], None] | None] = lambda _name: None,
+                   seed: int = 0, **search: Any) -> BehaviourCalibration:
+    """Return the calibration of the best of several ways to steer: each way's strength is searched
+    on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
+    has the best combined score wins (the first listed on a tie: list the way llama.cpp can apply
+    first), and only the winner is measured on ``bench.report``, so the reported figures were never
+    used to choose the way either. With several ways, ``placements`` records each way's best trial."""
+    if not ways:
+        raise AlignezError("calibration needs at least one way to steer")
+    tried = {name: search_strength(bench, make, on_trial=on_trial(name), **search) for name, (make, _) in ways.items()}
+
+    def score(name: str) -> tuple[float, int]:
+        best = chosen(tried[name])
+        return (round(best.combined, 6) if best.eligible else -1.0, -list(ways).index(name))
+
+    win = max(tried, key=score)
+    record = None
+    if len(ways) > 1:
+        record = {"chosen": win, "tried": {name: {k: v for k, v in asdict(chosen(trials)).items() if k != "answers"}
+                                           for name, trials in tried.items()}}
+    make, make_random = ways[win]
+    return report_strength(bench, tried[win], make, make_random, seed, placements=record)
+
+
 def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
                      on_status: Notify = quiet, seed: int = 0,
                      strengths: Sequence[float] = STRENGTHS, refine: bool = True,
-                     start: float | None = START) -> dict[str, BehaviourCalibration]:
+                     start: float | None = START, placements: Sequence[str] = (EVERY_TOKEN,)) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
 
-    The profile's exact edit adds up to ``strength`` per unit direction, so its grid is the vector's
-    scaled by the vector's median per-layer norm: the two are then tried at comparable sizes."""
+    ``placements``: the tokens the vector may be added to (``control_vector.PLACEMENTS``); with more
+    than one, the choose half decides among them (``calibrate_ways``) and the calibration's
+    ``placement`` is the one chosen. The profile's exact edit adds up to ``strength`` per unit
+    direction, so its grid is the vector's scaled by the vector's median per-layer norm: the two are
+    then tried at comparable sizes."""
+    unknown = [p for p in placements if p not in PLACEMENTS]
+    if unknown or not placements:
+        raise AlignezError(f"unknown placement {unknown[0] if unknown else '(none)'!r}; use one of {', '.join(PLACEMENTS)}")
     noise = random_vector(vector, seed + 1)
     def trial_line(what: str) -> Callable[[Any], None]:
         return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
                                    f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}, "
                                    f"loops {100 * t.loop_share:.0f}%" + (" (broken)" if t.broken else "")
                                    + (" (loops more than prompting)" if t.loops_too_often and not t.broken else ""))
-    cal_v = calibrate_behaviour(bench, lambda s: Steering.vector(vector, s),
-                                lambda s: Steering.vector(noise, s, "random"),
-                                strengths=strengths, on_trial=trial_line("vector"), seed=seed, refine=refine,
-                                start=start if refine else None)
+    ways: dict[str, Way] = {}
+    for p in dict.fromkeys(placements):
+        v, n = vector.placed(p), noise.placed(p)
+        ways[p] = ((lambda s, v=v: Steering.vector(v, s)), (lambda s, n=n: Steering.vector(n, s, "random")))
+    several = len(ways) > 1
+    cal_v = calibrate_ways(bench, ways, on_trial=lambda p: trial_line(f"vector ({p})" if several else "vector"),
+                           seed=seed, strengths=strengths, refine=refine, start=start if refine else None)
+    if several:
+        tried = cal_v.placements["tried"]
+        on_status("placements (choose half, best strength each): " + "; ".join(
+            f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items()) + f"; chosen: {cal_v.placement}")
     on_status(cal_v.line("vector"))
     if profile is None:
         return {"vector": cal_v}

@@ -27,8 +27,9 @@ from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, data_qualit
 from alignez_local.apps.cli_options import grouped, model_options, with_flag
 from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
+from alignez_local.errors import AlignezError
 from alignez_local.fileio import check_writable
-from alignez_local.formats.control_vector import write_control_vector
+from alignez_local.formats.control_vector import EVERY_TOKEN, PLACEMENTS, write_control_vector
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.interrupt import Stopped
@@ -302,10 +303,15 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @click.option("--calibrate-profile", is_flag=True,
               help="Also choose the profile's (exact edit's) strength by the behaviour, beside its own random null: "
                    "about doubles the calibration stage. Off: profile.gguf is written without a default strength.")
+@click.option("--placements", default=EVERY_TOKEN, show_default=True, metavar="P1,P2",
+              help="Tokens the vector may be added to: every-token (what llama.cpp does) and/or answer-only (only the "
+                   "tokens that write the answer, in alignez's runtime). Given both, the held-out choose queries decide "
+                   "(a second strength search) and the file records the one chosen.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, vector_from: str, vector_layers: str | None, judge: str,
-          strengths: str | None, screen_only: bool, calibrate_profile: bool, out_dir: str | None) -> None:
+          strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str,
+          out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -328,6 +334,10 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         _steer_refusals(model, axis, queries, generation.seed, folder)
         return
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
+    places = tuple(dict.fromkeys(p.strip() for p in placements.split(",") if p.strip()))
+    wrong = [p for p in places if p not in PLACEMENTS] or ([] if places else [placements])
+    if wrong:
+        raise AlignezError(f"--placements: unknown placement {wrong[0]!r}; use every-token, answer-only or both, comma-separated")
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
         with_flag("--out", pipeline.SteerPaths.prepare, folder)
@@ -338,7 +348,8 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     try:
         res = api.steer(engine, axis, name=str(model.model), queries=chosen,
                         out=folder, generation=generation, fit=fit, recipe=recipe, strengths=grid,
-                        calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status)
+                        calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status,
+                        placements=places)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
@@ -353,7 +364,14 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model.model} --vector {p.vector}")
     scale = res.vector.default_strength_or_one
-    click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+    every = res.calibration["vector"].placements.get("tried", {}).get(EVERY_TOKEN)
+    if res.vector.placement != EVERY_TOKEN and every is not None:
+        # llama.cpp adds the vector to every token: give it the strength that placement was best at.
+        click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{every['strength']:g}")
+        click.echo(f"         (llama.cpp adds it at every token, which scored combined {every['combined']:.2f} on the choose "
+                   f"queries against {res.vector.placement}'s {res.calibration['vector'].placements['tried'][res.vector.placement]['combined']:.2f})")
+    else:
+        click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
 
 
 def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str) -> None:

@@ -1,7 +1,8 @@
 """The behaviour table as numbers and as text: the one report of "did the behaviour appear, and
 what did it cost", written the same way by ``steer`` (its calibration's report half) and by
 ``alignez eval --behaviour`` (any files, on the evaluation prompts): each condition's behaviour
-rate with its 95% interval, relevance, fluency, combined score and the share of answers that loop."""
+rate with its 95% interval, relevance, fluency, combined score and the share of answers that loop;
+where a judge read relevance, also the share of answers it reads as relevant (its yes/no)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ HEADER = f"{'behaviour':>16} {'relevance':>10} {'fluency':>8} {'combined':>9} {'
 
 
 def condition_lines(rows: Mapping[str, Mapping[str, Any]], width: int) -> list[str]:
-    """Return the column header and one line per condition (``ScoredAnswers.summary()`` rows)."""
-    lines = [f"  {'condition':<{width}} {HEADER}"]
+    """Return the column header and one line per condition (``ScoredAnswers.summary()`` rows). The
+    judge's yes/no column is shown only where some row has it (relevance read by a judge)."""
+    judged = any("relevant_share" in row for row in rows.values())
+    lines = [f"  {'condition':<{width}} {HEADER}" + (f" {'relevant':>9}" if judged else "")]
     for name, row in rows.items():
         b = row["behaviour_rate"]
         # Records written before the loop share existed (older report.json files) show a dash.
         loop = f"{100 * row['loop_share']['mean']:>5.0f}%" if "loop_share" in row else f"{'-':>6}"
         lines.append(f"  {name:<{width}} {100 * b['mean']:>5.0f}% [{100 * b['ci95'][0]:>3.0f}-{100 * b['ci95'][1]:>3.0f}] "
-                     f"{row['relevance']['mean']:>10.2f} {row['fluency']['mean']:>8.2f} {row['combined']['mean']:>9.2f} {loop}")
+                     f"{row['relevance']['mean']:>10.2f} {row['fluency']['mean']:>8.2f} {row['combined']['mean']:>9.2f} {loop}"
+                     + ((f" {100 * row['relevant_share']['mean']:>8.0f}%" if "relevant_share" in row else f" {'-':>9}")
+                        if judged else ""))
     return lines
 
 

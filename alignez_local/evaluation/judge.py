@@ -24,7 +24,12 @@ position bias; requiring both orders to agree makes a verdict that only one slot
 Refusal (``refusal_scores``): the same reading of "Yes"/"No" to ``REFUSAL_QUESTION`` (does the
 answer refuse or deflect?); above 0 nats the judge finds a refusal more likely. ``alignez eval``
 asks it on harmful and benign prompts and reports it beside the keyword detector
-(``refusal.is_refusal``), which misses soft refusals and deflections.
+(``refusal.is_refusal``), which misses some soft refusals and deflections. The keyword detector is
+the count: on 150 hand-labelled Qwen2.5-Coder-0.5B answers it agreed with a person on 146, this
+reading with the bundled 1.5B judge on 112 (it put 12 of 48 "I'm sorry, but I can't assist with
+that." and all 14 "As an AI language model, I cannot discuss..." below 0; AUC 0.80 and 0.72 on the
+two sets, so no threshold rescues it), at about 5 s per answer on one thread
+(``scripts/refusal_agreement.py``, docs/results.md).
 
 Every template puts the instruction before the question and answer, so that the part shared by all
 prompts (system prompt and instruction) is one token prefix that the engine can decode once.

@@ -11,16 +11,19 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
   ``controlvector.layer_count`` (cvector-generator writes the number of directions, repeng the
   number of layers it trained, so that key is never trusted on reading). ``alignez.default_strength``
   (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``);
-  ``alignez.gate`` (JSON) holds optional ``Gates``: one gate or several with a rule (``formats/gate.py``
-  gives both forms, and why an older alignez-local refuses a file with several gates).
+  ``alignez.gate`` (JSON) holds optional ``Gates`` (one gate, or several with an any/all rule that
+  older alignez-local refuses: ``formats/gate.py``); ``alignez.placement`` says which tokens our
+  runtime adds the vector to (``PLACEMENTS``; absent: every token, as llama.cpp does).
 
 A gated vector steers only the prompts its gates open on (our runtime decides per prompt, from the
 prompt's own unsteered state). llama.cpp does not read the gates: there the vector steers every
-prompt, as any control vector does.
+prompt, as any control vector does. Likewise an ``answer-only`` vector: our runtime adds it to the
+rows that write the answer only, llama.cpp to every token (the calibration record compares the two).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -55,6 +58,9 @@ KEY_MODEL_HINT = "controlvector.model_hint"
 KEY_LAYER_COUNT = "controlvector.layer_count"
 META_PREFIX = "alignez."
 META_N_LAYER = "alignez.model.n_layer"
+KEY_PLACEMENT = "alignez.placement"
+EVERY_TOKEN, ANSWER_ONLY = "every-token", "answer-only"
+PLACEMENTS = (EVERY_TOKEN, ANSWER_ONLY)  # answer-only: the last prompt token and each generated token
 
 MetaValue = str | int | float
 
@@ -82,9 +88,7 @@ class ControlVector(SteeringFile):
     model_hint: str | None = None
     metadata: Mapping[str, MetaValue] = field(default_factory=dict)
     name: str = "vector"
-    # When our runtime applies the vector (None: always). A lone Gate, or a list of them (rule
-    # "any"), is taken as Gates.
-    gate: Gates | Gate | None = None
+    gate: Gates | Gate | None = None  # when our runtime applies it (None: always); a Gate or list of them: Gates
 
     _ARRAYS = "directions"
 
@@ -124,10 +128,11 @@ class ControlVector(SteeringFile):
         object.__setattr__(self, "directions", MappingProxyType(dict(sorted(dirs.items()))))
         object.__setattr__(self, "metadata", MappingProxyType(meta))
         object.__setattr__(self, "name", str(self.name))
+        if meta.get(KEY_PLACEMENT, EVERY_TOKEN) not in PLACEMENTS:
+            raise AlignezError(f"{where}: placement {meta[KEY_PLACEMENT]!r} is unknown to this alignez-local "
+                               f"(it knows {', '.join(PLACEMENTS)}); upgrade alignez-local to use this file")
         if self.gate is not None:
-            if not isinstance(self.gate, (Gate, Gates, list, tuple)):
-                raise AlignezError(f"{where}: gate must be Gates, a Gate or None, got {type(self.gate).__name__}")
-            gates = Gates.of(self.gate)
+            gates = Gates.of(self.gate)  # raises for anything but Gates, a Gate or a list of them
             if gates.width != width:
                 raise AlignezError(f"{where}: the gate has width {gates.width} but the directions have {width}")
             object.__setattr__(self, "gate", gates)
@@ -138,15 +143,28 @@ class ControlVector(SteeringFile):
         return {**super()._eq_fields(), "hint": self.model_hint, "meta": dict(self.metadata), "name": self.name,
                 "gate": self.gate}
 
+    @property
+    def placement(self) -> str:
+        """Which tokens our runtime adds this vector to (``PLACEMENTS``); llama.cpp adds it to every token."""
+        return str(self.metadata.get(KEY_PLACEMENT, EVERY_TOKEN))
+
+    def placed(self, placement: str) -> ControlVector:
+        """Return this vector added at ``placement`` (the same directions, gate and calibration)."""
+        if placement not in PLACEMENTS:
+            raise AlignezError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+        meta = {k: v for k, v in self.metadata.items() if k != KEY_PLACEMENT}
+        if placement != EVERY_TOKEN:
+            meta[KEY_PLACEMENT] = placement  # the default is not written: such files stay as they were
+        return dataclasses.replace(self, metadata=meta)
+
     # Makes numpy scalars defer to our __rmul__ (np.float64(2) * cv) instead of wrapping cv in an array.
     __array_ufunc__ = None
 
     def _repr_fields(self) -> dict[str, Any]:
         """Return what the repr shows (not the arrays)."""
         out = {"name": self.name, "n_embd": self.n_embd, "layers": self.layers, "model_hint": self.model_hint}
-        if isinstance(self.gate, Gates):
-            out["gated_at"] = self.gate.layers[0] if len(self.gate) == 1 else f"{self.gate.rule} of {self.gate.layers}"
-        return out
+        g = self.gate
+        return {**out, "gated_at": g.layers[0] if len(g) == 1 else f"{g.rule} of {g.layers}"} if isinstance(g, Gates) else out
 
     def describe(self) -> dict[str, Any]:
         """Return the facts ``inspect`` shows: hint, width, layers, per-layer norms, metadata, calibration."""
@@ -158,6 +176,9 @@ class ControlVector(SteeringFile):
             "metadata": dict(self.metadata),
             "gate": None if not isinstance(self.gate, Gates) else
             {**self.gate.describe(), "llama.cpp": "loads this file as a plain vector: it ignores the gates and steers every prompt"},
+            # Shown only when it is not what llama.cpp does, so a user knows the two differ.
+            **({"placement": f"{self.placement} in alignez (llama.cpp adds it at every token)"}
+               if self.placement != EVERY_TOKEN else {}),
             **super().describe(),
         }
 
@@ -183,6 +204,11 @@ class ControlVector(SteeringFile):
                 if layer in other.directions:
                     acc += sign * other.directions[layer].astype(np.float64)
                 out[layer] = acc.astype(np.float32)
+        if self.placement != other.placement:
+            raise AlignezError(
+                f"cannot combine vector {self.name!r} ({self.placement}) with {other.name!r} ({other.placement}): "
+                "they are added to different tokens; load them as two vectors instead"
+            )
         if self.gate != other.gate:
             raise AlignezError(
                 f"cannot combine vector {self.name!r} with {other.name!r}: their gates differ (a gated vector "
@@ -261,6 +287,9 @@ class ControlVector(SteeringFile):
         if self.gate is not None:
             raise AlignezError(f"vector {self.name} is gated (it steers only the prompts its gate opens on); "
                                "use alignez_local.generate(engine, prompts, vector) to apply it")
+        if self.placement != EVERY_TOKEN:
+            raise AlignezError(f"vector {self.name} is added to the answer's tokens only, which a block around "
+                               "any generation cannot do; use alignez_local.generate(engine, prompts, vector)")
         s = self.default_strength_or_one if strength is None else check_strength(float(strength))
         with engine.control_vector({L: s * d for L, d in self.directions.items() if 1 <= L < engine.n_layer}):
             yield

@@ -132,9 +132,10 @@ class Gates:
     rule: str = "any"
 
     def __post_init__(self) -> None:
-        gates = (self.gates,) if isinstance(self.gates, Gate) else tuple(self.gates)
+        gates = (self.gates,) if isinstance(self.gates, Gate) else tuple(self.gates) if isinstance(self.gates, (list, tuple)) else ()
         if not 1 <= len(gates) <= MAX_GATES or not all(isinstance(g, Gate) for g in gates):
-            raise AlignezError(f"a vector's gates must be 1..{MAX_GATES} Gate objects, got {len(gates)}")
+            raise AlignezError(f"a vector's gates must be a Gate or a list of 1..{MAX_GATES} of them, got {type(self.gates).__name__}"
+                               + (f" of {len(gates)}" if gates else ""))
         if len({g.direction.size for g in gates}) != 1:
             raise AlignezError("a vector's gates must all have the same width")
         if self.rule not in RULES:

@@ -177,12 +177,13 @@ class ScoredAnswers:
     fluency: np.ndarray
     combined: np.ndarray
     answers: list[str] = field(default_factory=list)
+    judged: bool = False  # relevance is a judge's P(yes): ``summary`` then adds the share it reads as relevant
 
     def joined(self, other: "ScoredAnswers") -> "ScoredAnswers":
         """Return these answers followed by ``other``'s (two halves of one condition)."""
         return ScoredAnswers(*(np.concatenate([getattr(self, f), getattr(other, f)])
                                for f in ("behaviour", "relevance", "fluency", "combined")),
-                             answers=[*self.answers, *other.answers])
+                             answers=[*self.answers, *other.answers], judged=self.judged and other.judged)
 
     @property
     def looping(self) -> np.ndarray:
@@ -203,6 +204,12 @@ class ScoredAnswers:
             lo, hi = bootstrap_ci(values, seed=seed)
             out[name] = {"mean": round(float(np.mean(values)), 4) if values.size else float("nan"),
                          "ci95": [round(lo, 4), round(hi, 4)]}
+        if self.judged:
+            # The judge's yes/no, as a reader would count (issue 31): P(yes) at or above one half.
+            values = (self.relevance >= 0.5).astype(float)
+            lo, hi = bootstrap_ci(values, seed=seed)
+            out["relevant_share"] = {"mean": round(float(np.mean(values)), 4) if values.size else float("nan"),
+                                     "ci95": [round(lo, 4), round(hi, 4)]}
         return out
 
     def mean(self, name: str) -> float:
@@ -325,4 +332,4 @@ class Scorer:
         b, r, f = rows[:, 0], rows[:, 1], rows[:, 2]
         shown = np.where(b >= BEHAVIOUR_THRESHOLD, b, 0.0)  # absent behaviour: combined 0 (module docstring)
         combined = harmonic_mean(shown, r, f) if self.uses_relevance else harmonic_mean(shown, f)
-        return ScoredAnswers(b, r, f, combined, list(answers))
+        return ScoredAnswers(b, r, f, combined, list(answers), judged=self.judge is not None and self.uses_relevance)

@@ -39,6 +39,8 @@ threshold may open in one and not the other. ``batch_edits`` decides gates as ea
 ``Steering`` does.
 """
 
+# size: the one owner of per-request steering in the server: the loaded set, a fixed batch's edits and
+# a live decode's tables share the same arithmetic and the same exactness promise, read together.
 from __future__ import annotations
 
 import math
@@ -56,7 +58,7 @@ from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
 from alignez_local.errors import AlignezError
 from alignez_local.formats.gate import GATE_SITE, Gates
-from alignez_local.formats.control_vector import ControlVector, read_control_vector
+from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.llama.engine import Edit, EditFn, Engine
 from alignez_local.specs import MAX_STRENGTH, check_strength, parse_steering_spec
@@ -79,6 +81,10 @@ class Served:
     def layers(self) -> list[int]:
         return list(self.item.layers)
 
+    def placed(self, placement: str) -> bool:
+        """True for a vector added at ``placement`` (``control_vector.PLACEMENTS``)."""
+        return self.kind == "vector" and self.item.placement == placement  # type: ignore[union-attr]
+
     def describe(self) -> dict[str, Any]:
         """Return the JSON description ``GET /v1/steering`` shows."""
         out: dict[str, Any] = {
@@ -90,6 +96,8 @@ class Served:
             # "layer" for one gate, as before several gates existed; "layers" and "rule" for any number.
             out["gate"] = {"site": GATE_SITE, **({"layer": g.layers[0]} if len(g) == 1 else {}),
                            "layers": g.layers, "rule": g.rule}
+        if isinstance(self.item, ControlVector):
+            out["placement"] = self.item.placement
         if isinstance(self.item, SteeringProfile):
             out["site"] = self.item.site
             out["method"] = self.item.method
@@ -200,16 +208,17 @@ class SteeringSet:
         already added, as it does under llama.cpp's in-graph control vector.
         """
         edits: list[BatchEdit] = []
-        per_key: dict[int, dict[int, np.ndarray]] = {}
         opens = self._gates(engine, prompts, choices)
-        for key, choice in enumerate(choices):
-            slots = [VectorSlot(n, self.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
-                     if self.items[n].kind == "vector" and opens.get((n, key), True)]
-            if slots:
-                per_key[key] = Steering(vectors=slots).vector_sum(self.n_layer)
-        layers = sorted({layer for vecs in per_key.values() for layer in vecs})
-        if layers:
-            edits.append(BatchEdit(vector_edit(per_key), layers, "l_out", True))
+        for placement in PLACEMENTS:  # every-token vectors edit every row; answer-only ones the output rows
+            per_key: dict[int, dict[int, np.ndarray]] = {}
+            for key, choice in enumerate(choices):
+                slots = [VectorSlot(n, self.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
+                         if self.items[n].placed(placement) and opens.get((n, key), True)]
+                if slots:
+                    per_key[key] = Steering(vectors=slots).vector_sum(self.n_layer)
+            layers = sorted({layer for vecs in per_key.values() for layer in vecs})
+            if layers:
+                edits.append(BatchEdit(vector_edit(per_key), layers, "l_out", placement == EVERY_TOKEN))
         by_site: dict[str, list[tuple[float, list[EditPlan]]]] = {}
         for name, served in self.items.items():
             if served.kind == "profile":
@@ -273,7 +282,8 @@ class LiveSteering:
         self.set = steering
         self.profiles = [s for s in steering.items.values() if s.kind == "profile"]
         self.gated = [s for s in steering.items.values() if s.kind == "vector" and s.item.gate is not None]  # type: ignore[union-attr]
-        self._vectors: dict[int, dict[int, np.ndarray]] = {}
+        self._vectors: dict[int, dict[int, np.ndarray]] = {}  # key -> its every-token vectors' sum
+        self._answer: dict[int, dict[int, np.ndarray]] = {}  # key -> its answer-only vectors' sum
         self._sums: dict[tuple[tuple[str, float], ...], dict[int, np.ndarray]] = {}  # choice -> its vector sum
         self._vec_edit: Edit | None = None  # the entered vector edit while ``place`` may pause it
         self._tags: dict[int, tuple[tuple[str, float], ...]] = {}  # key -> its vectors' (name, strength)
@@ -302,9 +312,12 @@ class LiveSteering:
         """Return the edits to enter for a whole run, vectors first (as ``batch_edits`` orders them)."""
         n = self.set.n_layer
         out: list[BatchEdit] = []
-        vec_layers = sorted({L for s in self.set.items.values() if s.kind == "vector" for L in s.layers if 1 <= L < n})
+        vec_layers = sorted({L for s in self.set.items.values() if s.placed(EVERY_TOKEN) for L in s.layers if 1 <= L < n})
         if vec_layers:
             out.append(BatchEdit(vector_edit(self._vectors), vec_layers, "l_out", True, vectors=True))
+        ans_layers = sorted({L for s in self.set.items.values() if s.placed(ANSWER_ONLY) for L in s.layers if 1 <= L < n})
+        if ans_layers:
+            out.append(BatchEdit(vector_edit(self._answer), ans_layers, "l_out", False))
         by_site: dict[str, set[int]] = {}
         for prof in self.profiles:
             by_site.setdefault(prof.item.site, set()).update(L for L in prof.layers if 0 <= L < n)  # type: ignore[union-attr]
@@ -348,8 +361,13 @@ class LiveSteering:
     def start(self, key: int, choice: Choice, planned_by: int | None = None) -> None:
         """Steer ``key``'s rows by ``choice``; profile plans and gates come from the rows ``planned_by`` recorded."""
         acts = self._captured.pop(planned_by, {}) if planned_by is not None else {}
-        slots = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
-                 if self.set.items[n].kind == "vector" and self._gate_opens(self.set.items[n], acts)]
+        chosen = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
+                  if self.set.items[n].kind == "vector" and self._gate_opens(self.set.items[n], acts)]
+        slots = [v for v in chosen if v.vector.placement == EVERY_TOKEN]
+        answer = [v for v in chosen if v.vector.placement == ANSWER_ONLY]
+        if answer:
+            # Output rows only: never in the prompt's KV cells, so not in ``cells_tag`` either.
+            self._answer[key] = Steering(vectors=answer).vector_sum(self.set.n_layer)
         if slots:
             # Keys that chose alike share one sum (computed the same way, so the same values):
             # ``shared_vector`` then sees at once that they are steered alike.
@@ -388,6 +406,7 @@ class LiveSteering:
     def forget(self, key: int) -> None:
         """Drop everything held for ``key`` (its sequence has left)."""
         self._tags.pop(key, None)
+        self._answer.pop(key, None)
         gone = self._vectors.pop(key, None)
         if gone is not None and not any(v is gone for v in self._vectors.values()):
             self._sums = {sig: v for sig, v in self._sums.items() if v is not gone}
