@@ -25,7 +25,8 @@ from alignez_local.align.export import ApproximationReport, approximation_report
 from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences, load_pairs
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
-from alignez_local.align.steering import Steering, read_alone
+from alignez_local.align.gate_reading import read_alone
+from alignez_local.align.steering import Steering
 from alignez_local.align.strength import with_strength
 from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, BehaviourBench, axis_bench, split_heldout
 from alignez_local.align.strength_by_behaviour import STRENGTHS, BehaviourCalibration, choose_strengths, screen_line
@@ -271,7 +272,7 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     layers = candidate_layers(engine.n_layer)  # the only layers the fit reads (the vector's and the gate's)
     states = {}
     for kind, qs in kinds.items():
-        # Each prompt read alone, as the gate reads it at run time (steering.read_alone): read in a
+        # Each prompt read alone, as the gate decides at run time (gate_reading.read_alone): read in a
         # batch, a state moves in its last bits with the neighbours (docs/results.md §8).
         bar = Progress(len(qs), f"state at the end of the {kind} requests")
         rows = []

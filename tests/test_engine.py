@@ -113,6 +113,33 @@ def test_capture_more_texts_than_slots_and_long_texts(tiny_model_path) -> None:
     e.close()
 
 
+def test_capture_stops_at_its_deepest_layer_with_the_same_bits(tiny_model_path) -> None:
+    """A capture stops the graph after its deepest captured node (nothing after it is read): the
+    rows are bit for bit those of the whole graph, also for texts split over several decodes (whose
+    later parts read the earlier parts' KV cells, written only up to that layer), and the engine's
+    next run is whole again."""
+    e = Engine(tiny_model_path, n_ctx=2048, n_parallel=2, n_batch=64)
+    texts = [f"the cat {'and you ' * (i * 7)} is" for i in range(5)]
+    early = e.capture(texts, [1], site="l_out")
+    e.stop_captures_early = False
+    whole = e.capture(texts, [1], site="l_out")
+    e.stop_captures_early = True
+    np.testing.assert_array_equal(early, whole)
+    # It really stops: an edit watching a deeper layer is never reached (it is, reading the whole graph).
+    seen: list[int] = []
+    with e.activation_edit(lambda layer, x, keys: seen.append(layer), [3], site="l_out"):
+        e.capture(texts, [1], site="l_out")
+        assert seen == []
+        e.stop_captures_early = False
+        e.capture(texts, [1], site="l_out")
+        e.stop_captures_early = True
+    assert seen and set(seen) == {3}
+    logits = e.next_token_logits(texts[:2])
+    e.capture(texts[:2], [0], site="l_out")
+    np.testing.assert_array_equal(e.next_token_logits(texts[:2]), logits)
+    e.close()
+
+
 def test_parallel_generation_equals_one_by_one(tiny_engine: Engine) -> None:
     e = tiny_engine
     prompts = [e.prompt(p) for p in PROMPTS]

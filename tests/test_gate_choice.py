@@ -15,7 +15,8 @@ import pytest
 from alignez_local.align.strength_by_refusals import OVER_REFUSAL_BUDGET, RefusalTrial, calibrate_refusals, choose_refusal_strength
 from alignez_local.measures.scoring import repetitive
 from alignez_local.align.request_contrast import best_threshold, choose_gate, fit_gate, oof_scores
-from alignez_local.align.steering import Steering, VectorSlot, read_alone
+from alignez_local.align.gate_reading import read_alone
+from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.errors import AlignezError
 from alignez_local.prompt_sets import load_eval_prompts, load_request_kinds
 from alignez_local.formats.control_vector import ControlVector
@@ -97,12 +98,80 @@ def test_fit_request_contrast_records_the_rule(tmp_path: Path) -> None:
     risky = np.stack([r[L] for L in (2, 3, 4, 5)], axis=1)
     benign = np.stack([b[L] for L in (2, 3, 4, 5)], axis=1)
     fit = fit_request_contrast(risky, benign, [2, 3, 4, 5], [2, 3, 4, 5], seed=0)
-    assert fit.gate.layer == 4 and fit.gate_rule == "j" and len(fit.heldout_benign) == 20
+    assert fit.gate.layers == [4] and fit.gate_rule == "j" and len(fit.heldout_benign) == 20  # a second gate does not help
     assert not set(fit.heldout_benign) & set(range(100)) - set(fit.heldout_benign)  # indices, each once
     stats = fit.stats()
     assert stats["gate_rule"] == "j" and stats["gate_cv"]["4"]["benign_open"] <= 0.02
     old = fit_request_contrast(risky, benign, [2, 3, 4, 5], [2, 3, 4, 5], seed=0, gate_rule="quantile")
-    assert old.gate.layer == 4 and old.gate_rule == "quantile"
+    assert old.gate.layers == [4] and old.gate_rule == "quantile"
+
+
+# ---------------------------------------------------------------- several gates (issue 29)
+
+
+def two_kinds(combine: str, n_r: int = 240, n_b: int = 320, d: int = 12, gap: float = 5.0, seed: int = 3) -> tuple[dict, dict]:
+    """States at layers 2..5 where one layer's direction tells only part of the story.
+    "any": half the risky states stand out at layer 2, the other half at layer 4 (along other
+    directions), so either gate alone opens on about half. "all": every risky state stands out at
+    layers 2 and 4, and so does one half of the benign states at layer 2 and the other half at
+    layer 4, so either gate alone opens on half the benign states too."""
+    rng = np.random.default_rng(seed)
+    u = {L: v / np.linalg.norm(v) for L, v in zip((2, 4), np.random.default_rng(0).standard_normal((2, d)))}
+    r = {L: rng.standard_normal((n_r, d)) + 5.0 for L in (2, 3, 4, 5)}
+    b = {L: rng.standard_normal((n_b, d)) + 5.0 for L in (2, 3, 4, 5)}
+    half_r, half_b = np.arange(n_r) % 2 == 0, np.arange(n_b) % 2 == 0
+    if combine == "any":
+        r[2][half_r] += gap * u[2]
+        r[4][~half_r] += gap * u[4]
+    else:
+        for L in (2, 4):
+            r[L] += gap * u[L]
+        b[2][half_b] += gap * u[2]
+        b[4][~half_b] += gap * u[4]
+    return r, b
+
+
+@pytest.mark.parametrize("combine", ["any", "all"])
+def test_two_gates_where_one_layer_tells_half(combine: str) -> None:
+    from alignez_local.align.request_contrast import choose_gates
+
+    r, b = two_kinds(combine)
+    gates, combo, per_layer, tried = choose_gates(r, b, seed=0, max_benign=0.02)
+    assert gates.rule == combine and sorted(gates.layers) == [2, 4] and len(gates) == 2
+    assert max(cv["j"] for cv in per_layer.values()) < 0.6  # one gate: about half
+    assert combo.nested["j"] > 0.85 and combo.nested["benign_open"] <= 0.03 and combo.figures["benign_open"] <= 0.02
+    # It generalises: fresh states from the same kinds.
+    fr, fb = two_kinds(combine, seed=11)
+    assert gates.opens(fr).mean() > 0.85 and gates.opens(fb).mean() < 0.05
+    assert tried[combine]["combine"] == combine
+    # max_gates=1 is exactly the one gate choose_gate chooses, as before several gates.
+    one, _, _, _ = choose_gates(r, b, seed=0, max_benign=0.02, max_gates=1)
+    single, _ = choose_gate(r, b, seed=0, max_benign=0.02)
+    assert len(one) == 1 and one.gates[0] == single
+
+
+def test_one_gate_is_kept_where_a_second_does_not_help() -> None:
+    from alignez_local.align.request_contrast import choose_gates
+
+    r, b, _ = planted()
+    gates, combo, _, tried = choose_gates(r, b, seed=0, max_benign=0.02)
+    single, _ = choose_gate(r, b, seed=0, max_benign=0.02)
+    assert len(gates) == 1 and gates.gates[0] == single and combo.layers == (4,)
+    # Each rule's best two-gate try was judged on states its thresholds were not chosen on, and fell short.
+    assert set(tried) == {"any", "all"} and all(t["nested_cv"]["j"] < combo.nested["j"] + 0.02 for t in tried.values())
+
+
+def test_joint_thresholds_hold_the_cap_and_never_lose_to_the_first_gate() -> None:
+    from alignez_local.align.gate_combine import joint_thresholds, opened
+
+    rng = np.random.default_rng(5)
+    sr = [rng.normal(1.0, 1.0, 200), rng.normal(1.0, 1.0, 200)]
+    sb = [rng.normal(0.0, 1.0, 300), rng.normal(0.0, 1.0, 300)]
+    t0, cv0 = best_threshold(sr[0], sb[0], "j", max_benign=0.05)
+    for combine, neutral in (("any", 99.0), ("all", -99.0)):
+        t = joint_thresholds(sr, sb, combine, [t0, neutral], max_benign=0.05)
+        o_r, o_b = opened(sr, t, combine), opened(sb, t, combine)
+        assert o_b.mean() <= 0.05 and o_r.mean() - o_b.mean() >= cv0["j"] - 1e-12
 
 
 # ---------------------------------------------------------------- the strength rule

@@ -48,10 +48,10 @@ def test_finds_the_planted_layer_direction_and_gate() -> None:
     assert fit.layer == 3 and fit.contrast == RISKY and fit.n_refused == 0
     assert fit.heldout_auc[3] > 0.95 and max(fit.heldout_auc[L] for L in (1, 2, 4)) < 0.85
     assert fit.heldout_score[3] > 2 * max(fit.heldout_score[L] for L in (1, 2, 4))
-    assert float(fit.gate.direction @ u) > 0.9  # the gate reads along the planted direction
+    assert float(fit.gate.gates[0].direction @ u) > 0.9  # the gate reads along the planted direction
     assert 3.0 < float(fit.vector @ u) < 5.0  # the vector is the mean difference (4 along u)
     # The threshold sits between the two kinds' projections, so the gate tells them apart.
-    assert fit.gate.opens(risky[:, 3]).mean() > 0.9 and fit.gate.opens(benign[:, 3]).mean() < 0.1
+    assert fit.gate.gates[0].opens(risky[:, 3]).mean() > 0.9 and fit.gate.gates[0].opens(benign[:, 3]).mean() < 0.1
     assert fit.heldout_open["risky"] > 0.9 and fit.heldout_open["benign"] < 0.2
     assert fit.n_heldout == 12 + 8 and len(fit.heldout_risky) == 12
     assert "layer 3" in fit.line()
@@ -72,7 +72,7 @@ def test_the_vector_is_the_models_own_refused_minus_complied_state() -> None:
     v = fit.vector / np.linalg.norm(fit.vector)
     assert float(v @ w) > 0.9 and abs(float(v @ u)) < 0.3
     assert 2.0 < float(fit.vector @ w) < 4.0
-    assert float(fit.gate.direction @ u) > 0.85 and fit.heldout_open["benign"] < 0.2
+    assert float(fit.gate.gates[0].direction @ u) > 0.85 and fit.heldout_open["benign"] < 0.2
     assert "refused 30 of 60" in fit.line()
     # Too few refusals: back to risky minus benign.
     few = np.zeros(len(risky), bool)
@@ -92,7 +92,7 @@ def test_the_gate_reads_its_own_layer() -> None:
     refused = np.arange(len(risky)) % 2 == 0
     risky[refused, 2] += 3 * w
     fit = fit_request_contrast(risky, benign, list(range(6)), [1, 2, 3], refused, gate_layers=range(1, 6), seed=0)
-    assert fit.layer == 2 and fit.gate.layer == 4 and float(fit.gate.direction @ u) > 0.85  # LDA on 48 + 32 states
+    assert fit.layer == 2 and fit.gate.gates[0].layer == 4 and float(fit.gate.gates[0].direction @ u) > 0.85  # LDA on 48 + 32 states
     assert fit.gate_cv_j[4] == max(fit.gate_cv_j.values()) and fit.heldout_open["risky"] > 0.8
     assert fit.stats()["gate_layer"] == 4 and "gate (layer 4)" in fit.line()
     with pytest.raises(AlignezError, match="gate layers"):
@@ -143,7 +143,7 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     cv = read_control_vector(out / "vector.gguf")
     report = json.loads((out / "report.json").read_text())
     assert cv.gate is not None and cv.layers == [report["request_contrast"]["layer"]]
-    assert cv.gate.layer == report["request_contrast"]["gate_layer"]
+    assert cv.gate.layers[0] == report["request_contrast"]["gate_layer"]
     assert cv.default_strength == report["default_strength"] and cv.calibration is not None
     assert report["queries"] == {"risky": 514, "benign": 687}
     # The strength is chosen by refusals on the held-out risky and benign requests (issue 20).
@@ -184,8 +184,8 @@ def test_the_gate_stays_shut_on_benign_requests_that_lie_between_the_means() -> 
     risky[:, 3] += 3 * u  # risky 7 along u, a third of the benign 2.5: apart, as on Qwen
     benign[::3, 3] += 2.5 * u
     fit = fit_request_contrast(risky, benign, list(range(6)), [3], seed=0)
-    proj_b = benign[:, 3] @ fit.gate.direction
-    midpoint = 0.5 * (risky[:, 3].mean(0) + benign[:, 3].mean(0)) @ fit.gate.direction
-    assert fit.gate.threshold > midpoint
-    assert (proj_b > fit.gate.threshold).mean() <= 0.03
-    assert fit.gate.opens(risky[:, 3]).mean() > 0.8
+    proj_b = benign[:, 3] @ fit.gate.gates[0].direction
+    midpoint = 0.5 * (risky[:, 3].mean(0) + benign[:, 3].mean(0)) @ fit.gate.gates[0].direction
+    assert fit.gate.gates[0].threshold > midpoint
+    assert (proj_b > fit.gate.gates[0].threshold).mean() <= 0.03
+    assert fit.gate.gates[0].opens(risky[:, 3]).mean() > 0.8

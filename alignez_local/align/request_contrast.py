@@ -57,7 +57,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gate import Gate
+from alignez_local.align.gate_combine import Combination, choose_combination
+from alignez_local.formats.gate import Gate, Gates
 
 HELDOUT = 0.2
 REQUEST_RECIPE = "request"
@@ -68,16 +69,17 @@ GATE_MAX_BENIGN = 0.02  # rules "j" and "f1": the threshold opens on at most thi
 GATE_RULES = ("j", "f1", "quantile")
 GATE_SHRINKAGE = 0.1  # ridge added to the gate's covariance, in units of its mean variance (0: plain LDA; large: mean difference)
 GATE_FOLDS = 5  # folds of the out-of-fold benign projections that set the gate's threshold
+GATE_MAX_GATES = 3  # the most gates a vector's rule combines (align/gate_combine.py); 1: one gate as before issue 29
 REFUSED, RISKY = "refused-complied", "risky-benign"  # what a vector is the difference of
 
 
 @dataclass(frozen=True)
 class RequestContrast:
-    """A fitted request contrast: the layer, the vector added there, its gate and the evidence."""
+    """A fitted request contrast: the layer, the vector added there, its gates and the evidence."""
 
     layer: int
     vector: np.ndarray  # (d,) float32: refused minus complied mean at ``layer`` (else risky minus benign)
-    gate: Gate
+    gate: Gates  # one gate, or several with their rule
     contrast: str  # "refused-complied" or "risky-benign": what the vector is the difference of
     heldout_score: dict[int, float]  # candidate layer -> held-out d' of the vector's contrast
     heldout_auc: dict[int, float]  # gate layer -> held-out AUC of the gate's direction (risky vs benign)
@@ -88,22 +90,25 @@ class RequestContrast:
     n_benign: int
     n_heldout: int  # held-out states of both kinds together
     heldout_risky: tuple[int, ...]  # indices of the held-out risky queries (for calibrating a strength)
-    heldout_open: dict[str, float]  # share of held-out risky / benign queries the gate opens on
+    heldout_open: dict[str, float]  # share of held-out risky / benign queries the gates open on
     heldout_benign: tuple[int, ...] = ()  # indices of the held-out benign queries (over-refusal when calibrating)
     gate_rule: str = GATE_RULE
+    gates_cv: dict[str, object] | None = None  # the chosen combination's figures (gate_combine.Combination.stats)
+    gates_tried: dict[str, dict[str, object]] | None = None  # each any/all rule's last try, kept or not
 
     def stats(self) -> dict[str, object]:
         """Return the JSON-ready evidence stored with the vector and in report.json."""
         return {
             "layer": self.layer, "contrast": self.contrast, "n_refused": self.n_refused,
             "heldout_separation": {str(L): round(a, 4) for L, a in self.heldout_score.items()},
-            "gate_layer": self.gate.layer,
+            "gate_layer": self.gate.layers[0], "gate_layers": [g.layer for g in self.gate],
+            "gate_combine": self.gate.rule, "gates_cv": self.gates_cv, "gates_tried": self.gates_tried,
             "heldout_gate_auc": {str(L): round(a, 4) for L, a in self.heldout_auc.items()},
             "gate_cv_j": {str(L): round(a, 4) for L, a in self.gate_cv_j.items()},
             "gate_rule": self.gate_rule, "gate_max_benign": GATE_MAX_BENIGN,
             "gate_cv": {str(L): {k: round(v, 4) for k, v in row.items()} for L, row in self.gate_cv.items()},
             "n_risky": self.n_risky, "n_benign": self.n_benign, "n_heldout": self.n_heldout,
-            "vector_norm": round(float(np.linalg.norm(self.vector)), 4), "gate_threshold": round(self.gate.threshold, 4),
+            "vector_norm": round(float(np.linalg.norm(self.vector)), 4), "gate_threshold": [round(g.threshold, 4) for g in self.gate] if len(self.gate) > 1 else round(self.gate.gates[0].threshold, 4),
             "heldout_gate_open": {k: round(v, 4) for k, v in self.heldout_open.items()},
         }
 
@@ -114,7 +119,7 @@ class RequestContrast:
                 if self.contrast == REFUSED else f"vector: risky minus benign (the model refused {self.n_refused} of "
                 f"{self.n_risky} risky queries, too few or too many for a refusal contrast)")
         return (f"request contrast: {what}, layer {self.layer} (held-out separation d' {self.heldout_score[self.layer]:.2f}); "
-                f"the gate (layer {self.gate.layer}) opens on {o['risky']:.0%} of held-out risky and {o['benign']:.0%} of held-out benign queries "
+                f"the gate ({self.gate.summary()}) opens on {o['risky']:.0%} of held-out risky and {o['benign']:.0%} of held-out benign queries "
                 f"({self.n_heldout} held out)")
 
 
@@ -174,6 +179,14 @@ def gate_direction(risky: np.ndarray, benign: np.ndarray, shrinkage: float = GAT
     return w / norm if norm > 0 else w
 
 
+def fold_ids(n_risky: int, n_benign: int, folds: int = GATE_FOLDS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Return the fold of each risky and each benign state (seeded; the same at every layer, so a
+    state's scores at several layers are all out of the same fold)."""
+    rng = np.random.default_rng(seed)
+    k = max(2, min(folds, n_risky, n_benign))
+    return rng.permutation(n_risky) % k, rng.permutation(n_benign) % k
+
+
 def oof_scores(risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS, seed: int = 0,
                shrinkage: float = GATE_SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
     """Return the out-of-fold gate scores of ``risky`` (n_r, d) and ``benign`` (n_b, d): each state's
@@ -184,9 +197,8 @@ def oof_scores(risky: np.ndarray, benign: np.ndarray, *, folds: int = GATE_FOLDS
     mean's projection plus a margin chosen on these scores. Why out of fold: a direction fitted in
     hundreds of dimensions sits closer to its own training states than to new ones (on Qwen the
     99th percentile of the fitting benign requests opened on 11% of held-out ones)."""
-    rng = np.random.default_rng(seed)
-    k = max(2, min(folds, len(risky), len(benign)))
-    fold_r, fold_b = rng.permutation(len(risky)) % k, rng.permutation(len(benign)) % k
+    fold_r, fold_b = fold_ids(len(risky), len(benign), folds, seed)
+    k = int(fold_r.max()) + 1
     sr, sb = np.zeros(len(risky)), np.zeros(len(benign))
     for f in range(k):
         train_b = benign[fold_b != f]
@@ -259,18 +271,45 @@ def choose_gate(states_r: Mapping[int, np.ndarray], states_b: Mapping[int, np.nd
     return fits[best][0], {L: cv for L, (_, cv) in fits.items()}
 
 
+def choose_gates(states_r: Mapping[int, np.ndarray], states_b: Mapping[int, np.ndarray], *, max_gates: int = GATE_MAX_GATES,
+                 folds: int = GATE_FOLDS, seed: int = 0, rule: str = GATE_RULE, max_benign: float = GATE_MAX_BENIGN,
+                 shrinkage: float = GATE_SHRINKAGE) -> tuple[Gates, Combination, dict[int, dict[str, float]], dict[str, dict[str, object]]]:
+    """Return up to ``max_gates`` gates and their any/all rule (``gate_combine.choose_combination``:
+    nested cross-validated J under the benign cap), the combination's figures, every layer's
+    one-gate figures (``choose_gate``'s) and each rule's last try.
+
+    Starts from ``choose_gate``'s one gate, which is kept exactly when no second gate helps (and
+    always under the "quantile" rule, which has no cap to hold the gates to). Each added gate is
+    fitted as ``fit_gate`` fits one: the direction on all the states, the threshold the benign
+    mean's projection plus the margin chosen (jointly) on the out-of-fold scores."""
+    first, per_layer = choose_gate(states_r, states_b, folds=folds, seed=seed, rule=rule, max_benign=max_benign, shrinkage=shrinkage)
+    scores = {L: oof_scores(states_r[L], states_b[L], folds=folds, seed=seed, shrinkage=shrinkage) for L in per_layer}
+    fold_r, fold_b = fold_ids(len(states_r[first.layer]), len(states_b[first.layer]), folds, seed)
+    combo, tried = choose_combination(
+        scores, fold_r, fold_b, first.layer, lambda r, b: best_threshold(r, b, rule, max_benign)[0],
+        max_gates=1 if rule == "quantile" else max_gates, max_benign=max_benign, criterion="f1" if rule == "f1" else "j")
+    if len(combo.layers) == 1:
+        return Gates((first,)), combo, per_layer, tried
+    gates = []
+    for L, margin in zip(combo.layers, combo.thresholds):
+        u = gate_direction(states_r[L], states_b[L], shrinkage)
+        gates.append(Gate(L, u.astype(np.float32), float(states_b[L].mean(0) @ u) + margin))
+    return Gates(tuple(gates), combo.combine), combo, per_layer, tried
+
+
 def fit_request_contrast(
     risky: np.ndarray, benign: np.ndarray, layers: Sequence[int], candidates: Sequence[int],
     refused: np.ndarray | None = None, *, gate_layers: Sequence[int] | None = None,
-    heldout: float = HELDOUT, seed: int = 0, gate_rule: str = GATE_RULE,
+    heldout: float = HELDOUT, seed: int = 0, gate_rule: str = GATE_RULE, max_gates: int = GATE_MAX_GATES,
 ) -> RequestContrast:
     """Return the request contrast fitted on last-prompt-token states ``risky`` (n_r, L, d) and
     ``benign`` (n_b, L, d), whose axis 1 is ``layers``; the layer is chosen among ``candidates``.
 
     ``refused`` (n_r,) bool: which risky queries the model itself refused. With at least
     ``MIN_EACH`` refused and complied ones in the fitting part, the vector is their difference;
-    otherwise (or None) it is risky minus benign. ``gate_layers``: where the gate may read
-    (default: the candidates). ``gate_rule``: how the gate's layer and threshold are chosen (``choose_gate``).
+    otherwise (or None) it is risky minus benign. ``gate_layers``: where the gates may read
+    (default: the candidates). ``gate_rule``: how a gate's layer and threshold are chosen (``choose_gate``);
+    ``max_gates``: the most gates combined (``choose_gates``; 1: one gate, as before issue 29).
     """
     risky, benign = np.asarray(risky, dtype=np.float64), np.asarray(benign, dtype=np.float64)
     if risky.ndim != 3 or benign.ndim != 3 or risky.shape[1:] != benign.shape[1:] or risky.shape[1] != len(layers):
@@ -306,15 +345,18 @@ def fit_request_contrast(
     vec = _mean_diff(x[fit_ref], x[fit_ok])[0] if by_refusal else _mean_diff(x[r_fit], benign[b_fit, index[best]])[0]
     if not np.any(vec):
         raise AlignezError("the two kinds of request give the same mean state; the queries do not differ for this model")
-    gate, gate_cv = choose_gate({L: risky[r_fit, index[L]] for L in gate_usable}, {L: benign[b_fit, index[L]] for L in gate_usable},
-                                seed=seed, rule=gate_rule)
+    gates, combo, gate_cv, tried = choose_gates({L: risky[r_fit, index[L]] for L in gate_usable},
+                                                {L: benign[b_fit, index[L]] for L in gate_usable},
+                                                seed=seed, rule=gate_rule, max_gates=max_gates)
+    own = {g.layer: g for g in gates}
     aucs = {}
     for L in gate_cv:
-        g = gate.direction.astype(np.float64) if L == gate.layer else gate_direction(risky[r_fit, index[L]], benign[b_fit, index[L]])
+        g = own[L].direction.astype(np.float64) if L in own else gate_direction(risky[r_fit, index[L]], benign[b_fit, index[L]])
         aucs[L] = auc(risky[r_out, index[L]] @ g, benign[b_out, index[L]] @ g)
     youden = {L: cv["j"] for L, cv in gate_cv.items()}
-    x, y = risky[:, index[gate.layer]], benign[:, index[gate.layer]]
-    opened = {"risky": float(gate.opens(x[r_out]).mean()), "benign": float(gate.opens(y[b_out]).mean())}
-    return RequestContrast(best, vec.astype(np.float32), gate, REFUSED if by_refusal else RISKY, scores, aucs, youden, gate_cv,
+    opened = {"risky": float(gates.opens({L: risky[r_out, index[L]] for L in gates.layers}).mean()),
+              "benign": float(gates.opens({L: benign[b_out, index[L]] for L in gates.layers}).mean())}
+    return RequestContrast(best, vec.astype(np.float32), gates, REFUSED if by_refusal else RISKY, scores, aucs, youden, gate_cv,
                            int(refused.sum()), len(risky), len(benign), len(r_out) + len(b_out),
-                           tuple(int(i) for i in r_out), opened, tuple(int(i) for i in b_out), gate_rule)
+                           tuple(int(i) for i in r_out), opened, tuple(int(i) for i in b_out), gate_rule,
+                           combo.stats(), tried)

@@ -8,36 +8,47 @@ with an eval-callback edit that applies the rule to the last prompt token and to
 token, per sequence. Several profiles are combined as a strength-weighted sum of their deltas, each
 computed from the same unedited activation.
 
-A gated control vector (``ControlVector.gate``) is decided the same way before generation: its
-gate reads each prompt's unsteered state at its layer, and the vector is then added at every token
-only to the prompts the gate opened on.
+A gated control vector (``ControlVector.gate``: one gate, or several combined by ``any`` / ``all``)
+is decided the same way before generation: its gates read each prompt's unsteered state at their
+layers, and the vector is then added at every token only to the prompts the gates opened on.
 
-A prompt whose gate stays shut must decode EXACTLY as with the gated vector not loaded (issue 20).
-Adding the vector to some rows of a batch does not change the other rows' bits by itself (the edit
-writes only its own rows, and the eval callback splitting the graph changes no value: measured on
-the tiny model and on Qwen2.5-Coder-0.5B Q4_K_M, a no-op edit of every row of ``l_out`` leaves every
-logit bit-identical). What changes them is the SCHEDULE: a steered prompt answers differently, so
-it ends at another step (a refusal after 12 tokens instead of 48), the next prompt takes its slot
-earlier, and from then on the other sequences decode in batches of other sizes with their KV cells
+A prompt whose gates stay shut must decode EXACTLY as an unsteered prompt (issue 20). Adding the
+vector to some rows of a batch does not change the other rows' bits by itself (the edit writes only
+its own rows, and the eval callback splitting the graph changes no value: measured on the tiny
+model and on Qwen2.5-Coder-0.5B Q4_K_M, a no-op edit of every row of ``l_out`` leaves every logit
+bit-identical). What changes them is the SCHEDULE: a steered prompt answers differently, so it ends
+at another step (a refusal after 12 tokens instead of 48), the next prompt takes its slot earlier,
+and from then on the other sequences decode in batches of other sizes with their KV cells
 elsewhere. llama.cpp's CPU kernels sum in an order that depends on both (rows per ubatch, cell
-placement), so their logits move in the last bits and greedy answers part after a near tie
-(Qwen, 16 prompts, 48 tokens: every shut sequence's log-probabilities differed and 3 of 12 shut
-answers changed although no edit touched them). No per-sequence trick inside one batch can avoid
-that, because the unsteered schedule depends on the unsteered answers of the prompts the gate
-opened on. So ``Steering.generate`` decodes a batch whose gates disagree in two runs: first the
-whole batch exactly as the steering without its gated vectors would (the same call, so the same
-code path and the same schedule as the reference; the answers of the shut prompts are taken from
-it), then the prompts the gate opened on, steered. Those prompts are decoded twice: the price of
-exactness, paid only in batches where the gate opens on some prompts and not on others. A batch
-whose prompts all agree is one run: nothing gated (the reference itself) or every prompt with the
-same gated vectors open, which are then added as llama.cpp's own control vector
+placement), so their logits move in the last bits and greedy answers part after a near tie (Qwen,
+16 prompts, 48 tokens: every shut sequence's log-probabilities differed and 3 of 12 shut answers
+changed although no edit touched them). No per-sequence trick inside one batch can avoid that.
+
+So ``Steering.generate`` never decodes a shut prompt beside a steered one. A batch whose gates
+disagree is decoded in two runs: the shut prompts, in their order, exactly as the steering without
+its gated vectors decodes them (the same call, ``without_gated().generate``), then the opened
+prompts, steered. The promise, stated precisely: a prompt whose gates all stay shut gets, token for
+token and bit for bit in its log-probabilities, what ``without_gated().generate`` gives it called
+on the shut prompts of the call; a prompt alone (chat) gets its unsteered answer. Nothing is
+decoded twice. What it does not promise: the answer a shut prompt gets beside the OTHER prompts
+unsteered, since the shut prompts' batch depends on which neighbours opened. ``alignez eval``
+compares each answer with the unsteered answer of the same chunk, and asks for that
+(``reference=True``): the whole batch is first decoded as the reference (the shut prompts' answers
+are taken from it), then the opened prompts again, steered, at the price of decoding those twice
+(issue 29 measured 1.63x unsteered for 48 mixed prompts, the gates read alone included). A batch
+whose prompts all agree is one run either way: nothing gated (the reference itself) or every prompt
+with the same gated vectors open, which are then added as llama.cpp's own control vector
 (``llama_set_adapter_cvec``, no eval callback: what ``--control-vector`` does).
 
-Gates read each prompt ALONE (one capture per prompt): read in a batch, a prompt's state at the
-gate moves in the last bits with its neighbours and with the shared prefix decoded once (on Qwen
-up to 0.02 in the projection), so a prompt near the threshold opened or not depending on the batch
-it came in (docs/results.md §8: one benign prompt 0.002 below it opened in an evaluation batch).
-Read alone, a prompt's decision is a function of the prompt: the same in chat, eval and any batch.
+A prompt's gate decision is the one it gets read ALONE (``read_alone``: a capture of that prompt
+by itself): read in a batch, a prompt's state moves with its neighbours and with the shared prefix
+decoded once (on Qwen up to 1.5% of its norm, 0.018 along the shipped gate's direction), so a
+prompt near the threshold would open or not depending on the batch it came in (docs/results.md §8:
+one benign prompt 0.002 below it opened in an evaluation batch). Read alone, the decision is a
+function of the prompt: the same in chat, eval and any batch. Reading every prompt alone cost a
+full prefill each (21.5 s of the 82 s above), so ``read_gates`` reads the batch together, in one
+capture that stops at the deepest gate layer, and reads again alone only the prompts whose outcome
+rests on a projection within ``BATCH_MARGIN`` of a threshold: the others decide as alone would.
 """
 
 from __future__ import annotations
@@ -50,9 +61,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alignez_local.formats.gate import GATE_SITE
+from alignez_local.formats.gate import GATE_SITE, Gates
 from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
+from alignez_local.align.gate_reading import read_gates
 from alignez_local.llama.engine import Completion, EditFn, Engine, Sampling, TokenFn
 from alignez_local.errors import AlignezError
 from alignez_local.formats.profile import SteeringProfile, load_profile
@@ -163,7 +175,7 @@ class Steering:
         """Return one line per active vector/profile (what, strength, layers) for display."""
         lines = []
         for v in self.vectors:
-            gate = f", gated at layer {v.vector.gate.layer}" if v.vector.gate else ""
+            gate = f", gated at {v.vector.gate.summary()}" if isinstance(v.vector.gate, Gates) else ""
             where = ", answer tokens only" if v.vector.placement == ANSWER_ONLY else ""
             lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}{where}")
         for p in self.profiles:
@@ -189,12 +201,12 @@ class Steering:
         ]
 
     def gates(self, engine: Engine, prompts: Sequence[str], slot: VectorSlot) -> np.ndarray:
-        """Return, for a gated vector, one bool per prompt: does its gate open (unsteered state,
-        each prompt read alone, so the answer does not depend on the batch)?"""
+        """Return, for a gated vector, one bool per prompt: do its gates open (unsteered state,
+        decided as the prompt read alone decides, so the answer does not depend on the batch)?"""
         gate = slot.vector.gate
-        if gate is None:
+        if not isinstance(gate, Gates):
             return np.ones(len(prompts), dtype=bool)
-        return gate.opens(read_alone(engine, prompts, [gate.layer])[:, 0])
+        return read_gates(engine, prompts, [gate])[:, 0]
 
     def gated_slots(self, n_layer: int) -> list[int]:
         """Return the indices (in ``vectors``) of the gated vectors that would steer anything:
@@ -203,18 +215,14 @@ class Steering:
                 if v.vector.gate is not None and v.strength != 0 and self.vector_sum(n_layer, [v])]
 
     def open_gates(self, engine: Engine, prompts: Sequence[str]) -> list[frozenset[int]]:
-        """Return, per prompt, the indices (in ``vectors``) of the gated vectors whose gate opens on
-        it (each prompt read alone, unsteered; empty when no gated vector is active)."""
+        """Return, per prompt, the indices (in ``vectors``) of the gated vectors whose gates open on
+        it (unsteered, decided as the prompt read alone decides: ``read_gates``; empty when no gated
+        vector is active)."""
         idx = self.gated_slots(engine.n_layer)
         if not idx or not self.enabled:
             return [frozenset()] * len(prompts)
-        layers = sorted({self.vectors[i].vector.gate.layer for i in idx})  # type: ignore[union-attr]
-        states = read_alone(engine, prompts, layers)
-        out = []
-        for row in states:
-            out.append(frozenset(i for i in idx if self.vectors[i].vector.gate.opens(  # type: ignore[union-attr]
-                row[layers.index(self.vectors[i].vector.gate.layer)])[0]))  # type: ignore[union-attr]
-        return out
+        opened = read_gates(engine, prompts, [self.vectors[i].vector.gate for i in idx])  # type: ignore[misc]
+        return [frozenset(i for i, ok in zip(idx, row) if ok) for row in opened]
 
     def gated_sums(self, engine: Engine, prompts: Sequence[str]) -> dict[int, dict[int, np.ndarray]]:
         """Return prompt index -> layer -> the summed gated vectors whose gate opened on that prompt."""
@@ -301,17 +309,26 @@ class Steering:
         sampling: Sampling | Sequence[Sampling] = Sampling(),
         on_token: TokenFn | None = None,
         share_prefix: bool = False,
+        *,
+        reference: bool = False,
+        opens: Sequence[frozenset[int]] | None = None,
     ) -> list[Completion]:
         """Return completions for ``prompts`` under this steering (``share_prefix``: as ``Engine.generate``'s).
 
         A prompt whose gates all stay shut gets exactly (token for token, bit for bit in its
-        log-probabilities) what ``without_gated().generate`` gives it in the same batch, in the same
-        order: when the gates disagree, the whole batch is first decoded as that reference (it IS
-        that call), then the prompts a gate opened on are decoded again, steered (module docstring).
+        log-probabilities) what ``without_gated().generate`` gives it called on the SHUT prompts of
+        this call, in their order: when the gates disagree, the shut prompts are decoded as one run
+        without the gated vectors and the opened ones as another, steered (module docstring). A
+        prompt alone therefore gets exactly its unsteered answer when its gates stay shut.
+        ``reference=True`` keeps the stronger promise for comparing answer by answer with an
+        unsteered run of the same batch (``alignez eval``): the shut prompts get what
+        ``without_gated().generate`` gives them called on ALL the prompts, because the whole batch is
+        first decoded as that reference (the opened prompts are then decoded twice).
+        ``opens``: the gate decisions already read (``open_gates`` of these prompts).
         """
         if not self.active or not prompts:
             return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix)
-        opens = self.open_gates(engine, prompts)
+        opens = self.open_gates(engine, prompts) if opens is None else list(opens)
         if all(o == opens[0] for o in opens):
             with self._applied(engine, prompts, opens):
                 return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix)
@@ -319,17 +336,20 @@ class Steering:
         if len(sps) != len(prompts):
             raise ValueError("one Sampling per prompt, or a single one for all")
         out: list[Completion | None] = [None] * len(prompts)
-        shut = {i for i, o in enumerate(opens) if not o}
+        shut = [i for i, o in enumerate(opens) if not o]
         if shut:
-            # The reference run itself: every prompt, in this order, without the gated vectors. The
-            # prompts the gate opened on are decoded too (and their answers dropped) so that every
-            # batch of this run has the shapes the reference's has.
-            stream = None if on_token is None else (lambda k, text: on_token(k, text) if k in shut else None)
-            for i, c in enumerate(self.without_gated().generate(engine, prompts, sps, on_token=stream,
-                                                                share_prefix=share_prefix)):
-                if i in shut:
+            # reference: the whole batch, in this order, without the gated vectors; the opened
+            # prompts are decoded too (their answers dropped) so that every batch of this run has
+            # the reference's shapes. Else the shut prompts alone: a run of their own, so nothing
+            # steered shares (or reshapes) their batches.
+            ran = list(range(len(prompts))) if reference else shut
+            keep = set(shut)
+            stream = None if on_token is None else (lambda k, text: on_token(ran[k], text) if ran[k] in keep else None)
+            for i, c in zip(ran, self.without_gated().generate(engine, [prompts[i] for i in ran], [sps[i] for i in ran],
+                                                               on_token=stream, share_prefix=share_prefix)):
+                if i in keep:
                     out[i] = c
-        opened = [i for i in range(len(prompts)) if i not in shut]
+        opened = [i for i in range(len(prompts)) if opens[i]]
         sub = [prompts[i] for i in opened]
         stream = None if on_token is None else (lambda k, text: on_token(opened[k], text))
         with self._applied(engine, sub, [opens[i] for i in opened]):
@@ -337,17 +357,6 @@ class Steering:
                                                     share_prefix=share_prefix)):
                 out[i] = c
         return [c for c in out if c is not None]
-
-
-def read_alone(engine: Engine, prompts: Sequence[str], layers: Sequence[int]) -> np.ndarray:
-    """Return the unsteered ``l_out`` states (prompts x layers x n_embd) at each prompt's last token,
-    each prompt decoded ALONE: batch-independent, so a gate decides the same for a prompt whatever
-    it is batched with (a prompt given twice is read once)."""
-    uniq = list(dict.fromkeys(prompts))
-    read = {p: engine.capture([p], layers, site=GATE_SITE)[0] for p in uniq}
-    if not prompts:
-        return np.zeros((0, len(layers), engine.n_embd), dtype=np.float32)
-    return np.stack([read[p] for p in prompts])
 
 
 def profile_edit(weighted: list[tuple[float, list[EditPlan]]]):

@@ -138,7 +138,7 @@ def calibrate_refusals(
 
     The unsteered answers are decoded once; at each strength only the prompts a gate of the steering
     opens on are decoded again (all of them for a steering with no gate), and the others keep their
-    unsteered answers, which ``Steering.generate`` would give them bit for bit."""
+    unsteered answers, which ``Steering.generate(reference=True)`` would give them bit for bit."""
     if not risky or not benign:
         raise AlignezError("choosing a strength by refusals needs held-out risky and benign prompts; give at least one of each")
     cands = sorted(float(c) for c in candidates if c > 0)

@@ -254,8 +254,20 @@ def inspect(path: str, as_json: bool) -> None:
     for k, v in info.items():
         if k == "layer_stats":
             click.echo(diagnostics_table(load_profile(path)))
+        elif k == "gate" and v:
+            click.echo("\n".join(_gate_lines(v)))
         else:
             click.echo(f"{k}: {v}")
+
+
+def _gate_lines(gate: dict) -> list[str]:
+    """Return ``inspect``'s lines for a vector's gates (ControlVector.describe()["gate"])."""
+    n = len(gate["gates"])
+    head = "one gate" if n == 1 else f"{n} gates, the vector applies when {gate['rule']} of them open{'s' if gate['rule'] == 'any' else ''}"
+    lines = [f"gate: {head}; read by alignez-local only (llama.cpp {gate['llama.cpp']})"]
+    for i, g in enumerate(gate["gates"], 1):
+        lines.append(f"  gate {i}: {g['site']}-{g['layer']} projection {g['comparison']} {g['threshold']:g}")
+    return lines
 
 
 @click.command("import")
@@ -374,7 +386,7 @@ def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice,
                f"took {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model.model} --vector {res.vector_path}")
     click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {res.vector_path}:{scale:g}")
-    click.echo("         (llama.cpp ignores the gate: there the vector steers every prompt, benign ones too)")
+    click.echo("         (llama.cpp ignores the gates: there the vector steers every prompt, benign ones too)")
 
 
 align_commands = [generate, fit, export_cmd, inspect, import_cmd, steer]

@@ -98,7 +98,10 @@ def answer_prompts(
     """Return one answer per user prompt (chat-formatted for ``engine``), steered when given.
 
     Decoded as parallel sequences in chunks of two batches, so progress shows and Ctrl-C keeps the
-    finished chunks (they are appended to ``into`` as they finish). ``own_perplexity``: ``engine``
+    finished chunks (they are appended to ``into`` as they finish). A gated steering decodes each
+    chunk with ``reference=True``: a prompt whose gates stay shut then gets exactly the unsteered
+    condition's answer (the same chunk, decoded the same way), so the conditions differ only where
+    a gate opened. ``own_perplexity``: ``engine``
     is the model perplexity is measured under; when no steering is active the answer's likelihood
     is taken from the generation itself (``Completion.token_logprobs``), so ``measure_perplexity``
     need not read the text again.
@@ -109,7 +112,7 @@ def answer_prompts(
     for start in range(0, len(texts), step):
         part = texts[start : start + step]
         comps: list[Completion] = (
-            steering.generate(engine, part, sampling) if steering is not None else engine.generate(part, sampling)
+            steering.generate(engine, part, sampling, reference=True) if steering is not None else engine.generate(part, sampling)
         )
         plain = own_perplexity and (steering is None or not steering.active)
         for c in comps:

@@ -11,11 +11,12 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
   ``controlvector.layer_count`` (cvector-generator writes the number of directions, repeng the
   number of layers it trained, so that key is never trusted on reading). ``alignez.default_strength``
   (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``);
-  ``alignez.gate`` (JSON) holds an optional ``Gate``; ``alignez.placement`` says which tokens our
+  ``alignez.gate`` (JSON) holds optional ``Gates`` (one gate, or several with an any/all rule that
+  older alignez-local refuses: ``formats/gate.py``); ``alignez.placement`` says which tokens our
   runtime adds the vector to (``PLACEMENTS``; absent: every token, as llama.cpp does).
 
-A gated vector steers only the prompts its gate opens on (our runtime decides per prompt, from the
-prompt's own unsteered state). llama.cpp does not read the gate: there the vector steers every
+A gated vector steers only the prompts its gates open on (our runtime decides per prompt, from the
+prompt's own unsteered state). llama.cpp does not read the gates: there the vector steers every
 prompt, as any control vector does. Likewise an ``answer-only`` vector: our runtime adds it to the
 rows that write the answer only, llama.cpp to every token (the calibration record compares the two).
 """
@@ -37,7 +38,7 @@ from gguf import GGUFValueType
 
 from alignez_local.errors import AlignezError
 from alignez_local.specs import check_strength
-from alignez_local.formats.gate import GATE_SITE, KEY_GATE, Gate
+from alignez_local.formats.gate import KEY_GATE, Gate, Gates
 from alignez_local.formats.gguf_file import GGUFContents
 from alignez_local.formats.gguf_write import write_gguf
 from alignez_local.formats.kinds import CONTROL_VECTOR_ARCH, DIRECTION_RE
@@ -87,7 +88,7 @@ class ControlVector(SteeringFile):
     model_hint: str | None = None
     metadata: Mapping[str, MetaValue] = field(default_factory=dict)
     name: str = "vector"
-    gate: Gate | None = None
+    gate: Gates | Gate | None = None  # when our runtime applies it (None: always); a Gate or list of them: Gates
 
     _ARRAYS = "directions"
 
@@ -131,10 +132,10 @@ class ControlVector(SteeringFile):
             raise AlignezError(f"{where}: placement {meta[KEY_PLACEMENT]!r} is unknown to this alignez-local "
                                f"(it knows {', '.join(PLACEMENTS)}); upgrade alignez-local to use this file")
         if self.gate is not None:
-            if not isinstance(self.gate, Gate):
-                raise AlignezError(f"{where}: gate must be a Gate or None, got {type(self.gate).__name__}")
-            if self.gate.direction.size != width:
-                raise AlignezError(f"{where}: the gate has width {self.gate.direction.size} but the directions have {width}")
+            gates = Gates.of(self.gate)  # raises for anything but Gates, a Gate or a list of them
+            if gates.width != width:
+                raise AlignezError(f"{where}: the gate has width {gates.width} but the directions have {width}")
+            object.__setattr__(self, "gate", gates)
         self._check_calibration(where)
 
     def _eq_fields(self) -> dict[str, Any]:
@@ -162,7 +163,8 @@ class ControlVector(SteeringFile):
     def _repr_fields(self) -> dict[str, Any]:
         """Return what the repr shows (not the arrays)."""
         out = {"name": self.name, "n_embd": self.n_embd, "layers": self.layers, "model_hint": self.model_hint}
-        return {**out, "gated_at": self.gate.layer} if self.gate else out
+        g = self.gate
+        return {**out, "gated_at": g.layers[0] if len(g) == 1 else f"{g.rule} of {g.layers}"} if isinstance(g, Gates) else out
 
     def describe(self) -> dict[str, Any]:
         """Return the facts ``inspect`` shows: hint, width, layers, per-layer norms, metadata, calibration."""
@@ -172,8 +174,8 @@ class ControlVector(SteeringFile):
             "layers": self.layers,
             "norms": {L: round(float(np.linalg.norm(d)), 4) for L, d in self.directions.items()},
             "metadata": dict(self.metadata),
-            "gate": None if self.gate is None else
-            {"site": GATE_SITE, "layer": self.gate.layer, "threshold": round(self.gate.threshold, 4)},
+            "gate": None if not isinstance(self.gate, Gates) else
+            {**self.gate.describe(), "llama.cpp": "loads this file as a plain vector: it ignores the gates and steers every prompt"},
             # Shown only when it is not what llama.cpp does, so a user knows the two differ.
             **({"placement": f"{self.placement} in alignez (llama.cpp adds it at every token)"}
                if self.placement != EVERY_TOKEN else {}),
@@ -304,8 +306,8 @@ class ControlVector(SteeringFile):
                 "it was made for another model"
             )
         self._check_layers(n_layer)
-        if self.gate is not None and self.gate.layer >= n_layer:
-            raise AlignezError(f"vector {self.name} is gated at layer {self.gate.layer} but the model has {n_layer} layers")
+        if isinstance(self.gate, Gates) and max(self.gate.layers) >= n_layer:
+            raise AlignezError(f"vector {self.name} is gated at layer {max(self.gate.layers)} but the model has {n_layer} layers")
         warnings: list[str] = []
         if self.model_hint and arch and self.model_hint != arch:
             warnings.append(f"vector {self.name} was made for {self.model_hint!r}, model is {arch!r}")
@@ -399,7 +401,7 @@ def read_control_vector(path: str | os.PathLike[str]) -> ControlVector:
         model_hint=hint if isinstance(hint, str) and hint else None,
         metadata=meta,
         name=contents.path.stem,
-        gate=Gate.from_json(md[KEY_GATE], str(contents.path)) if KEY_GATE in md else None,
+        gate=Gates.from_json(md[KEY_GATE], str(contents.path)) if KEY_GATE in md else None,
         **read_calibration(contents, str(contents.path)),
     )
 
@@ -442,7 +444,7 @@ def write_control_vector(path: str | os.PathLike[str], cv: ControlVector) -> Pat
     kvs.append((KEY_LAYER_COUNT, GGUFValueType.UINT32, int(layer_count)))
     kvs.extend(_meta_kv(k, v) for k, v in sorted(cv.metadata.items()))
     kvs.extend(cv.calibration_kvs())
-    if cv.gate is not None:
+    if isinstance(cv.gate, Gates):
         kvs.append((KEY_GATE, GGUFValueType.STRING, json.dumps(cv.gate.as_json())))
     tensors = [(f"direction.{layer}", cv.directions[layer].astype("<f4")) for layer in cv.layers]
     return write_gguf(path, CONTROL_VECTOR_ARCH, kvs, tensors)

@@ -88,6 +88,8 @@ class Engine:
         self.n_batch = n_batch
         # Decode a prompt prefix shared by all texts of a logits run once (False: rule it out, measure it).
         self.share_prefix = True
+        # Stop a capture's graph at its deepest captured node (False: compute the whole graph, to measure it).
+        self.stop_captures_early = True
         self._load_model(n_gpu_layers)
         try:
             self._read_model_facts()
@@ -386,11 +388,15 @@ class Engine:
 
         st = self._hooks
         st.capture, st.capture_site = cap, site
+        # Nothing after the deepest captured node is read (no logits, and the run's KV cells are
+        # dropped at its end), so the graph stops there: a gate at layer 10 of 24 costs under half
+        # a full prefill. The captured rows are the same bits (the same ops up to that node).
+        st.stop_at = f"{site}-{max(layers)}".encode() if layers and self.stop_captures_early else None
         st.set_wanted()
         try:
             self._sched.run(seqs, on_done=progress, share_prefix=self.share_prefix)
         finally:
-            st.capture = None
+            st.capture, st.stop_at = None, None
             st.set_wanted()
         if reduce == "mean":
             cap.out /= np.maximum(cap.counts, 1)[:, None, None]

@@ -86,6 +86,9 @@ class HookState:
     # llama.cpp's graph holds a second node named ffn_out-N (the residual sum before the vector is
     # added); only the first one is the MLP output, so each name is handled once per graph.
     asked: set[bytes] = field(default_factory=set)
+    # A prefill-only capture needs nothing computed after its last node: the callback stops the
+    # graph there (``Engine.capture(stop_early=True)``). None: compute the whole graph.
+    stop_at: bytes | None = None
 
     def set_wanted(self) -> None:
         """Recompute the node names the callback says yes to from the edits and the capture."""
@@ -134,10 +137,13 @@ def eval_callback(t: int, ask: bool, user: Any) -> bool:
                 return False
             state.asked.add(name)
             return True
-        want = state.wanted.get(B.tensor_name(t))
+        name = B.tensor_name(t)
+        want = state.wanted.get(name)
         if want is not None:
             handle_node(state, t, *want)
-        return True
+        # False stops the graph here (ggml_backend_sched_compute_splits breaks out of the split):
+        # later layers, the output norm and the logits are never computed.
+        return name != state.stop_at
     except BaseException as err:  # noqa: BLE001 - an exception must not cross into C
         state.error = err
         state.abort = True

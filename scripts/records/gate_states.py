@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sets", default="all", help="comma-separated set names (default: all)")
     a = ap.parse_args()
-    from alignez_local.align.steering import read_alone
+    from alignez_local.align.gate_reading import read_alone
     from alignez_local.settings import RuntimeSettings, open_engine
 
     sets = request_sets()

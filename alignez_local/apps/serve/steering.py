@@ -7,8 +7,8 @@ which sequence (``key`` = the request's index in the batch) each row belongs to.
   the rows of the requests that asked for it (what llama.cpp's control vector does, per sequence);
 - a profile becomes the exact AlignEZ edit on its site with a plan per request, made from an
   unsteered capture of that request's prompt, as ``Steering.applied`` does for one user;
-- a gated vector is that vector edit for the requests whose gate opened on the same unsteered
-  capture, and no edit for the others.
+- a gated vector is that vector edit for the requests whose gates (one, or several with their
+  any/all rule) opened on the same unsteered capture, and no edit for the others.
 
 The arithmetic is ``align/steering.py``'s (``Steering.vector_sum``, ``Steering.plans``,
 ``profile_edit``), reused, so a request steered alone gets the tokens ``alignez chat`` gives.
@@ -25,16 +25,18 @@ row leaves the logits bit-identical on the tiny model and on Qwen2.5-Coder-0.5B)
 ``serve --deterministic`` every job is planned whether it chose the gated vector or not, so the
 choice does not change the batch shapes; by default only the jobs that chose it are, and the bits
 depend on the neighbours anyway (flash attention, prompt reuse).
-What the server cannot give is ``Steering.generate``'s stronger promise, equality with a batch in
-which NOBODY's gate opened: a request whose gate opens answers differently, ends at another step,
-and from then on its neighbours decode in other batch shapes, which moves their logits in the last
-bits (llama.cpp's CPU kernels sum in a shape-dependent order). ``Steering.generate`` avoids that
-by decoding the whole batch a second time unsteered; a live server has no reference schedule to
-replay (its batches depend on when requests arrive) and cannot decode requests twice for it.
+What the server cannot give is ``Steering.generate``'s stronger promise, a shut prompt decoded
+beside unsteered prompts only (or, with ``reference=True``, equality with a batch in which NOBODY's
+gate opened): a request whose gate opens answers differently, ends at another step, and from then
+on its neighbours decode in other batch shapes, which moves their logits in the last bits
+(llama.cpp's CPU kernels sum in a shape-dependent order). ``Steering.generate`` avoids that by
+decoding the shut and the opened prompts as separate runs; a live server decodes every request in
+the one running batch (its batches depend on when requests arrive).
 The same holds for the gate's own reading: a job's planning prefill is decoded beside the
-running jobs, so its state at the gate can differ in the last bits from the prompt read alone
-(what ``Steering`` reads); a prompt within that distance of the threshold may open in one and not
-the other. ``batch_edits`` reads gates alone, as ``Steering`` does.
+running jobs, so its state at the gate can differ from the prompt read alone (what ``Steering``
+decides by; ``align/steering.BATCH_MARGIN`` says by how much); a prompt within that distance of a
+threshold may open in one and not the other. ``batch_edits`` decides gates as each prompt read alone decides (``read_gates``), as
+``Steering`` does.
 """
 
 # size: the one owner of per-request steering in the server: the loaded set, a fixed batch's edits and
@@ -55,7 +57,7 @@ import numpy as np
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
 from alignez_local.errors import AlignezError
-from alignez_local.formats.gate import GATE_SITE
+from alignez_local.formats.gate import GATE_SITE, Gates
 from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.llama.engine import Edit, EditFn, Engine
@@ -89,8 +91,11 @@ class Served:
             "name": self.name, "kind": self.kind, "path": self.path,
             "layers": self.layers, "default_strength": self.default_strength,
         }
-        if isinstance(self.item, ControlVector) and self.item.gate is not None:
-            out["gate"] = {"site": GATE_SITE, "layer": self.item.gate.layer}
+        if isinstance(self.item, ControlVector) and isinstance(self.item.gate, Gates):
+            g = self.item.gate
+            # "layer" for one gate, as before several gates existed; "layers" and "rule" for any number.
+            out["gate"] = {"site": GATE_SITE, **({"layer": g.layers[0]} if len(g) == 1 else {}),
+                           "layers": g.layers, "rule": g.rule}
         if isinstance(self.item, ControlVector):
             out["placement"] = self.item.placement
         if isinstance(self.item, SteeringProfile):
@@ -319,7 +324,7 @@ class LiveSteering:
         for site, layers in by_site.items():
             if layers:
                 out.append(BatchEdit(self._profile_edit(site), sorted(layers), site, False))
-        gate_layers = sorted({g.item.gate.layer for g in self.gated if g.item.gate.layer < n})  # type: ignore[union-attr]
+        gate_layers = sorted({L for g in self.gated for L in g.item.gate.layers if L < n})  # type: ignore[union-attr]
         if gate_layers:
             out.append(BatchEdit(self._gate_record, gate_layers, GATE_SITE, False))
         return out
@@ -410,13 +415,14 @@ class LiveSteering:
         self._captured.pop(key, None)
 
     def _gate_opens(self, vec: Served, acts: Mapping[tuple[str, int], np.ndarray]) -> bool:
-        """Return whether a vector applies to a request: always when ungated, else by its gate on the recorded state."""
-        gate = vec.item.gate  # type: ignore[union-attr]
-        if gate is None:
+        """Return whether a vector applies to a request: always when ungated, else by its gates on the recorded states."""
+        gates = vec.item.gate  # type: ignore[union-attr]
+        if not isinstance(gates, Gates):
             return True
-        if (GATE_SITE, gate.layer) not in acts:
-            raise AlignezError(f"no planning activation for the gate of {vec.name} at {GATE_SITE}-{gate.layer}")
-        return bool(gate.opens(acts[(GATE_SITE, gate.layer)])[0])
+        missing = [L for L in gates.layers if (GATE_SITE, L) not in acts]
+        if missing:
+            raise AlignezError(f"no planning activation for the gate of {vec.name} at {GATE_SITE}-{missing[0]}")
+        return bool(gates.opens({L: acts[(GATE_SITE, L)] for L in gates.layers})[0])
 
     def _gate_record(self, layer: int, x: np.ndarray, keys: Sequence[int]) -> None:
         """Record the rows of planning sequences at a gate's layer (a profile on l_out may record them too: same rows)."""
