@@ -57,6 +57,7 @@ def main() -> None:
             "default_strength": cv.default_strength, "beats_random": cal.get("beats_random"), "verdict": cal.get("verdict"),
             "behaviour": rep["behaviour"], "timings": rep["timings"],
             "calibration_trials": cal.get("trials"),
+            **({"placements": cal["placements"]} if cal.get("placements") else {}),
             "machine": f"{platform.machine()}, {platform.system()}", "package_version": __version__,
         }
         (dest / f"{trait}.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
