@@ -191,7 +191,8 @@ def generate(engine: Engine, prompts: str | Sequence[str], vector: ControlVector
              sampling: Sampling | None = None) -> str | list[str]:
     """Return the model's answer to a user message (a list of answers for a list), steered by
     ``vector`` at ``strength`` (None: its calibrated strength, else 1) when given. Gated vectors
-    steer only the prompts their gate opens on. Greedy unless ``sampling`` says otherwise."""
+    steer only the prompts their gates open on; the others get exactly the unsteered answers of the
+    shut prompts decoded together (``Steering.generate``). Greedy unless ``sampling`` says otherwise."""
     sampling = sampling or Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     formatted = [engine.prompt(t, system) for t in texts]

@@ -12,7 +12,7 @@ Answers ``--prompts`` mixed prompts (harmful and ordinary evaluation prompts, al
   decoded without the vector as the reference and the opened prompts again, steered
   (``generate(reference=True)`` with those decisions);
 - gated, new: ``Steering.generate``: the gates read in one batch that stops at the deepest gate
-  layer, the prompts within ``BATCH_MARGIN`` of a threshold read again alone, and the shut and the
+  layer, the prompts a batch may have moved across a threshold read again alone, and the shut and the
   opened prompts decoded as two runs;
 - ungated: the same vector without its gates on every prompt (llama.cpp's control vector).
 The gate reading alone is timed too (old and new). With ``--rounds`` > 1 the runs take turns in a
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignez_local.align.gate_reading import BATCH_MARGIN, read_alone, read_gates
+from alignez_local.align.gate_reading import BATCH_MARGIN, BATCH_RESCALE, near_threshold, read_alone, read_gates
 from alignez_local.align.steering import Steering
 from alignez_local.formats.control_vector import read_control_vector
 from alignez_local.formats.gate import Gates
@@ -142,13 +142,11 @@ def main() -> None:
     assert all(new[i].tokens == before[i].tokens for i in range(len(prompts)) if new_open[i])  # type: ignore[index]
     # How many prompts the new reading read again alone (within the margin of the threshold).
     together = engine.capture(list(dict.fromkeys(prompts)), cv.gate.layers, site="l_out")  # type: ignore[union-attr]
-    states = {L: together[:, j] for j, L in enumerate(cv.gate.layers)}  # type: ignore[union-attr]
-    margin = {L: BATCH_MARGIN * np.linalg.norm(x.astype(np.float64), axis=1) for L, x in states.items()}
-    reread = int((~cv.gate.decide(states, margin)[1]).sum())  # type: ignore[union-attr]
+    reread = len(near_threshold({L: together[:, j] for j, L in enumerate(cv.gate.layers)}, [cv.gate]))  # type: ignore[union-attr,list-item]
     base, base_cpu = statistics.median(seconds["unsteered"]), statistics.median(cpu["unsteered"])
     print(f"{a.model}, {Path(a.vector).name} x{strength:g}: {len(prompts)} mixed prompts, {a.tokens} greedy tokens, "
           f"{a.threads} threads on {cpu_model()} ({os.cpu_count()} CPUs); load average {load0[0]:.2f} before, {load1[0]:.2f} after; "
-          f"gates open on {int(new_open.sum())} of {len(prompts)}; {reread} read again alone (margin {BATCH_MARGIN:g} x |state|)")
+          f"gates open on {int(new_open.sum())} of {len(prompts)}; {reread} read again alone (margin {BATCH_MARGIN:g} x |state| + {BATCH_RESCALE:g} x |projection|)")
     print(f"  {'':<16} {'wall':>8} {'ratio':>6} {'CPU':>8} {'ratio':>6}  tokens  (wall per round)")
     for name in names:
         s, c = statistics.median(seconds[name]), statistics.median(cpu[name])

@@ -63,6 +63,9 @@ def test_gates_combine_by_any_or_all() -> None:
     margin = {1: np.full(3, 0.1), 2: np.full(3, 0.1)}
     assert [x.tolist() for x in Gates((a, b), "any").decide(near, margin)] == [[True, True, False], [True, False, True]]
     assert [x.tolist() for x in Gates((a, b), "all").decide(near, margin)] == [[True, False, False], [False, True, True]]
+    # A rescaling of the state moves a large projection further: within rescale x |projection| is unsure too.
+    far = Gates(Gate(1, np.array([1.0, 0.0], dtype=np.float32), 10.0))
+    assert far.decide({1: np.array([[10.5, 0], [12.0, 0]])}, {1: np.zeros(2)}, rescale=0.1)[1].tolist() == [False, True]
     with pytest.raises(AlignezError, match="rule"):
         Gates((a, b), "most")
     with pytest.raises(AlignezError, match="width"):
@@ -362,7 +365,7 @@ def test_batched_gate_reading_decides_as_the_prompt_read_alone(tiny_engine: Engi
     """Gates are read in one batch, and a prompt whose projection lies within the margin of a
     threshold is read again alone: thresholds a hair either side of each prompt's alone projection
     (where the batched projection alone would decide some of them wrongly) decide as alone."""
-    from alignez_local.align.gate_reading import BATCH_MARGIN, read_alone, read_gates
+    from alignez_local.align.gate_reading import BATCH_MARGIN, BATCH_RESCALE, read_alone, read_gates
 
     e = tiny_engine
     prompts = mixed[0]
@@ -373,7 +376,8 @@ def test_batched_gate_reading_decides_as_the_prompt_read_alone(tiny_engine: Engi
     proj, moved = alone @ u.astype(np.float64), np.abs((together - alone) @ u.astype(np.float64))
     hair = float(np.median(moved[moved > 0])) / 4
     assert (moved > hair).any()  # read together, some prompts move further than the hair
-    assert (moved < BATCH_MARGIN * np.linalg.norm(together, axis=1)).all()  # the margin holds here
+    # the margin holds here
+    assert (moved < BATCH_MARGIN * np.linalg.norm(together, axis=1) + BATCH_RESCALE * np.abs(together @ u.astype(np.float64))).all()
     for side in (-hair, hair):
         for comparison in (">", "<="):
             gates = [Gates(Gate(2, u, float(p + side), comparison)) for p in proj]

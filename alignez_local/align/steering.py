@@ -48,7 +48,8 @@ one benign prompt 0.002 below it opened in an evaluation batch). Read alone, the
 function of the prompt: the same in chat, eval and any batch. Reading every prompt alone cost a
 full prefill each (21.5 s of the 82 s above), so ``read_gates`` reads the batch together, in one
 capture that stops at the deepest gate layer, and reads again alone only the prompts whose outcome
-rests on a projection within ``BATCH_MARGIN`` of a threshold: the others decide as alone would.
+rests on a projection the batch may have moved across a threshold (``gate_reading.BATCH_MARGIN``):
+the others decide as alone would.
 """
 
 from __future__ import annotations

@@ -170,18 +170,21 @@ class Gates:
         """Return one bool per prompt: do the gates open, reading ``states[layer]`` (n, n_embd) at each gate's layer?"""
         return self.combine(np.stack([g.opens(states[g.layer]) for g in self.gates]))
 
-    def decide(self, states: Mapping[int, np.ndarray], margin: Mapping[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def decide(self, states: Mapping[int, np.ndarray], margin: Mapping[int, np.ndarray],
+               rescale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Return (opens, sure), one bool each per prompt, from states known only to within
-        ``margin[layer]`` (n,) of each projection (times the direction's norm): a gate whose
-        projection lies within that of its threshold may go either way; ``sure`` is False where the
-        rule's outcome depends on one. (Three-valued: ``any`` is surely open when one gate surely
-        opens, surely shut when every gate surely stays shut; ``all`` the other way round.) ``opens``
-        is ``opens(states)``: where ``sure``, what any states within the margin would give."""
+        ``margin[layer]`` (n,) along any unit direction, give or take a rescaling of up to
+        ``rescale``: a projection within ``margin x |direction| + rescale x |projection|`` of its
+        threshold may go either way, and ``sure`` is False where the rule's outcome depends on one.
+        (Three-valued: ``any`` is surely open when one gate surely opens, surely shut when every
+        gate surely stays shut; ``all`` the other way round.) ``opens`` is ``opens(states)``: where
+        ``sure``, what any states within the margin would give."""
         passed, certain = [], []
         for g in self.gates:
             proj = g.project(states[g.layer])
             passed.append(g.passes(proj))
-            certain.append(np.abs(proj - g.threshold) > margin[g.layer] * float(np.linalg.norm(g.direction.astype(np.float64))))
+            width = margin[g.layer] * float(np.linalg.norm(g.direction.astype(np.float64))) + rescale * np.abs(proj)
+            certain.append(np.abs(proj - g.threshold) > width)
         p, c = np.stack(passed), np.stack(certain)
         sure_open, sure_shut = p & c, ~p & c
         if self.rule == "any":
