@@ -31,7 +31,7 @@ from alignez_local.align.strength_by_behaviour import STRENGTHS
 from alignez_local.align.vectors import FitSettings, train_vector
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_eval import axis_of, behaviour_judge, measure_behaviour, prompt_kind
-from alignez_local.formats.control_vector import EVERY_TOKEN, ControlVector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.models import DEFAULT_MODEL, ModelId
 from alignez_local.pipeline import (
@@ -118,7 +118,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
           fit: FitSettings = FitSettings(), recipe: str | None = None, strengths: Sequence[float] | None = None,
           calibrate_profile: bool = False, judge: str = "auto", screen_only: bool = False,
           on_status: Notify | None = None, name: str | None = None,
-          placements: Sequence[str] = (EVERY_TOKEN,)) -> SteerResult | None:
+          placements: Sequence[str] = (EVERY_TOKEN,), forms: Sequence[str] = (ADD,)) -> SteerResult | None:
     """Make a control vector and a profile for a behaviour, and choose their strength by it:
     ``alignez steer``.
 
@@ -135,6 +135,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     ``placements``: the tokens the vector may be added to (``every-token``: what llama.cpp does;
     ``answer-only``: only the rows that write the answer, in alignez's runtime); given several, the
     choose half decides among them and the file records the one chosen (each adds a strength search).
+    ``forms``: how alignez's runtime applies it (``add``: a constant, what llama.cpp does; ``clamp``:
+    each row's component along the direction raised to a target, never past it); several: likewise.
     """
     status = on_status or quiet
     chosen = resolve_axis(axis, positive, negative, measure, concept, style, keywords)
@@ -145,7 +147,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     grid = tuple(strengths) if strengths else STRENGTHS
     plan = SteerPlan(chosen, tuple(queries) if queries is not None else tuple(select_queries(None, STEER_QUERIES, chosen.name)),
                      generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile,
-                     placements=tuple(placements))
+                     placements=tuple(placements), forms=tuple(forms))
     with ExitStack() as stack:
         folder, used = None, list(plan.queries)
         if not screen_only:

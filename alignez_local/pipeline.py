@@ -35,7 +35,7 @@ from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, export_vect
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_report import steer_table
 from alignez_local.fileio import check_writable, plain, write_json
-from alignez_local.formats.control_vector import EVERY_TOKEN, META_N_LAYER, ControlVector, write_control_vector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, META_N_LAYER, ControlVector, write_control_vector
 from alignez_local.formats.profile import SteeringProfile, save_profile
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.measures.behaviour import YesNoJudge
@@ -159,6 +159,7 @@ class SteerPlan:
     refine: bool = True
     with_profile: bool = True
     placements: tuple[str, ...] = (EVERY_TOKEN,)  # the tokens the vector may be added to; several: the choose half decides
+    forms: tuple[str, ...] = (ADD,)  # how our runtime applies it (add, clamp); several: the choose half decides
 
 
 def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
@@ -185,7 +186,7 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
-        prof, difference = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
+        prof, difference, plain_mean = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
                                                on_status=on_status, measure=bench.scorer.measure)
         # The files say how their behaviour is scored, so `alignez eval` scores it the same way ("judge"
         # too: a language persona given --measure judge must not be re-read as language:CODE).
@@ -204,8 +205,10 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
             cv, rep = export_vector(engine, prof, queries, top_n=fit.top_n)
         clock.lap("export_s")
         cals = choose_strengths(bench, prof if plan.with_profile else None, cv, fit.top_n, on_status, fit.seed,
-                                plan.strengths, plan.refine, placements=plan.placements)
-        cv = with_strength(cv.placed(cals["vector"].placement), cals["vector"])
+                                plan.strengths, plan.refine, placements=plan.placements, forms=plan.forms,
+                                plain_mean=dict(enumerate(plain_mean)))
+        cal = cals["vector"]
+        cv = with_strength(cv.placed(cal.placement).formed(cal.form, dict(enumerate(plain_mean))), cal)
         if "profile" in cals:
             prof = with_strength(prof, cals["profile"])
         save_profile(paths.profile, prof)

@@ -8,6 +8,12 @@ with an eval-callback edit that applies the rule to the last prompt token and to
 token, per sequence. Several profiles are combined as a strength-weighted sum of their deltas, each
 computed from the same unedited activation.
 
+A ``clamp`` control vector (``ControlVector.form``) is an eval-callback edit of its own: each row's
+component along the unit direction is raised to the file's floor plus strength x the direction's
+norm, and a row already there is left alone, so an answer already in the behaviour is not pushed
+further (issue 31: the constant addition keeps pushing, and the capitals vector loops). Clamps of
+several vectors do not add up, so each is its own edit, applied in the order loaded.
+
 A gated control vector (``ControlVector.gate``: one gate, or several combined by ``any`` / ``all``)
 is decided the same way before generation: its gates read each prompt's unsteered state at their
 layers, and the vector is then added at every token only to the prompts the gates opened on.
@@ -54,6 +60,9 @@ the others decide as alone would.
 
 from __future__ import annotations
 
+# size: the one owner of how steering reaches an engine (vectors, clamps, placements, gates, profiles);
+# most of the length is the docstring's account of what a gated batch promises and why.
+
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -63,7 +72,16 @@ from pathlib import Path
 import numpy as np
 
 from alignez_local.formats.gate import GATE_SITE, Gates
-from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
+from alignez_local.formats.control_vector import (
+    ADD,
+    ANSWER_ONLY,
+    CLAMP,
+    EVERY_TOKEN,
+    PLACEMENTS,
+    ControlVector,
+    read_control_vector,
+    unit,
+)
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.gate_reading import read_gates
 from alignez_local.llama.engine import Completion, EditFn, Engine, Sampling, TokenFn
@@ -178,6 +196,7 @@ class Steering:
         for v in self.vectors:
             gate = f", gated at {v.vector.gate.summary()}" if isinstance(v.vector.gate, Gates) else ""
             where = ", answer tokens only" if v.vector.placement == ANSWER_ONLY else ""
+            where += ", clamped" if v.vector.form == CLAMP else ""
             lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}{where}")
         for p in self.profiles:
             lines.append(
@@ -234,12 +253,33 @@ class Steering:
         """Return key -> layer -> the sum of its open vectors (only those at ``placement``, when given)."""
         per_key: dict[int, dict[int, np.ndarray]] = {}
         for key, which in enumerate(opens):
-            slots = [self.vectors[i] for i in sorted(which)
-                     if placement is None or self.vectors[i].vector.placement == placement]
+            slots = [self.vectors[i] for i in sorted(which) if self.vectors[i].vector.form == ADD
+                     and (placement is None or self.vectors[i].vector.placement == placement)]
             vecs = self._float32(self.vector_sum(n_layer, slots)) if slots else {}
             if vecs:
                 per_key[key] = vecs
         return per_key
+
+    def clamp_targets(self, slot: VectorSlot, n_layer: int) -> dict[int, tuple[np.ndarray, float, float]]:
+        """Return layer -> (unit direction, target component, sign of the strength) for a clamp vector:
+        the target is the plain answers' mean component plus strength x the direction's norm."""
+        floors = slot.vector.clamp_floor
+        return {L: (unit(d), floors[L] + slot.strength * float(np.linalg.norm(d.astype(np.float64))),
+                    1.0 if slot.strength > 0 else -1.0)
+                for L, d in slot.vector.directions.items()
+                if self._in_range(L) and 1 <= L < n_layer and slot.strength != 0}
+
+    def _clamp_edits(self, stack: ExitStack, engine: Engine, n_prompts: int, opens: Sequence[frozenset[int]] | None,
+                     slots: Sequence[int]) -> None:
+        """Register one edit per clamp vector in ``slots`` (indices in ``vectors``), on every prompt
+        (``opens`` None) or on the prompts whose gates opened it."""
+        for i in slots:
+            slot = self.vectors[i]
+            targets = self.clamp_targets(slot, engine.n_layer)
+            keys = [k for k in range(n_prompts) if opens is None or i in opens[k]]
+            if targets and keys:
+                stack.enter_context(engine.activation_edit(clamp_edit(dict.fromkeys(keys, targets)), sorted(targets),
+                                                           site=GATE_SITE, all_tokens=slot.vector.placement == EVERY_TOKEN))
 
     @staticmethod
     def _float32(vecs: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -273,12 +313,13 @@ class Steering:
                 for slot in self.profiles:
                     if slot.strength != 0:
                         by_site.setdefault(slot.profile.site, []).append((slot.strength, self.plans(engine, prompts, slot)))
-                plain = [v for v in self.vectors if v.vector.gate is None]
                 agreed = opens[0] if opens and all(o == opens[0] for o in opens) else None
-                if agreed is not None:
-                    # Every prompt has the same gated vectors open (or none): they act like plain
-                    # vectors on this batch, through llama.cpp's own adapter; no eval callback.
-                    plain += [self.vectors[i] for i in sorted(agreed)]
+                # Every prompt has the same gated vectors open (or none): they act like plain
+                # vectors on this batch, through llama.cpp's own adapter; no eval callback.
+                everywhere = [i for i, v in enumerate(self.vectors) if v.vector.gate is None or (agreed and i in agreed)]
+                # A clamp vector is an edit of its own per vector: clamps do not add up.
+                self._clamp_edits(stack, engine, len(prompts), None, [i for i in everywhere if self.vectors[i].vector.form == CLAMP])
+                plain = [self.vectors[i] for i in everywhere if self.vectors[i].vector.form == ADD]
                 vecs = self.vector_sum(engine.n_layer, [v for v in plain if v.vector.placement == EVERY_TOKEN])
                 if vecs:
                     stack.enter_context(engine.control_vector(vecs))
@@ -297,6 +338,8 @@ class Steering:
                         if layers:
                             stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE,
                                                                        all_tokens=placement == EVERY_TOKEN))
+                    self._clamp_edits(stack, engine, len(prompts), opens,
+                                      [i for i in self.gated_slots(engine.n_layer) if self.vectors[i].vector.form == CLAMP])
                 for site, weighted in by_site.items():
                     layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
                     if layers:
@@ -386,6 +429,26 @@ def vector_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
             v = per_key.get(key, {}).get(layer)
             if v is not None:
                 x[row] += v  # float32 + float32, exactly what ggml_add does for a control vector
+                touched = True
+        return x if touched else None
+
+    return edit
+
+
+def clamp_edit(per_key: Mapping[int, Mapping[int, tuple[np.ndarray, float, float]]]) -> EditFn:
+    """Return an edit raising each key's rows' component along a unit direction to a target, never
+    past it (per layer: (unit direction, target, sign); a negative sign lowers to the target instead)."""
+
+    def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
+        touched = False
+        for row, key in enumerate(keys):
+            t = per_key.get(key, {}).get(layer)
+            if t is None:
+                continue
+            u, target, sign = t
+            gap = target - float(np.dot(x[row].astype(np.float64), u))
+            if gap * sign > 0:  # short of the target: move exactly to it along the direction
+                x[row] += (gap * u).astype(np.float32)
                 touched = True
         return x if touched else None
 

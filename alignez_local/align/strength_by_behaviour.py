@@ -45,7 +45,7 @@ from alignez_local.align.behaviour_bench import BehaviourBench
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import EVERY_TOKEN, PLACEMENTS, ControlVector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, ControlVector
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.measures.scoring import ScoredAnswers
 from alignez_local.measures.statistics import paired_difference_ci
@@ -120,14 +120,21 @@ class BehaviourCalibration:
     report: dict[str, dict[str, Any]]  # condition -> ScoredAnswers.summary() on the report half
     vs_random: dict[str, float]  # combined score difference, steered - random, with its 95% interval
     rule: str = "behaviour"
-    # When several placements were searched (``choose_placement``): the one chosen and, per placement
-    # tried, its best choose-half trial. Empty when only the default was tried.
+    # When several ways were searched (``calibrate_ways``: placements and forms): the one chosen and,
+    # per way tried, its best choose-half trial. Empty when only the default was tried. A way is named
+    # by its placement, then ", FORM" when the form is not ``add`` (``way_name``).
     placements: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def placement(self) -> str:
         """The placement the strength was chosen for (``control_vector.PLACEMENTS``)."""
-        return str(self.placements.get("chosen", EVERY_TOKEN))
+        return str(self.placements.get("chosen", EVERY_TOKEN)).split(", ")[0]
+
+    @property
+    def form(self) -> str:
+        """The form the strength was chosen for (``control_vector.FORMS``)."""
+        parts = str(self.placements.get("chosen", EVERY_TOKEN)).split(", ")
+        return parts[1] if len(parts) > 1 else ADD
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
@@ -381,21 +388,32 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
     return report_strength(bench, tried[win], make, make_random, seed, placements=record)
 
 
+def way_name(placement: str, form: str = ADD) -> str:
+    """Return the name a way to steer is recorded under: its placement, then its form unless ``add``."""
+    return placement if form == ADD else f"{placement}, {form}"
+
+
 def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
                      on_status: Notify = quiet, seed: int = 0,
                      strengths: Sequence[float] = STRENGTHS, refine: bool = True,
-                     start: float | None = START, placements: Sequence[str] = (EVERY_TOKEN,)) -> dict[str, BehaviourCalibration]:
+                     start: float | None = START, placements: Sequence[str] = (EVERY_TOKEN,),
+                     forms: Sequence[str] = (ADD,),
+                     plain_mean: Mapping[int, np.ndarray] | None = None) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
 
     ``placements``: the tokens the vector may be added to (``control_vector.PLACEMENTS``); with more
     than one, the choose half decides among them (``calibrate_ways``) and the calibration's
-    ``placement`` is the one chosen. The profile's exact edit adds up to ``strength`` per unit
+    ``placement`` is the one chosen. ``forms`` likewise (``control_vector.FORMS``; ``clamp`` needs
+    ``plain_mean``, layer -> the plain answers' mean state): every placement is tried in every form. The profile's exact edit adds up to ``strength`` per unit
     direction, so its grid is the vector's scaled by the vector's median per-layer norm: the two are
     then tried at comparable sizes."""
     unknown = [p for p in placements if p not in PLACEMENTS]
     if unknown or not placements:
         raise AlignezError(f"unknown placement {unknown[0] if unknown else '(none)'!r}; use one of {', '.join(PLACEMENTS)}")
+    bad = [f for f in forms if f not in FORMS]
+    if bad or not forms:
+        raise AlignezError(f"unknown form {bad[0] if bad else '(none)'!r}; use one of {', '.join(FORMS)}")
     noise = random_vector(vector, seed + 1)
     def trial_line(what: str) -> Callable[[Any], None]:
         return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
@@ -403,15 +421,17 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
                                    f"loops {100 * t.loop_share:.0f}%" + (" (broken)" if t.broken else "")
                                    + (" (loops more than prompting)" if t.loops_too_often and not t.broken else ""))
     ways: dict[str, Way] = {}
-    for p in dict.fromkeys(placements):
-        v, n = vector.placed(p), noise.placed(p)
-        ways[p] = ((lambda s, v=v: Steering.vector(v, s)), (lambda s, n=n: Steering.vector(n, s, "random")))
+    for f in dict.fromkeys(forms):
+        for p in dict.fromkeys(placements):
+            # The random null is applied the same way: a clamp's floor read along its own direction.
+            v, n = vector.placed(p).formed(f, plain_mean), noise.placed(p).formed(f, plain_mean)
+            ways[way_name(p, f)] = ((lambda s, v=v: Steering.vector(v, s)), (lambda s, n=n: Steering.vector(n, s, "random")))
     several = len(ways) > 1
     cal_v = calibrate_ways(bench, ways, on_trial=lambda p: trial_line(f"vector ({p})" if several else "vector"),
                            seed=seed, strengths=strengths, refine=refine, start=start if refine else None)
     if several:
         tried = cal_v.placements["tried"]
-        on_status("placements (choose half, best strength each): " + "; ".join(
+        on_status("ways (choose half, best strength each): " + "; ".join(
             f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items()) + f"; chosen: {cal_v.placement}")
     on_status(cal_v.line("vector"))
     if profile is None:

@@ -98,9 +98,10 @@ def pairs_measure(pair: PreferencePair) -> Measure:
 
 def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId, axis: str | None = None,
                         name: str = "profile", on_status: Notify = quiet,
-                        measure: Measure | None = None) -> tuple[SteeringProfile, np.ndarray]:
+                        measure: Measure | None = None) -> tuple[SteeringProfile, np.ndarray, np.ndarray]:
     """Return ``fit_from_file``'s profile and, from the same capture, the difference of the pairs'
-    mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice).
+    mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice)
+    and the plain (negative) answers' mean state per layer (where a clamp vector's floor is read).
     ``measure``: the axis's behaviour measure for the pair filter (None: the pairs' own axis's)."""
     pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip, use_check=fit.self_check)
     on_status(quality_line(quality))
@@ -131,7 +132,8 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
                 f"hardly differ ({str(err).split(';')[0]}); it does not act this behaviour out (see the screen line): "
                 "try a larger model or personas it follows") from None
         raise
-    return dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), mean_difference(pos, neg)
+    return (dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), mean_difference(pos, neg),
+            np.asarray(neg, dtype=np.float64).mean(axis=0))
 
 def mean_diff_vector(engine: Engine, difference: np.ndarray, layers: Sequence[int], profile: SteeringProfile,
                      name: str) -> ControlVector:

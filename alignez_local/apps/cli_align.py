@@ -22,6 +22,7 @@ from alignez_local.align.preferences import GenerationSettings, check_pairs_file
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
+from alignez_local.align.strength_by_behaviour import way_name
 from alignez_local.align.strength_by_kl import kl_calibrated_vector
 from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, data_quality, export_vector, fit_from_file
 from alignez_local.apps.cli_options import grouped, model_options, with_flag
@@ -29,7 +30,7 @@ from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
 from alignez_local.errors import AlignezError
 from alignez_local.fileio import check_writable
-from alignez_local.formats.control_vector import EVERY_TOKEN, PLACEMENTS, write_control_vector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, write_control_vector
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.interrupt import Stopped
@@ -307,10 +308,14 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
               help="Tokens the vector may be added to: every-token (what llama.cpp does) and/or answer-only (only the "
                    "tokens that write the answer, in alignez's runtime). Given both, the held-out choose queries decide "
                    "(a second strength search) and the file records the one chosen.")
+@click.option("--forms", default=ADD, show_default=True, metavar="F1,F2",
+              help="How alignez's runtime applies the vector: add (a constant, what llama.cpp does) and/or clamp (each "
+                   "token's component along the direction raised to a target, never past it). Every placement is tried "
+                   "in every form; the held-out choose queries decide.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, vector_from: str, vector_layers: str | None, judge: str,
-          strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str,
+          strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str, forms: str,
           out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
@@ -338,6 +343,10 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     wrong = [p for p in places if p not in PLACEMENTS] or ([] if places else [placements])
     if wrong:
         raise AlignezError(f"--placements: unknown placement {wrong[0]!r}; use every-token, answer-only or both, comma-separated")
+    how = tuple(dict.fromkeys(f.strip() for f in forms.split(",") if f.strip()))
+    wrong = [f for f in how if f not in FORMS] or ([] if how else [forms])
+    if wrong:
+        raise AlignezError(f"--forms: unknown form {wrong[0]!r}; use add, clamp or both, comma-separated")
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
         with_flag("--out", pipeline.SteerPaths.prepare, folder)
@@ -349,7 +358,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         res = api.steer(engine, axis, name=str(model.model), queries=chosen,
                         out=folder, generation=generation, fit=fit, recipe=recipe, strengths=grid,
                         calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status,
-                        placements=places)
+                        placements=places, forms=how)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
@@ -364,14 +373,18 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
     click.echo(f"try it:  alignez chat -m {model.model} --vector {p.vector}")
     scale = res.vector.default_strength_or_one
-    every = res.calibration["vector"].placements.get("tried", {}).get(EVERY_TOKEN)
-    if res.vector.placement != EVERY_TOKEN and every is not None:
-        # llama.cpp adds the vector to every token: give it the strength that placement was best at.
+    cal = res.calibration["vector"]
+    way = way_name(cal.placement, cal.form)
+    every = cal.placements.get("tried", {}).get(EVERY_TOKEN)
+    if way != EVERY_TOKEN and every is not None:
+        # llama.cpp adds the vector as a constant at every token: give it the strength that way was best at.
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{every['strength']:g}")
-        click.echo(f"         (llama.cpp adds it at every token, which scored combined {every['combined']:.2f} on the choose "
-                   f"queries against {res.vector.placement}'s {res.calibration['vector'].placements['tried'][res.vector.placement]['combined']:.2f})")
+        click.echo(f"         (llama.cpp adds it as a constant at every token, which scored combined {every['combined']:.2f} on "
+                   f"the choose queries against {way}'s {cal.placements['tried'][way]['combined']:.2f})")
     else:
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+        if way != EVERY_TOKEN:
+            click.echo(f"         (llama.cpp adds it as a constant at every token, not {way}: a way this run did not measure)")
 
 
 def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str) -> None:

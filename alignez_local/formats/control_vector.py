@@ -13,15 +13,25 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
   (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``);
   ``alignez.gate`` (JSON) holds optional ``Gates`` (one gate, or several with an any/all rule that
   older alignez-local refuses: ``formats/gate.py``); ``alignez.placement`` says which tokens our
-  runtime adds the vector to (``PLACEMENTS``; absent: every token, as llama.cpp does).
+  runtime adds the vector to (``PLACEMENTS``; absent: every token, as llama.cpp does);
+  ``alignez.form`` how (``FORMS``; absent: ``add``, llama.cpp's constant addition). A ``clamp`` vector
+  raises each row's component along its direction to a target and never past it: the target is
+  ``alignez.clamp_floor`` (JSON, layer -> the plain answers' mean component along the unit direction)
+  plus strength x the direction's norm, so at any strength a row sitting at the plain mean moves
+  exactly as far as the constant addition moves it, and a row already past the target is left alone.
 
 A gated vector steers only the prompts its gates open on (our runtime decides per prompt, from the
 prompt's own unsteered state). llama.cpp does not read the gates: there the vector steers every
 prompt, as any control vector does. Likewise an ``answer-only`` vector: our runtime adds it to the
-rows that write the answer only, llama.cpp to every token (the calibration record compares the two).
+rows that write the answer only, llama.cpp to every token (the calibration record compares the two),
+and a ``clamp`` vector, which llama.cpp adds as a constant.
 """
 
 from __future__ import annotations
+
+# size: the one owner of the control-vector file (llama.cpp's checks on reading, our optional keys:
+# calibration, gates, placement, form) and of its arithmetic; splitting the keys from the reader would
+# make two owners of what a valid file is.
 
 import dataclasses
 import json
@@ -61,6 +71,9 @@ META_N_LAYER = "alignez.model.n_layer"
 KEY_PLACEMENT = "alignez.placement"
 EVERY_TOKEN, ANSWER_ONLY = "every-token", "answer-only"
 PLACEMENTS = (EVERY_TOKEN, ANSWER_ONLY)  # answer-only: the last prompt token and each generated token
+KEY_FORM, KEY_CLAMP_FLOOR = "alignez.form", "alignez.clamp_floor"
+ADD, CLAMP = "add", "clamp"
+FORMS = (ADD, CLAMP)
 
 MetaValue = str | int | float
 
@@ -131,6 +144,14 @@ class ControlVector(SteeringFile):
         if meta.get(KEY_PLACEMENT, EVERY_TOKEN) not in PLACEMENTS:
             raise AlignezError(f"{where}: placement {meta[KEY_PLACEMENT]!r} is unknown to this alignez-local "
                                f"(it knows {', '.join(PLACEMENTS)}); upgrade alignez-local to use this file")
+        if meta.get(KEY_FORM, ADD) not in FORMS:
+            raise AlignezError(f"{where}: form {meta[KEY_FORM]!r} is unknown to this alignez-local "
+                               f"(it knows {', '.join(FORMS)}); upgrade alignez-local to use this file")
+        if self.form == CLAMP:
+            floors = self.clamp_floor  # raises for a missing or broken floor record
+            if set(floors) != set(dirs):
+                raise AlignezError(f"{where}: a clamp vector needs a floor for each of its layers "
+                                   f"({sorted(dirs)}); {KEY_CLAMP_FLOOR} has {sorted(floors)}")
         if self.gate is not None:
             gates = Gates.of(self.gate)  # raises for anything but Gates, a Gate or a list of them
             if gates.width != width:
@@ -157,6 +178,39 @@ class ControlVector(SteeringFile):
             meta[KEY_PLACEMENT] = placement  # the default is not written: such files stay as they were
         return dataclasses.replace(self, metadata=meta)
 
+    @property
+    def form(self) -> str:
+        """How our runtime applies this vector (``FORMS``); llama.cpp always adds it as a constant."""
+        return str(self.metadata.get(KEY_FORM, ADD))
+
+    @property
+    def clamp_floor(self) -> dict[int, float]:
+        """Return layer -> the plain answers' mean component along the unit direction (clamp vectors)."""
+        raw = self.metadata.get(KEY_CLAMP_FLOOR)
+        try:
+            floors = {int(k): float(v) for k, v in json.loads(str(raw)).items()}
+        except (TypeError, ValueError, AttributeError):
+            raise AlignezError(f"control vector {self.name!r}: {KEY_CLAMP_FLOOR} is missing or not a JSON object "
+                               "of layer -> number; the file is damaged or was not written by alignez") from None
+        if not all(np.isfinite(v) for v in floors.values()):
+            raise AlignezError(f"control vector {self.name!r}: {KEY_CLAMP_FLOOR} holds a non-finite number")
+        return floors
+
+    def formed(self, form: str, plain_mean: Mapping[int, np.ndarray] | None = None) -> ControlVector:
+        """Return this vector applied in ``form`` (the same directions, gate and calibration).
+        ``plain_mean``: layer -> the plain (negative) answers' mean state, which a clamp's floor is
+        read from (the component along each unit direction)."""
+        if form not in FORMS:
+            raise AlignezError(f"unknown form {form!r}; use one of {', '.join(FORMS)}")
+        meta = {k: v for k, v in self.metadata.items() if k not in (KEY_FORM, KEY_CLAMP_FLOOR)}
+        if form == CLAMP:
+            if plain_mean is None or any(L not in plain_mean for L in self.directions):
+                raise AlignezError("a clamp vector needs the plain answers' mean state at each of its layers")
+            meta[KEY_FORM] = CLAMP
+            meta[KEY_CLAMP_FLOOR] = json.dumps({str(L): round(float(np.dot(np.asarray(plain_mean[L], np.float64), unit(d))), 6)
+                                                for L, d in self.directions.items()})
+        return dataclasses.replace(self, metadata=meta)  # add is not written: such files stay as they were
+
     # Makes numpy scalars defer to our __rmul__ (np.float64(2) * cv) instead of wrapping cv in an array.
     __array_ufunc__ = None
 
@@ -179,6 +233,7 @@ class ControlVector(SteeringFile):
             # Shown only when it is not what llama.cpp does, so a user knows the two differ.
             **({"placement": f"{self.placement} in alignez (llama.cpp adds it at every token)"}
                if self.placement != EVERY_TOKEN else {}),
+            **({"form": f"{self.form} in alignez (llama.cpp adds it as a constant)"} if self.form != ADD else {}),
             **super().describe(),
         }
 
@@ -209,6 +264,9 @@ class ControlVector(SteeringFile):
                 f"cannot combine vector {self.name!r} ({self.placement}) with {other.name!r} ({other.placement}): "
                 "they are added to different tokens; load them as two vectors instead"
             )
+        if CLAMP in (self.form, other.form):
+            raise AlignezError(f"cannot combine vector {self.name!r} with {other.name!r}: a clamp vector raises its "
+                               "own direction's component, which a sum would not; load them as two vectors instead")
         if self.gate != other.gate:
             raise AlignezError(
                 f"cannot combine vector {self.name!r} with {other.name!r}: their gates differ (a gated vector "
@@ -290,6 +348,9 @@ class ControlVector(SteeringFile):
         if self.placement != EVERY_TOKEN:
             raise AlignezError(f"vector {self.name} is added to the answer's tokens only, which a block around "
                                "any generation cannot do; use alignez_local.generate(engine, prompts, vector)")
+        if self.form != ADD:
+            raise AlignezError(f"vector {self.name} is a {self.form} vector, which llama.cpp's adapter cannot apply; "
+                               "use alignez_local.generate(engine, prompts, vector)")
         s = self.default_strength_or_one if strength is None else check_strength(float(strength))
         with engine.control_vector({L: s * d for L, d in self.directions.items() if 1 <= L < engine.n_layer}):
             yield
@@ -315,6 +376,13 @@ class ControlVector(SteeringFile):
         if isinstance(made_for, int) and made_for != n_layer:
             warnings.append(f"vector {self.name} was made for a model with {made_for} layers; this one has {n_layer}")
         return warnings
+
+
+def unit(direction: np.ndarray) -> np.ndarray:
+    """Return ``direction`` scaled to norm 1 (float64; a zero direction stays zero)."""
+    d = np.asarray(direction, dtype=np.float64)
+    n = float(np.linalg.norm(d))
+    return d / n if n > 0 else d
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
 from alignez_local.errors import AlignezError
 from alignez_local.formats.gate import GATE_SITE, Gates
-from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
+from alignez_local.formats.control_vector import ADD, ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.llama.engine import Edit, EditFn, Engine
 from alignez_local.specs import MAX_STRENGTH, check_strength, parse_steering_spec
@@ -151,6 +151,9 @@ class SteeringSet:
                 if any(s.name == name for s in items):
                     raise AlignezError(f"two steering files are named {name!r}; give one a name with NAME=FILE")
                 item = read_control_vector(path) if kind == "vector" else load_profile(path)
+                if isinstance(item, ControlVector) and item.form != ADD:
+                    raise AlignezError(f"{name}: {path} is a {item.form} vector, which alignez serve cannot apply yet; "
+                                       "steer with it in alignez chat, alignez eval or the Python API")
                 warnings += [f"{name}: {w}" for w in item.check_compatible(engine.n_layer, engine.n_embd, engine.arch)]
                 own = getattr(item, "default_strength", None)  # the file's calibrated strength, if any
                 default = strength if strength is not None else (1.0 if own is None else float(own))
