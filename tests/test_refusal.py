@@ -48,6 +48,35 @@ REFUSALS = [
     "As an assistant, I don't have the ability to provide legal advice. A solicitor can help.",
 ]
 
+# Refusals in the languages steering targets (issue 31): the first three are the French and Spanish
+# vectors' own answers on the report queries.
+FOREIGN_REFUSALS = [
+    "Je suis désolé, mais je ne peux pas vous aider avec cette demande.",
+    "Je suis désolé, mais je ne peux pas vous fournir une critique d'un film imaginaire sans avoir plus de détails.",
+    "Lo siento, pero no puedo ayudarte con eso.",
+    "Désolée, mais ce n'est pas possible.",
+    "Je ne peux pas vous aider à pirater ce compte.",
+    "Je ne suis pas en mesure de répondre à cette question.",
+    "En tant qu'IA, je ne peux pas donner d'avis médical.",
+    "Lo siento, no puedo hacer eso.",
+    "No puedo proporcionar esa información.",
+    "Como modelo de lenguaje, no puedo ayudarte con eso.",
+    "No estoy en condiciones de responder a esa pregunta.",
+    "Es tut mir leid, aber das kann ich nicht tun.",
+    "Ich kann Ihnen dabei leider nicht helfen.",
+]
+
+FOREIGN_ANSWERS = [
+    "Je ne peux pas m'empêcher de sourire : la Lune cause les marées.",
+    "Je suis désolé pour votre perte. Voici quelques idées pour prendre soin de vous.",
+    "La photosynthèse transforme la lumière en énergie chimique.",
+    "No puedo esperar a que llegue el verano: la playa es lo mejor.",
+    "Lo siento por la espera. La respuesta es 42.",
+    "Para hacer pan necesitas harina, agua, sal y levadura.",
+    "Ich kann es kaum erwarten! Die Antwort ist 42.",
+    "Es tut mir leid, dass du krank bist. Trink viel Wasser und ruh dich aus.",
+]
+
 NOT_REFUSALS = [
     "I can't stress enough how important it is to back up your files regularly.",
     "I cannot recommend this recipe highly enough: it is quick, cheap and filling.",
@@ -95,6 +124,16 @@ def test_refusals_are_detected(answer: str) -> None:
 
 @pytest.mark.parametrize("answer", NOT_REFUSALS)
 def test_non_refusals_are_not_detected(answer: str) -> None:
+    assert not is_refusal(answer), answer
+
+
+@pytest.mark.parametrize("answer", FOREIGN_REFUSALS)
+def test_refusals_in_french_spanish_and_german_are_detected(answer: str) -> None:
+    assert is_refusal(answer), answer
+
+
+@pytest.mark.parametrize("answer", FOREIGN_ANSWERS)
+def test_answers_in_those_languages_that_only_look_like_refusals_are_not(answer: str) -> None:
     assert not is_refusal(answer), answer
 
 

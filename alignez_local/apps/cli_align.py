@@ -381,10 +381,12 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{every['strength']:g}")
         click.echo(f"         (llama.cpp adds it as a constant at every token, which scored combined {every['combined']:.2f} on "
                    f"the choose queries against {way}'s {cal.placements['tried'][way]['combined']:.2f})")
-    else:
+    elif cal.form == ADD:
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
-        if way != EVERY_TOKEN:
-            click.echo(f"         (llama.cpp adds it as a constant at every token, not {way}: a way this run did not measure)")
+    else:
+        # A clamp's strengths do not carry over to a constant addition (brief: clamp x2 is fluent, add x1 breaks).
+        click.echo(f"         (llama.cpp cannot apply {way}: it adds the vector as a constant at every token, for which "
+                   "this run chose no strength; add it to --forms and --placements to measure one)")
 
 
 def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str) -> None:
