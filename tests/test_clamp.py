@@ -155,3 +155,23 @@ def test_the_search_tries_every_placement_in_every_form(tiny_engine: Engine, tin
     assert any(line.startswith("ways (choose half") for line in lines)
     with pytest.raises(AlignezError, match="unknown form"):
         choose_strengths(_bench(e), None, planted, 5, forms=("rotate",))
+    # Clamp alone is still recorded as the way chosen (steer writes the file from it).
+    alone = choose_strengths(_bench(e), None, planted, 5, strengths=GRID, refine=False, forms=(CLAMP,), plain_mean=plain)
+    assert alone["vector"].form == CLAMP and alone["vector"].placement == EVERY_TOKEN
+
+
+def test_the_search_goes_past_the_grid_while_nothing_breaks(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    """A clamp moves a state less per unit of strength than an addition: when the largest strength
+    of the grid still holds, the search doubles it until it breaks (a grid of 1 and 2 alone would
+    never reach the planted behaviour, which appears near 16 on this model)."""
+    from alignez_local.align.strength_by_behaviour import search_strength
+    e = tiny_engine
+    planted = _planted(e, tiny_model_path, 1.0)
+    trials = search_strength(_bench(e), lambda s: Steering.vector(planted, s), strengths=(1.0, 2.0), refine=True,
+                             loop_margin=1.0)
+    tried = [t.strength for t in trials]
+    assert 4.0 in tried and 8.0 in tried and max(tried) <= 16.0
+    assert max(t.behaviour_rate for t in trials) > 0  # it reached the behaviour
+    fixed = search_strength(_bench(e), lambda s: Steering.vector(planted, s), strengths=(1.0, 2.0), refine=False,
+                            loop_margin=1.0)
+    assert [t.strength for t in fixed] == [1.0, 2.0]  # a grid the user gave (no refine) is kept as given

@@ -242,6 +242,22 @@ def test_steer_end_to_end(tiny_model_path: Path, tmp_path: Path) -> None:
     assert load_profile(out / "profile.gguf").default_strength is None
 
 
+def test_steer_writes_the_way_it_chose_even_when_only_one_was_tried(tiny_model_path: Path, tmp_path: Path) -> None:
+    """``--forms clamp`` alone: the file is a clamp file with its floors (a single way other than the
+    default once came out as a plain every-token file), and steer gives llama.cpp no strength for it."""
+    out = tmp_path / "run"
+    res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "--forms", "clamp", "-o", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    cv = read_control_vector(out / "vector.gguf")
+    assert cv.form == "clamp" and set(cv.clamp_floor) == set(cv.layers)
+    assert dict(cv.calibration or {})["placements"]["chosen"] == "every-token, clamp"
+    assert "llama.cpp cannot apply every-token, clamp" in res.stdout and "--control-vector-scaled" not in res.stdout
+    bad = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), *STEER, "--forms", "rotate", "-o", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--forms: unknown form 'rotate'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_steer_screen_only_measures_the_ceiling_and_writes_nothing(tiny_model_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "never"
     res = subprocess.run(CLI + ["steer", "-m", str(tiny_model_path), "--axis", "french", "--screen-only", "--threads", "1", "-o", str(out)],

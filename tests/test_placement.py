@@ -179,5 +179,8 @@ def test_the_way_search_picks_the_planted_better_way(tiny_engine: Engine, tiny_m
     assert cal.trials and all(t.strength in seen["planted"] for t in cal.trials)  # the report is the winner's
     assert cal.strength == chosen(cal.trials).strength and cal.beats_random
     assert "placements" in cal.as_dict()
-    one = calibrate_ways(_bench(e), {"planted": ways["planted"]}, strengths=GRID, loop_margin=1.0)
-    assert "placements" not in one.as_dict() and one.placement == EVERY_TOKEN  # one way: the record as before
+    one = calibrate_ways(_bench(e), {EVERY_TOKEN: ways["planted"]}, strengths=GRID, loop_margin=1.0)
+    assert "placements" not in one.as_dict() and one.placement == EVERY_TOKEN  # the default alone: the record as before
+    # One way that is not the default is recorded, or the file would be written the default way.
+    alone = calibrate_ways(_bench(e), {ANSWER_ONLY: ways["planted"]}, strengths=GRID, loop_margin=1.0)
+    assert alone.placement == ANSWER_ONLY and alone.placements["chosen"] == ANSWER_ONLY

@@ -8,7 +8,8 @@ relevance and fluency, so gibberish scores 0) on held-out queries:
 
 1. the held-out queries are split in two disjoint halves (``split_heldout``): strengths are tried
    on the *choose* half only, from ``START`` upwards, until fluency or relevance breaks (mean below
-   ``BREAK_SHARE`` of the unsteered answers'); the grid below ``START`` is tried only while the
+   ``BREAK_SHARE`` of the unsteered answers'; past the grid's end by doubling, ``UPPER_STEPS``
+   times at most, when nothing broke); the grid below ``START`` is tried only while the
    smallest strength tried broke, or is the best one and has lost relevance or fluency
    (``lowest_is_best``): a strength that weak is usually inert, and each one tried costs half as
    many answers as the report's random null;
@@ -34,6 +35,9 @@ tried), but nothing claims it works.
 
 from __future__ import annotations
 
+# size: the one owner of steer's default calibration (the search, the ways to steer, the report half
+# and the random nulls); a third of it is the docstring that states the method.
+
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -50,6 +54,7 @@ from alignez_local.formats.profile import SteeringProfile
 from alignez_local.measures.scoring import ScoredAnswers
 from alignez_local.measures.statistics import paired_difference_ci
 from alignez_local.progress import Notify, quiet
+from alignez_local.specs import MAX_STRENGTH
 
 STRENGTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Multiples of a vector as fitted. For a difference-of-means vector, 1 moves the state by the whole
@@ -62,6 +67,9 @@ unsteered answers' ends the search: larger strengths only break more."""
 
 LOWER_STEPS = 3
 """When the smallest strength already breaks, ``refine`` halves it up to this many times."""
+
+UPPER_STEPS = 3
+"""When the largest strength still holds, ``refine`` doubles it up to this many times."""
 
 START = 0.125
 """Where the default search starts (``STRENGTHS`` below it are tried only when this one is the best or
@@ -215,6 +223,14 @@ def search_strength(
     for s in cands[first:]:
         if attempt(s).broken:
             break
+    else:
+        # The grid ended before anything broke: a form that moves a state less per unit (a clamp:
+        # capitals first hold at x5.7) goes on doubling until it breaks, within ``UPPER_STEPS``.
+        s = cands[-1]
+        for _ in range(UPPER_STEPS if refine else 0):
+            s = round(s * 2, 6)
+            if s > MAX_STRENGTH or attempt(s).broken:
+                break
     guards = (GUARD_SHARE * base.mean("relevance"), GUARD_SHARE * base.mean("fluency"))
     for s in reversed(cands[:first]):
         if not lowest_is_best(trials, guards):
@@ -365,12 +381,13 @@ Way = tuple[Callable[[float], Steering], Callable[[float], Steering]]
 
 def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
                    on_trial: Callable[[str], Callable[[BehaviourTrial], None] | None] = lambda _name: None,
-                   seed: int = 0, **search: Any) -> BehaviourCalibration:
+                   seed: int = 0, default: str = EVERY_TOKEN, **search: Any) -> BehaviourCalibration:
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
     has the best combined score wins (the first listed on a tie: list the way llama.cpp can apply
     first), and only the winner is measured on ``bench.report``, so the reported figures were never
-    used to choose the way either. With several ways, ``placements`` records each way's best trial."""
+    used to choose the way either. ``placements`` records each way's best trial and the one chosen,
+    unless the one way searched is ``default`` (the file then reads as before: no record)."""
     if not ways:
         raise AlignezError("calibration needs at least one way to steer")
     tried = {name: search_strength(bench, make, on_trial=on_trial(name), **search) for name, (make, _) in ways.items()}
@@ -381,7 +398,7 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
 
     win = max(tried, key=score)
     record = None
-    if len(ways) > 1:
+    if list(ways) != [default]:  # one way other than the default must still say which it was
         record = {"chosen": win, "tried": {name: {k: v for k, v in asdict(chosen(trials)).items() if k != "answers"}
                                            for name, trials in tried.items()}}
     make, make_random = ways[win]
