@@ -137,7 +137,8 @@ class Servers:
 
     def call(self, url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any | None:
         """Return the JSON of one request to one server (retried as the fan-out's are), None when the
-        server has no such route (404, 405, 501): what the probes of a server use."""
+        server has no such route or does not take this body (400, 404, 405, 422, 501): what the
+        probes of a server use, which other servers may not offer or may shape otherwise."""
         async def once() -> Any | None:
             import httpx
 
@@ -166,7 +167,7 @@ class Servers:
             else:
                 if r.status_code == 200:
                     return r
-                if missing_ok and r.status_code in (404, 405, 501):
+                if missing_ok and r.status_code in (400, 404, 405, 422, 501):
                     return None
                 if r.status_code in (401, 403):
                     raise AlignezError(_key_message(role, url, r.status_code))

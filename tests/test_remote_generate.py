@@ -10,6 +10,9 @@ model, against the local path.
 - Through the CLI (``alignez generate`` and ``alignez steer``, subprocesses): a bad URL, an
   unreachable server, a wrong model and a missing key are each one ``error:`` line, a non-zero exit
   and no file; ``steer --generate-url --screen-only`` screens on the server.
+- A server that offers no way to check its model (a stand-in with no /v1/models, no /tokenize, no
+  token counts) is named in one warning line, and used.
+- ``steer --generate-url`` end to end: report.json and every pair name the servers, never the key.
 - llama-server (skipped where ``~/llama-tools/bin/llama-server`` is missing): its /tokenize is
   compared token for token, and its greedy answers without a repeat penalty are counted against
   the local ones (llama-server puts the prompt in the penalty window, so steer's 1.1 is not compared).
@@ -35,7 +38,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Engine
 from alignez_local.prompt_sets import select_queries
 from alignez_local.testing import free_port, write_tiny_llama
-from test_remote_judge import one_error_line
+from test_remote_judge import StandIn, one_error_line, serve_handler
 from test_serve_http import KEY, LiveServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +100,30 @@ def test_a_server_on_another_model_is_refused(tmp_path: Path, tiny_engine: Engin
         other.close()
 
 
+class UncheckableHandler(StandIn):
+    """A stand-in OpenAI-compatible server (no model) that lists nothing, has no /tokenize and
+    reports no token counts: every completion is "Bonjour."."""
+
+    def reply(self, body: dict) -> tuple[int, dict]:
+        if self.path != "/v1/completions":
+            return 404, {"error": {"message": "not found"}}
+        return 200, {"choices": [{"index": 0, "text": "Bonjour.", "finish_reason": "stop"}]}
+
+
+def test_a_server_that_cannot_be_checked_is_named_in_one_line(tmp_path: Path, tiny_engine: Engine) -> None:
+    httpd, url = serve_handler(UncheckableHandler)
+    try:
+        writer = RemoteWriter([url], model="some-model")
+        assert writer.check_model(tiny_engine, "tiny") == [
+            f"warning: cannot check that the generation server at {url} serves tiny: it lists no vocabulary size, "
+            "has no /tokenize and reports no token counts; start it on the same GGUF file"]
+        axis, queries = get_axis("french"), select_queries(None, 2, axis="french")
+        assert generate_preferences(tiny_engine, queries, axis, tmp_path / "p.jsonl", GREEDY, quiet=True, writer=writer) == (2, 0)
+        assert all(r["response"] == {"positive": "Bonjour.", "negative": "Bonjour."} for r in records(tmp_path / "p.jsonl"))
+    finally:
+        httpd.shutdown()
+
+
 def run_cli(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ALIGNEZ_GENERATE_API_KEY", "OPENAI_API_KEY")}
     env.update(PYTHONPATH=str(REPO), PYTHONIOENCODING="utf-8")
@@ -105,6 +132,7 @@ def run_cli(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[st
     return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_failures_are_one_line_and_write_nothing(tmp_path: Path, tiny_model_path: Path, server: LiveServer) -> None:
     out = tmp_path / "pairs.jsonl"
     base = ["generate", "-m", str(tiny_model_path), "--threads", "1", "--limit", "2", "--response-tokens", "8", "-o", str(out)]
@@ -133,6 +161,20 @@ def test_steer_screens_on_the_server(tmp_path: Path, tiny_model_path: Path, serv
     local = run_cli("steer", "-m", str(tiny_model_path), "--axis", "french", "--screen-only", "--threads", "1")
     screen = [ln for ln in r.stderr.splitlines() if ln.startswith("screen:")]
     assert screen == [ln for ln in local.stderr.splitlines() if ln.startswith("screen:")]
+
+
+@pytest.mark.slow
+def test_steer_end_to_end_through_the_server(tmp_path: Path, tiny_model_path: Path, server: LiveServer) -> None:
+    out = tmp_path / "run"
+    args = ["steer", "-m", str(tiny_model_path), "--limit", "8", "--response-tokens", "16", "--strengths", "1,8",
+            "--threads", "1", "--temperature", "0", "-o", str(out), "--generate-url", server.url]
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["text_stages"]["urls"] == [server.url] and rep["text_stages"]["requests_per_url"][server.url] >= 16
+    assert KEY not in (out / "report.json").read_text() and KEY not in (out / "preferences.jsonl").read_text()
+    assert all(rec["written_by"]["urls"] == [server.url] for rec in records(out / "preferences.jsonl"))
+    assert "8 new pairs, 0 already there" in r.stderr  # a re-run's reuse: test_remote_pairs_and_bench_answers_equal_the_local_ones
 
 
 @pytest.mark.skipif(not LLAMA_SERVER.is_file(), reason="llama.cpp's llama-server is not built here")

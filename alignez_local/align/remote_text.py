@@ -21,9 +21,10 @@ promises that. Transport (fan-out, retries, timeouts, one-line errors, the key f
 ``ALIGNEZ_GENERATE_API_KEY`` or ``OPENAI_API_KEY``) is ``remote_api.py``'s, shared with the judge.
 
 The server must serve the local model (``check_model``): its /v1/models metadata (vocabulary size
-and width on llama-server and ``alignez serve``), its /tokenize of a probe prompt (llama-server)
-and the token count it reports for the same prompt are compared with the local file; any that
-differ refuse the run in one line, and a server that offers none of them is named in one line.
+and width on llama-server and ``alignez serve``), its /tokenize of a probe prompt (llama-server;
+vLLM's field names are sent too, not tried here) and the token count it reports for the same prompt
+are compared with the local file; any that differ refuse the run in one line, and a server that
+offers none of them is named in one line.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class RemoteWriter:
                         if theirs != local:
                             raise AlignezError(self._other(url, name, f"{what} {theirs} there, {local} here"))
                         checked.append(f"{what} {local}")
-            tokens = self.servers.call(url, "POST", "/tokenize", {"content": probe, "add_special": False, "parse_special": True})
+            # llama-server's fields, and vLLM's (prompt, add_special_tokens): each ignores the other's.
+            tokens = self.servers.call(url, "POST", "/tokenize", {"content": probe, "add_special": False, "parse_special": True,
+                                                                  "prompt": probe, "add_special_tokens": False})
             theirs_tokens = tokens.get("tokens") if isinstance(tokens, dict) else None
             if isinstance(theirs_tokens, list) and all(isinstance(t, int) for t in theirs_tokens):
                 if theirs_tokens != ours:
