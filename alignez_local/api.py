@@ -25,6 +25,8 @@ from typing import Any
 from alignez_local.align.axes import DEFAULT_AXIS, PreferenceAxis, custom_axis, get_axis, style_axis, topic_axis
 from alignez_local.align.preferences import GenerationSettings, PreferencePair
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
+from alignez_local.align.remote_text import DEFAULT_TIMEOUT as GENERATE_TIMEOUT
+from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import STRENGTHS
@@ -39,6 +41,7 @@ from alignez_local.pipeline import (
     screen,
 )
 from alignez_local.progress import Notify, StageClock, quiet
+from alignez_local.remote_api import DEFAULT_CONCURRENCY
 from alignez_local.prompt_sets import load_eval_prompts, select_queries
 from alignez_local.settings import ModelRun, RuntimeSettings
 
@@ -118,7 +121,9 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
           fit: FitSettings = FitSettings(), recipe: str | None = None, strengths: Sequence[float] | None = None,
           calibrate_profile: bool = False, judge: str = "auto", screen_only: bool = False,
           on_status: Notify | None = None, name: str | None = None,
-          placements: Sequence[str] = (EVERY_TOKEN,), forms: Sequence[str] = (ADD,)) -> SteerResult | None:
+          placements: Sequence[str] = (EVERY_TOKEN,), forms: Sequence[str] = (ADD,), generate_urls: Sequence[str] = (),
+          generate_model: str | None = None, generate_concurrency: int = DEFAULT_CONCURRENCY,
+          generate_timeout: float = GENERATE_TIMEOUT) -> SteerResult | None:
     """Make a control vector and a profile for a behaviour, and choose their strength by it:
     ``alignez steer``.
 
@@ -137,8 +142,15 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     choose half decides among them and the file records the one chosen (each adds a strength search).
     ``forms``: how alignez's runtime applies it (``add``: a constant, what llama.cpp does; ``clamp``:
     each row's component along the direction raised to a target, never past it); several: likewise.
+    ``generate_urls``: OpenAI-compatible servers serving the same model (llama-server, ``alignez
+    serve``) write the text stages: the screen, the pairs and the unsteered and prompting answers
+    (``generate_model``: the name to ask for, None: the one each server lists; ``generate_concurrency``
+    requests in flight per server); each server is checked to serve this model first. The capture,
+    the fit and every steered answer stay local (align/remote_text.py).
     """
     status = on_status or quiet
+    writer = (RemoteWriter(generate_urls, generate_model, generate_concurrency, generate_timeout)
+              if generate_urls else None)  # checked now (URLs, httpx); nothing is sent before the engine is open
     chosen = resolve_axis(axis, positive, negative, measure, concept, style, keywords)
     recipe = recipe or default_recipe(chosen, queries is not None)
     if recipe == REQUEST_RECIPE:
@@ -156,15 +168,19 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
             # Queries fitted on (those of pairs already in the folder too) are never held out.
             folder, used = paths.folder, paths.fitted_queries(plan.queries)
         with _engine(model) as engine:
+            if writer is not None:
+                for line in writer.check_model(engine, _display_name(model, engine, name)):
+                    status(line)
             with behaviour_judge(judge, engine, chosen) as the_judge:
                 clock = StageClock(engine, getattr(the_judge, "engine", None))
-                bench = behaviour_bench(engine, chosen, used, the_judge)
+                bench = behaviour_bench(engine, chosen, used, the_judge, writer=writer)
                 line, _, _ = screen(bench, _display_name(model, engine, name), get_recipe(recipe).texts)
                 clock.lap("screen_s")
                 status(line)
                 if folder is None:
                     return None
-                return run_steer(engine, plan, folder, ModelId.of(engine, _given_name(model, name)), status, bench, clock=clock)
+                return run_steer(engine, plan, folder, ModelId.of(engine, _given_name(model, name)), status, bench, clock=clock,
+                                 writer=writer)
 
 
 def steer_refusals(model: ModelLike, out: str | Path, axis: str | PreferenceAxis = "harmless", queries_file: str | None = None,

@@ -24,6 +24,7 @@ from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.export import ApproximationReport, approximation_report
 from alignez_local.align.preferences import GenerationSettings, check_pairs_file, generate_preferences, load_pairs
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
+from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
 from alignez_local.align.gate_reading import read_alone
 from alignez_local.align.steering import Steering
@@ -66,13 +67,21 @@ class Interrupted(KeyboardInterrupt):
 
 
 def generate(engine: Engine, queries: Sequence[str], axis: PreferenceAxis, out: str | Path,
-             settings: GenerationSettings, model: ModelId, recipe: str | None = None) -> tuple[int, int]:
+             settings: GenerationSettings, model: ModelId, recipe: str | None = None,
+             writer: RemoteWriter | None = None) -> tuple[int, int]:
     """Append the model's own preference pairs to ``out``; return (written now, already there).
-    ``recipe`` None: the default recipe (align/recipes.py)."""
+    ``recipe`` None: the default recipe (align/recipes.py). ``writer``: the answers come from its
+    servers (``steer --generate-url``, align/remote_text.py)."""
     try:
-        return generate_preferences(engine, list(queries), axis, Path(out), settings, model.sha256, recipe=recipe)
+        return generate_preferences(engine, list(queries), axis, Path(out), settings, model.sha256, recipe=recipe,
+                                    writer=writer)
     except KeyboardInterrupt:
         raise Interrupted(f"every finished pair is saved in {out}", "continue where it stopped") from None
+    except AlignezError as err:
+        if writer is None:
+            raise
+        # A server that failed for good: the chunks it finished are on disk, and a re-run reuses them.
+        raise AlignezError(f"{err} (every finished pair is saved in {out}; run again to continue)") from None
 
 
 @dataclass(frozen=True)
@@ -126,13 +135,14 @@ class SteerResult:
 
 def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], judge: YesNoJudge | None,
                     heldout: Sequence[str] | None = None, n_choose: int = CHOOSE_QUERIES,
-                    n_report: int = REPORT_QUERIES) -> BehaviourBench:
+                    n_report: int = REPORT_QUERIES, writer: RemoteWriter | None = None) -> BehaviourBench:
     """Return the bench a steer run screens, calibrates and reports on: the axis's measure
     (``measures.behaviour.measure_for``), and held-out queries split into a choose half and a
-    report half (``heldout`` None: built-in queries not in ``used``)."""
+    report half (``heldout`` None: built-in queries not in ``used``). ``writer``: the unsteered and
+    prompting answers come from its servers."""
     pool = list(heldout) if heldout is not None else heldout_queries(axis.name, used)
     choose, report = split_heldout([q for q in pool if q not in set(used)], n_choose, n_report)
-    return axis_bench(engine, axis, judge, choose, report)
+    return axis_bench(engine, axis, judge, choose, report, writer=writer)
 
 
 def screen(bench: BehaviourBench, model_name: str, from_texts: bool = False) -> tuple[str, bool, dict[str, Any]]:
@@ -164,7 +174,7 @@ class SteerPlan:
 
 def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
               bench: BehaviourBench | None = None, judge: YesNoJudge | None = None,
-              clock: StageClock | None = None) -> SteerResult:
+              clock: StageClock | None = None, writer: RemoteWriter | None = None) -> SteerResult:
     """Generate preference pairs, fit a profile and a control vector into ``folder``, then choose
     both files' default strengths by the behaviour (align/strength_by_behaviour.py) on held-out
     queries, reported beside unsteered, prompting and a random direction.
@@ -174,15 +184,17 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     screened (``behaviour_bench``, ``screen``); None builds it with ``judge``. ``plan.with_profile``
     False skips the profile's calibration (its file keeps no default strength): the experiments
     compare vector recipes at half the cost. ``clock``: the caller's, when it timed stages of its
-    own first (the screening); the stages here are added to it.
+    own first (the screening); the stages here are added to it. ``writer``: the pairs (and, when
+    ``bench`` is None, the bench's unsteered and prompting answers) come from its servers
+    (``steer --generate-url``); report.json names them under ``text_stages``.
     """
     axis, queries, fit, recipe = plan.axis, plan.queries, plan.fit, plan.recipe
     paths = SteerPaths.prepare(folder)
     clock = clock or StageClock(engine)
     if fit.vector_from not in VECTOR_SOURCES:
         raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
-    bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge)
-    written, had = generate(engine, queries, axis, paths.preferences, plan.generation, model, recipe)
+    bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge, writer=writer)
+    written, had = generate(engine, queries, axis, paths.preferences, plan.generation, model, recipe, writer)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
@@ -219,6 +231,8 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     result = SteerResult(paths, prof, cv, rep, written, had, clock.timings(), get_recipe(recipe).name, cals,
                          clock.costs)
     result.report = steer_report(result, plan, model)
+    if writer is not None:
+        result.report["text_stages"] = writer.describe()
     write_json(paths.report, result.report)
     return result
 

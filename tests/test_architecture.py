@@ -22,7 +22,7 @@ PACKAGE = ROOT / "alignez_local"
 # the orchestration, the Python API and the applications on top.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version"),
-    ("specs", "fileio", "progress"),
+    ("specs", "fileio", "progress", "remote_api"),
     ("measures", "formats", "llama"),
     ("models", "prompt_sets"),
     ("settings",),

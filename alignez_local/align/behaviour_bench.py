@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.axes import PreferenceAxis
+from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.steering import Steering
 from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Completion, Engine, Sampling
@@ -100,7 +101,9 @@ class BehaviourBench:
 
     ``engine`` must be unsteered whenever the scorer reads (it rescores answers under the plain
     model, and the judge may be the same model). ``system`` is the prompting baseline's system
-    prompt: the axis's positive guide.
+    prompt: the axis's positive guide. ``writer`` (``steer --generate-url``): the unsteered and
+    prompting answers come from its servers (text only: the scorer reads them back locally), the
+    steered ones from ``engine``.
     """
 
     engine: Engine
@@ -109,6 +112,7 @@ class BehaviourBench:
     choose: list[str]
     report: list[str]
     sampling: Sampling = SAMPLING
+    writer: RemoteWriter | None = None
     _fixed: dict[tuple[str, str], ScoredAnswers] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +126,8 @@ class BehaviourBench:
         The prompts' shared head (the chat template's system prompt, or the guide) is decoded once:
         on Qwen it is about 25 tokens of every prompt, 60 under the guide."""
         prompts = [self.engine.prompt(q, system) for q in questions]
+        if steering is None and self.writer is not None:
+            return self.writer.generate(prompts, self.sampling)
         return (steering or Steering()).generate(self.engine, prompts, self.sampling, share_prefix=True)
 
     def answers(self, questions: Sequence[str], steering: Steering | None = None, system: str | None = None) -> list[str]:
@@ -173,12 +179,13 @@ class BehaviourBench:
 
 
 def axis_bench(engine: Engine, axis: PreferenceAxis, judge: YesNoJudge | None, choose: Sequence[str],
-               report: Sequence[str], sampling: Sampling = SAMPLING) -> BehaviourBench:
+               report: Sequence[str], sampling: Sampling = SAMPLING, writer: RemoteWriter | None = None) -> BehaviourBench:
     """Return the bench that scores ``axis``'s behaviour on ``engine``: the axis's measure
     (``measures.behaviour.measure_for``), fluency read plainly and under the positive guide, the
     prompting baseline under that guide. The one place a behaviour scorer is set up (``steer``'s
-    screen and calibration, ``alignez eval``'s behaviour table)."""
+    screen and calibration, ``alignez eval``'s behaviour table). ``writer``: where the unsteered
+    and prompting answers are written (``BehaviourBench``)."""
     guide = axis.guide("positive")
     scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
                     nll_asked=unsteered_nll(engine, guide))
-    return BehaviourBench(engine, scorer, guide, list(choose), list(report), sampling=sampling)
+    return BehaviourBench(engine, scorer, guide, list(choose), list(report), sampling=sampling, writer=writer)

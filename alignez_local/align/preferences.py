@@ -6,6 +6,11 @@ small models). For a chat model the prompts use its chat template; for a base mo
 plain ``User:/Assistant:`` format. Every record stores its recipe, the sampling settings and
 whether either answer reads as a refusal (``measures.refusal.is_refusal``).
 
+``writer`` (``remote_text.RemoteWriter``, ``steer --generate-url``): the answers come from
+OpenAI-compatible servers serving the same model, from the same prompt text and sampling; every
+record then names the servers (``written_by``). The self-check, where a recipe has one, reads the
+local model's logits.
+
 Records are appended one per line and flushed as soon as a chunk of queries is done, so a killed
 run loses at most the chunk in flight; a re-run with the same output file skips every record it
 already has (keyed by axis, query and response index) and never duplicates one.
@@ -22,6 +27,7 @@ from typing import Any
 
 from alignez_local.align.axes import PreferenceAxis
 from alignez_local.align.recipes import Recipe, get_recipe
+from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.selfcheck import DEFAULT_CHECK, check_records, select_pairs
 from alignez_local.measures.refusal import is_refusal
 from alignez_local.llama.engine import Completion, Engine, Sampling
@@ -90,6 +96,7 @@ def generate_preferences(
     recipe: str | None = None,
     progress: Progress | None = None,
     selfcheck: str | None = DEFAULT_CHECK,
+    writer: RemoteWriter | None = None,
 ) -> tuple[int, int]:
     """Append missing preference pairs to ``out_path``; return (pairs written now, pairs already there).
 
@@ -97,7 +104,8 @@ def generate_preferences(
     stored in every record, with whether each side reads as a refusal. ``progress`` replaces the
     default progress line (its items are pairs; work is counted in tokens, see ``progress.py``).
     ``selfcheck`` names the model's own check of each pair (``selfcheck.CHECKS``), stored in the
-    record before it is written; None skips it.
+    record before it is written; None skips it. ``writer``: the answers come from its servers
+    (module docstring); None: from ``engine``.
     """
     how = get_recipe(recipe)
     how.check_axis(axis)
@@ -118,7 +126,9 @@ def generate_preferences(
     if not todo:
         return 0, already
     ident = model_identity(engine, model_sha256)
-    chunk = max(1, engine.n_parallel // 2)  # two personas per pair share the parallel slots
+    # Locally two personas per pair share the parallel slots; remotely each side's call keeps every
+    # server's requests in flight.
+    chunk = max(1, engine.n_parallel // 2) if writer is None else writer.n_parallel
     written = 0
     budget = sum(_pair_budget(engine, how, axis, q, settings) for q, _, _ in todo)
     bar = progress or Progress(total, f"generate {axis.name}", done=already, quiet=quiet, budget=budget)
@@ -128,10 +138,12 @@ def generate_preferences(
         try:
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
-                records, work, budget_used = _generate_chunk(engine, part, axis, settings, ident, how)
+                records, work, budget_used = _generate_chunk(engine, part, axis, settings, ident, how, writer)
                 if selfcheck and how.checkable:  # one answer read twice, or a plain answer: nothing to compare
                     check_records(engine, records, selfcheck)
                 for record in records:
+                    if writer is not None:
+                        record["written_by"] = {"urls": writer.urls, "model": writer.names}
                     out.append(record)
                     written += 1
                 bar.update(len(records), work=work, budget_used=budget_used)
@@ -171,18 +183,19 @@ def _seed(settings: GenerationSettings, pid: str, side: str, step: str) -> int:
 
 def _generate_chunk(
     engine: Engine, part: list[tuple[str, int, str]], axis: PreferenceAxis, s: GenerationSettings,
-    ident: dict[str, Any], recipe: Recipe,
+    ident: dict[str, Any], recipe: Recipe, writer: RemoteWriter | None = None,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """Return the chunk's records, the work done (tokens) and the token budget that work had."""
+    gen: Engine | RemoteWriter = writer or engine
     if recipe.same_answer:
-        return _generate_same_answer(engine, part, axis, s, ident, recipe)
+        return _generate_same_answer(engine, part, axis, s, ident, recipe, gen)
     stop = engine.default_stop
     done: list[tuple[Completion, int]] = []  # every completion with its max_tokens
     jobs = [(q, k, pid, side) for q, k, pid in part for side in SIDES]
     char_text = [""] * len(jobs)
     if recipe.two_step:
         prompts = [recipe.characteristics_prompt(engine, q, axis, side) for q, _, _, side in jobs]
-        chars = engine.generate(
+        chars = gen.generate(
             prompts, [_sampling(s, _seed(s, pid, side, "c"), s.characteristics_tokens, stop + ("\n\n",)) for _, _, pid, side in jobs]
         )
         char_text = [_clean(c.text) or "be a typical answer" for c in chars]
@@ -190,7 +203,7 @@ def _generate_chunk(
     prefixes = [""] * len(jobs)
     if recipe.shared_prefix_tokens:
         # One persona-free opening per pair, continued by both personas (jobs alternate pos, neg).
-        heads = engine.generate(
+        heads = gen.generate(
             [recipe.neutral_prompt(engine, q) for q, _, _ in part],
             [_sampling(s, _seed(s, pid, "shared", "p"), recipe.shared_prefix_tokens, stop) for _, _, pid in part],
         )
@@ -207,7 +220,7 @@ def _generate_chunk(
         # the chat template's own), which is then decoded once for the chunk (Engine.generate's
         # share_prefix); on Qwen about 60 of the positive prompts' 100 tokens.
         idx = [i for i, job in enumerate(jobs) if job[3] == side]
-        for i, c in zip(idx, engine.generate([prompts[i] for i in idx], [samplings[i] for i in idx], share_prefix=True)):
+        for i, c in zip(idx, gen.generate([prompts[i] for i in idx], [samplings[i] for i in idx], share_prefix=True)):
             answers[i] = c
     texts = [(pre + a.text).strip() for pre, a in zip(prefixes, answers)]
     done += [(a, s.response_tokens) for a in answers]
@@ -250,10 +263,10 @@ def _record(
 
 def _generate_same_answer(
     engine: Engine, part: list[tuple[str, int, str]], axis: PreferenceAxis, s: GenerationSettings,
-    ident: dict[str, Any], recipe: Recipe,
+    ident: dict[str, Any], recipe: Recipe, gen: Engine | RemoteWriter,
 ) -> tuple[list[dict[str, Any]], float, float]:
     """Return the chunk's records for a ``same_answer`` recipe: one persona-free answer per pair."""
-    answers = engine.generate(
+    answers = gen.generate(
         [recipe.neutral_prompt(engine, q) for q, _, _ in part],
         [_sampling(s, _seed(s, pid, "neutral", "r"), s.response_tokens, engine.default_stop) for _, _, pid in part],
     )

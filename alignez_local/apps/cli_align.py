@@ -7,6 +7,9 @@ and the result's tables.
 
 from __future__ import annotations
 
+# size: the click commands of the making side (generate, fit, export, import, steer); steer's flags are
+# many because its pipeline is, and each command stays thin (it calls api.py).
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -20,12 +23,14 @@ from alignez_local.align.directions import METHODS
 from alignez_local.align.fit import DEFAULT_POOL, POOLS, diagnostics_table
 from alignez_local.align.preferences import GenerationSettings, check_pairs_file
 from alignez_local.align.recipes import DEFAULT_RECIPE, RECIPES
+from alignez_local.align.remote_text import DEFAULT_TIMEOUT as GENERATE_TIMEOUT
+from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
 from alignez_local.align.strength_by_behaviour import way_name
 from alignez_local.align.strength_by_kl import kl_calibrated_vector
 from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, data_quality, export_vector, fit_from_file
-from alignez_local.apps.cli_options import grouped, model_options, with_flag
+from alignez_local.apps.cli_options import grouped, model_options, server_limits, with_flag
 from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
 from alignez_local.errors import AlignezError
@@ -37,6 +42,7 @@ from alignez_local.llama.interrupt import Stopped
 from alignez_local.measures.behaviour import measure_keys_help
 from alignez_local.models import ModelId, resolve_model
 from alignez_local.prompt_sets import calibration_prompts, select_queries
+from alignez_local.remote_api import base_url
 from alignez_local.settings import ModelRun
 from alignez_local.specs import FIT_SITES, parse_layer_list, parse_strengths
 
@@ -95,6 +101,38 @@ generation_options = grouped(
     ("seed", click.option("--seed", type=click.IntRange(0, 2**32 - 2), default=GenerationSettings.seed, show_default=True)),
 )
 """--responses, --response-tokens, --temperature, --seed -> ``generation: GenerationSettings``."""
+
+
+def _remote_text(generate_urls: tuple[str, ...], generate_model: str | None, generate_concurrency: int,
+                 generate_timeout: float) -> dict[str, Any]:
+    for url in generate_urls:
+        base_url(url, "--generate-url")  # a bad URL fails now, before the model loads
+    return {"generate_urls": generate_urls, "generate_model": generate_model,
+            "generate_concurrency": generate_concurrency, "generate_timeout": generate_timeout}
+
+
+remote_text_options = grouped(
+    "remote_text", _remote_text,
+    ("generate_urls", click.option(
+        "--generate-url", "generate_urls", multiple=True, metavar="URL",
+        help="Write the model's text (the pairs; in steer also the screen's and the bench's unsteered and prompting "
+             "answers) on an OpenAI-compatible server serving the same GGUF model (llama-server, alignez serve), checked "
+             "first; repeat to fan out over several. The capture, fit and steered answers stay local. API key from env "
+             "ALIGNEZ_GENERATE_API_KEY, else OPENAI_API_KEY.")),
+    ("generate_model", click.option("--generate-model", default=None, metavar="NAME",
+                                    help="The model name to ask the --generate-url servers for [the one each lists].")),
+    *server_limits("--generate", "Requests", GENERATE_TIMEOUT, "answer"),
+)
+"""--generate-url, --generate-model, --generate-concurrency, --generate-timeout -> ``remote_text``: api.steer's
+keyword arguments of the same names."""
+
+
+def _writer(remote_text: dict[str, Any]) -> RemoteWriter | None:
+    """Return the RemoteWriter the flags ask for (None without --generate-url)."""
+    if not remote_text["generate_urls"]:
+        return None
+    return RemoteWriter(remote_text["generate_urls"], remote_text["generate_model"], remote_text["generate_concurrency"],
+                        remote_text["generate_timeout"])
 
 
 def recipe_option(with_request: bool) -> Any:
@@ -170,9 +208,10 @@ def _warn(message: str) -> None:
 @query_options
 @generation_options
 @recipe_option(with_request=False)
+@remote_text_options
 @click.option("-o", "--out", "out_path", required=True, metavar="FILE.jsonl", help="Preference data (appended; re-runs resume).")
 def generate(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
-             recipe: str | None, out_path: str) -> None:
+             recipe: str | None, remote_text: dict[str, Any], out_path: str) -> None:
     """Let the model write its own preference pairs (AlignEZ step 1).
 
     \b
@@ -184,9 +223,14 @@ def generate(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, genera
     chosen = queries.select(axis.name)
     out = check_writable(out_path)
     check_pairs_file(out)  # a damaged file fails now, before the model loads
+    writer = _writer(remote_text)
     engine = model.open()
+    if writer is not None:
+        for line in writer.check_model(engine, str(model.model)):
+            _status(line)
     try:
-        written, had = pipeline.generate(engine, chosen, axis, out, generation, ModelId.of(engine, model.model), recipe=recipe)
+        written, had = pipeline.generate(engine, chosen, axis, out, generation, ModelId.of(engine, model.model), recipe=recipe,
+                                         writer=writer)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     click.echo(f"{out}: {written} new pairs, {had} already there ({axis.name}: {axis.positive} vs {axis.negative})")
@@ -291,6 +335,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
 @generation_options
 @recipe_option(with_request=True)
 @fit_options
+@remote_text_options
 @click.option("--vector-from", type=click.Choice(VECTOR_SOURCES), default="mean-diff", show_default=True,
               help="The control vector: the difference of the pairs' mean states (CAA), or the profile's average edit.")
 @click.option("--vector-layers", default=None, metavar="A-B", help="Layers the mean-diff vector steers [the middle third].")
@@ -314,7 +359,7 @@ def import_cmd(path: str, model: str | None, out_path: str) -> None:
                    "in every form; the held-out choose queries decide.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
-          recipe: str | None, fit: FitSettings, vector_from: str, vector_layers: str | None, judge: str,
+          recipe: str | None, fit: FitSettings, remote_text: dict[str, Any], vector_from: str, vector_layers: str | None, judge: str,
           strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str, forms: str,
           out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
@@ -332,21 +377,18 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
     (--recipe request: DIR/vector.gguf and DIR/report.json).
     Interrupted? Run the same command again: it continues from the saved pairs.
+    --generate-url: the text stages on servers serving the same model (checked first).
     """
     recipe = recipe or api.default_recipe(axis, queries.file is not None)
     folder = out_dir or f"steer-{axis.name}"
     if recipe == REQUEST_RECIPE:
+        if remote_text["generate_urls"]:
+            raise AlignezError("--generate-url writes pairs and answers; the request recipe (--axis harmless) reads the "
+                               "model's states and writes no pairs: run it without --generate-url")
         _steer_refusals(model, axis, queries, generation.seed, folder)
         return
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
-    places = tuple(dict.fromkeys(p.strip() for p in placements.split(",") if p.strip()))
-    wrong = [p for p in places if p not in PLACEMENTS] or ([] if places else [placements])
-    if wrong:
-        raise AlignezError(f"--placements: unknown placement {wrong[0]!r}; use every-token, answer-only or both, comma-separated")
-    how = tuple(dict.fromkeys(f.strip() for f in forms.split(",") if f.strip()))
-    wrong = [f for f in how if f not in FORMS] or ([] if how else [forms])
-    if wrong:
-        raise AlignezError(f"--forms: unknown form {wrong[0]!r}; use add, clamp or both, comma-separated")
+    places, how = _listed(placements, PLACEMENTS, "--placements", "placement"), _listed(forms, FORMS, "--forms", "form")
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
         with_flag("--out", pipeline.SteerPaths.prepare, folder)
@@ -358,7 +400,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         res = api.steer(engine, axis, name=str(model.model), queries=chosen,
                         out=folder, generation=generation, fit=fit, recipe=recipe, strengths=grid,
                         calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status,
-                        placements=places, forms=how)
+                        placements=places, forms=how, **remote_text)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
@@ -387,6 +429,15 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         # A clamp's strengths do not carry over to a constant addition (brief: clamp x2 is fluent, add x1 breaks).
         click.echo(f"         (llama.cpp cannot apply {way}: it adds the vector as a constant at every token, for which "
                    "this run chose no strength; add it to --forms and --placements to measure one)")
+
+
+def _listed(text: str, known: tuple[str, ...], flag: str, what: str) -> tuple[str, ...]:
+    """Return a comma-separated choice of ``known`` values, in order, once each (one error line otherwise)."""
+    picked = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    wrong = [v for v in picked if v not in known] or ([] if picked else [text])
+    if wrong:
+        raise AlignezError(f"{flag}: unknown {what} {wrong[0]!r}; use {', '.join(known[:-1])}, {known[-1]} or both, comma-separated")
+    return picked
 
 
 def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str) -> None:

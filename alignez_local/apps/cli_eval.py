@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from alignez_local.align.steering import Steering
-from alignez_local.apps.cli_options import SteeringChoice, grouped, model_options, sampling_options, steering_options
+from alignez_local.apps.cli_options import (
+    SteeringChoice, grouped, model_options, sampling_options, server_limits, steering_options,
+)
 from alignez_local.evaluation.behaviour_eval import behaviour_judge, measure_behaviour, prompt_kind, resolve_axis_name
 from alignez_local.evaluation.behaviour_report import eval_lines
 from alignez_local.evaluation.config import EvalConfig, parse_kinds, select_prompts
@@ -20,7 +22,7 @@ from alignez_local.specs import parse_strengths
 from alignez_local.evaluation.evaluate import EvalInterrupted, run_eval
 from alignez_local.evaluation.judge import DEFAULT_MARGIN, JUDGE_NAMES, MODES
 from alignez_local.prompt_sets import EVAL_KINDS
-from alignez_local.evaluation.remote_judge import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT
+from alignez_local.evaluation.remote_judge import DEFAULT_TIMEOUT
 from alignez_local.errors import AlignezError
 from alignez_local.models import JUDGE_MODEL
 
@@ -61,11 +63,7 @@ judge_options = grouped(
                                      "API key from env ALIGNEZ_JUDGE_API_KEY, else OPENAI_API_KEY.")),
     ("judge_model", click.option("--judge-model", default=None, metavar="NAME",
                                  help="The model name the --judge-url servers serve.")),
-    ("judge_concurrency", click.option("--judge-concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY,
-                                       show_default=True, help="Judge requests in flight per --judge-url server.")),
-    ("judge_timeout", click.option("--judge-timeout", type=click.FloatRange(0, min_open=True), default=DEFAULT_TIMEOUT,
-                                   show_default=True, help="Seconds a --judge-url server may take per request "
-                                                           "(retried with backoff, then the run stops).")),
+    *server_limits("--judge", "Judge requests", DEFAULT_TIMEOUT, "request"),
     ("mode", click.option("--mode", type=click.Choice(MODES), default="score", show_default=True,
                           help="score: each answer scored alone, log p(Yes) - log p(No); pairwise: [[A]]/[[B]], both orders.")),
     ("margin", click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,

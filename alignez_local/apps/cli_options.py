@@ -18,9 +18,23 @@ from alignez_local.align.steering import DEFAULT_TOP_N
 from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Sampling
 from alignez_local.models import DEFAULT_MODEL
+from alignez_local.remote_api import DEFAULT_CONCURRENCY
 from alignez_local.settings import ModelRun, RuntimeSettings
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def server_limits(flag: str, requests: str, timeout: float, per: str) -> list[tuple[str, Decorator]]:
+    """Return ``grouped``'s entries for FLAG-concurrency and FLAG-timeout (``--judge``, ``--generate``):
+    how many ``requests`` each FLAG-url server has in flight, and how long one may take (``per``)."""
+    key = flag.lstrip("-").replace("-", "_")
+    return [
+        (f"{key}_concurrency", click.option(f"{flag}-concurrency", type=click.IntRange(1, 64), default=DEFAULT_CONCURRENCY,
+                                            show_default=True, help=f"{requests} in flight per {flag}-url server.")),
+        (f"{key}_timeout", click.option(f"{flag}-timeout", type=click.FloatRange(0, min_open=True), default=timeout,
+                                        show_default=True, help=f"Seconds a {flag}-url server may take per {per} "
+                                                                "(retried with backoff, then the run stops).")),
+    ]
 
 
 def grouped(name: str, build: Callable[..., Any], *options: tuple[str, Decorator]) -> Decorator:

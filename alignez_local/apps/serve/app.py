@@ -112,7 +112,9 @@ class _Server:
     async def models(self, request: Request) -> Response:
         self.check_key(request)
         card = {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "alignez-local",
-                "meta": {"arch": self.engine.arch, "n_layer": self.engine.n_layer, "n_ctx": self.engine.n_ctx}}
+                # n_vocab and n_embd as llama-server names them: what `steer --generate-url` compares.
+                "meta": {"arch": self.engine.arch, "n_layer": self.engine.n_layer, "n_ctx": self.engine.n_ctx,
+                         "n_vocab": self.engine.n_vocab, "n_embd": self.engine.n_embd}}
         return JSONResponse({"object": "list", "data": [card]})
 
     async def steering_list(self, request: Request) -> Response:
