@@ -152,7 +152,7 @@ def test_the_search_tries_every_placement_in_every_form(tiny_engine: Engine, tin
     cal = cals["vector"]
     assert set(cal.placements["tried"]) == {EVERY_TOKEN, way_name(EVERY_TOKEN, CLAMP)}
     assert cal.placements["chosen"] == way_name(cal.placement, cal.form)
-    assert any(line.startswith("ways (choose half") for line in lines)
+    assert any(line.startswith("ways (choose half") and line.endswith(f"chosen: {cal.placements['chosen']}") for line in lines)
     with pytest.raises(AlignezError, match="unknown form"):
         choose_strengths(_bench(e), None, planted, 5, forms=("rotate",))
     # Clamp alone is still recorded as the way chosen (steer writes the file from it).

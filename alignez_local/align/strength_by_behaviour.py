@@ -449,7 +449,7 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     if several:
         tried = cal_v.placements["tried"]
         on_status("ways (choose half, best strength each): " + "; ".join(
-            f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items()) + f"; chosen: {cal_v.placement}")
+            f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items()) + f"; chosen: {way_name(cal_v.placement, cal_v.form)}")
     on_status(cal_v.line("vector"))
     if profile is None:
         return {"vector": cal_v}
