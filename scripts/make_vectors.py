@@ -6,6 +6,8 @@
     python scripts/make_vectors.py --threads 1 smollm2-135m-instruct   # on a busy machine
     python scripts/make_vectors.py --limit 40 smollm2-135m-instruct     # fewer queries (recorded)
     python scripts/make_vectors.py --axis harmless --recipe request qwen2.5-coder-0.5b-instruct  # gated vector
+    python scripts/make_vectors.py --axis harmless --recipe request --from-run runs/DIR MODEL  # ship a gated
+        # vector that same command (with -o runs/DIR) made earlier, after measuring it (nothing is run again)
 
 For each model this runs the project's own pipeline (`alignez steer`, default settings, seed 0)
 into vectors/<model>/ and records the exact command, seed, data hash and time taken. The model is
@@ -46,9 +48,9 @@ def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
 
 
 def make(model: str, axis: str = "helpful", threads: str | None = None, limit: str | None = None,
-         recipe: str | None = None) -> None:
+         recipe: str | None = None, from_run: str | None = None) -> None:
     out = ROOT / "vectors" / model
-    work = out / f"run-{axis}"
+    work = out / f"run-{axis}" if from_run is None else Path(from_run).resolve()
     cmd = ["alignez", "steer", "-m", model, "--axis", axis, "--seed", "0", "-o", str(work.relative_to(ROOT))]
     if limit:
         cmd[6:6] = ["--limit", limit]  # fewer queries than steer's default: part of the recorded command
@@ -57,11 +59,17 @@ def make(model: str, axis: str = "helpful", threads: str | None = None, limit: s
     # Threads change the speed, not the result: they are left out of the recorded command.
     extra = ["--threads", threads] if threads else []
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "alignez_local", *cmd[1:], *extra], cwd=ROOT, check=True)
+    if from_run is None:
+        subprocess.run([sys.executable, "-m", "alignez_local", *cmd[1:], *extra], cwd=ROOT, check=True)
     took = time.monotonic() - t0
     report = json.loads((work / "report.json").read_text())
+    if from_run is not None:  # the run was made earlier by this command: its stages' own timings
+        took = sum(report["timings"].get(k, 0.0) for k in ("capture_s", "answers_s", "fit_s", "calibrate_s"))
     if report.get("recipe") == "request":  # a gated vector: no pairs, no profile
-        shutil.move(work / "vector.gguf", out / f"{axis}.gguf")
+        if from_run is None:
+            shutil.move(work / "vector.gguf", out / f"{axis}.gguf")
+        else:  # the run folder stays as measured
+            shutil.copy2(work / "vector.gguf", out / f"{axis}.gguf")
         provenance = {
             "command": " ".join(cmd), "made_by": "scripts/make_vectors.py (runs the command, then renames run/* into this folder)",
             "seed": 0, "axis": report["axis"], "model": model_record(model, report["model"]), "recipe": "request",
@@ -72,8 +80,12 @@ def make(model: str, axis: str = "helpful", threads: str | None = None, limit: s
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__,
         }
+        if from_run is not None:
+            provenance["made_by"] = ("scripts/make_vectors.py --from-run (the command was run into its own folder, "
+                                     "measured there, then copied here; wall_time_s: the sum of its stages' timings)")
         (out / f"{axis}.provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        shutil.rmtree(work)
+        if from_run is None:
+            shutil.rmtree(work)
         print(f"{model}: {out} ({took:.0f}s)")
         return
     profile = json.loads(subprocess.run(
@@ -109,7 +121,7 @@ def make(model: str, axis: str = "helpful", threads: str | None = None, limit: s
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    opts = {"--axis": "helpful", "--threads": None, "--limit": None, "--recipe": None}
+    opts = {"--axis": "helpful", "--threads": None, "--limit": None, "--recipe": None, "--from-run": None}
     while args[:1] and args[0] in opts:
         if len(args) < 2:
             raise SystemExit(f"{args[0]} needs a value")
@@ -117,4 +129,4 @@ if __name__ == "__main__":
     if opts["--axis"] not in AXES:
         raise SystemExit(f"--axis takes one of {', '.join(AXES)}")
     for m in args or MODELS:
-        make(m, opts["--axis"], opts["--threads"], opts["--limit"], opts["--recipe"])
+        make(m, opts["--axis"], opts["--threads"], opts["--limit"], opts["--recipe"], opts["--from-run"])
