@@ -96,23 +96,24 @@ def main() -> None:
     gap = [max(rel(hf_plain[i, L, r], ll_plain[i, L, r]) for i in range(len(ids)) for r in (0, 1)) for L in layers]
     print(f"\n(a) residual stream leaving each block, {len(ids)} prompts x (last token, token mean); "
           f"relative error ||x - llama|| / ||llama||, worst over prompts and both rows")
-    print(f"  unsteered transformers vs llama.cpp (float32 vs Q4_K_M): layer {first} {gap[first]:.3f}, "
+    print(f"  unsteered transformers (float32, dequantized) vs llama.cpp (the file's own weights): layer {first} {gap[first]:.3f}, "
           f"layer {last} {gap[last]:.3f}, worst {max(gap):.3f} (layer {int(np.argmax(gap))})")
     d_ll = ll_steer - ll_plain
     print(f"  steering's own change in llama.cpp: ||d|| at layer {first} = {np.linalg.norm(d_ll[0, first, 0]):.3f} "
           f"(= strength x ||direction.{first}|| = {s * np.linalg.norm(cv.directions[first]):.3f}), "
           f"at layer {last} = {np.linalg.norm(d_ll[0, last, 0]):.2f}")
-    print(f"  {'tool (hook)':28} {'d err L' + str(first):>10} {'d err L' + str(cv.layers[-1]):>10} "
-          f"{'d err L' + str(last):>10} {'worst d err':>12} {'before L' + str(first):>10}")
+    steered_layers = list(range(first, engine.n_layer))
+    print(f"  steered-minus-unsteered, transformers vs llama.cpp, layers {first}..{last}; "
+          f"then the steered states themselves (worst over layers {first}..{last})")
     for tool in tools:
         with steered(model, tool, files[tool]):
             hf_steer = np.stack([streams(model, t) for t in ids])
         d_hf = hf_steer - hf_plain
-        err = [max(rel(d_hf[i, L, r], d_ll[i, L, r]) for i in range(len(ids)) for r in (0, 1)) for L in cv.layers + list(range(cv.layers[-1] + 1, engine.n_layer))]
-        errs = dict(zip(cv.layers + list(range(cv.layers[-1] + 1, engine.n_layer)), err))
+        err = [max(rel(d_hf[i, L, r], d_ll[i, L, r]) for i in range(len(ids)) for r in (0, 1)) for L in steered_layers]
+        sgap = max(rel(hf_steer[i, L, r], ll_steer[i, L, r]) for i in range(len(ids)) for r in (0, 1) for L in steered_layers)
         before = max(float(np.abs(d_hf[:, L]).max()) for L in range(first))  # must stay 0: nothing steered yet
-        print(f"  {tool + ' (' + HOOKS[tool][1] + ')':28} {errs[first]:10.4f} {errs[cv.layers[-1]]:10.4f} "
-              f"{errs[last]:10.4f} {max(err):12.4f} {before:10.2g}")
+        print(f"  {tool} ({HOOKS[tool][1]} hook): difference error by layer {' '.join(f'{e:.3f}' for e in err)}; "
+              f"worst {max(err):.3f}; steered states vs llama.cpp's: worst {sgap:.3f}; change before layer {first}: {before:.2g}")
 
     # (b) behaviour on the report queries
     if not args.no_behaviour:
