@@ -35,7 +35,8 @@ from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
 from alignez_local.errors import AlignezError
 from alignez_local.fileio import check_writable
-from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, write_control_vector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, read_control_vector, write_control_vector
+from alignez_local.formats.engines import ENGINES, SOURCES, write_for_engine
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.formats.profile import load_profile, save_profile
 from alignez_local.llama.interrupt import Stopped
@@ -263,25 +264,46 @@ def fit(model: ModelRun, fit: FitSettings, prefs: str, axis_filter: str | None, 
 
 @click.command("export")
 @model_options
-@click.option("--profile", "profile_path", required=True, metavar="PROFILE.gguf")
+@click.option("--profile", "profile_path", default=None, metavar="PROFILE.gguf",
+              help="A profile to turn into a llama.cpp control vector.")
+@click.option("--vector", "vector_path", default=None, metavar="VECTOR.gguf",
+              help="A control vector to write as another tool's file (with --to).")
+@click.option("--to", "engine", type=click.Choice(list(ENGINES)), default=None,
+              help="The tool whose file --vector is written as; its layer index and scale (docs/engines.md).")
+@click.option("--strength", type=float, default=None,
+              help="With --to: the strength folded into the file [the vector's calibrated one].")
+@click.option("--fold/--no-fold", default=True, show_default=True,
+              help="With --to: multiply the strength into the file (the tool's scale is then 1), or state it.")
 @query_options
 @click.option("--top-n", type=click.IntRange(1, 1000), default=None, help="Layers per prompt [the profile's].")
 @click.option("-o", "--out", "out_path", required=True, metavar="VECTOR.gguf")
-def export_cmd(model: ModelRun, profile_path: str, queries: QueryChoice, top_n: int | None, out_path: str) -> None:
-    """Turn a profile into a llama.cpp control vector and measure how close it is to the exact edit.
+def export_cmd(model: ModelRun, profile_path: str | None, vector_path: str | None, engine: str | None,
+               strength: float | None, fold: bool, queries: QueryChoice, top_n: int | None, out_path: str) -> None:
+    """Turn a profile into a llama.cpp control vector and measure how close it is to the exact edit,
+    or write a control vector as another steering tool's file.
 
     \b
     alignez export --profile helpful.profile.gguf -o helpful.gguf
     llama-completion -m model.gguf --control-vector-scaled helpful.gguf:STRENGTH
+    alignez export --vector french.gguf --to repeng -o french.repeng.gguf
     The vector's default strength is calibrated on held-out queries (see alignez inspect).
     """
+    if engine is not None or vector_path is not None:
+        if engine is None or vector_path is None or profile_path is not None:
+            raise AlignezError("export --to takes a control vector: give --vector FILE and --to TOOL, without --profile "
+                               "(export a profile to a vector first)")
+        done = write_for_engine(read_control_vector(vector_path), engine, out_path, strength, fold, on_warning=_warn)
+        click.echo("\n".join(done.lines()))
+        return
+    if profile_path is None:
+        raise AlignezError("export needs --profile FILE (a profile to a llama.cpp vector), or --vector FILE --to TOOL")
     out = check_writable(out_path)
     prof = load_profile(profile_path)
-    engine = model.open()
+    engine_ = model.open()
     calibration = queries.select(None, pipeline.EXPORT_QUERIES)
-    cv, rep = export_vector(engine, prof, calibration, top_n=top_n, on_warning=_warn)
+    cv, rep = export_vector(engine_, prof, calibration, top_n=top_n, on_warning=_warn)
     axis = str(prof.axis.get("name") or "") or None
-    cv = kl_calibrated_vector(engine, cv, calibration_prompts(engine, axis, calibration), on_status=_status)
+    cv = kl_calibrated_vector(engine_, cv, calibration_prompts(engine_, axis, calibration), on_status=_status)
     write_control_vector(out, cv)
     click.echo("\n".join(rep.lines()))
     click.echo(f"{out}: control vector, layers {cv.layers}, calibrated strength {cv.default_strength_or_one:g}")
@@ -317,14 +339,18 @@ def _gate_lines(gate: dict) -> list[str]:
 
 @click.command("import")
 @click.argument("path")
+@click.option("--from", "source", type=click.Choice(list(SOURCES)), default=None,
+              help="The tool that wrote PATH [by its suffix: .gguf llama.cpp, .svec ibm, .safetensors steering-vectors].")
 @click.option("-m", "--model", default=None, help="Check the vector fits this model (path or bundled name).")
 @click.option("-o", "--out", "out_path", required=True, metavar="VECTOR.gguf")
-def import_cmd(path: str, model: str | None, out_path: str) -> None:
-    """Check a control vector from another tool (llama.cpp cvector-generator, repeng) and save a clean copy.
+def import_cmd(path: str, source: str | None, model: str | None, out_path: str) -> None:
+    """Check a control vector from another tool (llama.cpp cvector-generator, repeng, EasySteer, IBM
+    activation-steering, steering-vectors) and save a clean copy as a llama.cpp control vector.
 
-    The copy keeps the directions and layer indices exactly and records where it came from.
+    The copy keeps the directions exactly, moves the layer keys to llama.cpp's (docs/engines.md),
+    divides out a strength alignez export folded in, and records where it came from.
     """
-    cv = import_vector(path, out_path, resolve_model(model) if model else None, on_warning=_warn)
+    cv = import_vector(path, out_path, resolve_model(model) if model else None, on_warning=_warn, source=source)
     click.echo(f"{out_path}: {len(cv.layers)} layers {cv.layers[0]}..{cv.layers[-1]}, width {cv.n_embd}, hint {cv.model_hint}")
 
 

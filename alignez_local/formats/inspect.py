@@ -10,6 +10,7 @@ from typing import Any
 
 from alignez_local.fileio import check_writable, plain
 from alignez_local.formats.control_vector import ControlVector, read_control_vector, write_control_vector
+from alignez_local.formats.engines import read_from_engine
 from alignez_local.formats.gguf_file import read_gguf
 from alignez_local.formats.kinds import gguf_kind
 from alignez_local.formats.profile import load_profile
@@ -26,12 +27,13 @@ def model_facts(path: str | Path) -> dict[str, Any]:
             "n_embd": meta.get(f"{arch}.embedding_length"), "chat_template": "tokenizer.chat_template" in meta}
 
 def import_vector(path: str | Path, out: str | Path, model: str | Path | None = None,
-                  on_warning: Notify = quiet) -> ControlVector:
+                  on_warning: Notify = quiet, source: str | None = None) -> ControlVector:
     """Check a control vector from another tool (against ``model`` when given) and write a clean copy
-    to ``out`` that keeps the directions and layers exactly and records where it came from.
-    ``model``: a model file (``models.resolve_model`` turns a bundled name into one)."""
+    to ``out`` that keeps the directions exactly, in our layer convention, and records where it came from.
+    ``model``: a model file (``models.resolve_model`` turns a bundled name into one). ``source``: the
+    tool (``engines.SOURCES``; None: told by the file's suffix)."""
     out = check_writable(out)
-    cv = read_control_vector(path)
+    cv = read_from_engine(path, source)
     if model is not None:
         facts = model_facts(model)
         for w in cv.check_compatible(int(facts["n_layer"] or 0), int(facts["n_embd"] or 0), facts["arch"]):
