@@ -62,14 +62,14 @@ def test_the_shipped_french_vector_round_trips_through_the_cli(tmp_path: Path) -
         out = tmp_path / f"french{ENGINES[engine].suffix}"
         res = runner.invoke(main, ["export", "--vector", str(FRENCH), "--to", engine, "-o", str(out)])
         assert res.exit_code == 0, res.output
-        assert "strength 0.125 folded in" in res.output
+        assert f"strength {cv.default_strength:g} folded in" in res.output
         clean = tmp_path / f"back-{engine}.gguf"
         res = runner.invoke(main, ["import", str(out), "--from", engine, "-o", str(clean)])
         assert res.exit_code == 0, res.output
         back = read_control_vector(clean)
-        assert back.layers == cv.layers and back.default_strength == 0.125
-        for L in cv.layers:  # 0.125 is a power of two: folding is exact
-            assert np.array_equal(back.directions[L], cv.directions[L])
+        assert back.layers == cv.layers and back.default_strength == pytest.approx(cv.default_strength, rel=2 ** -23)
+        for L in cv.layers:  # folded and divided out again: within a float32 rounding or two
+            np.testing.assert_allclose(back.directions[L], cv.directions[L], rtol=2 ** -22, atol=0)
 
 
 def test_ibm_keys_are_one_layer_later_and_hold_the_folded_vector(tmp_path: Path) -> None:
