@@ -198,8 +198,9 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
-        prof, difference, plain_mean = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
-                                               on_status=on_status, measure=bench.scorer.measure)
+        prof, difference, plain_states = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name,
+                                                             name=axis.name, on_status=on_status, measure=bench.scorer.measure)
+        plain_mean = dict(enumerate(plain_states))  # layer -> the plain answers' mean state (a clamp's floor)
         # The files say how their behaviour is scored, so `alignez eval` scores it the same way ("judge"
         # too: a language persona given --measure judge must not be re-read as language:CODE).
         prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure_key})
@@ -218,9 +219,9 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
         clock.lap("export_s")
         cals = choose_strengths(bench, prof if plan.with_profile else None, cv, fit.top_n, on_status, fit.seed,
                                 plan.strengths, plan.refine, placements=plan.placements, forms=plan.forms,
-                                plain_mean=dict(enumerate(plain_mean)))
+                                plain_mean=plain_mean)
         cal = cals["vector"]
-        cv = with_strength(cv.placed(cal.placement).formed(cal.form, dict(enumerate(plain_mean))), cal)
+        cv = with_strength(cv.placed(cal.placement).formed(cal.form, plain_mean), cal)
         if "profile" in cals:
             prof = with_strength(prof, cals["profile"])
         save_profile(paths.profile, prof)

@@ -136,13 +136,12 @@ class BehaviourCalibration:
     @property
     def placement(self) -> str:
         """The placement the strength was chosen for (``control_vector.PLACEMENTS``)."""
-        return str(self.placements.get("chosen", EVERY_TOKEN)).split(", ")[0]
+        return way_parts(str(self.placements.get("chosen", EVERY_TOKEN)))[0]
 
     @property
     def form(self) -> str:
         """The form the strength was chosen for (``control_vector.FORMS``)."""
-        parts = str(self.placements.get("chosen", EVERY_TOKEN)).split(", ")
-        return parts[1] if len(parts) > 1 else ADD
+        return way_parts(str(self.placements.get("chosen", EVERY_TOKEN)))[1]
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
@@ -408,6 +407,12 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
 def way_name(placement: str, form: str = ADD) -> str:
     """Return the name a way to steer is recorded under: its placement, then its form unless ``add``."""
     return placement if form == ADD else f"{placement}, {form}"
+
+
+def way_parts(name: str) -> tuple[str, str]:
+    """Return (placement, form) of a way's recorded name (``way_name``'s inverse)."""
+    placement, _, form = name.partition(", ")
+    return placement, form or ADD
 
 
 def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
