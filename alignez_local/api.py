@@ -35,6 +35,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_eval import axis_of, behaviour_judge, measure_behaviour, prompt_kind
 from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, ControlVector
 from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.llama.rpc import parse_endpoints
 from alignez_local.models import DEFAULT_MODEL, ModelId
 from alignez_local.pipeline import (
     STEER_QUERIES, RequestSteerResult, SteerPaths, SteerPlan, SteerResult, behaviour_bench, run_request_steer, run_steer,
@@ -48,10 +49,13 @@ from alignez_local.settings import ModelRun, RuntimeSettings
 ModelLike = Engine | ModelRun | str | Path
 
 def load(model: str | Path = DEFAULT_MODEL, threads: int | None = None, n_ctx: int = 4096, parallel: int = 8,
-         gpu_layers: int = 0) -> Engine:
+         gpu_layers: int = 0, rpc: str | Sequence[str] = ()) -> Engine:
     """Return an engine on ``model`` (a GGUF path or a bundled name). Close it when done, or use
-    it in a ``with`` block."""
-    return ModelRun(model, RuntimeSettings(threads=threads, n_ctx=n_ctx, parallel=parallel, gpu_layers=gpu_layers)).open()
+    it in a ``with`` block. ``rpc``: llama.cpp rpc-server endpoints ("HOST:PORT,...") to run the
+    layers on (needs an RPC build of llama.cpp: scripts/build_rpc.sh)."""
+    servers = parse_endpoints(rpc) if rpc else ()
+    return ModelRun(model, RuntimeSettings(threads=threads, n_ctx=n_ctx, parallel=parallel, gpu_layers=gpu_layers,
+                                           rpc=servers)).open()
 
 
 @contextmanager

@@ -12,7 +12,8 @@ from alignez_local.models import resolve_model
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """How llama.cpp runs a model: threads (None = physical cores), context, GPU layers, batch."""
+    """How llama.cpp runs a model: threads (None = physical cores), context, GPU layers, batch,
+    and the RPC servers its layers run on (none: this machine)."""
 
     threads: int | None = None
     n_ctx: int = 4096
@@ -20,6 +21,7 @@ class RuntimeSettings:
     parallel: int = 8
     verbose: bool = False
     flash_attn: bool = False  # llama.cpp's flash attention (off: a prompt's numerics do not depend on its batch)
+    rpc: tuple[str, ...] = ()  # llama.cpp rpc-server endpoints (HOST:PORT) the model's layers run on
 
     def with_(self, **changes: object) -> "RuntimeSettings":
         """Return a copy with some fields changed (e.g. a judge's larger context)."""
@@ -30,7 +32,7 @@ def open_engine(model: str | Path, settings: RuntimeSettings = RuntimeSettings()
     """Return an engine on ``model`` (a GGUF path or a bundled name) with ``settings``."""
     return Engine(resolve_model(str(model)), n_ctx=settings.n_ctx, n_threads=settings.threads,
                   n_gpu_layers=settings.gpu_layers, n_parallel=settings.parallel, verbose=settings.verbose,
-                  flash_attn=settings.flash_attn)
+                  flash_attn=settings.flash_attn, rpc_servers=settings.rpc)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import click
 from alignez_local.align.steering import DEFAULT_TOP_N
 from alignez_local.errors import AlignezError
 from alignez_local.llama.engine import Sampling
+from alignez_local.llama.rpc import parse_endpoints
 from alignez_local.models import DEFAULT_MODEL
 from alignez_local.remote_api import DEFAULT_CONCURRENCY
 from alignez_local.settings import ModelRun, RuntimeSettings
@@ -55,9 +56,11 @@ def grouped(name: str, build: Callable[..., Any], *options: tuple[str, Decorator
     return decorate
 
 
-def _model_run(model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool) -> ModelRun:
+def _model_run(model: str, threads: int | None, n_ctx: int, gpu_layers: int, parallel: int, verbose: bool,
+               rpc: tuple[str, ...]) -> ModelRun:
+    servers = with_flag("--rpc", parse_endpoints, rpc) if rpc else ()
     return ModelRun(model, RuntimeSettings(threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers, parallel=parallel,
-                                           verbose=verbose))
+                                           verbose=verbose, rpc=servers))
 
 
 model_options = grouped(
@@ -72,6 +75,9 @@ model_options = grouped(
     ("parallel", click.option("--parallel", type=click.IntRange(1, 64), default=8, show_default=True,
                               help="Sequences decoded together in one batch.")),
     ("verbose", click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's own log.")),
+    ("rpc", click.option("--rpc", multiple=True, metavar="HOST:PORT[,...]",
+                         help="Run the model's layers on llama.cpp rpc-server processes (needs an RPC build: "
+                              "scripts/build_rpc.sh).")),
 )
 """-m/--model and the llama.cpp runtime flags -> ``model: ModelRun``."""
 

@@ -10,7 +10,6 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +20,9 @@ from alignez_local.errors import AlignezError
 
 # --- ggml tensor access ----------------------------------------------------------------------
 
-_ggml = load_shared_library("ggml-base", Path(C.__file__).parent / "lib")
+# The folder llama-cpp-python loaded libllama from (its own, or LLAMA_CPP_LIB_PATH's: an RPC
+# build): a ggml-base from another folder would be a second copy with its own state.
+_ggml = load_shared_library("ggml-base", C._base_path)
 for _name, _args, _res in (
     ("ggml_backend_tensor_get", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
     ("ggml_backend_tensor_set", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),

@@ -17,6 +17,8 @@ Design notes (the why):
   are the batch's tokens in order, so a row of a captured tensor maps back to (sequence, token)
   without guessing. The last layer's tensors hold only the rows of output tokens (llama.cpp
   drops the others before the last layer), which the row mapping handles.
+- ``rpc_servers``: the layers run on llama.cpp ``rpc-server`` processes (``rpc.py``); capture and
+  edits are the same code, reading and writing the remote tensors through ggml's backend calls.
 - Every run starts from an empty KV cache and every change of steering clears it, so nothing
   computed under other settings is ever reused.
 """
@@ -38,7 +40,7 @@ import numpy as np
 import llama_cpp.llama_cpp as C
 
 from alignez_local.errors import AlignezError
-from alignez_local.llama import bindings, hooks
+from alignez_local.llama import bindings, hooks, rpc
 from alignez_local.llama.chat_format import PLAIN_STOP, chat_parts, format_chat
 from alignez_local.llama.cvec import check_vectors, cvec_buffer
 from alignez_local.llama.hooks import Capture, Edit, EditFn, HookState
@@ -52,6 +54,9 @@ __all__ = [
 ]
 
 physical_cores = bindings.physical_cores
+
+# n_gpu_layers that puts every layer (and the output layer) on the devices: llama.cpp caps it.
+RPC_ALL_LAYERS = 10000
 
 
 class Engine:
@@ -72,6 +77,8 @@ class Engine:
         n_batch: int = 512,
         flash_attn: bool = False,
         verbose: bool = False,
+        rpc_servers: Sequence[str] = (),
+        repack_weights: bool = True,
     ) -> None:
         self._closed = True  # until the model is loaded: close() then has nothing to free
         self._model: Any = None
@@ -90,6 +97,8 @@ class Engine:
         self.share_prefix = True
         # Stop a capture's graph at its deepest captured node (False: compute the whole graph, to measure it).
         self.stop_captures_early = True
+        self.rpc_servers = tuple(rpc_servers)
+        self.repack_weights = repack_weights
         self._load_model(n_gpu_layers)
         try:
             self._read_model_facts()
@@ -106,6 +115,17 @@ class Engine:
     def _load_model(self, n_gpu_layers: int) -> None:
         mp = C.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        # The CPU backend repacks quantized weights into an interleaved layout for faster matmuls
+        # (llama.cpp's "extra buffer types"); an rpc-server holds them plainly, so the sums run in
+        # another order: off, a local run computes exactly what the servers compute (rpc_check.py).
+        mp.use_extra_bufts = self.repack_weights
+        if self.rpc_servers:
+            # The servers are the only devices the model goes to, and every layer goes to them
+            # unless n_gpu_layers says how many (the rest then stay on this machine's CPU).
+            devs = rpc.devices(self.rpc_servers)
+            dev_list = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)  # NULL-terminated; llama.cpp copies it
+            mp.devices = ctypes.addressof(dev_list)
+            mp.n_gpu_layers = n_gpu_layers or RPC_ALL_LAYERS
         bindings.clear_log()
         model = C.llama_model_load_from_file(str(self.path).encode(), mp)
         if not model:
