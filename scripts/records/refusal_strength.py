@@ -191,6 +191,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--vector", action="append", default=[], help="[NAME=]a gated vector file (repeatable)")
+    ap.add_argument("--unsteered-only", action="store_true", help="no vector: answer each set unsteered (and prompted)")
     ap.add_argument("--strengths", default="file")
     ap.add_argument("--dna", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
@@ -209,8 +210,8 @@ def main() -> None:
         show_changed(HERE / "results" / f"refusal-strength-{Path(a.model).name.removesuffix('.gguf')}{a.tag}.json",
                      a.show_changed.split(","))
         return
-    if not a.vector:
-        ap.error("give at least one --vector")
+    if not a.vector and not a.unsteered_only:
+        ap.error("give at least one --vector (or --unsteered-only: a model's own refusals, issue 29 part 6)")
     files = dict((v.split("=", 1) if "=" in v else (Path(v).stem, v)) for v in a.vector)
     vectors: dict[str, ControlVector] = {stem: read_control_vector(v) for stem, v in files.items()}
     seeds: dict[str, int | None] = {stem: None for stem in vectors}
