@@ -145,7 +145,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     ``answer-only``: only the rows that write the answer, in alignez's runtime); given several, the
     choose half decides among them and the file records the one chosen (each adds a strength search).
     ``forms``: how alignez's runtime applies it (``add``: a constant, what llama.cpp does; ``clamp``:
-    each row's component along the direction raised to a target, never past it); several: likewise.
+    each row's component along the direction raised to a target, never past it; ``keep-norm``: added,
+    then each row scaled back to its own length); several: likewise.
     ``generate_urls``: OpenAI-compatible servers serving the same model (llama-server, ``alignez
     serve``) write the text stages: the screen, the pairs and the unsteered and prompting answers
     (``generate_model``: the name to ask for, None: the one each server lists; ``generate_concurrency``

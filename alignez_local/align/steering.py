@@ -12,7 +12,8 @@ A ``clamp`` control vector (``ControlVector.form``) is an eval-callback edit of 
 component along the unit direction is raised to the file's floor plus strength x the direction's
 norm, and a row already there is left alone, so an answer already in the behaviour is not pushed
 further (issue 31: the constant addition keeps pushing, and the capitals vector loops). Clamps of
-several vectors do not add up, so each is its own edit, applied in the order loaded.
+several vectors do not add up, so each is its own edit, applied in the order loaded. A ``keep-norm``
+vector is such an edit too: each row gets the vector added and is scaled back to its own length.
 
 A gated control vector (``ControlVector.gate``: one gate, or several combined by ``any`` / ``all``)
 is decided the same way before generation: its gates read each prompt's unsteered state at their
@@ -76,6 +77,7 @@ from alignez_local.formats.control_vector import (
     ADD,
     ANSWER_ONLY,
     CLAMP,
+    KEEP_NORM,
     EVERY_TOKEN,
     PLACEMENTS,
     ControlVector,
@@ -196,7 +198,7 @@ class Steering:
         for v in self.vectors:
             gate = f", gated at {v.vector.gate.summary()}" if isinstance(v.vector.gate, Gates) else ""
             where = ", answer tokens only" if v.vector.placement == ANSWER_ONLY else ""
-            where += ", clamped" if v.vector.form == CLAMP else ""
+            where += {CLAMP: ", clamped", KEEP_NORM: ", norm kept"}.get(v.vector.form, "")
             lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}{where}")
         for p in self.profiles:
             lines.append(
@@ -269,17 +271,22 @@ class Steering:
                 for L, d in slot.vector.directions.items()
                 if self._in_range(L) and 1 <= L < n_layer and slot.strength != 0}
 
-    def _clamp_edits(self, stack: ExitStack, engine: Engine, n_prompts: int, opens: Sequence[frozenset[int]] | None,
-                     slots: Sequence[int]) -> None:
-        """Register one edit per clamp vector in ``slots`` (indices in ``vectors``), on every prompt
-        (``opens`` None) or on the prompts whose gates opened it."""
+    def _form_edits(self, stack: ExitStack, engine: Engine, n_prompts: int, opens: Sequence[frozenset[int]] | None,
+                    slots: Sequence[int]) -> None:
+        """Register one edit per clamp or keep-norm vector in ``slots`` (indices in ``vectors``), on
+        every prompt (``opens`` None) or on the prompts whose gates opened it."""
         for i in slots:
             slot = self.vectors[i]
-            targets = self.clamp_targets(slot, engine.n_layer)
             keys = [k for k in range(n_prompts) if opens is None or i in opens[k]]
-            if targets and keys:
-                stack.enter_context(engine.activation_edit(clamp_edit(dict.fromkeys(keys, targets)), sorted(targets),
-                                                           site=GATE_SITE, all_tokens=slot.vector.placement == EVERY_TOKEN))
+            if slot.vector.form == CLAMP:
+                targets = self.clamp_targets(slot, engine.n_layer)
+                edit, layers = clamp_edit(dict.fromkeys(keys, targets)), sorted(targets)
+            else:
+                vecs = self._float32(self.vector_sum(engine.n_layer, [slot]))
+                edit, layers = norm_kept_edit(dict.fromkeys(keys, vecs)), sorted(vecs)
+            if layers and keys:
+                stack.enter_context(engine.activation_edit(edit, layers, site=GATE_SITE,
+                                                           all_tokens=slot.vector.placement == EVERY_TOKEN))
 
     @staticmethod
     def _float32(vecs: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -317,8 +324,8 @@ class Steering:
                 # Every prompt has the same gated vectors open (or none): they act like plain
                 # vectors on this batch, through llama.cpp's own adapter; no eval callback.
                 everywhere = [i for i, v in enumerate(self.vectors) if v.vector.gate is None or (agreed and i in agreed)]
-                # A clamp vector is an edit of its own per vector: clamps do not add up.
-                self._clamp_edits(stack, engine, len(prompts), None, [i for i in everywhere if self.vectors[i].vector.form == CLAMP])
+                # A clamp or keep-norm vector is an edit of its own per vector: they do not add up.
+                self._form_edits(stack, engine, len(prompts), None, [i for i in everywhere if self.vectors[i].vector.form != ADD])
                 plain = [self.vectors[i] for i in everywhere if self.vectors[i].vector.form == ADD]
                 vecs = self.vector_sum(engine.n_layer, [v for v in plain if v.vector.placement == EVERY_TOKEN])
                 if vecs:
@@ -338,8 +345,8 @@ class Steering:
                         if layers:
                             stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE,
                                                                        all_tokens=placement == EVERY_TOKEN))
-                    self._clamp_edits(stack, engine, len(prompts), opens,
-                                      [i for i in self.gated_slots(engine.n_layer) if self.vectors[i].vector.form == CLAMP])
+                    self._form_edits(stack, engine, len(prompts), opens,
+                                     [i for i in self.gated_slots(engine.n_layer) if self.vectors[i].vector.form != ADD])
                 for site, weighted in by_site.items():
                     layers = sorted({L for _, plans in weighted for p in plans for L in p.directions})
                     if layers:
@@ -449,6 +456,27 @@ def clamp_edit(per_key: Mapping[int, Mapping[int, tuple[np.ndarray, float, float
             gap = target - float(np.dot(x[row].astype(np.float64), u))
             if gap * sign > 0:  # short of the target: move exactly to it along the direction
                 x[row] += (gap * u).astype(np.float32)
+                touched = True
+        return x if touched else None
+
+    return edit
+
+
+def norm_kept_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
+    """Return an edit adding each key's vector at a layer to that key's rows, then scaling each such
+    row back to the length it had (the direction turns, the norm stays)."""
+
+    def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
+        touched = False
+        for row, key in enumerate(keys):
+            v = per_key.get(key, {}).get(layer)
+            if v is None:
+                continue
+            old = x[row].astype(np.float64)
+            new = old + v
+            size = float(np.linalg.norm(new))
+            if size > 0:
+                x[row] = (new * (float(np.linalg.norm(old)) / size)).astype(np.float32)
                 touched = True
         return x if touched else None
 

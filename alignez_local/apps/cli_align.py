@@ -380,9 +380,10 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
                    "tokens that write the answer, in alignez's runtime). Given both, the held-out choose queries decide "
                    "(a second strength search) and the file records the one chosen.")
 @click.option("--forms", default=ADD, show_default=True, metavar="F1,F2",
-              help="How alignez's runtime applies the vector: add (a constant, what llama.cpp does) and/or clamp (each "
-                   "token's component along the direction raised to a target, never past it). Every placement is tried "
-                   "in every form; the held-out choose queries decide.")
+              help="How alignez's runtime applies the vector: add (a constant, what llama.cpp does), clamp (each "
+                   "token's component along the direction raised to a target, never past it) and/or keep-norm (added, "
+                   "then each token's state scaled back to its own length). Every placement is tried in every form; "
+                   "the held-out choose queries decide.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, remote_text: dict[str, Any], vector_from: str, vector_layers: str | None, judge: str,
@@ -452,7 +453,8 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     elif cal.form == ADD:
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
     else:
-        # A clamp's strengths do not carry over to a constant addition (brief: clamp x2 is fluent, add x1 breaks).
+        # A clamp's or keep-norm's strengths do not carry over to a constant addition (brief: clamp x2 is
+        # fluent, add x1 breaks).
         click.echo(f"         (llama.cpp cannot apply {way}: it adds the vector as a constant at every token, for which "
                    "this run chose no strength; add it to --forms and --placements to measure one)")
 

@@ -19,12 +19,14 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
   ``alignez.clamp_floor`` (JSON, layer -> the plain answers' mean component along the unit direction)
   plus strength x the direction's norm, so at any strength a row sitting at the plain mean moves
   exactly as far as the constant addition moves it, and a row already past the target is left alone.
+  A ``keep-norm`` vector is added and each row is then scaled back to the length it had: the row
+  turns toward the direction without growing (issue 31: the hidden state's norm kept).
 
 A gated vector steers only the prompts its gates open on (our runtime decides per prompt, from the
 prompt's own unsteered state). llama.cpp does not read the gates: there the vector steers every
 prompt, as any control vector does. Likewise an ``answer-only`` vector: our runtime adds it to the
 rows that write the answer only, llama.cpp to every token (the calibration record compares the two),
-and a ``clamp`` vector, which llama.cpp adds as a constant.
+and a ``clamp`` or ``keep-norm`` vector, which llama.cpp adds as a constant.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ KEY_PLACEMENT = "alignez.placement"
 EVERY_TOKEN, ANSWER_ONLY = "every-token", "answer-only"
 PLACEMENTS = (EVERY_TOKEN, ANSWER_ONLY)  # answer-only: the last prompt token and each generated token
 KEY_FORM, KEY_CLAMP_FLOOR = "alignez.form", "alignez.clamp_floor"
-ADD, CLAMP = "add", "clamp"
-FORMS = (ADD, CLAMP)
+ADD, CLAMP, KEEP_NORM = "add", "clamp", "keep-norm"
+FORMS = (ADD, CLAMP, KEEP_NORM)
 
 MetaValue = str | int | float
 
@@ -209,6 +211,8 @@ class ControlVector(SteeringFile):
             meta[KEY_FORM] = CLAMP
             meta[KEY_CLAMP_FLOOR] = json.dumps({str(L): round(float(np.dot(np.asarray(plain_mean[L], np.float64), unit(d))), 6)
                                                 for L, d in self.directions.items()})
+        elif form != ADD:
+            meta[KEY_FORM] = form
         return dataclasses.replace(self, metadata=meta)  # add is not written: such files stay as they were
 
     # Makes numpy scalars defer to our __rmul__ (np.float64(2) * cv) instead of wrapping cv in an array.
@@ -267,6 +271,9 @@ class ControlVector(SteeringFile):
         if CLAMP in (self.form, other.form):
             raise AlignezError(f"cannot combine vector {self.name!r} with {other.name!r}: a clamp vector raises its "
                                "own direction's component, which a sum would not; load them as two vectors instead")
+        if self.form != other.form:
+            raise AlignezError(f"cannot combine vector {self.name!r} ({self.form}) with {other.name!r} ({other.form}): "
+                               "they are applied differently; load them as two vectors instead")
         if self.gate != other.gate:
             raise AlignezError(
                 f"cannot combine vector {self.name!r} with {other.name!r}: their gates differ (a gated vector "
