@@ -15,7 +15,7 @@ from alignez_local.align.behaviour_bench import BehaviourBench, split_heldout, u
 from alignez_local.align.directions import random_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.align.strength_by_behaviour import (
-    UNANSWERED_MARGIN, BehaviourTrial, calibrate_behaviour, chosen, trial_status,
+    UNANSWERED_MARGIN, BehaviourTrial, calibrate_behaviour, chosen, trial_status, way_rank,
 )
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.llama.engine import Engine, Sampling
@@ -74,6 +74,14 @@ def test_a_trial_that_answers_the_request_less_often_is_not_chosen_though_its_sc
     # a record written before the rule (no such keys) still reads back, as eligible as it was
     old = {k: v for k, v in record.items() if not k.startswith("unanswered")}
     assert BehaviourTrial(**old).eligible
+
+
+def test_a_way_without_an_eligible_trial_loses_to_one_with_and_else_the_better_score_wins() -> None:
+    """calibrate_ways: when every trial of both ways is flagged, the better score wins, not the way
+    listed first (brief, both placements flagged: every-token x0.5, 0.47, won over answer-only x0.7071, 0.59)."""
+    every, answer_only = [_trial(0.5, 0.47, unanswered=True)], [_trial(0.7071, 0.59, unanswered=True)]
+    assert way_rank(answer_only) > way_rank(every)
+    assert way_rank([_trial(0.5, 0.2)]) > way_rank(answer_only)  # eligible first, whatever its score
 
 
 # --- the search on the tiny model ---------------------------------------------------------------

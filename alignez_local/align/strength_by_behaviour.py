@@ -98,7 +98,7 @@ UNANSWERED_MARGIN = 0.125
 a refusal, the question said back, or, where a judge reads relevance, one it reads as not relevant)
 on the choose half exceeds the prompting answers' share by more than this cannot be chosen (issue
 31). Such an answer already scores relevance 0, but the combined score is a mean over the half: at
-x0.125 on Qwen 0.5B, French, two French refusals in eight choose answers still left combined 0.54.
+x0.125 on Qwen 0.5B, French, three French refusals in eight choose answers still left combined 0.54.
 One answer in eight, as ``LOOP_MARGIN``: on the 8 default choose queries, one such answer more
 than prompting's is tolerated, two are not."""
 
@@ -414,25 +414,30 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
                    seed: int = 0, default: str = EVERY_TOKEN, **search: Any) -> BehaviourCalibration:
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
-    has the best combined score wins (the first listed on a tie: list the way llama.cpp can apply
-    first), and only the winner is measured on ``bench.report``, so the reported figures were never
+    has the best combined score wins, an eligible one before any other (``way_rank``; the first
+    listed on a tie: list the way llama.cpp can apply first), and only the winner is measured on ``bench.report``, so the reported figures were never
     used to choose the way either. ``placements`` records each way's best trial and the one chosen,
     unless the one way searched is ``default`` (the file then reads as before: no record)."""
     if not ways:
         raise AlignezError("calibration needs at least one way to steer")
     tried = {name: search_strength(bench, make, on_trial=on_trial(name), **search) for name, (make, _) in ways.items()}
 
-    def score(name: str) -> tuple[float, int]:
-        best = chosen(tried[name])
-        return (round(best.combined, 6) if best.eligible else -1.0, -list(ways).index(name))
-
-    win = max(tried, key=score)
+    win = max(tried, key=lambda name: (*way_rank(tried[name]), -list(ways).index(name)))
     record = None
     if list(ways) != [default]:  # one way other than the default must still say which it was
         record = {"chosen": win, "tried": {name: {k: v for k, v in asdict(chosen(trials)).items() if k != "answers"}
                                            for name, trials in tried.items()}}
     make, make_random = ways[win]
     return report_strength(bench, tried[win], make, make_random, seed, placements=record)
+
+
+def way_rank(trials: Sequence[BehaviourTrial]) -> tuple[bool, float]:
+    """Return how one way's search ranks beside another's: a way whose chosen trial is eligible
+    first, then the better combined score. When no way has an eligible trial (on brief, every
+    strength of both placements refused more often than prompting), the better score still wins,
+    not the way listed first."""
+    best = chosen(trials)
+    return best.eligible, round(best.combined, 6)
 
 
 def way_name(placement: str, form: str = ADD) -> str:
