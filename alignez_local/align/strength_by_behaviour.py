@@ -20,7 +20,10 @@ relevance and fluency, so gibberish scores 0) on held-out queries:
    smallest strength breaks, it is first halved until it does not); the strength with the best
    mean combined score of all is chosen (the smaller on a tie) among those whose answers loop no
    more often than the prompting answers do (``LOOP_MARGIN``: a looping answer can still read as
-   fluent and relevant to the likelihood measures, and a reader sees it at once);
+   fluent and relevant to the likelihood measures, and a reader sees it at once) and address the
+   request no less often (``UNANSWERED_MARGIN``: a refusal, the question said back or, with a
+   judge, an answer it reads as not relevant scores relevance 0, but a mean over the half can
+   still put such a strength first);
 3. on the other, *report* half, the chosen strength is measured beside the unsteered model,
    prompting (the positive persona as system prompt: the ceiling) and a random direction with the
    same per-layer norms at the same strength (the null). The reported figures are never the ones
@@ -90,6 +93,15 @@ LOOP_MARGIN = 0.125
 """A strength whose share of looping answers (``measures.scoring.loops``) on the choose half exceeds
 the prompting answers' share by more than this (one answer in eight) cannot be chosen."""
 
+UNANSWERED_MARGIN = 0.125
+"""A strength whose share of answers that do not address the request (``ScoredAnswers.unanswered``:
+a refusal, the question said back, or, where a judge reads relevance, one it reads as not relevant)
+on the choose half exceeds the prompting answers' share by more than this cannot be chosen (issue
+31). Such an answer already scores relevance 0, but the combined score is a mean over the half: at
+x0.125 on Qwen 0.5B, French, three French refusals in eight choose answers still left combined 0.54.
+One answer in eight, as ``LOOP_MARGIN``: on the 8 default choose queries, one such answer more
+than prompting's is tolerated, two are not."""
+
 SCREEN_QUERIES = 8
 LOW_CEILING = 0.2
 """Below this prompting behaviour rate, ``steer``'s screen warns that a vector is unlikely to do better."""
@@ -107,10 +119,14 @@ class BehaviourTrial:
     loop_share: float = 0.0
     loops_too_often: bool = False  # more looping answers than prompting's + LOOP_MARGIN: cannot be chosen
     answers: int = 0  # how many choose-half answers the figures are from (half of them: broken early, EARLY_SHARE)
+    # Answers that do not address the request (``ScoredAnswers.unanswered``); more than prompting's +
+    # UNANSWERED_MARGIN: cannot be chosen. Records written before issue 31's rule have neither key.
+    unanswered_share: float = 0.0
+    unanswered_too_often: bool = False
 
     @property
     def eligible(self) -> bool:
-        return not (self.broken or self.loops_too_often)
+        return not (self.broken or self.loops_too_often or self.unanswered_too_often)
 
 
 @dataclass(frozen=True)
@@ -171,15 +187,17 @@ def calibrate_behaviour(
     refine: bool = True,
     start: float | None = None,
     loop_margin: float = LOOP_MARGIN,
+    unanswered_margin: float = UNANSWERED_MARGIN,
 ) -> BehaviourCalibration:
     """Return the strength that maximises the combined score on ``bench.choose``, reported on
     ``bench.report`` beside unsteered, prompting and a random direction (module docstring).
     ``start``: the first strength tried (None: the smallest); the ones below it are tried only while
     the smallest tried broke, or is the best and has lost relevance or fluency (``lowest_is_best``).
     ``loop_margin``: how much more often than the prompting
-    answers a chosen strength's answers may loop (1: any share)."""
+    answers a chosen strength's answers may loop (1: any share); ``unanswered_margin`` likewise for
+    answers that do not address the request."""
     trials = search_strength(bench, make_steering, strengths=strengths, on_trial=on_trial, refine=refine,
-                             start=start, loop_margin=loop_margin)
+                             start=start, loop_margin=loop_margin, unanswered_margin=unanswered_margin)
     return report_strength(bench, trials, make_steering, make_random, seed)
 
 
@@ -192,6 +210,7 @@ def search_strength(
     refine: bool = True,
     start: float | None = None,
     loop_margin: float = LOOP_MARGIN,
+    unanswered_margin: float = UNANSWERED_MARGIN,
 ) -> list[BehaviourTrial]:
     """Return the strengths tried on ``bench.choose`` (steps 1 and 2 of the module docstring), in
     the order tried; ``chosen`` picks the one to report."""
@@ -200,7 +219,9 @@ def search_strength(
         raise AlignezError("calibration needs at least one positive strength")
     base = bench.fixed("unsteered", "choose")
     floor_fluency, floor_relevance = BREAK_SHARE * base.mean("fluency"), BREAK_SHARE * base.mean("relevance")
-    loop_ceiling = bench.fixed("prompting", "choose").mean("loop_share") + loop_margin
+    prompting = bench.fixed("prompting", "choose")
+    loop_ceiling = prompting.mean("loop_share") + loop_margin
+    unanswered_ceiling = prompting.mean("unanswered_share") + unanswered_margin
     trials: list[BehaviourTrial] = []
 
     def attempt(s: float) -> BehaviourTrial:
@@ -212,7 +233,8 @@ def search_strength(
         broken = sc.mean("fluency") < floor_fluency or sc.mean("relevance") < floor_relevance
         trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"),
                                bool(broken), sc.mean("loop_share"), bool(sc.mean("loop_share") > loop_ceiling + 1e-9),
-                               int(sc.behaviour.size))
+                               int(sc.behaviour.size), sc.mean("unanswered_share"),
+                               bool(sc.mean("unanswered_share") > unanswered_ceiling + 1e-9))
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
@@ -281,6 +303,15 @@ def report_strength(bench: BehaviourBench, trials: list[BehaviourTrial], make_st
                                 len(bench.report), bench.sampling.max_tokens, trials, report,
                                 {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)},
                                 placements=placements or {})
+
+
+def trial_status(what: str, t: BehaviourTrial) -> str:
+    """Return the progress line of one trial, saying why it cannot be chosen."""
+    return (f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance {t.relevance:.2f}, "
+            f"fluency {t.fluency:.2f}, combined {t.combined:.2f}, loops {100 * t.loop_share:.0f}%"
+            + (" (broken)" if t.broken else "")
+            + (" (loops more than prompting)" if t.loops_too_often and not t.broken else "")
+            + (" (answers the request less often than prompting)" if t.unanswered_too_often and not t.broken else ""))
 
 
 def best_trial(trials: Sequence[BehaviourTrial]) -> BehaviourTrial:
@@ -383,25 +414,30 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
                    seed: int = 0, default: str = EVERY_TOKEN, **search: Any) -> BehaviourCalibration:
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
-    has the best combined score wins (the first listed on a tie: list the way llama.cpp can apply
-    first), and only the winner is measured on ``bench.report``, so the reported figures were never
+    has the best combined score wins, an eligible one before any other (``way_rank``; the first
+    listed on a tie: list the way llama.cpp can apply first), and only the winner is measured on ``bench.report``, so the reported figures were never
     used to choose the way either. ``placements`` records each way's best trial and the one chosen,
     unless the one way searched is ``default`` (the file then reads as before: no record)."""
     if not ways:
         raise AlignezError("calibration needs at least one way to steer")
     tried = {name: search_strength(bench, make, on_trial=on_trial(name), **search) for name, (make, _) in ways.items()}
 
-    def score(name: str) -> tuple[float, int]:
-        best = chosen(tried[name])
-        return (round(best.combined, 6) if best.eligible else -1.0, -list(ways).index(name))
-
-    win = max(tried, key=score)
+    win = max(tried, key=lambda name: (*way_rank(tried[name]), -list(ways).index(name)))
     record = None
     if list(ways) != [default]:  # one way other than the default must still say which it was
         record = {"chosen": win, "tried": {name: {k: v for k, v in asdict(chosen(trials)).items() if k != "answers"}
                                            for name, trials in tried.items()}}
     make, make_random = ways[win]
     return report_strength(bench, tried[win], make, make_random, seed, placements=record)
+
+
+def way_rank(trials: Sequence[BehaviourTrial]) -> tuple[bool, float]:
+    """Return how one way's search ranks beside another's: a way whose chosen trial is eligible
+    first, then the better combined score. When no way has an eligible trial (on brief, every
+    strength of both placements refused more often than prompting), the better score still wins,
+    not the way listed first."""
+    best = chosen(trials)
+    return best.eligible, round(best.combined, 6)
 
 
 def way_name(placement: str, form: str = ADD) -> str:
@@ -437,11 +473,8 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     if bad or not forms:
         raise AlignezError(f"unknown form {bad[0] if bad else '(none)'!r}; use one of {', '.join(FORMS)}")
     noise = random_vector(vector, seed + 1)
-    def trial_line(what: str) -> Callable[[Any], None]:
-        return lambda t: on_status(f"  {what} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
-                                   f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}, "
-                                   f"loops {100 * t.loop_share:.0f}%" + (" (broken)" if t.broken else "")
-                                   + (" (loops more than prompting)" if t.loops_too_often and not t.broken else ""))
+    def trial_line(what: str) -> Callable[[BehaviourTrial], None]:
+        return lambda t: on_status(trial_status(what, t))
     ways: dict[str, Way] = {}
     for f in dict.fromkeys(forms):
         for p in dict.fromkeys(placements):

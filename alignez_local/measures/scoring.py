@@ -19,7 +19,9 @@ answer does not show the behaviour (AxBench's rule: a judge's P(yes) of 0.3 on a
 not showing the behaviour would otherwise enter the mean and rank strengths that do nothing), so a
 gibberish or off-topic answer scores 0 whatever its trait. Beside them, whether the answer **loops**
 (``loops``: a phrase said again and again), which a reader sees at once and the likelihood measures
-can miss (a loop of likely tokens reads as fluent). Measures for which relevance means nothing (a
+can miss (a loop of likely tokens reads as fluent), and whether it does **not address the request**
+(``ScoredAnswers.unanswered``: ``answers_nothing``, or, where a judge reads relevance, P(yes) below
+one half), counted as a share beside the means. Measures for which relevance means nothing (a
 refusal addresses no request) leave it out of the mean. ``Scorer`` puts a measure and the guards
 together; numpy in, numpy out: the model is reached only through the NLL and judge callables.
 """
@@ -178,12 +180,26 @@ class ScoredAnswers:
     combined: np.ndarray
     answers: list[str] = field(default_factory=list)
     judged: bool = False  # relevance is a judge's P(yes): ``summary`` then adds the share it reads as relevant
+    # One bool per answer: ``answers_nothing(question, answer)``, read by ``Scorer.score`` (which has
+    # the questions); None: not read (no answer counts), and always for a measure without relevance.
+    nothing: np.ndarray | None = None
+
+    def _nothing(self) -> np.ndarray:
+        return np.zeros(self.behaviour.size, dtype=bool) if self.nothing is None else np.asarray(self.nothing, dtype=bool)
 
     def joined(self, other: "ScoredAnswers") -> "ScoredAnswers":
         """Return these answers followed by ``other``'s (two halves of one condition)."""
         return ScoredAnswers(*(np.concatenate([getattr(self, f), getattr(other, f)])
                                for f in ("behaviour", "relevance", "fluency", "combined")),
-                             answers=[*self.answers, *other.answers], judged=self.judged and other.judged)
+                             answers=[*self.answers, *other.answers], judged=self.judged and other.judged,
+                             nothing=np.concatenate([self._nothing(), other._nothing()]))
+
+    @property
+    def unanswered(self) -> np.ndarray:
+        """One bool per answer: does it not address the request? A refusal or the question said back
+        (``answers_nothing``) and, where a judge read relevance, an answer it reads as not relevant
+        (P(yes) below one half, as ``relevant_share`` counts)."""
+        return self._nothing() | (self.relevance < 0.5) if self.judged else self._nothing()
 
     @property
     def looping(self) -> np.ndarray:
@@ -200,7 +216,8 @@ class ScoredAnswers:
         out: dict[str, Any] = {"n": int(self.behaviour.size)}
         for name, values in (("behaviour_rate", self.shows.astype(float)), ("relevance", self.relevance),
                              ("fluency", self.fluency), ("combined", self.combined),
-                             ("loop_share", self.looping.astype(float))):
+                             ("loop_share", self.looping.astype(float)),
+                             ("unanswered_share", self.unanswered.astype(float))):
             lo, hi = bootstrap_ci(values, seed=seed)
             out[name] = {"mean": round(float(np.mean(values)), 4) if values.size else float("nan"),
                          "ci95": [round(lo, 4), round(hi, 4)]}
@@ -213,7 +230,8 @@ class ScoredAnswers:
         return out
 
     def mean(self, name: str) -> float:
-        values = {"behaviour_rate": self.shows, "loop_share": self.looping}.get(name, None)
+        values = {"behaviour_rate": self.shows, "loop_share": self.looping,
+                  "unanswered_share": self.unanswered}.get(name, None)
         values = getattr(self, name) if values is None else values.astype(float)
         return float(np.mean(values)) if values.size else float("nan")
 
@@ -332,4 +350,7 @@ class Scorer:
         b, r, f = rows[:, 0], rows[:, 1], rows[:, 2]
         shown = np.where(b >= BEHAVIOUR_THRESHOLD, b, 0.0)  # absent behaviour: combined 0 (module docstring)
         combined = harmonic_mean(shown, r, f) if self.uses_relevance else harmonic_mean(shown, f)
-        return ScoredAnswers(b, r, f, combined, list(answers), judged=self.judge is not None and self.uses_relevance)
+        # A measure without relevance (refusals: the behaviour is to address nothing) counts no answer as unanswered.
+        nothing = np.array([self.uses_relevance and answers_nothing(q, a) for q, a in zip(questions, answers)], dtype=bool)
+        return ScoredAnswers(b, r, f, combined, list(answers), judged=self.judge is not None and self.uses_relevance,
+                             nothing=nothing)

@@ -1,0 +1,131 @@
+"""Issue 31's second rule: a strength whose answers stop addressing the request (a refusal, the
+question said back, or, where a judge reads relevance, an answer it reads as not relevant) more
+often than prompting's does not win the calibration; the share, the flag and the search on the
+tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from alignez_local.align.behaviour_bench import BehaviourBench, split_heldout, unsteered_nll
+from alignez_local.align.directions import random_like
+from alignez_local.align.steering import Steering, VectorSlot
+from alignez_local.align.strength_by_behaviour import (
+    UNANSWERED_MARGIN, BehaviourTrial, calibrate_behaviour, chosen, trial_status, way_rank,
+)
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.llama.engine import Engine, Sampling
+from alignez_local.measures.behaviour import MEASURES, MarkerMeasure
+from alignez_local.measures.scoring import ScoredAnswers, Scorer
+
+QS = ["Why do we have leap years?", "How do I boil an egg?", "Why is the sky blue?", "Name a fruit."]
+ANS = ["We have leap years.", "I'm sorry, but I can't assist with that.",
+       "Sunlight scatters off air molecules, and blue scatters most.", "The sea."]
+
+
+class Judge:
+    """Stands in for the judge model's reading: the last answer ("The sea.") is not relevant."""
+
+    def yes_probability(self, instruction, pairs):
+        return np.array([0.2 if "sea" in a else 0.9 for _, a in pairs])
+
+
+def _scorer(measure=MEASURES["capitals"], judge=None) -> Scorer:
+    scorer = Scorer(measure, lambda qs, ans: np.full(len(ans), 0.4), judge)
+    scorer.reference_nll, scorer.reference_pmi = 0.4, 0.0  # PMI relevance reads 1 below MIN_REFERENCE_PMI
+    return scorer
+
+
+def test_the_unanswered_share_counts_refusals_restatements_and_the_judges_no() -> None:
+    plain = _scorer().score(QS, ANS)
+    assert plain.unanswered.tolist() == [True, True, False, False]  # no judge: "The sea." counts as an answer
+    assert plain.mean("unanswered_share") == 0.5
+    judged = _scorer(judge=Judge()).score(QS, ANS)
+    assert judged.unanswered.tolist() == [True, True, False, True]
+    s = judged.summary()
+    assert s["unanswered_share"]["mean"] == 0.75 and len(s["unanswered_share"]["ci95"]) == 2
+    assert s["unanswered_share"]["mean"] == 1 - s["relevant_share"]["mean"]
+    # two halves of one condition keep each answer's reading, in order
+    both = plain.joined(_scorer().score(QS[:1], ["The calendar drifts a quarter day a year."]))
+    assert both.unanswered.tolist() == [True, True, False, False, False] and both.mean("unanswered_share") == 0.4
+    # a refusal measure: refusing is the behaviour, not a failure to answer
+    assert _scorer(MEASURES["refusal"]).score(QS, ANS).mean("unanswered_share") == 0.0
+    # scores made without the questions (no reading) count nothing
+    bare = ScoredAnswers(*(np.zeros(4) for _ in range(4)), answers=ANS)
+    assert bare.mean("unanswered_share") == 0.0 and bare.joined(plain).unanswered.tolist() == [False] * 4 + [True, True, False, False]
+
+
+def _trial(strength: float, combined: float, unanswered: bool = False) -> BehaviourTrial:
+    return BehaviourTrial(strength, 1.0, 0.9, 0.9, combined, False, unanswered_share=0.25 if unanswered else 0.0,
+                          unanswered_too_often=unanswered)
+
+
+def test_a_trial_that_answers_the_request_less_often_is_not_chosen_though_its_score_is_best() -> None:
+    trials = [_trial(0.125, 0.54, unanswered=True), _trial(0.25, 0.52), _trial(0.5, 0.3)]
+    assert chosen(trials).strength == 0.25 and not trials[0].eligible
+    assert trial_status("vector", trials[0]).endswith("(answers the request less often than prompting)")
+    assert "prompting" not in trial_status("vector", trials[1])
+    record = dataclasses.asdict(trials[0])
+    assert record["unanswered_share"] == 0.25 and record["unanswered_too_often"] is True
+    # a record written before the rule (no such keys) still reads back, as eligible as it was
+    old = {k: v for k, v in record.items() if not k.startswith("unanswered")}
+    assert BehaviourTrial(**old).eligible
+
+
+def test_a_way_without_an_eligible_trial_loses_to_one_with_and_else_the_better_score_wins() -> None:
+    """calibrate_ways: when every trial of both ways is flagged, the better score wins, not the way
+    listed first (brief, both placements flagged: every-token x0.5, 0.47, won over answer-only x0.7071, 0.59)."""
+    every, answer_only = [_trial(0.5, 0.47, unanswered=True)], [_trial(0.7071, 0.59, unanswered=True)]
+    assert way_rank(answer_only) > way_rank(every)
+    assert way_rank([_trial(0.5, 0.2)]) > way_rank(answer_only)  # eligible first, whatever its score
+
+
+# --- the search on the tiny model ---------------------------------------------------------------
+
+QUERIES = ["hello there", "tell me a story", "what is two plus two", "name a color", "a b c", "you and the sea",
+           "is it in", "of the day", "red", "blue", "green", "to be", "in the end", "go", "stop", "why"]
+GRID = (4, 16, 32, 128)
+
+
+class TheJudge:
+    """Stands in for the judge model: an answer that is mostly " the" is no answer (P(yes) 0.3)."""
+
+    def yes_probability(self, instruction, pairs):
+        return np.array([0.3 if a.split().count("the") >= 3 else 0.9 for _, a in pairs])
+
+
+def _planted(engine: Engine, path: Path) -> ControlVector:
+    """The last layer, along the output embedding of " the": adding it makes the model say " the"."""
+    weights = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "output.weight").data
+    token = next(t for t in range(engine.n_vocab) if engine.detokenize([t]) == " the")
+    w = np.asarray(weights[token], dtype=np.float32)
+    return ControlVector({engine.n_layer - 1: w / np.linalg.norm(w)}, model_hint=engine.arch)
+
+
+def _calibrate(engine: Engine, cv: ControlVector, unanswered_margin: float):
+    measure = MarkerMeasure("planted", "answers saying 'the' twice", markers=("the",), min_hits=2)
+    choose, report = split_heldout(QUERIES, 8, 8)
+    bench = BehaviourBench(engine, Scorer(measure, unsteered_nll(engine), TheJudge()), "Say the word the.", choose,
+                           report, sampling=Sampling(temperature=0.0, max_tokens=16))
+    noise = ControlVector(random_like(dict(cv.directions), seed=1), model_hint=engine.arch)
+    return calibrate_behaviour(bench, lambda s: Steering(vectors=[VectorSlot("v", cv, s)]),
+                               lambda s: Steering(vectors=[VectorSlot("r", noise, s)]), strengths=GRID,
+                               loop_margin=1.0, unanswered_margin=unanswered_margin)
+
+
+def test_the_search_leaves_out_a_strength_whose_answers_stop_addressing_the_request(
+        tiny_engine: Engine, tiny_model_path: Path) -> None:
+    """Where the planted " the" takes over, the judge stand-in reads the answers as no answers: with
+    the default margin that strength cannot win, although its combined score is the best."""
+    cv = _planted(tiny_engine, tiny_model_path)
+    free, ruled = _calibrate(tiny_engine, cv, 1.0), _calibrate(tiny_engine, cv, UNANSWERED_MARGIN)
+    flagged = [t for t in ruled.trials if t.unanswered_too_often and not t.broken]
+    assert flagged, "no strength left the request unanswered: the rule was not exercised"
+    assert ruled.strength not in {t.strength for t in flagged}
+    assert free.strength in {t.strength for t in flagged}  # the best combined score was a flagged one
+    assert next(t for t in ruled.trials if t.strength == ruled.strength).eligible
+    assert not any(t.unanswered_too_often for t in free.trials)
