@@ -129,3 +129,14 @@ def test_the_search_leaves_out_a_strength_whose_answers_stop_addressing_the_requ
     assert free.strength in {t.strength for t in flagged}  # the best combined score was a flagged one
     assert next(t for t in ruled.trials if t.strength == ruled.strength).eligible
     assert not any(t.unanswered_too_often for t in free.trials)
+
+
+def test_when_every_strength_is_flagged_the_verdict_says_so(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    """The best flagged strength is still chosen (there is nothing better to write), but the verdict,
+    which steer prints and the file keeps, does not read as a clean result."""
+    cv = _planted(tiny_engine, tiny_model_path)
+    every = _calibrate(tiny_engine, cv, -1.0)  # a ceiling below zero flags every trial
+    assert all(t.unanswered_too_often for t in every.trials if not t.broken)
+    assert every.verdict.endswith("; every unbroken strength tried answers the request less often than prompting "
+                                  "on the choose queries")
+    assert "every unbroken strength" not in _calibrate(tiny_engine, cv, UNANSWERED_MARGIN).verdict

@@ -297,6 +297,11 @@ def report_strength(bench: BehaviourBench, trials: list[BehaviourTrial], make_st
         verdict = "NO strength made the behaviour more frequent than unsteered"
     else:
         verdict = "does NOT beat a random direction of the same norm"
+    if not best.eligible and not best.broken:
+        # Every unbroken strength broke a rule: the best of them is kept, and the verdict says so.
+        why = " and ".join(w for w, flagged in (("loops more", best.loops_too_often),
+                                                ("answers the request less often", best.unanswered_too_often)) if flagged)
+        verdict += f"; every unbroken strength tried {why} than prompting on the choose queries"
     report = {name: sc.summary(seed) for name, sc in
               (("unsteered", unsteered), ("prompting", prompting), ("random", random), ("steered", steered))}
     return BehaviourCalibration(best.strength, beats, verdict, bench.scorer.measure.label, len(bench.choose),
