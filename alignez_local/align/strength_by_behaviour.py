@@ -420,8 +420,8 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
     has the best combined score wins, an eligible one before any other (``way_rank``; the first
-    listed on a tie: list the way llama.cpp can apply first), and only the winner is measured on ``bench.report``, so the reported figures were never
-    used to choose the way either. ``placements`` records each way's best trial and the one chosen,
+    listed on a tie: list the way llama.cpp can apply first), and only the winner is measured on
+    ``bench.report``, so the reported figures were never used to choose the way either. ``placements`` records each way's best trial and the one chosen,
     unless the one way searched is ``default`` (the file then reads as before: no record)."""
     if not ways:
         raise AlignezError("calibration needs at least one way to steer")

@@ -82,8 +82,10 @@ class EvalConfig:
 
     @property
     def judge_runtime(self) -> RuntimeSettings:
-        """Return the judge's runtime settings (its own context and parallel prompts)."""
-        return self.runtime.with_(n_ctx=self.judge_ctx, parallel=self.judge_parallel)
+        """Return the judge's runtime settings (its own context and parallel prompts). The judge
+        runs on this machine even when the model runs on RPC servers (``--rpc``): the servers are for
+        the model being steered (the README says so)."""
+        return self.runtime.with_(n_ctx=self.judge_ctx, parallel=self.judge_parallel, rpc=())
 
 
 def parse_kinds(spec: str | None) -> tuple[str, ...] | None:
