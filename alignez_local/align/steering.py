@@ -65,10 +65,11 @@ from __future__ import annotations
 # most of the length is the docstring's account of what a gated batch promises and why.
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -427,60 +428,55 @@ def profile_edit(weighted: list[tuple[float, list[EditPlan]]]):
     return edit
 
 
-def vector_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
-    """Return an edit adding each key's summed vector at a layer to that key's rows only."""
+def per_row_edit(per_key: Mapping[int, Mapping[int, Any]], change: Callable[[np.ndarray, Any], np.ndarray | None]) -> EditFn:
+    """Return an edit that, for each row whose key has a value at the layer (``per_key[key][layer]``),
+    writes ``change(row, value)`` back into the row (None: leave it). The shared loop of the
+    vector, clamp and keep-norm edits: rows of other keys, and other layers, stay as they are."""
 
     def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
         touched = False
         for row, key in enumerate(keys):
-            v = per_key.get(key, {}).get(layer)
-            if v is not None:
-                x[row] += v  # float32 + float32, exactly what ggml_add does for a control vector
-                touched = True
+            value = per_key.get(key, {}).get(layer)
+            if value is not None:
+                new = change(x[row], value)
+                if new is not None:
+                    x[row] = new
+                    touched = True
         return x if touched else None
 
     return edit
+
+
+def vector_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
+    """Return an edit adding each key's summed vector at a layer to that key's rows only."""
+    # float32 + float32, exactly what ggml_add does for a control vector
+    return per_row_edit(per_key, lambda row, v: row + v)
 
 
 def clamp_edit(per_key: Mapping[int, Mapping[int, tuple[np.ndarray, float, float]]]) -> EditFn:
     """Return an edit raising each key's rows' component along a unit direction to a target, never
     past it (per layer: (unit direction, target, sign); a negative sign lowers to the target instead)."""
 
-    def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
-        touched = False
-        for row, key in enumerate(keys):
-            t = per_key.get(key, {}).get(layer)
-            if t is None:
-                continue
-            u, target, sign = t
-            gap = target - float(np.dot(x[row].astype(np.float64), u))
-            if gap * sign > 0:  # short of the target: move exactly to it along the direction
-                x[row] += (gap * u).astype(np.float32)
-                touched = True
-        return x if touched else None
+    def raise_to_target(row: np.ndarray, t: tuple[np.ndarray, float, float]) -> np.ndarray | None:
+        u, target, sign = t
+        gap = target - float(np.dot(row.astype(np.float64), u))
+        # short of the target: move exactly to it along the direction
+        return row + (gap * u).astype(np.float32) if gap * sign > 0 else None
 
-    return edit
+    return per_row_edit(per_key, raise_to_target)
 
 
 def norm_kept_edit(per_key: Mapping[int, Mapping[int, np.ndarray]]) -> EditFn:
     """Return an edit adding each key's vector at a layer to that key's rows, then scaling each such
     row back to the length it had (the direction turns, the norm stays)."""
 
-    def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
-        touched = False
-        for row, key in enumerate(keys):
-            v = per_key.get(key, {}).get(layer)
-            if v is None:
-                continue
-            old = x[row].astype(np.float64)
-            new = old + v
-            size = float(np.linalg.norm(new))
-            if size > 0:
-                x[row] = (new * (float(np.linalg.norm(old)) / size)).astype(np.float32)
-                touched = True
-        return x if touched else None
+    def add_keep_length(row: np.ndarray, v: np.ndarray) -> np.ndarray | None:
+        old = row.astype(np.float64)
+        new = old + v
+        size = float(np.linalg.norm(new))
+        return (new * (float(np.linalg.norm(old)) / size)).astype(np.float32) if size > 0 else None
 
-    return edit
+    return per_row_edit(per_key, add_keep_length)
 
 
 def _as_spec(spec: str | SteeringSpec) -> SteeringSpec:
