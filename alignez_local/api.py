@@ -30,6 +30,7 @@ from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import STRENGTHS
+from alignez_local.align.variants import parse_variants
 from alignez_local.align.vectors import FitSettings, train_vector
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_eval import axis_of, behaviour_judge, measure_behaviour, prompt_kind
@@ -125,7 +126,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
           fit: FitSettings = FitSettings(), recipe: str | None = None, strengths: Sequence[float] | None = None,
           calibrate_profile: bool = False, judge: str = "auto", screen_only: bool = False,
           on_status: Notify | None = None, name: str | None = None,
-          placements: Sequence[str] = (EVERY_TOKEN,), forms: Sequence[str] = (ADD,), generate_urls: Sequence[str] = (),
+          placements: Sequence[str] = (EVERY_TOKEN,), forms: Sequence[str] = (ADD,),
+          variants: str | Sequence[str] = (), generate_urls: Sequence[str] = (),
           generate_model: str | None = None, generate_concurrency: int = DEFAULT_CONCURRENCY,
           generate_timeout: float = GENERATE_TIMEOUT) -> SteerResult | None:
     """Make a control vector and a profile for a behaviour, and choose their strength by it:
@@ -146,7 +148,9 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     choose half decides among them and the file records the one chosen (each adds a strength search).
     ``forms``: how alignez's runtime applies it (``add``: a constant, what llama.cpp does; ``clamp``:
     each row's component along the direction raised to a target, never past it; ``keep-norm``: added,
-    then each row scaled back to its own length); several: likewise.
+    then each row scaled back to its own length); several: likewise. ``variants``: other fits of the
+    vector from the same pairs (``"pool:last,layers:12"``, align/variants.py), searched in every placement
+    and form beside it; the file holds the one chosen.
     ``generate_urls``: OpenAI-compatible servers serving the same model (llama-server, ``alignez
     serve``) write the text stages: the screen, the pairs and the unsteered and prompting answers
     (``generate_model``: the name to ask for, None: the one each server lists; ``generate_concurrency``
@@ -164,7 +168,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     grid = tuple(strengths) if strengths else STRENGTHS
     plan = SteerPlan(chosen, tuple(queries) if queries is not None else tuple(select_queries(None, STEER_QUERIES, chosen.name)),
                      generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile,
-                     placements=tuple(placements), forms=tuple(forms))
+                     placements=tuple(placements), forms=tuple(forms), variants=parse_variants(variants))
     with ExitStack() as stack:
         folder, used = None, list(plan.queries)
         if not screen_only:

@@ -32,7 +32,9 @@ from alignez_local.align.strength import with_strength
 from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, BehaviourBench, axis_bench, split_heldout
 from alignez_local.align.strength_by_behaviour import STRENGTHS, BehaviourCalibration, choose_strengths, screen_line
 from alignez_local.align.strength_by_refusals import calibrate_refusals
-from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, export_vector, fit_with_difference, mean_diff_vector
+from alignez_local.align.variants import Variant
+from alignez_local.align.vectors import (VECTOR_SOURCES, FitSettings, export_vector, fit_with_difference, mean_diff_vector,
+                                         variant_vectors)
 from alignez_local.errors import AlignezError
 from alignez_local.evaluation.behaviour_report import steer_table
 from alignez_local.fileio import check_writable, plain, write_json
@@ -170,6 +172,7 @@ class SteerPlan:
     with_profile: bool = True
     placements: tuple[str, ...] = (EVERY_TOKEN,)  # the tokens the vector may be added to; several: the choose half decides
     forms: tuple[str, ...] = (ADD,)  # how our runtime applies it (add, clamp); several: the choose half decides
+    variants: tuple[Variant, ...] = ()  # other fits of the vector from the same pairs (align/variants.py), searched too
 
 
 def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
@@ -193,22 +196,29 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
     clock = clock or StageClock(engine)
     if fit.vector_from not in VECTOR_SOURCES:
         raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
+    if plan.variants and fit.vector_from != "mean-diff":
+        raise AlignezError("--variants are other fits of the mean-diff vector; drop --vector-from profile or the variants")
     bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge, writer=writer)
     written, had = generate(engine, queries, axis, paths.preferences, plan.generation, model, recipe, writer)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")
     try:
-        prof, difference, plain_states = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name,
-                                                             name=axis.name, on_status=on_status, measure=bench.scorer.measure)
-        plain_mean = dict(enumerate(plain_states))  # layer -> the plain answers' mean state (a clamp's floor)
+        default_layers = fit.vector_layer_list(engine.n_layer)
+        variant_layers = sorted({L for v in plan.variants for L in v.layer_list(engine.n_layer, default_layers)})
+        fitted = fit_with_difference(engine, paths.preferences, fit, model, axis=axis.name, name=axis.name,
+                                     on_status=on_status, measure=bench.scorer.measure,
+                                     other_pools=[v.pool for v in plan.variants if v.pool], other_layers=variant_layers)
+        prof, difference = fitted.profile, fitted.difference
+        plain_mean = dict(enumerate(fitted.plain_mean))  # layer -> the plain answers' mean state (a clamp's floor)
         # The files say how their behaviour is scored, so `alignez eval` scores it the same way ("judge"
         # too: a language persona given --measure judge must not be re-read as language:CODE).
         prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure_key})
+        variants = variant_vectors(engine, plan.variants, fitted, default_layers, prof, axis.name)  # checked before any write
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         rep: ApproximationReport | None = None
         if fit.vector_from == "mean-diff":
-            cv = mean_diff_vector(engine, difference, fit.vector_layer_list(engine.n_layer), prof, axis.name)
+            cv = mean_diff_vector(engine, difference, default_layers, prof, axis.name)
             # How far the vector is from the exact edit, both at strength 1: a question about the
             # profile, asked only when the profile is calibrated (--calibrate-profile); it read 1,280
             # tokens, 3% of the main job, for figures no default output used.
@@ -219,8 +229,10 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
         clock.lap("export_s")
         cals = choose_strengths(bench, prof if plan.with_profile else None, cv, fit.top_n, on_status, fit.seed,
                                 plan.strengths, plan.refine, placements=plan.placements, forms=plan.forms,
-                                plain_mean=plain_mean)
+                                plain_mean=plain_mean, variants=variants)
         cal = cals["vector"]
+        if cal.variant:
+            cv, plain_mean = variants[cal.variant]
         cv = with_strength(cv.placed(cal.placement).formed(cal.form, plain_mean), cal)
         if "profile" in cals:
             prof = with_strength(prof, cals["profile"])

@@ -144,9 +144,10 @@ class BehaviourCalibration:
     report: dict[str, dict[str, Any]]  # condition -> ScoredAnswers.summary() on the report half
     vs_random: dict[str, float]  # combined score difference, steered - random, with its 95% interval
     rule: str = "behaviour"
-    # When several ways were searched (``calibrate_ways``: placements and forms): the one chosen and,
-    # per way tried, its best choose-half trial. Empty when only the default was tried. A way is named
-    # by its placement, then ", FORM" when the form is not ``add`` (``way_name``).
+    # When several ways were searched (``calibrate_ways``: placements, forms and variants): the one
+    # chosen and, per way tried, its best choose-half trial. Empty when only the default was tried. A
+    # way is named by its placement, then ", FORM" when the form is not ``add``, then "; VARIANT" for
+    # a variant of the vector (``way_name``).
     placements: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -158,6 +159,11 @@ class BehaviourCalibration:
     def form(self) -> str:
         """The form the strength was chosen for (``control_vector.FORMS``)."""
         return way_parts(str(self.placements.get("chosen", EVERY_TOKEN)))[1]
+
+    @property
+    def variant(self) -> str:
+        """The variant of the vector the strength was chosen for (align/variants.py; "": the default vector)."""
+        return way_variant(str(self.placements.get("chosen", EVERY_TOKEN)))
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
@@ -445,15 +451,22 @@ def way_rank(trials: Sequence[BehaviourTrial]) -> tuple[bool, float]:
     return best.eligible, round(best.combined, 6)
 
 
-def way_name(placement: str, form: str = ADD) -> str:
-    """Return the name a way to steer is recorded under: its placement, then its form unless ``add``."""
-    return placement if form == ADD else f"{placement}, {form}"
+def way_name(placement: str, form: str = ADD, variant: str = "") -> str:
+    """Return the name a way to steer is recorded under: its placement, then its form unless ``add``,
+    then the vector's variant unless it is the default vector."""
+    name = placement if form == ADD else f"{placement}, {form}"
+    return f"{name}; {variant}" if variant else name
 
 
 def way_parts(name: str) -> tuple[str, str]:
-    """Return (placement, form) of a way's recorded name (``way_name``'s inverse)."""
-    placement, _, form = name.partition(", ")
+    """Return (placement, form) of a way's recorded name (``way_name``'s inverse; ``way_variant``: the rest)."""
+    placement, _, form = name.partition("; ")[0].partition(", ")
     return placement, form or ADD
+
+
+def way_variant(name: str) -> str:
+    """Return the variant of a way's recorded name ("" for the default vector)."""
+    return name.partition("; ")[2]
 
 
 def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vector: ControlVector, top_n: int,
@@ -461,14 +474,18 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
                      strengths: Sequence[float] = STRENGTHS, refine: bool = True,
                      start: float | None = START, placements: Sequence[str] = (EVERY_TOKEN,),
                      forms: Sequence[str] = (ADD,),
-                     plain_mean: Mapping[int, np.ndarray] | None = None) -> dict[str, BehaviourCalibration]:
+                     plain_mean: Mapping[int, np.ndarray] | None = None,
+                     variants: Mapping[str, tuple[ControlVector, Mapping[int, np.ndarray] | None]] | None = None,
+                     ) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
 
     ``placements``: the tokens the vector may be added to (``control_vector.PLACEMENTS``); with more
     than one, the choose half decides among them (``calibrate_ways``) and the calibration's
     ``placement`` is the one chosen. ``forms`` likewise (``control_vector.FORMS``; ``clamp`` needs
-    ``plain_mean``, layer -> the plain answers' mean state): every placement is tried in every form. The profile's exact edit adds up to ``strength`` per unit
+    ``plain_mean``, layer -> the plain answers' mean state): every placement is tried in every form.
+    ``variants``: name -> (another fit of the vector, its plain mean), align/variants.py; each is tried
+    in every placement and form beside ``vector``, with a random null of its own per-layer norms. The profile's exact edit adds up to ``strength`` per unit
     direction, so its grid is the vector's scaled by the vector's median per-layer norm: the two are
     then tried at comparable sizes."""
     unknown = [p for p in placements if p not in PLACEMENTS]
@@ -477,22 +494,25 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     bad = [f for f in forms if f not in FORMS]
     if bad or not forms:
         raise AlignezError(f"unknown form {bad[0] if bad else '(none)'!r}; use one of {', '.join(FORMS)}")
-    noise = random_vector(vector, seed + 1)
     def trial_line(what: str) -> Callable[[BehaviourTrial], None]:
         return lambda t: on_status(trial_status(what, t))
     ways: dict[str, Way] = {}
-    for f in dict.fromkeys(forms):
-        for p in dict.fromkeys(placements):
-            # The random null is applied the same way: a clamp's floor read along its own direction.
-            v, n = vector.placed(p).formed(f, plain_mean), noise.placed(p).formed(f, plain_mean)
-            ways[way_name(p, f)] = ((lambda s, v=v: Steering.vector(v, s)), (lambda s, n=n: Steering.vector(n, s, "random")))
+    for name, (base, floor) in {"": (vector, plain_mean), **(variants or {})}.items():
+        noise = random_vector(base, seed + 1)
+        for f in dict.fromkeys(forms):
+            for p in dict.fromkeys(placements):
+                # The random null is applied the same way: a clamp's floor read along its own direction.
+                v, n = base.placed(p).formed(f, floor), noise.placed(p).formed(f, floor)
+                ways[way_name(p, f, name)] = ((lambda s, v=v: Steering.vector(v, s)),
+                                              (lambda s, n=n: Steering.vector(n, s, "random")))
     several = len(ways) > 1
     cal_v = calibrate_ways(bench, ways, on_trial=lambda p: trial_line(f"vector ({p})" if several else "vector"),
                            seed=seed, strengths=strengths, refine=refine, start=start if refine else None)
     if several:
         tried = cal_v.placements["tried"]
-        on_status("ways (choose half, best strength each): " + "; ".join(
-            f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items()) + f"; chosen: {way_name(cal_v.placement, cal_v.form)}")
+        on_status("ways (choose half, best strength each): " + " | ".join(
+            f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items())
+                  + f"; chosen: {way_name(cal_v.placement, cal_v.form, cal_v.variant)}")
     on_status(cal_v.line("vector"))
     if profile is None:
         return {"vector": cal_v}

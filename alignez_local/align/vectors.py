@@ -23,6 +23,7 @@ from alignez_local.align.fit import DEFAULT_POOL, capture_layers, capture_pairs,
 from alignez_local.align.pair_filter import MIN_PAIRS, filter_line, keep_contrasting
 from alignez_local.align.preferences import PreferencePair, load_records, load_selected_pairs
 from alignez_local.align.selfcheck import quality_line, select_pairs
+from alignez_local.align.variants import VARIANT_KEY, Variant, check_variants
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import META_N_LAYER, ControlVector
 from alignez_local.formats.profile import SteeringProfile
@@ -82,7 +83,7 @@ def fit_from_file(engine: Engine, prefs: str | Path, fit: FitSettings, model: Mo
     """Return a profile fitted on the pairs in ``prefs`` (only those of ``axis`` when given) that
     pass the self-check rule (align/selfcheck.py) and, where the axis has an objective checker,
     show the behaviour's contrast (align/pair_filter.py); the data-quality lines go to ``on_status``."""
-    return fit_with_difference(engine, prefs, fit, model, axis, name, on_status)[0]
+    return fit_with_difference(engine, prefs, fit, model, axis, name, on_status).profile
 
 def pairs_measure(pair: PreferencePair) -> Measure:
     """Return the behaviour measure of the axis a stored pair was written for: a built-in axis's own,
@@ -96,13 +97,36 @@ def pairs_measure(pair: PreferencePair) -> Measure:
         return measure_for("", pos, neg)  # the judge's reading: no pair filter
     return measure_for(axis.measure or "", axis.positive, axis.negative)
 
+@dataclass(frozen=True)
+class PairFit:
+    """A profile fitted on the selected pairs and, from the same capture, what the vectors are cut from."""
+
+    profile: SteeringProfile
+    pool: str  # how the fit read each answer's state (fit.POOLS)
+    # pool -> the difference of the pairs' mean states per layer (n_layer x n_embd: the ``mean-diff``
+    # control vector before layer choice); ``pool`` always, other pools when asked (variants.py).
+    differences: dict[str, np.ndarray]
+    # pool -> the plain (negative) answers' mean state per layer (where a clamp vector's floor is read).
+    plain_means: dict[str, np.ndarray]
+
+    @property
+    def difference(self) -> np.ndarray:
+        return self.differences[self.pool]
+
+    @property
+    def plain_mean(self) -> np.ndarray:
+        return self.plain_means[self.pool]
+
+
 def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, model: ModelId, axis: str | None = None,
                         name: str = "profile", on_status: Notify = quiet,
-                        measure: Measure | None = None) -> tuple[SteeringProfile, np.ndarray, np.ndarray]:
+                        measure: Measure | None = None, other_pools: Sequence[str] = (),
+                        other_layers: Sequence[int] = ()) -> PairFit:
     """Return ``fit_from_file``'s profile and, from the same capture, the difference of the pairs'
-    mean states per layer (n_layer x n_embd: the ``mean-diff`` control vector before layer choice)
-    and the plain (negative) answers' mean state per layer (where a clamp vector's floor is read).
-    ``measure``: the axis's behaviour measure for the pair filter (None: the pairs' own axis's)."""
+    mean states per layer and the plain answers' mean state (``PairFit``). ``measure``: the axis's
+    behaviour measure for the pair filter (None: the pairs' own axis's). ``other_pools``: pools to
+    read the same pairs again in (one capture each), for the vector's variants (variants.py);
+    ``other_layers``: layers those variants steer, read too."""
     pairs, quality = load_selected_pairs(prefs, axis, flip=fit.flip, use_check=fit.self_check)
     on_status(quality_line(quality))
     filtered: dict[str, Any] = {}
@@ -116,7 +140,7 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
         layers = parse_layer_list(layers, engine.n_layer)
     persona = {"name": pairs[0].axis, "positive": pairs[0].personas[0], "negative": pairs[0].personas[1]}
     pool = fit.pool or default_pool(pairs)
-    named = [*(layers or ()), *fit.vector_layer_list(engine.n_layer)]
+    named = [*(layers or ()), *fit.vector_layer_list(engine.n_layer), *other_layers]
     pos, neg = capture_pairs(engine, pairs, fit.site, pool=pool, layers=capture_layers(engine.n_layer, named))
     try:
         prof = fit_profile(engine, pairs, persona, method=fit.method, site=fit.site, pool=pool,
@@ -132,8 +156,12 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
                 f"hardly differ ({str(err).split(';')[0]}); it does not act this behaviour out (see the screen line): "
                 "try a larger model or personas it follows") from None
         raise
-    return (dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), mean_difference(pos, neg),
-            np.asarray(neg, dtype=np.float64).mean(axis=0))
+    differences, plain_means = {pool: mean_difference(pos, neg)}, {pool: np.asarray(neg, dtype=np.float64).mean(axis=0)}
+    for other in dict.fromkeys(p for p in other_pools if p != pool):
+        pos, neg = capture_pairs(engine, pairs, fit.site, pool=other, layers=capture_layers(engine.n_layer, named))
+        differences[other], plain_means[other] = mean_difference(pos, neg), np.asarray(neg, dtype=np.float64).mean(axis=0)
+    return PairFit(dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), pool,
+                   differences, plain_means)
 
 def mean_diff_vector(engine: Engine, difference: np.ndarray, layers: Sequence[int], profile: SteeringProfile,
                      name: str) -> ControlVector:
@@ -183,3 +211,17 @@ def export_vector(engine: Engine, profile: SteeringProfile, calibration: Sequenc
     n = int(top_n or profile.params.get("top_n", 5))
     cv = constant_vector(engine, profile, [engine.prompt(q) for q in calibration], top_n=n)
     return cv, approximation_report(engine, profile, cv, heldout_prompts(engine), top_n=n)
+
+
+def variant_vectors(engine: Engine, variants: Sequence[Variant], fitted: PairFit, default_layers: Sequence[int],
+                    profile: SteeringProfile, name: str) -> dict[str, tuple[ControlVector, dict[int, np.ndarray]]]:
+    """Return each variant's mean-diff vector and the plain answers' mean state per layer read the
+    same way (a clamp's floor), by the variant's name; the vector's metadata names the variant."""
+    check_variants(variants, fitted.pool, default_layers, engine.n_layer)
+    out: dict[str, tuple[ControlVector, dict[int, np.ndarray]]] = {}
+    for v in variants:
+        pool = v.pool or fitted.pool
+        cv = mean_diff_vector(engine, fitted.differences[pool], v.layer_list(engine.n_layer, default_layers), profile, name)
+        out[v.name] = (dataclasses.replace(cv, metadata={**cv.metadata, VARIANT_KEY: v.name}),
+                       dict(enumerate(fitted.plain_means[pool])))
+    return out

@@ -28,6 +28,7 @@ from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.request_contrast import REQUEST_RECIPE
 from alignez_local.align.selfcheck import quality_line
 from alignez_local.align.strength_by_behaviour import way_name
+from alignez_local.align.variants import parse_variants
 from alignez_local.align.strength_by_kl import kl_calibrated_vector
 from alignez_local.align.vectors import VECTOR_SOURCES, FitSettings, data_quality, export_vector, fit_from_file
 from alignez_local.apps.cli_options import grouped, model_options, server_limits, with_flag
@@ -384,11 +385,15 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
                    "token's component along the direction raised to a target, never past it) and/or keep-norm (added, "
                    "then each token's state scaled back to its own length). Every placement is tried in every form; "
                    "the held-out choose queries decide.")
+@click.option("--variants", default=None, metavar="V1,V2",
+              help="Other fits of the vector from the same pairs, searched beside it: pool:last or pool:mean (where "
+                   "each answer's state is read), layers:A-B (steer only those layers). The held-out choose queries "
+                   "decide; each adds a strength search (pool: also a capture).")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, remote_text: dict[str, Any], vector_from: str, vector_layers: str | None, judge: str,
           strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str, forms: str,
-          out_dir: str | None) -> None:
+          variants: str | None, out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -416,6 +421,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         return
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
     places, how = _listed(placements, PLACEMENTS, "--placements", "placement"), _listed(forms, FORMS, "--forms", "form")
+    others = parse_variants(variants)
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
         with_flag("--out", pipeline.SteerPaths.prepare, folder)
@@ -427,7 +433,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         res = api.steer(engine, axis, name=str(model.model), queries=chosen,
                         out=folder, generation=generation, fit=fit, recipe=recipe, strengths=grid,
                         calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status,
-                        placements=places, forms=how, **remote_text)
+                        placements=places, forms=how, variants=others, **remote_text)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:
@@ -443,9 +449,11 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     click.echo(f"try it:  alignez chat -m {model.model} --vector {p.vector}")
     scale = res.vector.default_strength_or_one
     cal = res.calibration["vector"]
-    way = way_name(cal.placement, cal.form)
-    every = cal.placements.get("tried", {}).get(EVERY_TOKEN)
-    if way != EVERY_TOKEN and every is not None:
+    # The file holds the chosen variant's vector: what llama.cpp can do with it is that variant's
+    # every-token addition.
+    way, plain_way = way_name(cal.placement, cal.form, cal.variant), way_name(EVERY_TOKEN, ADD, cal.variant)
+    every = cal.placements.get("tried", {}).get(plain_way)
+    if way != plain_way and every is not None:
         # llama.cpp adds the vector as a constant at every token: give it the strength that way was best at.
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{every['strength']:g}")
         click.echo(f"         (llama.cpp adds it as a constant at every token, which scored combined {every['combined']:.2f} on "
