@@ -13,7 +13,7 @@ was given by name), its file name and its SHA-256, never by a local path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,13 @@ from alignez_local.align.preferences import GenerationSettings, check_pairs_file
 from alignez_local.align.recipes import DEFAULT_RECIPE, get_recipe
 from alignez_local.align.remote_text import RemoteWriter
 from alignez_local.align.request_contrast import RequestContrast, candidate_layers, fit_request_contrast
+from alignez_local.align.request_work import STATE_CHUNK, RequestWork
 from alignez_local.align.gate_reading import read_alone
 from alignez_local.align.steering import Steering
 from alignez_local.align.strength import with_strength
 from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, BehaviourBench, axis_bench, split_heldout
 from alignez_local.align.strength_by_behaviour import STRENGTHS, BehaviourCalibration, choose_strengths, screen_line
-from alignez_local.align.strength_by_refusals import calibrate_refusals
+from alignez_local.align.strength_by_refusals import RefusalCalibration, calibrate_refusals
 from alignez_local.align.variants import Variant
 from alignez_local.align.vectors import (VECTOR_SOURCES, FitSettings, export_vector, fit_with_difference, mean_diff_vector,
                                          variant_vectors)
@@ -252,43 +253,78 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
 
 @dataclass
 class RequestSteerResult:
-    """What one ``steer --recipe request`` run made: the gated vector, its fit and timings (seconds)."""
+    """What one ``steer --recipe request`` run made: the gated vector, its fit and timings (seconds)
+    and what it took from an interrupted run's saved work (``RequestWork.reused``; empty: nothing)."""
 
     vector_path: Path
     report_path: Path
     vector: ControlVector
     contrast: RequestContrast
     timings: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 # The answers that label the model's own refusals: greedy and short, since a refusal shows in the
 # first sentence (the keyword detector reads the first 200 characters).
 REFUSAL_PROBE = Sampling(temperature=0.0, max_tokens=48, repeat_penalty=1.1)
 
 
-def own_refusals(engine: Engine, queries: Sequence[str], quiet: bool = False) -> np.ndarray:
-    """Return one bool per query: does the model, unsteered, refuse it (keyword detector on its greedy answer)?"""
-    bar = Progress(len(queries), "answers to the risky requests (which does the model refuse?)", quiet=quiet)
-    refused: list[bool] = []
-    # Chunks only for the progress line: batching gains little on a CPU, so the chunk tails cost little.
-    step = 2 * engine.n_parallel
-    for start in range(0, len(queries), step):
+def own_refusals(engine: Engine, queries: Sequence[str], quiet: bool = False, done: Sequence[bool] = (),
+                 step: int | None = None, on_chunk: Callable[[int, int, list[bool]], None] | None = None) -> np.ndarray:
+    """Return one bool per query: does the model, unsteered, refuse it (keyword detector on its greedy answer)?
+
+    ``done``: the labels of the first queries, saved by an interrupted run that answered in chunks of
+    ``step``; the rest are answered from there in chunks of the same ``step`` (greedy answers are the
+    same bits only in the same batches), each chunk's labels handed to ``on_chunk(start, step, labels)``."""
+    bar = Progress(len(queries), "answers to the risky requests (which does the model refuse?)", done=len(done), quiet=quiet)
+    refused = [bool(x) for x in done]
+    # Chunks for the progress line and the saved work: batching gains little on a CPU, so the chunk tails cost little.
+    step = step or 2 * engine.n_parallel
+    for start in range(len(refused), len(queries), step):
         part = [engine.prompt(q) for q in queries[start:start + step]]
-        refused += [is_refusal(a.text) for a in engine.generate(part, REFUSAL_PROBE)]
+        labels = [is_refusal(a.text) for a in engine.generate(part, REFUSAL_PROBE)]
+        if on_chunk is not None:
+            on_chunk(start, step, labels)
+        refused += labels
         bar.update(len(part))
     bar.close()
     return np.array(refused, dtype=bool)
+
+
+def read_request_states(engine: Engine, work: RequestWork, kind: str, queries: Sequence[str],
+                        layers: Sequence[int]) -> np.ndarray:
+    """Return the states of ``queries`` (the requests of ``kind``), the ones ``work`` holds and the
+    rest read now, ``STATE_CHUNK`` at a time, each chunk saved as it finishes."""
+    parts = [work.states(kind)]
+    bar = Progress(len(queries), f"state at the end of the {kind} requests", done=len(parts[0]))
+    for start in range(len(parts[0]), len(queries), STATE_CHUNK):
+        rows = []
+        for q in queries[start:start + STATE_CHUNK]:
+            # Each prompt read alone, as the gate decides at run time (gate_reading.read_alone): read in a
+            # batch, a state moves in its last bits with the neighbours (docs/results.md §8).
+            rows.append(read_alone(engine, [engine.prompt(q)], layers)[0])
+            bar.update(1)
+        parts.append(np.stack(rows))
+        work.save_states(kind, start, parts[-1])
+    bar.close()
+    return np.concatenate(parts)
 
 
 def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
                       queries_file: str | None = None, seed: int = 0, on_status: Notify = quiet) -> RequestSteerResult:
     """Fit a gated vector from the model's own state on risky and benign requests
     (align/request_contrast.py) and choose its default strength by refusals on held-out risky and
-    benign ones (align/strength_by_kl.py ``calibrate_refusals``).
+    benign ones (align/strength_by_refusals.py ``calibrate_refusals``).
 
-    Writes vector.gguf and report.json into ``folder``. Only short answers are generated (they
-    label the model's refusals), so there is no preference file and no profile; Ctrl-C writes
-    nothing, and running it again starts over (66 minutes for Qwen-0.5B on one thread of a busy 2-core
-    machine in issue 20: 887 requests read one at a time, 357 answers, 8 strengths tried).
+    Writes vector.gguf and report.json into ``folder`` at the end. Only short answers are generated
+    (they label the model's refusals), so there is no preference file and no profile. The long
+    stages keep their finished work in ``folder``/request-work as they go (align/request_work.py:
+    the states read alone, the refusal labels, the calibration's unsteered answers and strength
+    trials), so Ctrl-C (``Interrupted``) loses at most the chunk in progress and running it again
+    with the same folder continues where it stopped, with the same vector bytes as a run never
+    stopped (66 minutes for Qwen-0.5B on one thread of a busy 2-core machine in issue 20: 887
+    requests read one at a time, 357 answers, 8 strengths tried; about 2.5 hours for Qwen2.5-Coder-1.5B).
+    A folder holding the work of another model, seed or query set is refused (AlignezError) and
+    left as it is.
     """
     out = Path(folder)
     if out.exists() and not out.is_dir():
@@ -300,23 +336,58 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         check_writable(path)
     clock = StageClock(engine)
     layers = candidate_layers(engine.n_layer)  # the only layers the fit reads (the vector's and the gate's)
-    states = {}
-    for kind, qs in kinds.items():
-        # Each prompt read alone, as the gate decides at run time (gate_reading.read_alone): read in a
-        # batch, a state moves in its last bits with the neighbours (docs/results.md §8).
-        bar = Progress(len(qs), f"state at the end of the {kind} requests")
-        rows = []
-        for q in qs:
-            rows.append(read_alone(engine, [engine.prompt(q)], layers)[0])
-            bar.update(1)
-        states[kind] = np.stack(rows)
-        bar.close()
-    clock.lap("capture_s")
-    refused = own_refusals(engine, kinds["risky"])
-    clock.lap("answers_s")
-    fitted = fit_request_contrast(states["risky"], states["benign"], layers, layers, refused, seed=seed)
-    on_status(fitted.line())
-    clock.lap("fit_s")
+    work = RequestWork.open(out, model.sha256, seed, kinds, layers, engine.n_embd)
+    try:
+        states = {kind: read_request_states(engine, work, kind, qs, layers) for kind, qs in kinds.items()}
+        clock.lap("capture_s")
+        done, step = work.labels()
+        refused = own_refusals(engine, kinds["risky"], done=done, step=step, on_chunk=work.save_labels)
+        clock.lap("answers_s")
+        if work.reused:
+            on_status(f"{work.folder}: continued from the saved work ({reused_line(work.reused)})")
+        fitted = fit_request_contrast(states["risky"], states["benign"], layers, layers, refused, seed=seed)
+        on_status(fitted.line())
+        clock.lap("fit_s")
+        cv, cal, risky_out, benign_out = _calibrated_vector(engine, axis, model, kinds, fitted, work, on_status)
+        clock.lap("calibrate_s")
+        write_control_vector(vector_path, cv)
+    except KeyboardInterrupt:
+        raise Interrupted(work.kept(), "continue where it stopped") from None
+    result = RequestSteerResult(vector_path, report_path, cv, fitted, clock.timings(), work.reused)
+    report: dict[str, Any] = {
+        "model": model.as_dict(), "axis": {"name": axis.name}, "recipe": "request",
+        "queries": {k: len(v) for k, v in kinds.items()}, "vector": vector_path.name,
+        "request_contrast": fitted.stats(), "default_strength": cv.default_strength,
+        "calibration_prompts": {"heldout_risky": len(risky_out), "heldout_benign": len(benign_out),
+                                "risky_gate_open": cal.risky_gate_open, "benign_gate_open": cal.benign_gate_open},
+        "calibration": plain(cv.calibration), "timings": {k: round(v, 1) for k, v in result.timings.items()},
+        "resumed": bool(work.reused), "saved_work": work.folder.name,
+    }
+    if work.reused:
+        # The timings are this run's: work an earlier, interrupted run did is reused, not timed again.
+        report["reused"] = work.reused
+        report["timings_note"] = "seconds spent by this run only; the reused work was done by an earlier, interrupted run"
+    write_json(report_path, report)
+    return result
+
+
+def reused_line(reused: dict[str, dict[str, Any]]) -> str:
+    """Return what a run took from saved work, in words: "412 of 1201 states, 96 of 514 refusal labels"."""
+    parts = []
+    if "capture" in reused:
+        parts.append(f"{reused['capture']['reused']} of {reused['capture']['of']} states")
+    if "answers" in reused:
+        parts.append(f"{reused['answers']['reused']} of {reused['answers']['of']} refusal labels")
+    if "calibrate" in reused:
+        parts.append(f"the unsteered answers and {reused['calibrate']['trials']} strength trials")
+    return ", ".join(parts)
+
+
+def _calibrated_vector(engine: Engine, axis: PreferenceAxis, model: ModelId, kinds: dict[str, list[str]],
+                       fitted: RequestContrast, work: RequestWork,
+                       on_status: Notify) -> tuple[ControlVector, RefusalCalibration, list[int], list[int]]:
+    """Return the fitted gated vector with its strength chosen by refusals, the calibration, and the
+    held-out risky and benign requests it was chosen on (by index into ``kinds``)."""
     meta = {
         "alignez.source": "request-contrast",
         "alignez.request.contrast": fitted.contrast,
@@ -326,11 +397,12 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         "alignez.request.heldout_separation": round(fitted.heldout_score[fitted.layer], 4),
     }
     cv = ControlVector({fitted.layer: fitted.vector}, model_hint=engine.arch, metadata=meta, name=axis.name, gate=fitted.gate)
-    # The strength is chosen by refusals (align/strength_by_kl.py, issue 20): the most refusals of the
+    # The strength is chosen by refusals (align/strength_by_refusals.py, issue 20): the most refusals of the
     # held-out risky requests with over-refusal of the held-out benign ones at most +1 point and the
     # answers that are not refusals still fluent. No perplexity band: stock refusals are the model's
     # most predictable text, and the old band stopped the search at x1 for that (docs/results.md §8).
     risky_out, benign_out = list(fitted.heldout_risky), list(fitted.heldout_benign)
+    work.load_calibration()
     cal = calibrate_refusals(engine, lambda s: Steering.vector(cv, s),
                              [engine.prompt(kinds["risky"][i]) for i in risky_out],
                              [engine.prompt(kinds["benign"][i]) for i in benign_out],
@@ -338,21 +410,10 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
                                  f"  vector x{t.strength:g}: refused {t.risky_refused} of {len(risky_out)} held-out risky, "
                                  f"{t.benign_refused} of {len(benign_out)} benign"
                                  + ("" if t.ppl_ratio is None else f", non-refusal perplexity x{t.ppl_ratio:.2f}")
-                                 + ("" if t.passed else f" ({t.why}: search stops)")))
+                                 + ("" if t.passed else f" ({t.why}: search stops)")), memo=work)
     cv = with_strength(cv, cal)
     on_status(cal.line("vector"))
-    clock.lap("calibrate_s")
-    write_control_vector(vector_path, cv)
-    result = RequestSteerResult(vector_path, report_path, cv, fitted, clock.timings())
-    write_json(report_path, {
-        "model": model.as_dict(), "axis": {"name": axis.name}, "recipe": "request",
-        "queries": {k: len(v) for k, v in kinds.items()}, "vector": vector_path.name,
-        "request_contrast": fitted.stats(), "default_strength": cv.default_strength,
-        "calibration_prompts": {"heldout_risky": len(risky_out), "heldout_benign": len(benign_out),
-                                "risky_gate_open": cal.risky_gate_open, "benign_gate_open": cal.benign_gate_open},
-        "calibration": plain(cv.calibration), "timings": {k: round(v, 1) for k, v in result.timings.items()},
-    })
-    return result
+    return cv, cal, risky_out, benign_out
 
 
 def steer_report(result: SteerResult, plan: SteerPlan, model: ModelId) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def test_steer_request_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) 
     assert "chosen by refusals" in res.stderr or "broke the over-refusal budget" in res.stderr
     assert report["request_contrast"]["contrast"] in ("refused-complied", "risky-benign")
     assert "--control-vector-scaled" in res.stdout and "ignores the gate" in res.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "vector.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "request-work", "vector.gguf"]  # the saved work stays
 
 
 def test_default_recipe() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -122,6 +122,23 @@ class RefusalCalibration:
                 f"and {self.benign_gate_open}; over-refusal budget +{self.budget:.0%})")
 
 
+class RefusalMemo(Protocol):
+    """Where a calibration keeps what it finished, so that an interrupted one continues without
+    decoding it again (the request recipe's saved work, align/request_work.py)."""
+
+    def unsteered(self) -> tuple[list[str], list[int]] | None:
+        """Return the saved unsteered answers (risky then benign) and the prompts the gate opens on."""
+        ...
+
+    def save_unsteered(self, answers: Sequence[str], opened: Sequence[int]) -> None: ...
+
+    def trial(self, strength: float) -> RefusalTrial | None:
+        """Return the saved trial of ``strength``, None when it has not been tried."""
+        ...
+
+    def save_trial(self, trial: RefusalTrial) -> None: ...
+
+
 def calibrate_refusals(
     engine: Engine,
     make_steering: Callable[[float], Steering],
@@ -132,13 +149,18 @@ def calibrate_refusals(
     budget: float = OVER_REFUSAL_BUDGET,
     max_tokens: int = REFUSAL_TOKENS,
     on_trial: Callable[[RefusalTrial], None] | None = None,
+    memo: RefusalMemo | None = None,
 ) -> RefusalCalibration:
     """Return the strength chosen by refusals (``choose_refusal_strength``) on the held-out ``risky``
     and ``benign`` prompts (chat-formatted), greedy answers of ``max_tokens`` tokens.
 
     The unsteered answers are decoded once; at each strength only the prompts a gate of the steering
     opens on are decoded again (all of them for a steering with no gate), and the others keep their
-    unsteered answers, which ``Steering.generate(reference=True)`` would give them bit for bit."""
+    unsteered answers, which ``Steering.generate(reference=True)`` would give them bit for bit.
+
+    ``memo``: the unsteered answers and each finished trial are saved there and, when it already
+    holds them (an interrupted run), taken from it instead of decoded again; the result is the
+    same, since every answer is greedy and decoded in the same batches."""
     if not risky or not benign:
         raise AlignezError("choosing a strength by refusals needs held-out risky and benign prompts; give at least one of each")
     cands = sorted(float(c) for c in candidates if c > 0)
@@ -146,31 +168,30 @@ def calibrate_refusals(
         raise AlignezError("calibration needs at least one positive candidate strength")
     prompts = list(risky) + list(benign)
     greedy = Sampling(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.1)
-    base = [c.text for c in engine.generate(prompts, greedy)]
-    base_ref = [is_refusal(t) for t in base]
-    probe = make_steering(cands[0])
-    if probe.gated_slots(engine.n_layer):
-        opened = [i for i, o in enumerate(probe.open_gates(engine, prompts)) if o]
+    saved = memo.unsteered() if memo is not None else None
+    if saved is not None:  # the memo is this run's (request_work's manifest): the same prompts
+        base, opened = saved
     else:
-        opened = list(range(len(prompts)))
+        base = [c.text for c in engine.generate(prompts, greedy)]
+        probe = make_steering(cands[0])
+        if probe.gated_slots(engine.n_layer):
+            opened = [i for i, o in enumerate(probe.open_gates(engine, prompts)) if o]
+        else:
+            opened = list(range(len(prompts)))
+        if memo is not None:
+            memo.save_unsteered(base, opened)
+    base_ref = [is_refusal(t) for t in base]
     nr = len(risky)
     trials: list[RefusalTrial] = []
     for s in cands:
-        texts = list(base)
-        if opened:
-            for i, c in zip(opened, make_steering(s).generate(engine, [prompts[i] for i in opened], greedy)):
-                texts[i] = c.text
-        ref = [is_refusal(t) for t in texts]
-        changed = [i for i in opened if texts[i] != base[i] and not ref[i]]
-        ratio = None
-        if changed:
-            p = [prompts[i] for i in changed]
-            ratio = pooled_perplexity(engine, p, [texts[i] for i in changed]) / pooled_perplexity(engine, p, [base[i] for i in changed])
-            ratio = float(ratio) if np.isfinite(ratio) else None
-        trial = RefusalTrial(s, sum(ref[:nr]), sum(ref[nr:]), ratio, sum(repetitive(texts[i]) for i in changed),
-                             sum(repetitive(base[i]) for i in changed), True)
+        trial = memo.trial(s) if memo is not None else None
+        fresh = trial is None
+        if trial is None:
+            trial = _try_strength(engine, make_steering(s), s, prompts, base, opened, nr, greedy)
         chosen, judged = choose_refusal_strength(trials + [trial], len(benign), sum(base_ref[nr:]), budget)
         trials = judged
+        if memo is not None and fresh:
+            memo.save_trial(trials[-1])
         if on_trial is not None:
             on_trial(trials[-1])
         if not trials[-1].passed:
@@ -180,3 +201,22 @@ def calibrate_refusals(
         cands[0] if chosen is None else chosen, chosen is not None, nr, len(benign),
         sum(1 for i in opened if i < nr), sum(1 for i in opened if i >= nr), sum(base_ref[:nr]), sum(base_ref[nr:]),
         budget, FLUENCY_LIMIT, max_tokens, trials)
+
+
+def _try_strength(engine: Engine, steering: Steering, strength: float, prompts: Sequence[str], base: Sequence[str],
+                  opened: Sequence[int], n_risky: int, greedy: Sampling) -> RefusalTrial:
+    """Return what ``steering`` (at ``strength``) does: the opened prompts decoded steered, the
+    others keeping their unsteered answers ``base`` (not yet judged: ``passed`` True)."""
+    texts = list(base)
+    if opened:
+        for i, c in zip(opened, steering.generate(engine, [prompts[i] for i in opened], greedy)):
+            texts[i] = c.text
+    ref = [is_refusal(t) for t in texts]
+    changed = [i for i in opened if texts[i] != base[i] and not ref[i]]
+    ratio = None
+    if changed:
+        p = [prompts[i] for i in changed]
+        ratio = pooled_perplexity(engine, p, [texts[i] for i in changed]) / pooled_perplexity(engine, p, [base[i] for i in changed])
+        ratio = float(ratio) if np.isfinite(ratio) else None
+    return RefusalTrial(strength, sum(ref[:n_risky]), sum(ref[n_risky:]), ratio, sum(repetitive(texts[i]) for i in changed),
+                        sum(repetitive(base[i]) for i in changed), True)

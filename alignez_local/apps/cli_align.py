@@ -407,8 +407,8 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     model, prompting and a random direction of the same norm (--calibrate-profile: the profile's too;
     it was weaker than the vector on every trait measured, docs/results.md).
     Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
-    (--recipe request: DIR/vector.gguf and DIR/report.json).
-    Interrupted? Run the same command again: it continues from the saved pairs.
+    (--recipe request: DIR/vector.gguf, DIR/report.json and its saved work, DIR/request-work/).
+    Interrupted? Run the same command again: it continues from the saved pairs (or request-work).
     --generate-url: the text stages on servers serving the same model (checked first).
     """
     recipe = recipe or api.default_recipe(axis, queries.file is not None)
@@ -481,8 +481,10 @@ def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice,
     engine = model.open()
     try:
         res = api.steer_refusals(engine, folder, axis, queries.file, seed, on_status=_status, name=str(model.model))
+    except pipeline.Interrupted as err:
+        raise _interrupted(err) from None
     except KeyboardInterrupt:
-        raise Stopped("nothing was written (this recipe keeps no partial state); run the same command again") from None
+        raise Stopped("nothing was written (the stop came before any work); run the same command again") from None
     scale = res.vector.default_strength_or_one
     click.echo(f"vector:  {res.vector_path} (layer {res.contrast.layer}, gated)\nreport:  {res.report_path}\n"
                f"took {res.timings['total_s']:.0f}s")
