@@ -134,12 +134,14 @@ def judged(judge: Judge, questions: Sequence[str], answers: Sequence[str], seed:
 
 
 def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
-                judge_fn: Any | None) -> dict[str, Any]:
-    """Return one setting's rows (per turn read, per condition: summary, answers, judge)."""
-    vec_path = ROOT / "vectors" / st.model / f"{st.trait}.gguf"
+                judge_fn: Any | None, vector: Path | None = None) -> dict[str, Any]:
+    """Return one setting's rows (per turn read, per condition: summary, answers, judge). ``vector``:
+    a candidate file fitted on the shipped file's pairs, read in its place (the same queries)."""
+    shipped = ROOT / "vectors" / st.model / f"{st.trait}.gguf"
+    vec_path = (vector if vector.is_absolute() else Path.cwd() / vector) if vector else shipped
     # A user-named axis (Spanish) is the one its file's provenance records, as `alignez eval` reads it.
     axis = BUILTIN_AXES.get(st.trait) or stored_axis(**{k: v for k, v in json.loads(
-        vec_path.with_suffix(".provenance.json").read_text())["axis"].items() if k in ("name", "positive", "negative", "measure")})
+        shipped.with_suffix(".provenance.json").read_text())["axis"].items() if k in ("name", "positive", "negative", "measure")})
     assert axis is not None
     pairs = ROOT / "vectors" / st.model / f"{st.trait}.preferences.jsonl"
     used = [json.loads(line)["query"] for line in pairs.read_text().splitlines() if line.strip()]
@@ -157,7 +159,7 @@ def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
     convs = [[report[(i + k) % len(report)] for k in range(st.turns)] for i in range(n)]
     reads = sorted({0, st.turns - 1})
     out: dict[str, Any] = {
-        "model": st.model, "trait": st.trait, "what": st.what, "vector": str(vec_path.relative_to(ROOT)),
+        "model": st.model, "trait": st.trait, "what": st.what, "vector": str(vec_path.relative_to(ROOT) if vec_path.is_relative_to(ROOT) else vec_path),
         "strength": slot.strength, "strength_origin": slot.origin, "measure": bench.scorer.measure.describe(),
         "system_prompt": bench.system, "user_suffix": st.suffix, "turns": st.turns, "n": n,
         "max_tokens": bench.sampling.max_tokens, "turns_read": [t + 1 for t in reads],
@@ -236,6 +238,8 @@ def main() -> None:
     ap.add_argument("--judge", nargs="?", const="all", default="",
                     help="add the bundled 1.5B judge's yes/no relevance (on all settings, or a comma-separated few)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vector", type=Path, default=None,
+                    help="read this file instead of the shipped one (fitted on the shipped pairs; one setting)")
     ap.add_argument("--out", type=Path, default=None, help="JSON with every summary and answer")
     ap.add_argument("--md", type=Path, default=None, help="also write the markdown table here")
     ap.add_argument("--table-from", type=Path, default=None, help="print the table of a JSON --out and exit (runs nothing)")
@@ -275,7 +279,7 @@ def main() -> None:
         t0 = time.perf_counter()
         log(f"{name}: {st.model} {st.trait} ({st.what})")
         results[name] = run_setting(name, st, engines[st.model], args.limit, args.seed,
-                                    get_judge if {"all", name} & set(judged_settings) else None)
+                                    get_judge if {"all", name} & set(judged_settings) else None, args.vector)
         results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
         log(f"{name}: {results[name]['wall_s']:.0f}s")
         if args.out:

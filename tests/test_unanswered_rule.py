@@ -84,6 +84,17 @@ def test_a_way_without_an_eligible_trial_loses_to_one_with_and_else_the_better_s
     assert way_rank([_trial(0.5, 0.2)]) > way_rank(answer_only)  # eligible first, whatever its score
 
 
+def test_a_strength_that_does_nothing_is_no_choice() -> None:
+    """A trial with combined 0 breaks no rule, but it is not eligible: a way (or strength) that changed
+    nothing must not win over one that shows the behaviour with a flag (brief, 2026-12-07: the
+    pool:last variant's x0.0625, combined 0.00, won over answer-only x0.7071, 0.59, flagged)."""
+    nothing = _trial(0.0625, 0.0)
+    assert not nothing.eligible
+    assert way_rank([_trial(0.7071, 0.59, unanswered=True)]) > way_rank([nothing])
+    assert chosen([nothing, _trial(0.7071, 0.59, unanswered=True)]).strength == 0.7071
+    assert chosen([nothing, _trial(0.125, 0.0, unanswered=True)]).strength == 0.0625  # nothing shows: the weaker
+
+
 # --- the search on the tiny model ---------------------------------------------------------------
 
 QUERIES = ["hello there", "tell me a story", "what is two plus two", "name a color", "a b c", "you and the sea",

@@ -126,7 +126,12 @@ class BehaviourTrial:
 
     @property
     def eligible(self) -> bool:
-        return not (self.broken or self.loops_too_often or self.unanswered_too_often)
+        """True when this strength may be chosen before the others: unbroken, within the loop and
+        unanswered rules, and showing something (combined > 0). A strength that does nothing is no
+        choice, though it breaks no rule: under the unanswered rule every brief strength that made
+        answers short was flagged, and a variant whose weakest strength changed nothing (combined
+        0.00) then won the way search over the answer-only vector's 0.59 (issue 31, 2026-12-07)."""
+        return not (self.broken or self.loops_too_often or self.unanswered_too_often) and self.combined > 0
 
 
 @dataclass(frozen=True)
@@ -303,10 +308,10 @@ def report_strength(bench: BehaviourBench, trials: list[BehaviourTrial], make_st
         verdict = "NO strength made the behaviour more frequent than unsteered"
     else:
         verdict = "does NOT beat a random direction of the same norm"
-    if not best.eligible and not best.broken:
-        # Every unbroken strength broke a rule: the best of them is kept, and the verdict says so.
-        why = " and ".join(w for w, flagged in (("loops more", best.loops_too_often),
-                                                ("answers the request less often", best.unanswered_too_often)) if flagged)
+    why = " and ".join(w for w, flagged in (("loops more", best.loops_too_often),
+                                            ("answers the request less often", best.unanswered_too_often)) if flagged)
+    if why and not best.broken:
+        # Every unbroken strength that showed the behaviour broke a rule: the best is kept, and the verdict says so.
         verdict += f"; every unbroken strength tried {why} than prompting on the choose queries"
     report = {name: sc.summary(seed) for name, sc in
               (("unsteered", unsteered), ("prompting", prompting), ("random", random), ("steered", steered))}
