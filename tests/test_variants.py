@@ -93,6 +93,9 @@ def test_steer_searches_the_variants_and_writes_the_one_chosen(tiny_model_path: 
     bad = _steer(tiny_model_path, tmp_path / "bad", "--variants", "pool:first")
     assert bad.returncode != 0 and "--variants: unknown variant 'pool:first'" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    harmless = subprocess.run([sys.executable, "-m", "alignez_local", "steer", "-m", str(tiny_model_path), "--axis", "harmless",
+                               "--variants", "pool:last", "-o", str(tmp_path / "h")], capture_output=True, text=True, timeout=120)
+    assert harmless.returncode != 0 and "run it without --variants" in harmless.stderr and not (tmp_path / "h").exists()
 
 
 def test_the_last_token_variant_is_read_from_another_capture(tiny_model_path: Path, tmp_path: Path) -> None:

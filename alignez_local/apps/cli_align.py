@@ -417,6 +417,9 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         if remote_text["generate_urls"]:
             raise AlignezError("--generate-url writes pairs and answers; the request recipe (--axis harmless) reads the "
                                "model's states and writes no pairs: run it without --generate-url")
+        if variants:
+            raise AlignezError("--variants are other fits of a vector from pairs; the request recipe (--axis harmless) "
+                               "fits from the model's states and writes no pairs: run it without --variants")
         _steer_refusals(model, axis, queries, generation.seed, folder)
         return
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
