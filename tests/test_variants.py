@@ -13,7 +13,7 @@ import pytest
 
 from alignez_local.align.directions import random_like
 from alignez_local.align.strength_by_behaviour import choose_strengths, way_name, way_parts, way_variant
-from alignez_local.align.variants import VARIANT_KEY, Variant, check_variants, extra_pools, parse_variants
+from alignez_local.align.variants import VARIANT_KEY, Variant, check_variants, parse_variants
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ANSWER_ONLY, CLAMP, EVERY_TOKEN, ControlVector, read_control_vector
 from alignez_local.llama.engine import Engine
@@ -35,7 +35,6 @@ def test_variants_parse_in_order_once_each_and_bad_ones_are_one_line() -> None:
 
 
 def test_a_variant_that_is_the_default_vector_is_refused() -> None:
-    assert extra_pools(parse_variants("pool:last,pool:mean,layers:3"), "mean") == ["last"]
     check_variants(parse_variants("pool:last,layers:9"), "mean", [8, 9, 10], 24)  # both differ from the default
     for same in ("pool:mean", "layers:8-10"):
         with pytest.raises(AlignezError, match="is the default vector itself"):

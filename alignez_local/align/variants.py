@@ -77,11 +77,6 @@ def parse_variants(text: str | Sequence[str | Variant] | None) -> tuple[Variant,
     return tuple(dict.fromkeys(s if isinstance(s, Variant) else parse_variant(s) for s in specs))
 
 
-def extra_pools(variants: Sequence[Variant], pool: str) -> list[str]:
-    """Return the pools the variants read that the fit (pooled by ``pool``) does not: each costs a capture."""
-    return list(dict.fromkeys(v.pool for v in variants if v.pool and v.pool != pool))
-
-
 def check_variants(variants: Sequence[Variant], pool: str, default_layers: Sequence[int], n_layer: int) -> None:
     """Refuse a variant that is the default vector itself (it would be searched twice) or names bad layers."""
     for v in variants:
