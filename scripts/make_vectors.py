@@ -50,6 +50,7 @@ def model_record(name: str, reported: dict[str, Any]) -> dict[str, Any]:
 def make(model: str, axis: str = "helpful", threads: str | None = None, limit: str | None = None,
          recipe: str | None = None, from_run: str | None = None) -> None:
     out = ROOT / "vectors" / model
+    out.mkdir(parents=True, exist_ok=True)  # a model's first shipped file
     work = out / f"run-{axis}" if from_run is None else Path(from_run).resolve()
     cmd = ["alignez", "steer", "-m", model, "--axis", axis, "--seed", "0", "-o", str(work.relative_to(ROOT))]
     if limit:
