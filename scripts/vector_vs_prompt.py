@@ -138,7 +138,7 @@ def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
     """Return one setting's rows (per turn read, per condition: summary, answers, judge). ``vector``:
     a candidate file fitted on the shipped file's pairs, read in its place (the same queries)."""
     shipped = ROOT / "vectors" / st.model / f"{st.trait}.gguf"
-    vec_path = (vector if vector.is_absolute() else Path.cwd() / vector) if vector else shipped
+    vec_path = vector.resolve() if vector else shipped
     # A user-named axis (Spanish) is the one its file's provenance records, as `alignez eval` reads it.
     axis = BUILTIN_AXES.get(st.trait) or stored_axis(**{k: v for k, v in json.loads(
         shipped.with_suffix(".provenance.json").read_text())["axis"].items() if k in ("name", "positive", "negative", "measure")})

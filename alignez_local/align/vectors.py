@@ -156,10 +156,11 @@ def fit_with_difference(engine: Engine, prefs: str | Path, fit: FitSettings, mod
                 f"hardly differ ({str(err).split(';')[0]}); it does not act this behaviour out (see the screen line): "
                 "try a larger model or personas it follows") from None
         raise
-    differences, plain_means = {pool: mean_difference(pos, neg)}, {pool: np.asarray(neg, dtype=np.float64).mean(axis=0)}
+    captured = {pool: (pos, neg)}
     for other in dict.fromkeys(p for p in other_pools if p != pool):
-        pos, neg = capture_pairs(engine, pairs, fit.site, pool=other, layers=capture_layers(engine.n_layer, named))
-        differences[other], plain_means[other] = mean_difference(pos, neg), np.asarray(neg, dtype=np.float64).mean(axis=0)
+        captured[other] = capture_pairs(engine, pairs, fit.site, pool=other, layers=capture_layers(engine.n_layer, named))
+    differences = {p: mean_difference(a, b) for p, (a, b) in captured.items()}
+    plain_means = {p: np.asarray(b, dtype=np.float64).mean(axis=0) for p, (_, b) in captured.items()}
     return PairFit(dataclasses.replace(prof, provenance={**prof.provenance, "data_quality": dict(quality)}), pool,
                    differences, plain_means)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,26 +56,18 @@ class Fading:
     def generate(self, engine: Engine, prompts: Sequence[str], sampling: Sampling, on_token=None,
                  share_prefix: bool = False) -> list[Completion]:
         seen: dict[int, int] = {}  # prompt -> output rows (or decode steps) edited so far, counted at the first layer
-        scale: dict[int, list[float]] = {}  # this call's rows -> their factor, set at the first layer
+        factors: list[float] = []  # this call's rows -> their factor, set at the first layer
 
         def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray:
             if layer == self.first:
-                counts = {k: list(keys).count(k) for k in set(keys)}
-                factors = []
-                for key in keys:
-                    if self.prompt_too and counts[key] > 1:
-                        t = 0  # a prefill row: full strength
-                    else:
-                        t = seen.get(key, 0)
-                    factors.append(0.5 ** (t / self.half_life))
+                counts = Counter(keys)
+                prefill = {k for k, n in counts.items() if self.prompt_too and n > 1}  # full strength
+                factors[:] = [1.0 if key in prefill else 0.5 ** (seen.get(key, 0) / self.half_life) for key in keys]
                 for key in counts:
-                    if not (self.prompt_too and counts[key] > 1):
-                        seen[key] = seen.get(key, 0) + 1
-                    elif key not in seen:
-                        seen[key] = 1  # the first generated token's row is t = 1
-                scale[0] = factors
-            for row in range(len(keys)):
-                x[row] += np.float32(scale[0][row]) * self.vecs[layer]
+                    # a decode step counts one; after a prefill the first generated token's row is t = 1
+                    seen[key] = max(seen.get(key, 0), 1) if key in prefill else seen.get(key, 0) + 1
+            for row, factor in enumerate(factors):
+                x[row] += np.float32(factor) * self.vecs[layer]
             return x
 
         with engine.activation_edit(edit, sorted(self.vecs), site="l_out", all_tokens=self.prompt_too):
