@@ -10,14 +10,15 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 
 from alignez_local.align.behaviour_bench import BehaviourBench, split_heldout, unsteered_nll
 from alignez_local.align.directions import random_like
 from alignez_local.align.steering import Steering, VectorSlot
 from alignez_local.align.strength_by_behaviour import (
-    UNANSWERED_MARGIN, BehaviourTrial, calibrate_behaviour, chosen, trial_status, way_rank,
+    UNANSWERED_MARGIN, BehaviourTrial, calibrate_behaviour, choose_way, chosen, trial_status, way_lead, way_rank,
 )
-from alignez_local.formats.control_vector import ControlVector
+from alignez_local.formats.control_vector import ANSWER_ONLY, EVERY_TOKEN, ControlVector
 from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.measures.behaviour import MEASURES, MarkerMeasure
 from alignez_local.measures.scoring import ScoredAnswers, Scorer
@@ -82,6 +83,29 @@ def test_a_way_without_an_eligible_trial_loses_to_one_with_and_else_the_better_s
     every, answer_only = [_trial(0.5, 0.47, unanswered=True)], [_trial(0.7071, 0.59, unanswered=True)]
     assert way_rank(answer_only) > way_rank(every)
     assert way_rank([_trial(0.5, 0.2)]) > way_rank(answer_only)  # eligible first, whatever its score
+
+
+def _each(strength: float, scores: list[float], unanswered: bool = False) -> BehaviourTrial:
+    return dataclasses.replace(_trial(strength, float(np.mean(scores)), unanswered), combined_each=tuple(scores))
+
+
+def test_another_way_must_lead_the_default_by_more_than_one_standard_error() -> None:
+    """choose_way: a lead within the noise of 8 answers keeps the default (the way llama.cpp applies);
+    a lead past it wins; eligibility still comes first; the per-answer scores are never written."""
+    default = [0.6, 0.5, 0.7, 0.4, 0.6, 0.5, 0.7, 0.4]
+    noisy = [0.9, 0.1, 0.9, 0.2, 0.9, 0.3, 0.9, 0.4]  # mean 0.575 vs 0.55: a lead of 0.025, SE about 0.09
+    lead, se = way_lead(_each(1, noisy), _each(1, default))
+    assert lead == pytest.approx(0.025) and se > lead
+    win, why = choose_way({EVERY_TOKEN: [_each(0.5, default)], ANSWER_ONLY: [_each(1, noisy)]})
+    assert win == EVERY_TOKEN and why.startswith(f"{EVERY_TOKEN}: {ANSWER_ONLY} led by 0.02")
+    clear = [c + 0.3 for c in default]  # every answer better by 0.3: the paired SE is 0
+    assert choose_way({EVERY_TOKEN: [_each(0.5, default)], ANSWER_ONLY: [_each(1, clear)]}) == (ANSWER_ONLY, "")
+    # an eligible way beats a flagged default whatever the noise; a flagged one never beats an eligible default
+    assert choose_way({EVERY_TOKEN: [_each(0.5, clear, unanswered=True)], ANSWER_ONLY: [_each(1, noisy)]})[0] == ANSWER_ONLY
+    assert choose_way({EVERY_TOKEN: [_each(0.5, default)], ANSWER_ONLY: [_each(1, clear, unanswered=True)]})[0] == EVERY_TOKEN
+    # unequal answer counts (one trial stopped at half the queries): the two means' independent SE
+    assert way_lead(_each(1, noisy[:4]), _each(1, default))[1] > 0
+    assert "combined_each" not in _each(1, noisy).record()
 
 
 def test_a_strength_that_does_nothing_is_no_choice() -> None:

@@ -123,6 +123,15 @@ class BehaviourTrial:
     # UNANSWERED_MARGIN: cannot be chosen. Records written before issue 31's rule have neither key.
     unanswered_share: float = 0.0
     unanswered_too_often: bool = False
+    # Each answer's combined score, for comparing two ways on the same queries (``way_lead``); not
+    # written to any record (``record``), so files and reports read as before.
+    combined_each: tuple[float, ...] = dataclasses.field(default=(), repr=False, compare=False)
+
+    def record(self) -> dict[str, Any]:
+        """Return this trial as written in a calibration record."""
+        out = asdict(self)
+        del out["combined_each"]
+        return out
 
     @property
     def eligible(self) -> bool:
@@ -173,6 +182,7 @@ class BehaviourCalibration:
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-ready record (stored in the file's calibration and in report.json)."""
         out = asdict(self)
+        out["trials"] = [t.record() for t in self.trials]
         if not self.placements:
             del out["placements"]  # files calibrated with the default alone stay byte for byte as before
         return out
@@ -245,7 +255,8 @@ def search_strength(
         trial = BehaviourTrial(s, sc.mean("behaviour_rate"), sc.mean("relevance"), sc.mean("fluency"), sc.mean("combined"),
                                bool(broken), sc.mean("loop_share"), bool(sc.mean("loop_share") > loop_ceiling + 1e-9),
                                int(sc.behaviour.size), sc.mean("unanswered_share"),
-                               bool(sc.mean("unanswered_share") > unanswered_ceiling + 1e-9))
+                               bool(sc.mean("unanswered_share") > unanswered_ceiling + 1e-9),
+                               tuple(float(c) for c in sc.combined))
         trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
@@ -431,20 +442,59 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
     has the best combined score wins, an eligible one before any other (``way_rank``; the first
-    listed on a tie: list the way llama.cpp can apply first), and only the winner is measured on
+    listed on a tie: list the way llama.cpp can apply first), unless its lead over ``default``'s is
+    within one standard error (``way_lead``: the default is then kept, and the record says so under
+    ``kept_default``), and only the winner is measured on
     ``bench.report``, so the reported figures were never used to choose the way either. ``placements`` records each way's best trial and the one chosen,
     unless the one way searched is ``default`` (the file then reads as before: no record)."""
     if not ways:
         raise AlignezError("calibration needs at least one way to steer")
     tried = {name: search_strength(bench, make, on_trial=on_trial(name), **search) for name, (make, _) in ways.items()}
 
-    win = max(tried, key=lambda name: (*way_rank(tried[name]), -list(ways).index(name)))
+    win, kept = choose_way(tried, default)
     record = None
     if list(ways) != [default]:  # one way other than the default must still say which it was
-        record = {"chosen": win, "tried": {name: {k: v for k, v in asdict(chosen(trials)).items() if k != "answers"}
+        record = {"chosen": win, "tried": {name: {k: v for k, v in chosen(trials).record().items() if k != "answers"}
                                            for name, trials in tried.items()}}
+        if kept:
+            record["kept_default"] = kept
     make, make_random = ways[win]
     return report_strength(bench, tried[win], make, make_random, seed, placements=record)
+
+
+def choose_way(tried: Mapping[str, Sequence[BehaviourTrial]], default: str = EVERY_TOKEN) -> tuple[str, str]:
+    """Return the way that wins among ``tried`` (way -> its search's trials, in the order listed) and,
+    when ``default`` is kept over a better-scoring way by the one-standard-error rule (``way_lead``),
+    why ("" otherwise)."""
+    order = list(tried)
+    best = max(order, key=lambda name: (*way_rank(tried[name]), -order.index(name)))
+    if best == default or default not in tried or way_rank(tried[best])[0] != way_rank(tried[default])[0]:
+        return best, ""
+    lead, se = way_lead(chosen(tried[best]), chosen(tried[default]))
+    if lead > se:
+        return best, ""
+    return default, (f"{default}: {best} led by {lead:.2f} combined, within one standard error ({se:.2f}) "
+                     "of the choose answers")
+
+
+def way_lead(best: BehaviourTrial, default: BehaviourTrial) -> tuple[float, float]:
+    """Return how far ``best``'s combined score leads ``default``'s on the choose answers, and the
+    standard error of that lead: paired over the same queries when both trials read all of them,
+    else as two independent means.
+
+    Another way wins over the default only when its lead is larger than one standard error: the
+    one-standard-error rule of model selection (Hastie, Tibshirani and Friedman, *The Elements of
+    Statistical Learning*, 7.10), the default being the simplest way, the one llama.cpp applies. With
+    three ways of four to seven strengths each on 8 answers the best of about twenty noisy means won,
+    and its lead did not hold on the report half (Qwen 0.5B: +0.09 and +0.11 on the choose half,
+    -0.01 and +0.01 on the report half; docs/results.md, "Which vector")."""
+    a, b = np.asarray(best.combined_each, dtype=np.float64), np.asarray(default.combined_each, dtype=np.float64)
+    lead = best.combined - default.combined
+    if a.size < 2 or b.size < 2:
+        return lead, 0.0  # no answers to read the noise from (a record written before the rule)
+    if a.size == b.size:
+        return lead, float(np.std(a - b, ddof=1) / np.sqrt(a.size))
+    return lead, float(np.sqrt(np.var(a, ddof=1) / a.size + np.var(b, ddof=1) / b.size))
 
 
 def way_rank(trials: Sequence[BehaviourTrial]) -> tuple[bool, float]:
@@ -517,7 +567,8 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
         tried = cal_v.placements["tried"]
         on_status("ways (choose half, best strength each): " + " | ".join(
             f"{p} x{t['strength']:g} combined {t['combined']:.2f}" for p, t in tried.items())
-                  + f"; chosen: {way_name(cal_v.placement, cal_v.form, cal_v.variant)}")
+                  + f"; chosen: {way_name(cal_v.placement, cal_v.form, cal_v.variant)}"
+                  + (f" (kept {cal_v.placements['kept_default']})" if "kept_default" in cal_v.placements else ""))
     on_status(cal_v.line("vector"))
     if profile is None:
         return {"vector": cal_v}
