@@ -193,14 +193,16 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
 
 
 def steer_refusals(model: ModelLike, out: str | Path, axis: str | PreferenceAxis = "harmless", queries_file: str | None = None,
-                   seed: int = 0, on_status: Notify | None = None, name: str | None = None) -> RequestSteerResult:
+                   seed: int = 0, on_status: Notify | None = None, name: str | None = None,
+                   keep_work: bool = False) -> RequestSteerResult:
     """Make the gated refusal vector (``alignez steer --axis harmless``): the model's own refused-minus-
     complied state on risky requests, behind a gate that reads each prompt, its strength chosen by
     refusals of held-out requests within an over-refusal budget. Writes OUT/vector.gguf and report.json,
-    keeping its work in OUT/request-work as it goes: interrupted, the same call continues it."""
+    keeping its work in OUT/request-work as it goes: interrupted, the same call continues it. Finished,
+    it removes the saved states (the bulk of that work) unless ``keep_work``."""
     with _engine(model) as engine:
         return run_request_steer(engine, resolve_axis(axis), out, ModelId.of(engine, _given_name(model, name)), queries_file, seed,
-                                 on_status=on_status or quiet)
+                                 on_status=on_status or quiet, keep_work=keep_work)
 
 
 def train(engine: Engine, pairs: Sequence[tuple[str, str, str] | PreferencePair], *, layers: Sequence[int] | None = None,

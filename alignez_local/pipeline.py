@@ -45,7 +45,7 @@ from alignez_local.llama.engine import Engine, Sampling
 from alignez_local.measures.behaviour import YesNoJudge
 from alignez_local.measures.refusal import is_refusal
 from alignez_local.models import ModelId
-from alignez_local.progress import Notify, Progress, StageClock, quiet
+from alignez_local.progress import Notify, Progress, StageBars, StageClock, quiet
 from alignez_local.prompt_sets import heldout_prompts, heldout_queries, load_request_kinds
 
 # steer's default query count: enough pairs for a difference of means (on Qwen 0.5B, French, the
@@ -310,7 +310,8 @@ def read_request_states(engine: Engine, work: RequestWork, kind: str, queries: S
 
 
 def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, model: ModelId,
-                      queries_file: str | None = None, seed: int = 0, on_status: Notify = quiet) -> RequestSteerResult:
+                      queries_file: str | None = None, seed: int = 0, on_status: Notify = quiet,
+                      keep_work: bool = False) -> RequestSteerResult:
     """Fit a gated vector from the model's own state on risky and benign requests
     (align/request_contrast.py) and choose its default strength by refusals on held-out risky and
     benign ones (align/strength_by_refusals.py ``calibrate_refusals``).
@@ -324,7 +325,8 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
     stopped (66 minutes for Qwen-0.5B on one thread of a busy 2-core machine in issue 20: 887
     requests read one at a time, 357 answers, 8 strengths tried; about 2.5 hours for Qwen2.5-Coder-1.5B).
     A folder holding the work of another model, seed or query set is refused (AlignezError) and
-    left as it is.
+    left as it is. Once vector.gguf and report.json are written, the saved states (the bulk of the
+    work) are removed unless ``keep_work``; the small files stay (``RequestWork.plan_removal``).
     """
     out = Path(folder)
     if out.exists() and not out.is_dir():
@@ -361,13 +363,18 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         "calibration_prompts": {"heldout_risky": len(risky_out), "heldout_benign": len(benign_out),
                                 "risky_gate_open": cal.risky_gate_open, "benign_gate_open": cal.benign_gate_open},
         "calibration": plain(cv.calibration), "timings": {k: round(v, 1) for k, v in result.timings.items()},
-        "resumed": bool(work.reused), "saved_work": work.folder.name,
+        "resumed": bool(work.reused),
     }
     if work.reused:
-        # The timings are this run's: work an earlier, interrupted run did is reused, not timed again.
+        # The timings are this run's: work an earlier run did is reused, not timed again.
         report["reused"] = work.reused
-        report["timings_note"] = "seconds spent by this run only; the reused work was done by an earlier, interrupted run"
+        report["timings_note"] = "seconds spent by this run only; the reused work was done by an earlier run"
+    report["saved_work"] = work.plan_removal(keep_work)
     write_json(report_path, report)
+    # Only now, with the vector and report written, does the bulk of the work go: an interrupted run keeps it all.
+    line = work.remove_planned()
+    if line:
+        on_status(line)
     return result
 
 
@@ -403,14 +410,18 @@ def _calibrated_vector(engine: Engine, axis: PreferenceAxis, model: ModelId, kin
     # most predictable text, and the old band stopped the search at x1 for that (docs/results.md §8).
     risky_out, benign_out = list(fitted.heldout_risky), list(fitted.heldout_benign)
     work.load_calibration()
-    cal = calibrate_refusals(engine, lambda s: Steering.vector(cv, s),
-                             [engine.prompt(kinds["risky"][i]) for i in risky_out],
-                             [engine.prompt(kinds["benign"][i]) for i in benign_out],
-                             on_trial=lambda t: on_status(
-                                 f"  vector x{t.strength:g}: refused {t.risky_refused} of {len(risky_out)} held-out risky, "
-                                 f"{t.benign_refused} of {len(benign_out)} benign"
-                                 + ("" if t.ppl_ratio is None else f", non-refusal perplexity x{t.ppl_ratio:.2f}")
-                                 + ("" if t.passed else f" ({t.why}: search stops)")), memo=work)
+    bars = StageBars("calibration, ")  # a line per stage: the unsteered answers, then each strength's
+    try:
+        cal = calibrate_refusals(engine, lambda s: Steering.vector(cv, s),
+                                 [engine.prompt(kinds["risky"][i]) for i in risky_out],
+                                 [engine.prompt(kinds["benign"][i]) for i in benign_out],
+                                 on_trial=lambda t: on_status(
+                                     f"  vector x{t.strength:g}: refused {t.risky_refused} of {len(risky_out)} held-out risky, "
+                                     f"{t.benign_refused} of {len(benign_out)} benign"
+                                     + ("" if t.ppl_ratio is None else f", non-refusal perplexity x{t.ppl_ratio:.2f}")
+                                     + ("" if t.passed else f" ({t.why}: search stops)")), memo=work, on_progress=bars)
+    finally:
+        bars.close()
     cv = with_strength(cv, cal)
     on_status(cal.line("vector"))
     return cv, cal, risky_out, benign_out

@@ -130,6 +130,29 @@ class Progress:
             sys.stderr.flush()
 
 
+class StageBars:
+    """One ``Progress`` line per stage of a job that reports ``(stage, done, total)`` (the calibration
+    by refusals: its unsteered answers, then each strength's). A new stage closes the last one's
+    line and opens its own at the count it first reports, so a stage taken whole from an earlier
+    run shows as done at once and the ETA of each line counts only the work done now."""
+
+    def __init__(self, label: str, quiet: bool = False) -> None:
+        self.label, self.quiet = label, quiet
+        self.stage: str | None = None
+        self.bar: Progress | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None or stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, Progress(total, f"{self.label}{stage}", done=done, quiet=self.quiet)
+        else:
+            self.bar(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Counted(Protocol):
     """What StageClock reads from an engine: its running decode counts (``Engine.counts``)."""
 

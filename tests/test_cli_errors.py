@@ -166,3 +166,9 @@ def test_a_damaged_pairs_file_is_reported_before_any_model_work(files: dict[str,
     assert "screen:" not in res.stderr
     res = run("generate", "-m", str(files["text"]), "-o", str(out / "preferences.jsonl"))
     assert_one_line_error(res, "line 2 is not valid JSON")  # before the (broken) model is even opened
+
+
+def test_keep_work_outside_the_request_recipe_is_one_line_before_any_work(files: dict[str, Path], tmp_path: Path) -> None:
+    res = run("steer", "-m", str(files["model"]), "--axis", "french", "--keep-work", "-o", str(tmp_path / "run"))
+    assert_one_line_error(res, "--keep-work keeps the request recipe's saved work", "run it without --keep-work")
+    assert not (tmp_path / "run").exists()

@@ -325,8 +325,11 @@ def test_shut_gate_decodes_exactly_as_unsteered(tiny_engine: Engine, mixed: Mixe
     assert {i for i, o in enumerate(st.gates(e, prompts, st.vectors[0])) if o} == opened
     shut = [i for i in range(len(prompts)) if i not in opened]
     streamed: dict[int, str] = {}
-    got = st.generate(e, prompts, LONG, on_token=lambda k, t: streamed.__setitem__(k, streamed.get(k, "") + t))
+    done: list[int] = []  # on_done: each prompt told finished once, by its index in this call
+    got = st.generate(e, prompts, LONG, on_token=lambda k, t: streamed.__setitem__(k, streamed.get(k, "") + t),
+                      on_done=done.append)
     assert [streamed.get(i, "") for i in range(len(prompts))] == [c.text for c in got]
+    assert sorted(done) == list(range(len(prompts)))
     for i, want in zip(shut, e.generate([prompts[i] for i in shut], LONG)):
         assert same_bits(got[i], want), i
     ungated = Steering(vectors=[VectorSlot("p", dataclasses.replace(cv, gate=None), 1.0)])
@@ -336,8 +339,11 @@ def test_shut_gate_decodes_exactly_as_unsteered(tiny_engine: Engine, mixed: Mixe
     assert any(got[i].n_tokens != plain[i].n_tokens for i in opened)
     # reference=True: the shut prompts get the whole batch's unsteered bits, the opened ones the same.
     streamed.clear()
-    ref = st.generate(e, prompts, LONG, reference=True, on_token=lambda k, t: streamed.__setitem__(k, streamed.get(k, "") + t))
+    done.clear()
+    ref = st.generate(e, prompts, LONG, reference=True, on_token=lambda k, t: streamed.__setitem__(k, streamed.get(k, "") + t),
+                      on_done=done.append)
     assert [streamed.get(i, "") for i in range(len(prompts))] == [c.text for c in ref]
+    assert sorted(done) == list(range(len(prompts)))  # the opened prompts decoded twice are told once
     assert all(same_bits(ref[i], plain[i]) for i in shut) and all(same_bits(ref[i], got[i]) for i in opened)
     # The same vector loaded at strength 0, or the steering without it, is the unsteered run.
     for zero in (Steering(vectors=[VectorSlot("g", cv, 0.0)]), st.without_gated()):

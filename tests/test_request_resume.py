@@ -1,6 +1,8 @@
 """The request recipe survives Ctrl-C: each stage keeps its finished work in OUT/request-work, and
 running again into the same folder continues there and writes the same vector bytes as a run never
-stopped; a folder holding another run's work is refused with one line and left as it was.
+stopped; a folder holding another run's work is refused with one line and left as it was. A
+finished run removes the saved states (keep_work keeps them) and a re-run reads only those again;
+the calibration reports its progress, a stage taken from the saved work as done at once.
 
 Real llama.cpp on the tiny random-weight model, with 40 risky and 40 benign built-in requests (two
 chunks of states per kind, three chunks of answers); a Ctrl-C is a KeyboardInterrupt raised by a
@@ -13,7 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,11 @@ import pytest
 
 from alignez_local.align.axes import get_axis
 from alignez_local.align.request_work import STATE_CHUNK, WORK_FOLDER
+from alignez_local.align.steering import Steering
+from alignez_local.align.strength_by_refusals import (UNSTEERED_STAGE, RefusalCalibration, RefusalTrial, calibrate_refusals,
+                                                      trial_stage)
 from alignez_local.errors import AlignezError
+from alignez_local.formats.control_vector import read_control_vector
 from alignez_local.llama.engine import Engine
 from alignez_local.models import ModelId
 from alignez_local.pipeline import Interrupted, RequestSteerResult, run_request_steer
@@ -64,16 +70,31 @@ def engine(tiny_model_path: Path) -> Iterator[Engine]:
     e.close()
 
 
-def steer(engine: Engine, out: Path, queries: Path, seed: int = 0) -> RequestSteerResult:
-    return run_request_steer(engine, get_axis("harmless"), out, ModelId.of(engine, str(engine.path)), str(queries), seed)
+def steer(engine: Engine, out: Path, queries: Path, seed: int = 0, keep_work: bool = False) -> RequestSteerResult:
+    return run_request_steer(engine, get_axis("harmless"), out, ModelId.of(engine, str(engine.path)), str(queries), seed,
+                             keep_work=keep_work)
+
+
+def state_files(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / WORK_FOLDER / "states").iterdir())
+
+
+SMALL_FILES = ["calibration.jsonl", "manifest.json", "refusals.jsonl"]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_path: Path, queries: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run never stopped, its work kept whole (keep_work): the other tests copy it."""
     out = tmp_path_factory.mktemp("whole") / "run"
     with Engine(tiny_model_path, n_ctx=2048) as e:
-        steer(e, out, queries)
+        steer(e, out, queries, keep_work=True)
     return out
+
+
+def test_keep_work_keeps_every_saved_state(uninterrupted: Path) -> None:
+    assert state_files(uninterrupted) == [f"{k}-{s:05d}.npy" for k in ("benign", "risky") for s in (0, STATE_CHUNK)]
+    saved = json.loads((uninterrupted / "report.json").read_text())["saved_work"]
+    assert saved == {"folder": WORK_FOLDER, "kept": SMALL_FILES + ["states/"], "removed": {}}
 
 
 def test_a_run_interrupted_at_each_stage_resumes_to_the_same_vector(tiny_model_path: Path, queries: Path, tmp_path: Path,
@@ -127,6 +148,82 @@ def test_a_run_interrupted_at_each_stage_resumes_to_the_same_vector(tiny_model_p
                                 "calibrate": {"unsteered_answers": True, "trials": 2}}
     assert "this run only" in report["timings_note"] and res.reused == report["reused"]
     assert report["calibration"] == whole["calibration"] and report["request_contrast"] == whole["request_contrast"]
+
+    # 5. Finished, the run removed its saved states (after writing the vector and report) and kept the small files.
+    assert state_files(out) == [] and sorted(p.name for p in work.iterdir()) == SMALL_FILES + ["states"]
+    size = sum(p.stat().st_size for p in (uninterrupted / WORK_FOLDER / "states").iterdir())
+    assert report["saved_work"] == {"folder": WORK_FOLDER, "kept": SMALL_FILES, "removed": {"states/": {"files": 4, "bytes": size}}}
+
+
+def test_a_finished_run_run_again_reads_only_the_states_again(engine: Engine, queries: Path, tmp_path: Path,
+                                                              uninterrupted: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "finished"
+    shutil.copytree(uninterrupted / WORK_FOLDER, out / WORK_FOLDER)
+    for chunk in (out / WORK_FOLDER / "states").iterdir():
+        chunk.unlink()  # what a finished run without keep_work leaves
+    reads, answers = Tripwire(engine, "capture"), Tripwire(engine, "generate")
+    steer(engine, out, queries)
+    assert len(reads.calls) == 2 * N and not answers.calls  # the labels, unsteered answers and trials were kept
+    assert (out / "vector.gguf").read_bytes() == (uninterrupted / "vector.gguf").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["reused"]) == {"answers", "calibrate"} and state_files(out) == []
+    # The calibration's progress lines: every stage came from the saved work, so each is done at once.
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("calibration, ")]
+    n_out = report["calibration_prompts"]["heldout_risky"] + report["calibration_prompts"]["heldout_benign"]
+    n_open = report["calibration_prompts"]["risky_gate_open"] + report["calibration_prompts"]["benign_gate_open"]
+    want = [f"{UNSTEERED_STAGE}: {n_out}/{n_out} "] + [f"{trial_stage(t['strength'])}: {n_open}/{n_open} "
+                                                       for t in report["calibration"]["trials"]]
+    assert [ln.removeprefix("calibration, ")[:len(w)] for ln, w in zip(lines, want)] == want and len(lines) == len(want)
+    assert all("(100%) elapsed 0m00s ETA 0m00s" in ln for ln in lines)
+
+
+class Memo:
+    """``calibrate_refusals``'s memo in memory (RequestWork keeps the same on disk)."""
+
+    def __init__(self) -> None:
+        self.base: tuple[list[str], list[int]] | None = None
+        self.trials: dict[float, RefusalTrial] = {}
+
+    def unsteered(self) -> tuple[list[str], list[int]] | None:
+        return self.base
+
+    def save_unsteered(self, answers: Sequence[str], opened: Sequence[int]) -> None:
+        self.base = (list(answers), list(opened))
+
+    def trial(self, strength: float) -> RefusalTrial | None:
+        return self.trials.get(strength)
+
+    def save_trial(self, trial: RefusalTrial) -> None:
+        self.trials[trial.strength] = trial
+
+
+def test_the_calibration_reports_every_answer_and_a_saved_stage_as_done_at_once(engine: Engine, queries: Path,
+                                                                               uninterrupted: Path) -> None:
+    cv = read_control_vector(uninterrupted / "vector.gguf")
+    kinds = load_request_kinds(queries)
+    # The gate of the tiny model's vector opens on one of these risky requests (risky[34]).
+    risky, benign = [engine.prompt(q) for q in kinds["risky"][32:]], [engine.prompt(q) for q in kinds["benign"][:8]]
+
+    def calibrate(memo: Memo) -> tuple[RefusalCalibration, list[tuple[str, int, int]]]:
+        seen: list[tuple[str, int, int]] = []
+        cal = calibrate_refusals(engine, lambda s: Steering.vector(cv, s), risky, benign, memo=memo,
+                                 on_progress=lambda *report: seen.append(report))
+        return cal, seen
+
+    memo = Memo()
+    whole, seen = calibrate(memo)
+    assert memo.base is not None
+    n_open, n_trials = len(memo.base[1]), len(whole.trials)
+    assert n_open > 0 and n_trials >= 2
+    # Each stage from 0 to its total, one answer at a time: the unsteered answers, then each strength's opened prompts.
+    stages = [(UNSTEERED_STAGE, 16)] + [(trial_stage(t.strength), n_open) for t in whole.trials]
+    assert seen == [(stage, k, n) for stage, n in stages for k in range(n + 1)]
+
+    # Resumed with every stage but the last saved: those are reported whole at once, the last one answer by answer.
+    del memo.trials[whole.trials[-1].strength]
+    again, seen = calibrate(memo)
+    assert again == whole
+    assert seen == [(stage, n, n) for stage, n in stages[:-1]] + [(stages[-1][0], k, n_open) for k in range(n_open + 1)]
 
 
 def test_a_finished_run_run_again_reuses_all_its_work(engine: Engine, queries: Path, tmp_path: Path, uninterrupted: Path) -> None:

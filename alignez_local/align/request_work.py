@@ -16,8 +16,11 @@ its finished parts in OUT/request-work/ as it goes:
   opens on, then one line per finished strength trial (``calibrate_refusals``'s ``memo``).
 
 Every part is a pure function of the manifest's inputs (states read alone and greedy answers are
-deterministic), so a resumed run writes the same vector bytes as an uninterrupted one. The work
-stays after the run: running again reproduces the result from it in seconds.
+deterministic), so a resumed run writes the same vector bytes as an uninterrupted one. A finished
+run removes the states (``plan_removal``: the bulk, about 59 MB for Qwen 1.5B) once its vector
+and report are written, unless asked to keep them (``--keep-work``); the other files are kilobytes
+and stay, so running again with the same settings reads the states again and takes the refusal
+labels and the calibration from them, to the same vector bytes. An interrupted run keeps everything.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class RequestWork:
         self.unsteered_kept = False
         self.n_trials = 0
         self.reused: dict[str, dict[str, int]] = {}  # stage -> {"reused": n, "of": total}, filled as stages load
+        self._bulk: tuple[list[Path], int] = ([], 0)  # what a finished run removes, and its bytes (plan_removal)
 
     @classmethod
     def open(cls, out: Path, model_sha256: str, seed: int, kinds: Mapping[str, Sequence[str]],
@@ -76,8 +80,9 @@ class RequestWork:
         if path.exists():
             work._check(path, manifest)
         else:
-            (work.folder / "states").mkdir(parents=True, exist_ok=True)
+            work.folder.mkdir(parents=True, exist_ok=True)
             write_json(path, manifest)
+        work._states_folder.mkdir(exist_ok=True)  # after the check: another run's folder is left untouched
         return work
 
     def _check(self, path: Path, want: dict[str, Any]) -> None:
@@ -103,8 +108,12 @@ class RequestWork:
 
     # --- stage 1: the states read alone ------------------------------------------------------------
 
+    @property
+    def _states_folder(self) -> Path:
+        return self.folder / "states"
+
     def _chunk_path(self, kind: str, start: int) -> Path:
-        return self.folder / "states" / f"{kind}-{start:05d}.npy"
+        return self._states_folder / f"{kind}-{start:05d}.npy"
 
     def states(self, kind: str) -> np.ndarray:
         """Return the saved states of ``kind``'s first requests (n x layers x n_embd, float32), the
@@ -200,6 +209,33 @@ class RequestWork:
         self.n_trials += 1
 
     # --- what is kept ------------------------------------------------------------------------------
+
+    def plan_removal(self, keep: bool) -> dict[str, Any]:
+        """Return report.json's "saved_work" of a finished run: what stays in the folder and what
+        ``remove_planned`` removes: the states (most of the work's bytes; every file in states/, a
+        temporary one left by a crash too), unless ``keep``. The manifest, labels and calibration
+        stay (kilobytes: with them a re-run with the same settings redoes only the reading of the states)."""
+        chunks = sorted(p for p in self._states_folder.iterdir() if p.is_file())
+        bulk = [] if keep else chunks
+        self._bulk = (bulk, sum(p.stat().st_size for p in bulk))
+        kept = sorted(p.name for p in self.folder.iterdir() if p.is_file()) + (["states/"] if keep and chunks else [])
+        return {"folder": self.folder.name, "kept": kept,
+                "removed": {"states/": {"files": len(bulk), "bytes": self._bulk[1]}} if bulk else {}}
+
+    def remove_planned(self) -> str | None:
+        """Remove what ``plan_removal`` named (call it once the vector and report are written);
+        return the status line saying so, None when there was nothing to remove."""
+        (files, size), self._bulk = self._bulk, ([], 0)
+        if not files:
+            return None
+        try:
+            for path in files:
+                path.unlink(missing_ok=True)
+        except OSError as err:
+            return f"warning: could not remove the saved states in {self._states_folder} ({err.strerror}); delete them by hand"
+        self.n_states = {k: 0 for k in self.kinds}
+        return (f"{self.folder}: removed the saved states ({len(files)} files, {size / 1e6:.1f} MB) now that the vector is written; "
+                "the manifest, refusal labels and calibration stay (--keep-work keeps everything)")
 
     def _note(self, stage: str, reused: int, total: int) -> None:
         if reused:

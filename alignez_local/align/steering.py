@@ -364,8 +364,10 @@ class Steering:
         *,
         reference: bool = False,
         opens: Sequence[frozenset[int]] | None = None,
+        on_done: Callable[[int], None] | None = None,
     ) -> list[Completion]:
-        """Return completions for ``prompts`` under this steering (``share_prefix``: as ``Engine.generate``'s).
+        """Return completions for ``prompts`` under this steering (``share_prefix``, ``on_done``: as
+        ``Engine.generate``'s; a prompt decoded twice for ``reference`` is told done once).
 
         A prompt whose gates all stay shut gets exactly (token for token, bit for bit in its
         log-probabilities) what ``without_gated().generate`` gives it called on the SHUT prompts of
@@ -379,11 +381,11 @@ class Steering:
         ``opens``: the gate decisions already read (``open_gates`` of these prompts).
         """
         if not self.active or not prompts:
-            return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix)
+            return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix, on_done=on_done)
         opens = self.open_gates(engine, prompts) if opens is None else list(opens)
         if all(o == opens[0] for o in opens):
             with self._applied(engine, prompts, opens):
-                return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix)
+                return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix, on_done=on_done)
         sps = [sampling] * len(prompts) if isinstance(sampling, Sampling) else list(sampling)
         if len(sps) != len(prompts):
             raise ValueError("one Sampling per prompt, or a single one for all")
@@ -397,16 +399,18 @@ class Steering:
             ran = list(range(len(prompts))) if reference else shut
             keep = set(shut)
             stream = None if on_token is None else (lambda k, text: on_token(ran[k], text) if ran[k] in keep else None)
+            done = None if on_done is None else (lambda k: on_done(ran[k]) if ran[k] in keep else None)
             for i, c in zip(ran, self.without_gated().generate(engine, [prompts[i] for i in ran], [sps[i] for i in ran],
-                                                               on_token=stream, share_prefix=share_prefix)):
+                                                               on_token=stream, share_prefix=share_prefix, on_done=done)):
                 if i in keep:
                     out[i] = c
         opened = [i for i in range(len(prompts)) if opens[i]]
         sub = [prompts[i] for i in opened]
         stream = None if on_token is None else (lambda k, text: on_token(opened[k], text))
+        done = None if on_done is None else (lambda k: on_done(opened[k]))
         with self._applied(engine, sub, [opens[i] for i in opened]):
             for i, c in zip(opened, engine.generate(sub, [sps[i] for i in opened], on_token=stream,
-                                                    share_prefix=share_prefix)):
+                                                    share_prefix=share_prefix, on_done=done)):
                 out[i] = c
         return [c for c in out if c is not None]
 

@@ -122,6 +122,12 @@ class RefusalCalibration:
                 f"and {self.benign_gate_open}; over-refusal budget +{self.budget:.0%})")
 
 
+CalibrationProgress = Callable[[str, int, int], None]
+"""``on_progress(stage, done, total)``: answers finished in the calibration's stage now running:
+"unsteered answers", then "answers at xS" for each strength tried (only the prompts a gate opens on).
+A stage starts with ``done`` 0, or whole (``done == total``) when the memo held it."""
+
+
 class RefusalMemo(Protocol):
     """Where a calibration keeps what it finished, so that an interrupted one continues without
     decoding it again (the request recipe's saved work, align/request_work.py)."""
@@ -150,6 +156,7 @@ def calibrate_refusals(
     max_tokens: int = REFUSAL_TOKENS,
     on_trial: Callable[[RefusalTrial], None] | None = None,
     memo: RefusalMemo | None = None,
+    on_progress: CalibrationProgress | None = None,
 ) -> RefusalCalibration:
     """Return the strength chosen by refusals (``choose_refusal_strength``) on the held-out ``risky``
     and ``benign`` prompts (chat-formatted), greedy answers of ``max_tokens`` tokens.
@@ -160,7 +167,10 @@ def calibrate_refusals(
 
     ``memo``: the unsteered answers and each finished trial are saved there and, when it already
     holds them (an interrupted run), taken from it instead of decoded again; the result is the
-    same, since every answer is greedy and decoded in the same batches."""
+    same, since every answer is greedy and decoded in the same batches.
+
+    ``on_progress``: told each finished answer (``CalibrationProgress``); it only observes, so the
+    answers are decoded in the same batches with or without it."""
     if not risky or not benign:
         raise AlignezError("choosing a strength by refusals needs held-out risky and benign prompts; give at least one of each")
     cands = sorted(float(c) for c in candidates if c > 0)
@@ -171,8 +181,9 @@ def calibrate_refusals(
     saved = memo.unsteered() if memo is not None else None
     if saved is not None:  # the memo is this run's (request_work's manifest): the same prompts
         base, opened = saved
+        _report_whole(on_progress, UNSTEERED_STAGE, len(prompts))
     else:
-        base = [c.text for c in engine.generate(prompts, greedy)]
+        base = [c.text for c in engine.generate(prompts, greedy, on_done=_counter(on_progress, UNSTEERED_STAGE, len(prompts)))]
         probe = make_steering(cands[0])
         if probe.gated_slots(engine.n_layer):
             opened = [i for i, o in enumerate(probe.open_gates(engine, prompts)) if o]
@@ -187,7 +198,10 @@ def calibrate_refusals(
         trial = memo.trial(s) if memo is not None else None
         fresh = trial is None
         if trial is None:
-            trial = _try_strength(engine, make_steering(s), s, prompts, base, opened, nr, greedy)
+            done = _counter(on_progress, trial_stage(s), len(opened))
+            trial = _try_strength(engine, make_steering(s), s, prompts, base, opened, nr, greedy, done)
+        else:
+            _report_whole(on_progress, trial_stage(s), len(opened))
         chosen, judged = choose_refusal_strength(trials + [trial], len(benign), sum(base_ref[nr:]), budget)
         trials = judged
         if memo is not None and fresh:
@@ -203,13 +217,43 @@ def calibrate_refusals(
         budget, FLUENCY_LIMIT, max_tokens, trials)
 
 
+UNSTEERED_STAGE = "unsteered answers"
+
+
+def trial_stage(strength: float) -> str:
+    """Return the name ``on_progress`` gets for the answers at ``strength``."""
+    return f"answers at x{strength:g}"
+
+
+def _counter(on_progress: CalibrationProgress | None, stage: str, total: int) -> Callable[[int], None] | None:
+    """Return an ``on_done`` that reports ``stage``'s finished answers, after reporting none of ``total`` done."""
+    if on_progress is None:
+        return None
+    on_progress(stage, 0, total)
+    done = 0
+
+    def one(_i: int) -> None:
+        nonlocal done
+        done += 1
+        on_progress(stage, done, total)
+
+    return one
+
+
+def _report_whole(on_progress: CalibrationProgress | None, stage: str, total: int) -> None:
+    """Report a stage the memo held: done at once, so that it counts nothing toward the time of the work left."""
+    if on_progress is not None:
+        on_progress(stage, total, total)
+
+
 def _try_strength(engine: Engine, steering: Steering, strength: float, prompts: Sequence[str], base: Sequence[str],
-                  opened: Sequence[int], n_risky: int, greedy: Sampling) -> RefusalTrial:
+                  opened: Sequence[int], n_risky: int, greedy: Sampling,
+                  on_done: Callable[[int], None] | None = None) -> RefusalTrial:
     """Return what ``steering`` (at ``strength``) does: the opened prompts decoded steered, the
     others keeping their unsteered answers ``base`` (not yet judged: ``passed`` True)."""
     texts = list(base)
     if opened:
-        for i, c in zip(opened, steering.generate(engine, [prompts[i] for i in opened], greedy)):
+        for i, c in zip(opened, steering.generate(engine, [prompts[i] for i in opened], greedy, on_done=on_done)):
             texts[i] = c.text
     ref = [is_refusal(t) for t in texts]
     changed = [i for i in opened if texts[i] != base[i] and not ref[i]]

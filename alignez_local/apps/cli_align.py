@@ -389,11 +389,14 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
               help="Other fits of the vector from the same pairs, searched beside it: pool:last or pool:mean (where "
                    "each answer's state is read), layers:A-B (steer only those layers). The held-out choose queries "
                    "decide; each adds a strength search (pool: also a capture).")
+@click.option("--keep-work", is_flag=True,
+              help="--recipe request: keep all of DIR/request-work after a finished run. Off: its saved states (tens "
+                   "of MB) are removed once the vector and report are written; the small files stay.")
 @click.option("-o", "--out", "out_dir", default=None, metavar="DIR", help="Output folder [steer-<axis>].")
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, remote_text: dict[str, Any], vector_from: str, vector_layers: str | None, judge: str,
           strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str, forms: str,
-          variants: str | None, out_dir: str | None) -> None:
+          variants: str | None, keep_work: bool, out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -407,7 +410,8 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     model, prompting and a random direction of the same norm (--calibrate-profile: the profile's too;
     it was weaker than the vector on every trait measured, docs/results.md).
     Writes DIR/preferences.jsonl, DIR/profile.gguf, DIR/vector.gguf and DIR/report.json
-    (--recipe request: DIR/vector.gguf, DIR/report.json and its saved work, DIR/request-work/).
+    (--recipe request: DIR/vector.gguf, DIR/report.json and its saved work, DIR/request-work/, whose
+    saved states are removed when the run finishes unless --keep-work).
     Interrupted? Run the same command again: it continues from the saved pairs (or request-work).
     --generate-url: the text stages on servers serving the same model (checked first).
     """
@@ -420,8 +424,11 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         if variants:
             raise AlignezError("--variants are other fits of a vector from pairs; the request recipe (--axis harmless) "
                                "fits from the model's states and writes no pairs: run it without --variants")
-        _steer_refusals(model, axis, queries, generation.seed, folder)
+        _steer_refusals(model, axis, queries, generation.seed, folder, keep_work)
         return
+    if keep_work:
+        raise AlignezError(f"--keep-work keeps the request recipe's saved work (--axis harmless); the {recipe} recipe keeps "
+                           f"its pairs in {folder}/preferences.jsonl anyway: run it without --keep-work")
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
     places, how = _listed(placements, PLACEMENTS, "--placements", "placement"), _listed(forms, FORMS, "--forms", "form")
     others = parse_variants(variants)
@@ -479,11 +486,13 @@ def _listed(text: str, known: tuple[str, ...], flag: str, what: str) -> tuple[st
     return picked
 
 
-def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str) -> None:
+def _steer_refusals(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, seed: int, folder: str,
+                    keep_work: bool) -> None:
     """``steer --recipe request``: the gated vector (align/request_contrast.py)."""
     engine = model.open()
     try:
-        res = api.steer_refusals(engine, folder, axis, queries.file, seed, on_status=_status, name=str(model.model))
+        res = api.steer_refusals(engine, folder, axis, queries.file, seed, on_status=_status, name=str(model.model),
+                                 keep_work=keep_work)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:

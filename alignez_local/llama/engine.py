@@ -299,18 +299,22 @@ class Engine:
         sampling: Sampling | Sequence[Sampling] = Sampling(),
         on_token: TokenFn | None = None,
         share_prefix: bool = False,
+        on_done: Callable[[int], None] | None = None,
     ) -> list[Completion]:
         """Return one completion per prompt, decoded as parallel sequences in shared batches.
 
         ``sampling`` is one setting for all prompts or one per prompt (e.g. different seeds).
-        ``on_token(i, text)`` streams new text of prompt i as it is decided. Each sequence has its
-        own sampler, so a prompt's output does not depend on which others share the batch.
+        ``on_token(i, text)`` streams new text of prompt i as it is decided; ``on_done(i)`` is told
+        when prompt i's answer is finished (for a progress line that leaves the batches as they are).
+        Each sequence has its own sampler, so a prompt's output does not depend on which others
+        share the batch.
         ``share_prefix``: the leading tokens every prompt shares (a chat template's system prompt)
         are decoded once and their cells copied into each sequence; the answers are then those of
         this call's batch shapes, deterministic but not bit-equal to the same prompts without it.
         """
         seqs = self._generating(prompts, sampling)
-        self._sched.run(seqs, on_token=on_token, share_prefix=share_prefix)
+        done = None if on_done is None else (lambda s: on_done(s.key))
+        self._sched.run(seqs, on_token=on_token, on_done=done, share_prefix=share_prefix)
         return [self.completion(s) for s in seqs]
 
     def generate_with_first_logits(
