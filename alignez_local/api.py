@@ -149,7 +149,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     ``forms``: how alignez's runtime applies it (``add``: a constant, what llama.cpp does; ``clamp``:
     each row's component along the direction raised to a target, never past it; ``keep-norm``: added,
     then each row scaled back to its own length); several: likewise. ``variants``: other fits of the
-    vector from the same pairs (``"pool:last,layers:12"``, align/variants.py), searched in every placement
+    vector from the same pairs (``"pool:last,layers:12"``, or ``"layers:scan"``: the best single layer
+    on the choose queries, align/layer_scan.py; align/variants.py), searched in every placement
     and form beside it; the file holds the one chosen.
     ``generate_urls``: OpenAI-compatible servers serving the same model (llama-server, ``alignez
     serve``) write the text stages: the screen, the pairs and the unsteered and prompting answers

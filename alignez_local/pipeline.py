@@ -33,7 +33,8 @@ from alignez_local.align.strength import with_strength
 from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, BehaviourBench, axis_bench, split_heldout
 from alignez_local.align.strength_by_behaviour import STRENGTHS, BehaviourCalibration, choose_strengths, screen_line
 from alignez_local.align.strength_by_refusals import RefusalCalibration, calibrate_refusals
-from alignez_local.align.variants import Variant
+from alignez_local.align.layer_scan import scan_hook
+from alignez_local.align.variants import Variant, parse_variants
 from alignez_local.align.vectors import (VECTOR_SOURCES, FitSettings, export_vector, fit_with_difference, mean_diff_vector,
                                          variant_vectors)
 from alignez_local.errors import AlignezError
@@ -215,6 +216,7 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
         # too: a language persona given --measure judge must not be re-read as language:CODE).
         prof = dataclasses.replace(prof, axis={**prof.axis, "measure": axis.measure_key})
         variants = variant_vectors(engine, plan.variants, fitted, default_layers, prof, axis.name)  # checked before any write
+        scan = scan_hook(engine, bench, fitted, default_layers, prof, axis.name) if any(v.scan for v in plan.variants) else None
         save_profile(paths.profile, prof)
         clock.lap("fit_s")
         rep: ApproximationReport | None = None
@@ -230,10 +232,11 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
         clock.lap("export_s")
         cals = choose_strengths(bench, prof if plan.with_profile else None, cv, fit.top_n, on_status, fit.seed,
                                 plan.strengths, plan.refine, placements=plan.placements, forms=plan.forms,
-                                plain_mean=plain_mean, variants=variants)
+                                plain_mean=plain_mean, variants=variants, scan=scan)
         cal = cals["vector"]
         if cal.variant:
-            cv, plain_mean = variants[cal.variant]
+            cv, plain_mean = variants.get(cal.variant) or variant_vectors(
+                engine, parse_variants(cal.variant), fitted, default_layers, prof, axis.name)[cal.variant]
         cv = with_strength(cv.placed(cal.placement).formed(cal.form, plain_mean), cal)
         if "profile" in cals:
             prof = with_strength(prof, cals["profile"])

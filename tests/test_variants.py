@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from alignez_local.align.directions import random_like
+from alignez_local.align.layer_scan import SCAN_FACTORS, LayerScan, scan_layers
+from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import choose_strengths, way_name, way_parts, way_variant
 from alignez_local.align.variants import VARIANT_KEY, Variant, check_variants, parse_variants
 from alignez_local.errors import AlignezError
@@ -109,3 +111,44 @@ def test_the_last_token_variant_is_read_from_another_capture(tiny_model_path: Pa
         fitted = fit_with_difference(e, out / "preferences.jsonl", FitSettings(), ModelId.of(e), other_pools=["last"])
     assert fitted.pool == "mean" and set(fitted.differences) == {"mean", "last"}
     assert not np.allclose(fitted.differences["mean"][1], fitted.differences["last"][1])
+
+
+# --- layers:scan (align/layer_scan.py) -----------------------------------------------------------
+
+def test_a_layer_scan_finds_the_planted_layer(tiny_engine: Engine, tiny_model_path: Path) -> None:
+    """Every layer but the last gets a random direction (it makes nothing); the last gets the planted
+    one (it makes the model say " the"). The scan tries each at 4x and 8x the base strength on the
+    choose half and must pick the last layer; its record keeps each layer's best trial in brief."""
+    e = tiny_engine
+    planted = _planted(e, tiny_model_path, 1.0)
+    last = e.n_layer - 1
+    decoys = {L: ControlVector(random_like({L: planted.directions[last]}, seed=20 + L), model_hint=e.arch)
+              for L in range(1, last)}
+
+    def steering(layer: int, s: float) -> Steering:
+        return Steering.vector(planted if layer == last else decoys[layer], s)
+
+    seen: list[tuple[int, float]] = []
+    found = scan_layers(_bench(e), LayerScan(steering, list(range(1, e.n_layer))), 4.0,
+                        on_trial=lambda L, t: seen.append((L, t.strength)))
+    assert found.layer == last
+    assert seen == [(L, k * 4.0) for L in range(1, e.n_layer) for k in SCAN_FACTORS]  # one trial each, no search
+    rec = found.record()
+    assert rec["chosen"] == last and set(rec["layers"]) == {str(L) for L in range(1, e.n_layer)}
+    assert rec["layers"][str(last)]["combined"] > max(rec["layers"][str(L)]["combined"] for L in range(1, last))
+
+
+def test_steer_with_a_layer_scan_writes_the_layer_it_chose(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scan"
+    res = _steer(tiny_model_path, out, "--variants", "layers:scan")
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = res.stdout + res.stderr
+    assert "layer scan:" in said and "scan layer 2 x" in said
+    ways = json.loads((out / "report.json").read_text())["calibration"]["vector"]["placements"]
+    scan = ways["scan"]
+    layer = scan["chosen"]
+    assert set(scan["layers"]) == {str(L) for L in range(2, 4)}  # every layer but the default's own (1)
+    assert set(ways["tried"]) == {EVERY_TOKEN, f"every-token; layers:{layer}"}
+    cv = read_control_vector(out / "vector.gguf")
+    assert cv.layers == ([layer] if way_variant(ways["chosen"]) else [1])
+    assert cv.metadata.get(VARIANT_KEY, "") == way_variant(ways["chosen"])

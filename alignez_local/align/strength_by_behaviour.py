@@ -438,7 +438,8 @@ Way = tuple[Callable[[float], Steering], Callable[[float], Steering]]
 
 def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
                    on_trial: Callable[[str], Callable[[BehaviourTrial], None] | None] = lambda _name: None,
-                   seed: int = 0, default: str = EVERY_TOKEN, **search: Any) -> BehaviourCalibration:
+                   seed: int = 0, default: str = EVERY_TOKEN, searched: Mapping[str, list[BehaviourTrial]] | None = None,
+                   **search: Any) -> BehaviourCalibration:
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
     has the best combined score wins, an eligible one before any other (``way_rank``; the first
@@ -446,10 +447,13 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
     within one standard error (``way_lead``: the default is then kept, and the record says so under
     ``kept_default``), and only the winner is measured on
     ``bench.report``, so the reported figures were never used to choose the way either. ``placements`` records each way's best trial and the one chosen,
-    unless the one way searched is ``default`` (the file then reads as before: no record)."""
+    unless the one way searched is ``default`` (the file then reads as before: no record).
+    ``searched``: ways whose search was already run (their trials), not searched again."""
     if not ways:
         raise AlignezError("calibration needs at least one way to steer")
-    tried = {name: search_strength(bench, make, on_trial=on_trial(name), **search) for name, (make, _) in ways.items()}
+    done = searched or {}
+    tried = {name: list(done[name]) if name in done else search_strength(bench, make, on_trial=on_trial(name), **search)
+             for name, (make, _) in ways.items()}
 
     win, kept = choose_way(tried, default)
     record = None
@@ -506,6 +510,14 @@ def way_rank(trials: Sequence[BehaviourTrial]) -> tuple[bool, float]:
     return best.eligible, round(best.combined, 6)
 
 
+ScanHook = Callable[[float, Callable[[ControlVector], ControlVector], Notify],
+                    tuple[str, ControlVector, Mapping[int, np.ndarray] | None, dict[str, Any]]]
+"""``scan(default_strength, shape, on_status)`` -> (the variant's name, its vector, its clamp floor,
+the scan's record): one more variant found on the choose half once the default's strength is known,
+each layer's vector steered as ``shape`` places and forms it (the default way's placement and form;
+``steer --variants layers:scan``, align/layer_scan.py)."""
+
+
 def way_name(placement: str, form: str = ADD, variant: str = "") -> str:
     """Return the name a way to steer is recorded under: its placement, then its form unless ``add``,
     then the vector's variant unless it is the default vector."""
@@ -531,6 +543,7 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
                      forms: Sequence[str] = (ADD,),
                      plain_mean: Mapping[int, np.ndarray] | None = None,
                      variants: Mapping[str, tuple[ControlVector, Mapping[int, np.ndarray] | None]] | None = None,
+                     scan: "ScanHook | None" = None,
                      ) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
@@ -540,7 +553,10 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     ``placement`` is the one chosen. ``forms`` likewise (``control_vector.FORMS``; ``clamp`` needs
     ``plain_mean``, layer -> the plain answers' mean state): every placement is tried in every form.
     ``variants``: name -> (another fit of the vector, its plain mean), align/variants.py; each is tried
-    in every placement and form beside ``vector``, with a random null of its own per-layer norms. The profile's exact edit adds up to ``strength`` per unit
+    in every placement and form beside ``vector``, with a random null of its own per-layer norms.
+    ``scan``: given the default way's chosen strength (searched first), return one more variant
+    (``ScanHook``: a layer scan, align/layer_scan.py), searched like the others; its record goes
+    into the calibration's ``placements`` under ``scan``. The profile's exact edit adds up to ``strength`` per unit
     direction, so its grid is the vector's scaled by the vector's median per-layer norm: the two are
     then tried at comparable sizes."""
     unknown = [p for p in placements if p not in PLACEMENTS]
@@ -552,7 +568,8 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     def trial_line(what: str) -> Callable[[BehaviourTrial], None]:
         return lambda t: on_status(trial_status(what, t))
     ways: dict[str, Way] = {}
-    for name, (base, floor) in {"": (vector, plain_mean), **(variants or {})}.items():
+
+    def add_ways(name: str, base: ControlVector, floor: Mapping[int, np.ndarray] | None) -> None:
         noise = random_vector(base, seed + 1)
         for f in dict.fromkeys(forms):
             for p in dict.fromkeys(placements):
@@ -560,9 +577,25 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
                 v, n = base.placed(p).formed(f, floor), noise.placed(p).formed(f, floor)
                 ways[way_name(p, f, name)] = ((lambda s, v=v: Steering.vector(v, s)),
                                               (lambda s, n=n: Steering.vector(n, s, "random")))
+
+    for name, (base, floor) in {"": (vector, plain_mean), **(variants or {})}.items():
+        add_ways(name, base, floor)
+    search = {"strengths": strengths, "refine": refine, "start": start if refine else None}
+    searched: dict[str, list[BehaviourTrial]] = {}
+    scan_record: dict[str, Any] | None = None
+    if scan is not None:
+        # The scan's strengths are multiples of the default's, so the default (the first way listed:
+        # the first placement in the first form) is searched first, and the scan steers as it does.
+        first, p0, f0 = next(iter(ways)), placements[0], forms[0]
+        searched[first] = search_strength(bench, ways[first][0], on_trial=trial_line(f"vector ({first})"), **search)
+        name, base, floor, scan_record = scan(chosen(searched[first]).strength,
+                                              lambda cv: cv.placed(p0).formed(f0, plain_mean), on_status)
+        add_ways(name, base, floor)
     several = len(ways) > 1
     cal_v = calibrate_ways(bench, ways, on_trial=lambda p: trial_line(f"vector ({p})" if several else "vector"),
-                           seed=seed, strengths=strengths, refine=refine, start=start if refine else None)
+                           seed=seed, searched=searched, **search)
+    if scan_record is not None:
+        cal_v = dataclasses.replace(cal_v, placements={**cal_v.placements, "scan": scan_record})
     if several:
         tried = cal_v.placements["tried"]
         on_status("ways (choose half, best strength each): " + " | ".join(

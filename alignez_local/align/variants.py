@@ -7,6 +7,8 @@ A variant changes one thing about the difference-of-means vector and keeps the r
   best French vector measured (combined 0.86 against the mean's 0.76, relevance 0.78 against 0.72)
   and steered brief and capitals nowhere before the text broke (docs/results.md, French), so neither
   is right for every behaviour: the choose half picks per behaviour.
+- ``layers:scan``: one layer, the one a scan of the choose queries finds best alone
+  (align/layer_scan.py); the variant searched is then named by it (``layers:10``).
 - ``layers:SPEC`` (``layers:12``, ``layers:11-13``): steer only those layers instead of the middle
   third. One layer (12) kept more of the French answers than eight (relevance 0.88x against 0.72x
   unsteered's) at the same French rate. The directions are the fitted ones, unscaled: strength 1
@@ -27,6 +29,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.specs import parse_layer_list
 
 POOL_KINDS = ("last", "mean")
+SCAN = "scan"  # ``layers:scan``
 VARIANT_KEY = "alignez.variant"  # a variant's vector file names it (the default vector writes no such key)
 
 
@@ -38,8 +41,16 @@ class Variant:
     pool: str | None = None  # read the answers' states this way instead of the fit's pool
     layers: str | None = None  # steer these layers (a ``parse_layer_list`` spec) instead of the default set
 
+    @property
+    def scan(self) -> bool:
+        """``layers:scan``: the layer is found by a scan of the choose queries (align/layer_scan.py)."""
+        return self.layers == SCAN
+
     def layer_list(self, n_layer: int, default: Sequence[int]) -> list[int]:
-        """Return the layers this variant steers on a model of ``n_layer`` layers."""
+        """Return the layers this variant steers on a model of ``n_layer`` layers (a scan: every layer,
+        the ones it may choose from)."""
+        if self.scan:
+            return list(range(1, n_layer))
         return (parse_layer_list(self.layers, n_layer) or list(default)) if self.layers else list(default)
 
 
@@ -49,10 +60,10 @@ def parse_variant(text: str) -> Variant:
     kind, value = kind.strip(), value.strip()
     if kind == "pool" and value in POOL_KINDS:
         return Variant(f"pool:{value}", pool=value)
-    if kind == "layers" and value and all(c.isdigit() or c in ",-" for c in value):
+    if kind == "layers" and (value == SCAN or value and all(c.isdigit() or c in ",-" for c in value)):
         return Variant(f"layers:{value}", layers=value)
-    raise AlignezError(f"--variants: unknown variant {text.strip()!r}; use pool:last, pool:mean or layers:A-B "
-                       "(e.g. layers:12 or layers:11-13), comma-separated")
+    raise AlignezError(f"--variants: unknown variant {text.strip()!r}; use pool:last, pool:mean, layers:A-B "
+                       "(e.g. layers:12 or layers:11-13) or layers:scan, comma-separated")
 
 
 def parse_variants(text: str | Sequence[str | Variant] | None) -> tuple[Variant, ...]:
@@ -78,8 +89,11 @@ def parse_variants(text: str | Sequence[str | Variant] | None) -> tuple[Variant,
 
 
 def check_variants(variants: Sequence[Variant], pool: str, default_layers: Sequence[int], n_layer: int) -> None:
-    """Refuse a variant that is the default vector itself (it would be searched twice) or names bad layers."""
+    """Refuse a variant that is the default vector itself (it would be searched twice) or names bad
+    layers (a scan's layer is checked when it is found)."""
     for v in variants:
+        if v.scan:
+            continue
         same_pool = v.pool is None or v.pool == pool
         if same_pool and v.layer_list(n_layer, default_layers) == list(default_layers):
             raise AlignezError(f"--variants: {v.name} is the default vector itself (pool {pool}, layers "

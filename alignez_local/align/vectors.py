@@ -220,7 +220,7 @@ def variant_vectors(engine: Engine, variants: Sequence[Variant], fitted: PairFit
     same way (a clamp's floor), by the variant's name; the vector's metadata names the variant."""
     check_variants(variants, fitted.pool, default_layers, engine.n_layer)
     out: dict[str, tuple[ControlVector, dict[int, np.ndarray]]] = {}
-    for v in variants:
+    for v in (v for v in variants if not v.scan):  # a scan's vector is made once its layer is found
         pool = v.pool or fitted.pool
         cv = mean_diff_vector(engine, fitted.differences[pool], v.layer_list(engine.n_layer, default_layers), profile, name)
         out[v.name] = (dataclasses.replace(cv, metadata={**cv.metadata, VARIANT_KEY: v.name}),

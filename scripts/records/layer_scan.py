@@ -1,12 +1,13 @@
 """Issue 31, part 1, one candidate: which layers to steer, read from the behaviour itself. Each layer
 alone gets the pairs' difference of means at that layer, at a few strengths that put the same total
 push into that one layer as the shipped file puts into its eight (x K times the file's strength,
-K = 2, 4, 8: the shipped eight-layer French vector's push per layer is about an eighth of that), and
+K = 4, 8 by default; K = 2 showed no behaviour at any layer for French or capitals), placed as the
+shipped file is (every token, or the answer's tokens only), and
 each is tried on steer's choose half (8 queries) as one trial of steer's own search (the same
 scorer, break rule, loop and unanswered rules). The report half is not touched: a layer set found
 here is then measured by `alignez steer --variants layers:...`, which chooses and reports as always.
 
-    .venv/bin/python scripts/records/layer_scan.py --trait capitals [--k 2,4,8] [--layers 1-23] [--threads 1]
+    .venv/bin/python scripts/records/layer_scan.py --trait capitals [--k 4,8] [--layers 1-23] [--threads 1]
 
 Prints one line per trial and a table per layer (its best eligible trial); writes
 results/layer-scan-TRAIT.json. A research record (not API, not tested).
@@ -20,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from alignez_local.align.axes import BUILTIN_AXES
+from alignez_local.align.axes import stored_axis
 from alignez_local.align.preferences import load_pairs
 from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import chosen, search_strength, trial_status
@@ -39,14 +40,16 @@ MODEL = "qwen2.5-coder-0.5b-instruct"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trait", required=True, choices=("french", "spanish", "brief", "capitals"))
-    ap.add_argument("--k", default="2,4,8", help="strengths per layer, as multiples of the shipped file's strength")
+    ap.add_argument("--k", default="4,8", help="strengths per layer, as multiples of the shipped file's strength")
     ap.add_argument("--layers", default=None, help="layers to scan [1 to the last]")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    axis = BUILTIN_AXES[args.trait]
     vec_path = ROOT / f"vectors/{MODEL}/{args.trait}.gguf"
     pairs_path = ROOT / f"vectors/{MODEL}/{args.trait}.preferences.jsonl"
     shipped = read_control_vector(vec_path)
+    m = shipped.metadata  # the axis as the file records it (Spanish is a custom axis, not a built-in)
+    axis = stored_axis(str(m["alignez.axis"]), str(m.get("alignez.axis.positive", "")),
+                       str(m.get("alignez.axis.negative", "")), m.get("alignez.axis.measure"))
     s0 = shipped.default_strength_or_one
     ks = [float(k) for k in args.k.split(",")]
     used = list(dict.fromkeys(p.query for p in load_pairs(pairs_path)))
@@ -61,11 +64,12 @@ def main() -> None:
         # The fit must be the shipped file's: same pairs, same filter, same directions on its layers.
         mid = mean_diff_vector(engine, fitted.difference, shipped.layers, fitted.profile, axis.name)
         drift = max(float(abs(mid.directions[L] - shipped.directions[L]).max()) for L in shipped.layers)
-        print(f"{args.trait}: shipped x{s0:g} on layers {shipped.layers[0]}-{shipped.layers[-1]}; re-fit max |diff| {drift:.2e}",
+        print(f"{args.trait}: shipped x{s0:g} ({shipped.placement}) on layers {shipped.layers[0]}-{shipped.layers[-1]}; re-fit max |diff| {drift:.2e}",
               flush=True)
         rows: dict[int, list] = {}
         for n, L in enumerate(layers):
-            one = mean_diff_vector(engine, fitted.difference, [L], fitted.profile, axis.name)
+            # placed as the shipped file is (brief: the answer's tokens only)
+            one = mean_diff_vector(engine, fitted.difference, [L], fitted.profile, axis.name).placed(shipped.placement)
             trials = []
             for k in ks:
                 trials += search_strength(bench, lambda s, v=one: Steering.vector(v, s), strengths=[k * s0], refine=False,
