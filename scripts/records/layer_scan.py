@@ -24,7 +24,8 @@ from pathlib import Path
 from alignez_local.align.axes import stored_axis
 from alignez_local.align.preferences import load_pairs
 from alignez_local.align.steering import Steering
-from alignez_local.align.strength_by_behaviour import chosen, search_strength, trial_status
+from alignez_local.align.layer_scan import LayerScan, scan_layers
+from alignez_local.align.strength_by_behaviour import chosen, trial_status
 from alignez_local.align.vectors import FitSettings, fit_with_difference, mean_diff_vector
 from alignez_local.evaluation.behaviour_eval import behaviour_judge
 from alignez_local.formats.control_vector import read_control_vector
@@ -66,17 +67,21 @@ def main() -> None:
         drift = max(float(abs(mid.directions[L] - shipped.directions[L]).max()) for L in shipped.layers)
         print(f"{args.trait}: shipped x{s0:g} ({shipped.placement}) on layers {shipped.layers[0]}-{shipped.layers[-1]}; re-fit max |diff| {drift:.2e}",
               flush=True)
-        rows: dict[int, list] = {}
-        for n, L in enumerate(layers):
-            # placed as the shipped file is (brief: the answer's tokens only)
-            one = mean_diff_vector(engine, fitted.difference, [L], fitted.profile, axis.name).placed(shipped.placement)
-            trials = []
-            for k in ks:
-                trials += search_strength(bench, lambda s, v=one: Steering.vector(v, s), strengths=[k * s0], refine=False,
-                                          on_trial=lambda t, L=L: print(trial_status(f"layer {L}", t), flush=True))
-            rows[L] = trials
-            left = (time.time() - t0) / (n + 1) * (len(layers) - n - 1)
-            print(f"  [{n + 1}/{len(layers)} layers, about {left / 60:.0f} min left]", flush=True)
+        # placed as the shipped file is (brief: the answer's tokens only); steer's own scan (align/layer_scan.py)
+        ones = {L: mean_diff_vector(engine, fitted.difference, [L], fitted.profile, axis.name).placed(shipped.placement)
+                for L in layers}
+        done: list[int] = []
+
+        def line(layer: int, t) -> None:
+            print(trial_status(f"layer {layer}", t), flush=True)
+            done.append(layer)
+            if len(done) % len(ks) == 0:
+                n = len(done) // len(ks)
+                print(f"  [{n}/{len(layers)} layers, about {(time.time() - t0) / n * (len(layers) - n) / 60:.0f} min left]",
+                      flush=True)
+
+        found = scan_layers(bench, LayerScan(lambda L, s: Steering.vector(ones[L], s), layers, ks), s0, on_trial=line)
+        rows = found.trials
         prompting, unsteered = bench.fixed("prompting", "choose").summary(), bench.fixed("unsteered", "choose").summary()
     print(f"\n{args.trait}, choose half ({len(bench.choose)} queries); unsteered behaviour "
           f"{100 * unsteered['behaviour_rate']['mean']:.0f}%, prompting {100 * prompting['behaviour_rate']['mean']:.0f}%")
