@@ -443,9 +443,9 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
     """Return the calibration of the best of several ways to steer: each way's strength is searched
     on ``bench.choose`` (``search_strength``, with ``search``'s settings), the way whose chosen trial
     has the best combined score wins, an eligible one before any other (``way_rank``; the first
-    listed on a tie: list the way llama.cpp can apply first), unless its lead over ``default``'s is
-    within one standard error (``way_lead``: the default is then kept, and the record says so under
-    ``kept_default``), and only the winner is measured on
+    listed on a tie: list the way llama.cpp can apply first), unless its lead over the first listed
+    way's is within one standard error (``way_lead``: the first is then kept, and the record says so
+    under ``kept_default``), and only the winner is measured on
     ``bench.report``, so the reported figures were never used to choose the way either. ``placements`` records each way's best trial and the one chosen,
     unless the one way searched is ``default`` (the file then reads as before: no record).
     ``searched``: ways whose search was already run (their trials), not searched again."""
@@ -455,7 +455,7 @@ def calibrate_ways(bench: BehaviourBench, ways: Mapping[str, Way], *,
     tried = {name: list(done[name]) if name in done else search_strength(bench, make, on_trial=on_trial(name), **search)
              for name, (make, _) in ways.items()}
 
-    win, kept = choose_way(tried, default)
+    win, kept = choose_way(tried, next(iter(ways)))  # the first listed is the one to beat (the default way)
     record = None
     if list(ways) != [default]:  # one way other than the default must still say which it was
         record = {"chosen": win, "tried": {name: {k: v for k, v in chosen(trials).record().items() if k != "answers"}
@@ -543,7 +543,7 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
                      forms: Sequence[str] = (ADD,),
                      plain_mean: Mapping[int, np.ndarray] | None = None,
                      variants: Mapping[str, tuple[ControlVector, Mapping[int, np.ndarray] | None]] | None = None,
-                     scan: "ScanHook | None" = None,
+                     scan: ScanHook | None = None,
                      ) -> dict[str, BehaviourCalibration]:
     """Return the behaviour calibrations of ``vector`` and ``profile`` on ``bench`` (each against a
     random direction of its own kind and size; the unsteered and prompting answers are shared).
