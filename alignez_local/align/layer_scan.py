@@ -13,7 +13,10 @@ Measured on Qwen2.5-Coder-0.5B with the shipped pairs (docs/results.md, "Which l
 scan of the choose half picked held on the report half, where the eight layers' vector had lost the
 answer: French layer 10, combined 0.78 against the shipped file's 0.69, the judge reading 15 of 16
 answers as addressing the request (prompting 15, the shipped file 11); capitals layer 3, relevance
-0.81 against 0.56 at the same 88% in capitals. ``SCAN_FACTORS``: at twice the default's strength no
+0.81 against 0.56 at the same 88% in capitals. On brief and Spanish it did not: the picked layer was
+level with the shipped file on the report half (Spanish 0.74 against 0.75) or better by the
+likelihood reading and worse by the judge (brief: 11 of 16 relevant against 13), so the scan is a
+variant searched on request, not a default. ``SCAN_FACTORS``: at twice the default's strength no
 layer alone showed French or capitals; four and eight times did, layer by layer.
 
 ``scan_layers`` is numbers in, numbers out (the bench and the steering are the caller's);
