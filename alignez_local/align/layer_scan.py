@@ -25,6 +25,7 @@ layer alone showed French or capitals; four and eight times did, layer by layer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,8 +107,15 @@ def scan_hook(engine: Engine, bench: BehaviourBench, fitted: PairFit, default_la
 
         on_status(f"layer scan: {len(layers)} layers alone at x{' and x'.join(f'{k:g}' for k in SCAN_FACTORS)} "
                   f"the default's strength ({strength:g}), on the choose queries")
-        found = scan_layers(bench, LayerScan(steering, layers), strength,
-                            on_trial=lambda layer, t: on_status(trial_status(f"scan layer {layer}", t)))
+        total, started, done = len(layers) * len(SCAN_FACTORS), time.monotonic(), [0]
+
+        def line(layer: int, t: BehaviourTrial) -> None:
+            # Each trial is about as long as the next (8 answers), so the mean so far gives the ETA.
+            done[0] += 1
+            left = (time.monotonic() - started) / done[0] * (total - done[0])
+            on_status(f"{trial_status(f'scan layer {layer}', t)} [{done[0]}/{total}, ETA {left / 60:.0f} min]")
+
+        found = scan_layers(bench, LayerScan(steering, layers), strength, on_trial=line)
         best = chosen(found.trials[found.layer])
         on_status(f"layer scan: layer {found.layer} is the best alone (x{best.strength:g}, combined {best.combined:.2f}); "
                   "searched beside the default")
