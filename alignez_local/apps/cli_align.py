@@ -388,7 +388,7 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
 @click.option("--variants", default=None, metavar="V1,V2",
               help="Other fits of the vector from the same pairs, searched beside it: pool:last or pool:mean (where "
                    "each answer's state is read), layers:A-B (steer only those layers), layers:scan (each layer "
-                   "alone on the choose queries, the best one searched: about 46 more trials, 16 min on Qwen 0.5B "
+                   "alone on the choose queries, the best one searched: about 46 more trials, 20-25 min on Qwen 0.5B "
                    "with one thread). The held-out choose queries decide; each adds a strength search (pool: also a "
                    "capture).")
 @click.option("--keep-work", is_flag=True,
