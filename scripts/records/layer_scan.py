@@ -7,7 +7,8 @@ each is tried on steer's choose half (8 queries) as one trial of steer's own sea
 scorer, break rule, loop and unanswered rules). The report half is not touched: a layer set found
 here is then measured by `alignez steer --variants layers:...`, which chooses and reports as always.
 
-    .venv/bin/python scripts/records/layer_scan.py --trait capitals [--k 4,8] [--layers 1-23] [--threads 1]
+    .venv/bin/python scripts/records/layer_scan.py --trait french [--k 4,8] [--layers 1-23] [--threads 1]
+    .venv/bin/python scripts/records/layer_scan.py --trait capitals --k 2,4,8 --base 1.4142   # as recorded
 
 Prints one line per trial and a table per layer (its best eligible trial); writes
 results/layer-scan-TRAIT.json. A research record (not API, not tested).
@@ -18,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from alignez_local.align.axes import stored_axis
 from alignez_local.align.preferences import load_pairs
 from alignez_local.align.steering import Steering
 from alignez_local.align.layer_scan import LayerScan, scan_layers
 from alignez_local.align.strength_by_behaviour import chosen, trial_status
 from alignez_local.align.vectors import FitSettings, fit_with_difference, mean_diff_vector
-from alignez_local.evaluation.behaviour_eval import behaviour_judge
+from alignez_local.evaluation.behaviour_eval import axis_of, behaviour_judge
 from alignez_local.formats.control_vector import read_control_vector
 from alignez_local.models import ModelId, resolve_model
 from alignez_local.pipeline import behaviour_bench
@@ -43,15 +42,17 @@ def main() -> None:
     ap.add_argument("--trait", required=True, choices=("french", "spanish", "brief", "capitals"))
     ap.add_argument("--k", default="4,8", help="strengths per layer, as multiples of the shipped file's strength")
     ap.add_argument("--layers", default=None, help="layers to scan [1 to the last]")
+    ap.add_argument("--base", type=float, default=None,
+                    help="the strength K multiplies [the shipped file's; capitals' recorded scan: 1.4142, the "
+                         "eight-layer file's, since the shipped file is now the layer-3 one at x11.3137]")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     vec_path = ROOT / f"vectors/{MODEL}/{args.trait}.gguf"
     pairs_path = ROOT / f"vectors/{MODEL}/{args.trait}.preferences.jsonl"
     shipped = read_control_vector(vec_path)
-    m = shipped.metadata  # the axis as the file records it (Spanish is a custom axis, not a built-in)
-    axis = stored_axis(str(m["alignez.axis"]), str(m.get("alignez.axis.positive", "")),
-                       str(m.get("alignez.axis.negative", "")), m.get("alignez.axis.measure"))
-    s0 = shipped.default_strength_or_one
+    axis = axis_of(Steering.vector(shipped, 1.0))  # as the file records it (Spanish is a custom axis, not a built-in)
+    assert axis is not None, f"{vec_path} names no axis"
+    s0 = args.base or shipped.default_strength_or_one
     ks = [float(k) for k in args.k.split(",")]
     used = list(dict.fromkeys(p.query for p in load_pairs(pairs_path)))
     engine = open_engine(resolve_model(MODEL), RuntimeSettings(threads=args.threads))
@@ -65,7 +66,7 @@ def main() -> None:
         # The fit must be the shipped file's: same pairs, same filter, same directions on its layers.
         mid = mean_diff_vector(engine, fitted.difference, shipped.layers, fitted.profile, axis.name)
         drift = max(float(abs(mid.directions[L] - shipped.directions[L]).max()) for L in shipped.layers)
-        print(f"{args.trait}: shipped x{s0:g} ({shipped.placement}) on layers {shipped.layers[0]}-{shipped.layers[-1]}; re-fit max |diff| {drift:.2e}",
+        print(f"{args.trait}: K x {s0:g}; shipped x{shipped.default_strength_or_one:g} ({shipped.placement}) on layers {shipped.layers[0]}-{shipped.layers[-1]}; re-fit max |diff| {drift:.2e}",
               flush=True)
         # placed as the shipped file is (brief: the answer's tokens only); steer's own scan (align/layer_scan.py)
         ones = {L: mean_diff_vector(engine, fitted.difference, [L], fitted.profile, axis.name).placed(shipped.placement)
@@ -96,7 +97,7 @@ def main() -> None:
     dest = ROOT / f"scripts/records/results/layer-scan-{args.trait}.json"
     dest.write_text(json.dumps({"trait": args.trait, "model": MODEL, "shipped_strength": s0, "k": ks,
                                 "seconds": round(time.time() - t0), "unsteered": unsteered, "prompting": prompting,
-                                "layers": {str(L): [asdict(t) for t in trials] for L, trials in rows.items()}},
+                                "layers": {str(L): [t.record() for t in trials] for L, trials in rows.items()}},
                                indent=1, default=str))
     print(f"wrote {dest}")
 
