@@ -412,7 +412,7 @@ def _calibrated_vector(engine: Engine, axis: PreferenceAxis, model: ModelId, kin
     # answers that are not refusals still fluent. No perplexity band: stock refusals are the model's
     # most predictable text, and the old band stopped the search at x1 for that (docs/results.md §8).
     risky_out, benign_out = list(fitted.heldout_risky), list(fitted.heldout_benign)
-    work.load_calibration()
+    work.load_calibration(cv)
     bars = StageBars("calibration, ")  # a line per stage: the unsteered answers, then each strength's
     try:
         cal = calibrate_refusals(engine, lambda s: Steering.vector(cv, s),

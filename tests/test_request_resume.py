@@ -235,6 +235,26 @@ def test_a_finished_run_run_again_reuses_all_its_work(engine: Engine, queries: P
     assert (out / "vector.gguf").read_bytes() == (uninterrupted / "vector.gguf").read_bytes()
 
 
+def test_a_calibration_saved_for_another_vector_is_made_again_not_reused(engine: Engine, queries: Path, tmp_path: Path,
+                                                                           uninterrupted: Path) -> None:
+    # The saved trials of a vector that the code now fits differently (here: the lines' fingerprint
+    # changed, as a changed fit would change it) must not be taken because their strengths match.
+    out = tmp_path / "other-vector"
+    shutil.copytree(uninterrupted / WORK_FOLDER, out / WORK_FOLDER)
+    cal = out / WORK_FOLDER / "calibration.jsonl"
+    lines = [json.loads(line) for line in cal.read_text().splitlines()]
+    assert lines and all(len(r["vector"]) == 64 for r in lines)
+    cal.write_text("".join(json.dumps({**r, "vector": "0" * 64}) + "\n" for r in lines))
+    answers = Tripwire(engine, "generate")
+    steer(engine, out, queries)
+    whole = json.loads((uninterrupted / "report.json").read_text())
+    # the unsteered answers and every trial decoded again (one decode per trial: the gate opens on a risky request)
+    assert len(answers.calls) >= 1 + len(whole["calibration"]["trials"])
+    assert (out / "vector.gguf").read_bytes() == (uninterrupted / "vector.gguf").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    assert "calibrate" not in report["reused"] and report["calibration"] == whole["calibration"]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -13,7 +13,10 @@ its finished parts in OUT/request-work/ as it goes:
   step, so a re-run keeps the same chunk boundaries: greedy answers are the same bits only in
   the same batches). Appended and fsynced; a half-written last line is dropped on reading.
 - ``calibration.jsonl``: the unsteered answers to the held-out prompts and the prompts the gate
-  opens on, then one line per finished strength trial (``calibrate_refusals``'s ``memo``).
+  opens on, then one line per finished strength trial (``calibrate_refusals``'s ``memo``). Each
+  line carries the fingerprint of the vector and gates it was made with (``vector_key``): a line
+  of another vector (the code that fits it changed since) is passed over and made again, never
+  reused because its strength matches.
 
 Every part is a pure function of the manifest's inputs (states read alone and greedy answers are
 deterministic), so a resumed run writes the same vector bytes as an uninterrupted one. A finished
@@ -36,6 +39,8 @@ import numpy as np
 
 from alignez_local.align.strength_by_refusals import RefusalTrial
 from alignez_local.errors import AlignezError
+from alignez_local.formats.control_vector import ControlVector
+from alignez_local.formats.gate import Gate, Gates
 from alignez_local.fileio import JsonlAppender, atomic_write, read_jsonl, write_json
 
 WORK_FOLDER = "request-work"
@@ -43,6 +48,22 @@ FORMAT = "alignez-request-work/1"
 # A chunk of states is saved every 32 requests: at most about a minute of reading lost to a
 # Ctrl-C on Qwen 1.5B (one thread), and 38 files for the built-in 1,201 requests.
 STATE_CHUNK = 32
+
+
+def vector_key(cv: ControlVector) -> str:
+    """Return the SHA-256 of what a refusal trial depends on besides the prompts: the vector's
+    directions and its gates (layers, directions, thresholds, comparisons, rule)."""
+    h = hashlib.sha256()
+    for layer in cv.layers:
+        h.update(f"v{layer}:".encode())
+        h.update(np.ascontiguousarray(cv.directions[layer], dtype=np.float32).tobytes())
+    gates = Gates((cv.gate,)) if isinstance(cv.gate, Gate) else cv.gate
+    if gates is not None:
+        h.update(f"rule:{gates.rule}".encode())
+        for g in gates.gates:
+            h.update(f"g{g.layer}{g.comparison}{g.threshold!r}:".encode())
+            h.update(np.ascontiguousarray(g.direction, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def queries_sha256(kinds: Mapping[str, Sequence[str]]) -> str:
@@ -64,6 +85,7 @@ class RequestWork:
         self.n_labels = 0
         self.unsteered_kept = False
         self.n_trials = 0
+        self.key = ""  # the vector_key of the vector being calibrated (load_calibration)
         self.reused: dict[str, dict[str, int]] = {}  # stage -> {"reused": n, "of": total}, filled as stages load
         self._bulk: tuple[list[Path], int] = ([], 0)  # what a finished run removes, and its bytes (plan_removal)
 
@@ -175,10 +197,14 @@ class RequestWork:
         return self.folder / "calibration.jsonl"
 
     def _calibration(self) -> list[dict[str, Any]]:
-        return read_jsonl(self._calibration_path) if self._calibration_path.exists() else []
+        """Return the saved calibration lines of the vector being calibrated (``load_calibration``'s)."""
+        recs = read_jsonl(self._calibration_path) if self._calibration_path.exists() else []
+        return [r for r in recs if r.get("vector") == self.key]
 
-    def load_calibration(self) -> None:
-        """Count the saved calibration work for the report and the Ctrl-C line."""
+    def load_calibration(self, cv: ControlVector) -> None:
+        """Take the saved calibration work of ``cv`` (lines of any other vector are passed over)
+        and count it for the report and the Ctrl-C line."""
+        self.key = vector_key(cv)
         recs = self._calibration()
         self.unsteered_kept = any("unsteered" in r for r in recs)
         self.n_trials = sum("trial" in r for r in recs)
@@ -193,7 +219,7 @@ class RequestWork:
 
     def save_unsteered(self, answers: Sequence[str], opened: Sequence[int]) -> None:
         with JsonlAppender(self._calibration_path) as log:
-            log.append({"unsteered": list(answers), "opened": [int(i) for i in opened]})
+            log.append({"vector": self.key, "unsteered": list(answers), "opened": [int(i) for i in opened]})
         self.unsteered_kept = True
 
     def trial(self, strength: float) -> RefusalTrial | None:
@@ -205,7 +231,7 @@ class RequestWork:
 
     def save_trial(self, trial: RefusalTrial) -> None:
         with JsonlAppender(self._calibration_path) as log:
-            log.append({"trial": asdict(trial)})  # JSON floats round-trip exactly (repr)
+            log.append({"vector": self.key, "trial": asdict(trial)})  # JSON floats round-trip exactly (repr)
         self.n_trials += 1
 
     # --- what is kept ------------------------------------------------------------------------------
