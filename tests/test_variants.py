@@ -4,6 +4,7 @@ pairs, searched beside the default vector on the choose half; the file holds the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +153,7 @@ def test_steer_with_a_layer_scan_writes_the_layer_it_chose(tiny_model_path: Path
     cv = read_control_vector(out / "vector.gguf")
     assert cv.layers == ([layer] if way_variant(ways["chosen"]) else [1])
     assert cv.metadata.get(VARIANT_KEY, "") == way_variant(ways["chosen"])
+    # The chosen layer's search starts at the grid strength (1, 8) just below the scan's best trial.
+    found = scan["layers"][str(layer)]["strength"]
+    first = re.search(rf"vector \(every-token; layers:{layer}\) x([0-9.]+)", said)
+    assert first and float(first.group(1)) == max([g for g in (1.0, 8.0) if g <= found], default=1.0)

@@ -591,6 +591,15 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
         name, base, floor, scan_record = scan(chosen(searched[first]).strength,
                                               lambda cv: cv.placed(p0).formed(f0, plain_mean), on_status)
         add_ways(name, base, floor)
+        # The scan has already found where the layer works: its search starts at the grid strength
+        # just below the scan's best instead of the bottom of the grid (on French the three weakest
+        # strengths of layer 10 alone showed no French at all: three trials of the 8 answers saved).
+        found = scan_record["layers"][str(scan_record["chosen"])]["strength"]
+        below = [g for g in strengths if g <= found]
+        if refine and below:
+            scanned = way_name(p0, f0, name)
+            searched[scanned] = search_strength(bench, ways[scanned][0], on_trial=trial_line(f"vector ({scanned})"),
+                                                **{**search, "start": max(below)})
     several = len(ways) > 1
     cal_v = calibrate_ways(bench, ways, on_trial=lambda p: trial_line(f"vector ({p})" if several else "vector"),
                            seed=seed, searched=searched, **search)
