@@ -90,9 +90,12 @@ def resolve_axis(axis: str | PreferenceAxis = DEFAULT_AXIS, positive: str | None
         raise AlignezError(f"{' and '.join(given)} each name a behaviour; give one of them")
     named = None if axis == DEFAULT_AXIS else axis
     if concept is not None or style is not None:
-        if measure is not None:
-            raise AlignezError("a --concept or --style is measured by its --keywords (or the judge), not --measure")
-        return topic_axis(concept, keywords, named) if concept is not None else style_axis(str(style), keywords, named)
+        if measure is not None and (concept is not None or keywords is not None):
+            raise AlignezError("a --concept is measured by its --keywords, a --style by its --keywords or a --measure "
+                               "(e.g. --style emoji --measure emoji); give one of them")
+        if concept is not None:
+            return topic_axis(concept, keywords, named)
+        return style_axis(str(style), keywords, named, measure=measure)
     if keywords is not None:
         raise AlignezError("--keywords is for --concept or --style; a custom axis takes --measure mentions:WORD,...")
     if positive is not None or negative is not None:

@@ -118,5 +118,13 @@ def test_resolve_axis_takes_one_behaviour() -> None:
         resolve_axis(concept="cats", positive="")  # an empty persona is still a second behaviour given
     with pytest.raises(AlignezError, match="--keywords is for --concept"):
         resolve_axis("french", keywords="oui")
-    with pytest.raises(AlignezError, match="not --measure"):
+    with pytest.raises(AlignezError, match="a --concept is measured by its --keywords"):
         resolve_axis(concept="cats", measure="capitals")
+    # A style may name a measure instead of keywords (emoji are no words), not both.
+    emoji = resolve_axis(style="emoji", measure="emoji")
+    assert (emoji.name, emoji.kind, emoji.measure_key) == ("style-emoji", "style", "emoji")
+    assert stored_axis(emoji.name, emoji.positive, emoji.negative, emoji.measure_key) == emoji
+    with pytest.raises(AlignezError, match="give one of them"):
+        resolve_axis(style="emoji", measure="emoji", keywords="smile")
+    with pytest.raises(AlignezError, match="unknown behaviour measure 'emojis'"):
+        resolve_axis(style="emoji", measure="emojis")

@@ -51,6 +51,9 @@ def test_checkers_count_what_their_label_says() -> None:
     assert _score("capitals", "THIS IS LOUD, OK?", "This is not.") == [1.0, 0.0]
     assert _score("refusal", "I'm sorry, but I can't help with that.", "Sure, here is how.") == [1.0, 0.0]
     assert _score("markers:enthusiastic", "Wow! Amazing! I love it!", "It is fine.") == [1.0, 0.0]
+    # Emoji: pictographs, flags and dingbats count; accented letters, CJK, the degree sign and arrows do not.
+    assert _score("emoji", "Boil it for 9 minutes 🥚🔥", "Great job ✅", "🇫🇷 Bonjour", "☀ sunny",
+                  "Heat to 100°C → done", "Café, naïve, 東京, déjà vu", "") == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_every_axis_has_a_measure_and_the_traits_have_checkers() -> None:

@@ -145,7 +145,8 @@ def test_an_empty_persona_is_named_as_empty(empty: str, files: dict[str, Path]) 
 @pytest.mark.parametrize("args,needle", [
     (["--concept", "the ocean", "--positive", "a", "--negative", "b"], "give one of them"),
     (["--concept", "the ocean", "--keywords", " , "], "comma-separated"),
-    (["--concept", "the ocean", "--measure", "capitals"], "not --measure"),
+    (["--concept", "the ocean", "--measure", "capitals"], "a --concept is measured by its --keywords"),
+    (["--style", "emoji", "--measure", "emojis"], "unknown behaviour measure 'emojis'"),
     (["--axis", "french", "--keywords", "oui"], "--keywords is for --concept"),
     (["--axis", "french", "--recipe", "texts"], "give --concept or --style"),
 ])

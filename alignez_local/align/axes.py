@@ -192,7 +192,8 @@ def stored_axis(name: str, positive: str, negative: str, measure: str | None = N
     if name.startswith("topic-") and positive and keywords:
         return topic_axis(positive, keywords, name)
     if name.startswith("style-") and positive:
-        return style_axis(positive, keywords, name)
+        # a style read by the judge stores "judge": the axis says so with no measure, as when made
+        return style_axis(positive, keywords, name, measure=None if keywords or measure in (None, "", "judge") else measure)
     if positive and negative:
         return custom_axis(positive, negative, measure=measure or None)
     return None
@@ -216,13 +217,18 @@ def topic_axis(concept: str, keywords: str | None = None, name: str | None = Non
                           positive_guide=guide, measure=f"mentions:{','.join(words)}", kind="topic")
 
 
-def style_axis(style: str, keywords: str | None = None, name: str | None = None) -> PreferenceAxis:
+def style_axis(style: str, keywords: str | None = None, name: str | None = None,
+               measure: str | None = None) -> PreferenceAxis:
     """Return the axis of a style the model writes when asked ("Shakespearean English"), measured by
-    its marker words when ``keywords`` are given ("thee,thou,thy,doth"), else by the judge (the style
-    rather than plain). Its pairs come from the ``texts`` recipe (a short text in the style against
-    the same kind of text written plainly)."""
+    its marker words when ``keywords`` are given ("thee,thou,thy,doth"), by ``measure`` when given
+    (a measure key: ``emoji``), else by the judge (the style rather than plain). Its pairs come from
+    the ``texts`` recipe (a short text in the style against the same kind of text written plainly)."""
     manner = _check_persona(style, "--style")
-    measure = f"mentions:{','.join(mention_words(keywords))}" if keywords else ""
+    if keywords and measure:
+        raise AlignezError("a style is read by its --keywords or by a --measure, not both")
+    if measure:
+        measure_for(measure, manner)  # an unknown key fails here, before any work
+    measure = f"mentions:{','.join(mention_words(keywords))}" if keywords else (measure or "")
     return PreferenceAxis(name=_axis_name(name, "style", manner), positive=manner, negative=STYLE_NEGATIVE,
                           positive_guide=f"You always write in {manner}, in every answer, from the first word to the last.",
                           measure=measure, kind="style")

@@ -55,16 +55,17 @@ axis_options = grouped(
     ("positive", click.option("--positive", default=None, help="Positive persona of a custom axis, e.g. 'pirate-like'.")),
     ("negative", click.option("--negative", default=None, help="Negative persona of a custom axis (with --positive).")),
     ("measure", click.option("--measure", default=None, metavar="KEY",
-                             help="How a custom axis's behaviour is scored: " + measure_keys_help() + ". [a language "
-                                  "persona such as 'Spanish': language:CODE; anything else: judge]")),
+                             help="How a custom axis's (or a --style's) behaviour is scored: " + measure_keys_help() + ". [a "
+                                  "language persona such as 'Spanish': language:CODE; anything else: judge]")),
     ("concept", click.option("--concept", default=None, metavar="SUBJECT",
                              help="A topic to bring into every answer, e.g. 'the ocean' (what a prompt often cannot "
                                   "get): fitted from short texts the model writes about it (--recipe texts).")),
     ("style", click.option("--style", default=None, metavar="STYLE",
-                           help="A style to hold in every answer, e.g. 'Shakespearean English' (--recipe texts).")),
+                           help="A style to hold in every answer, e.g. 'Shakespearean English', or emoji with --measure "
+                                "emoji (--recipe texts).")),
     ("keywords", click.option("--keywords", default=None, metavar="W1,W2,...",
                               help="Words that show a --concept or --style in an answer (whole words, plurals "
-                                   "count) [the concept's own words; a style without them: the judge].")),
+                                   "count) [the concept's own words; a style without them or --measure: the judge].")),
 )
 """--axis, --positive, --negative, --measure, --concept, --style, --keywords -> ``axis: PreferenceAxis``."""
 

@@ -160,6 +160,24 @@ def mention_words(text: str) -> tuple[str, ...]:
     return words
 
 
+EMOJI = re.compile("[\U0001F300-\U0001FAFF\U0001F1E6-\U0001F1FF\u2600-\u27BF\u2B50\u2B55]")
+"""Pictographic emoji: the pictograph, emoticon, transport and supplemental blocks, flags' regional
+indicators, the miscellaneous symbols and dingbats (sun, check mark) and the star and circle. Not
+letters of any script, not the degree sign or arrows of plain text."""
+
+
+@dataclass(frozen=True)
+class EmojiMeasure(Measure):
+    """1 when the answer uses at least ``min_hits`` emoji (``EMOJI``): a style Qwen 0.5B does not take
+    from a system prompt (0 of 6 answers told "You always use lots of emoji") but writes when a
+    request asks for it, so it can be fitted from texts (the ``texts`` recipe, ``--style emoji``)."""
+
+    min_hits: int = 1
+
+    def scores(self, questions: Sequence[str], answers: Sequence[str], judge: YesNoJudge | None) -> np.ndarray:
+        return np.array([float(len(EMOJI.findall(a)) >= self.min_hits) for a in answers])
+
+
 @dataclass(frozen=True)
 class CapitalsMeasure(Measure):
     """1 when at least ``min_share`` of the answer's letters are capitals (IFEval's all-caps check)."""
@@ -247,6 +265,7 @@ MEASURES: dict[str, Measure] = {
     "markers:enthusiastic": MarkerMeasure("markers:enthusiastic", "answers with >= 3 enthusiasm markers ('!', 'amazing'...)",
                                           markers=ENTHUSIASM_MARKERS, min_hits=3),
     "capitals": CapitalsMeasure("capitals", "answers in capital letters"),
+    "emoji": EmojiMeasure("emoji", "answers that use emoji"),
     "refusal": RefusalMeasure("refusal", "refusals (keyword detector)", uses_relevance=False),
 }
 
