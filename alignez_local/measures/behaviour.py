@@ -168,9 +168,10 @@ letters of any script, not the degree sign or arrows of plain text."""
 
 @dataclass(frozen=True)
 class EmojiMeasure(Measure):
-    """1 when the answer uses at least ``min_hits`` emoji (``EMOJI``): a style Qwen 0.5B does not take
-    from a system prompt (0 of 6 answers told "You always use lots of emoji") but writes when a
-    request asks for it, so it can be fitted from texts (the ``texts`` recipe, ``--style emoji``)."""
+    """1 when the answer uses at least ``min_hits`` emoji (``EMOJI``): a style Qwen 0.5B hardly takes
+    from a system prompt (0 of 6 answers told "You always use lots of emoji", 1 of 8 told "You always
+    write in emoji") but writes when a request asks for it, so it can be fitted from texts (the
+    ``texts`` recipe, ``--style emoji --measure emoji``; docs/results.md, "Concepts and styles")."""
 
     min_hits: int = 1
 
