@@ -59,8 +59,6 @@ STEER_QUERIES = 24
 EXPORT_QUERIES = 64
 
 
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C inside a step: still a KeyboardInterrupt, and it says what was saved and what running
     the step again does (the CLI turns it into one line)."""
@@ -372,10 +370,12 @@ def run_request_steer(engine: Engine, axis: PreferenceAxis, folder: str | Path, 
         # The timings are this run's: work an earlier run did is reused, not timed again.
         report["reused"] = work.reused
         report["timings_note"] = "seconds spent by this run only; the reused work was done by an earlier run"
-    report["saved_work"] = work.plan_removal(keep_work)
-    write_json(report_path, report)
-    # Only now, with the vector and report written, does the bulk of the work go: an interrupted run keeps it all.
-    line = work.remove_planned()
+    try:  # a Ctrl-C from here on comes after the vector is written: say so, not "nothing was written"
+        report["saved_work"] = work.plan_removal(keep_work)
+        write_json(report_path, report)
+        line = work.remove_planned()  # only now, with the vector and report written, does the bulk of the work go
+    except KeyboardInterrupt:
+        raise Interrupted(f"{vector_path} is written; {work.kept()}", "write the report again") from None
     if line:
         on_status(line)
     return result

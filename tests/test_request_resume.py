@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from alignez_local.align.axes import get_axis
-from alignez_local.align.request_work import STATE_CHUNK, WORK_FOLDER
+from alignez_local.align.request_work import STATE_CHUNK, WORK_FOLDER, RequestWork
 from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_refusals import (UNSTEERED_STAGE, RefusalCalibration, RefusalTrial, calibrate_refusals,
                                                       trial_stage)
@@ -253,6 +253,26 @@ def test_a_calibration_saved_for_another_vector_is_made_again_not_reused(engine:
     assert (out / "vector.gguf").read_bytes() == (uninterrupted / "vector.gguf").read_bytes()
     report = json.loads((out / "report.json").read_text())
     assert "calibrate" not in report["reused"] and report["calibration"] == whole["calibration"]
+
+
+def test_a_stop_while_the_saved_states_are_removed_says_the_vector_is_written(
+        engine: Engine, queries: Path, tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Ctrl-C at the last step (the clean-up after the vector and report are written) must not read
+    # as "nothing was written": it names the vector, and running again finishes the same files.
+    out = tmp_path / "late-stop"
+    shutil.copytree(uninterrupted / WORK_FOLDER, out / WORK_FOLDER)
+
+    def stopped(self: RequestWork) -> str | None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(RequestWork, "remove_planned", stopped)
+        with pytest.raises(Interrupted, match=r"vector\.gguf is written; .* kept in .*; run again to write the report again"):
+            steer(engine, out, queries)
+    assert (out / "vector.gguf").read_bytes() == (uninterrupted / "vector.gguf").read_bytes()
+    steer(engine, out, queries)
+    assert (out / "vector.gguf").read_bytes() == (uninterrupted / "vector.gguf").read_bytes()
+    assert not any((out / WORK_FOLDER / "states").iterdir())
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
