@@ -41,7 +41,7 @@ from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.llama.engine import Engine
-from alignez_local.progress import Notify
+from alignez_local.progress import Notify, estimate_remaining
 
 SCAN_FACTORS = (4.0, 8.0)
 
@@ -110,9 +110,9 @@ def scan_hook(engine: Engine, bench: BehaviourBench, fitted: PairFit, default_la
         total, started, done = len(layers) * len(SCAN_FACTORS), time.monotonic(), [0]
 
         def line(layer: int, t: BehaviourTrial) -> None:
-            # Each trial is about as long as the next (8 answers), so the mean so far gives the ETA.
+            # Each trial is about as long as the next (8 answers): trials are the unit of work for the ETA.
             done[0] += 1
-            left = (time.monotonic() - started) / done[0] * (total - done[0])
+            left = estimate_remaining(time.monotonic() - started, done[0], total, done[0])
             on_status(f"{trial_status(f'scan layer {layer}', t)} [{done[0]}/{total}, ETA {left / 60:.0f} min]")
 
         found = scan_layers(bench, LayerScan(steering, layers), strength, on_trial=line)

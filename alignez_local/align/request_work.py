@@ -40,7 +40,6 @@ import numpy as np
 from alignez_local.align.strength_by_refusals import RefusalTrial
 from alignez_local.errors import AlignezError
 from alignez_local.formats.control_vector import ControlVector
-from alignez_local.formats.gate import Gate, Gates
 from alignez_local.fileio import JsonlAppender, atomic_write, read_jsonl, write_json
 
 WORK_FOLDER = "request-work"
@@ -57,10 +56,9 @@ def vector_key(cv: ControlVector) -> str:
     for layer in cv.layers:
         h.update(f"v{layer}:".encode())
         h.update(np.ascontiguousarray(cv.directions[layer], dtype=np.float32).tobytes())
-    gates = Gates((cv.gate,)) if isinstance(cv.gate, Gate) else cv.gate
-    if gates is not None:
-        h.update(f"rule:{gates.rule}".encode())
-        for g in gates.gates:
+    if cv.gate is not None:  # ControlVector holds its gates as Gates (a lone Gate is wrapped on construction)
+        h.update(f"rule:{cv.gate.rule}".encode())
+        for g in cv.gate.gates:
             h.update(f"g{g.layer}{g.comparison}{g.threshold!r}:".encode())
             h.update(np.ascontiguousarray(g.direction, dtype=np.float32).tobytes())
     return h.hexdigest()
