@@ -77,7 +77,7 @@ def test_continuation_logprobs_are_the_log_softmax_of_the_logits(tiny_engine: En
     e = tiny_engine
     prompt, cont = e.prompt("Name a colour."), " Blue and green"
     [lp] = e.continuation_logprobs([prompt], [cont])
-    ptok, ctok = e.tokenize(prompt), e.tokenize(cont, add_bos=False)
+    ctok = e.tokenize(cont, add_bos=False)
     assert len(lp) == len(ctok)
     logits = e.next_token_logits([prompt])[0].astype(np.float64)
     assert lp[0] == pytest.approx(log_softmax(logits)[ctok[0]], abs=1e-4)

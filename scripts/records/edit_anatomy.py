@@ -9,7 +9,7 @@ from alignez_local.formats.profile import load_profile
 from alignez_local.align.preferences import load_pairs
 from alignez_local.align.fit import capture_pairs
 from alignez_local.prompt_sets import load_eval_prompts
-from alignez_local.align.edit import plan_edit, edit_delta
+from alignez_local.align.edit import edit_delta
 prof = load_profile("vectors/smollm2-135m-instruct/helpful.profile.gguf")
 print("layers", prof.layers, {L: prof.subspaces[L].shape[0] for L in prof.layers}, prof.default_strength, prof.site)
 eng = open_engine("smollm2-135m-instruct", RuntimeSettings(threads=2))  # noqa: E305

@@ -41,9 +41,9 @@ class GeneratedOnly:
         self.vecs = {L: np.float32(strength) * vector.directions[L] for L in vector.layers}
 
     def generate(self, engine: Engine, prompts: Sequence[str], sampling: Sampling, on_token=None,
-                 share_prefix: bool = False) -> list[Completion]:
+                 share_prefix: bool = False, on_done=None) -> list[Completion]:
         with engine.activation_edit(lambda L, x, _keys: x + self.vecs[L], list(self.vecs), site="l_out"):
-            return engine.generate(prompts, sampling, share_prefix=share_prefix)
+            return engine.generate(prompts, sampling, on_token=on_token, share_prefix=share_prefix, on_done=on_done)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from alignez_local.align.axes import get_axis
 from alignez_local.align.steering import Steering
-from alignez_local.evaluation.judge import Judge, open_judge
+from alignez_local.evaluation.judge import open_judge
 from alignez_local.measures.verdicts import verdicts_from_scores
 from alignez_local.prompt_sets import load_queries
 from alignez_local.measures.refusal import is_refusal
