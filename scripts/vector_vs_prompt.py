@@ -38,7 +38,14 @@ opposite request are not in the context the answer is read in. Greedy decoding, 
 (40 tokens, possibly cut mid-sentence). Queries: the report half of the axis's held-out pool
 (``prompt_sets.heldout_queries`` minus the queries of the shipped vector's preferences.jsonl,
 ``split_heldout``: the 16 the shipped strength was reported on, never chosen on); n = 16 per setting
-unless ``--limit``.
+unless ``--limit``. ``--report-queries N`` widens the report set to the last N queries of that pool
+other than the 8 the strength was chosen on (the 16 among them), for intervals a quarter as wide
+at N = 64.
+
+``--vector-system TEXT`` adds two conditions: ``system only`` (TEXT as the system prompt, no
+vector) and ``vector + system`` (the vector with TEXT as the system prompt). A neutral TEXT such as
+"You are a helpful assistant." asks for no behaviour; without one Qwen's template puts its own
+default system prompt there.
 
 ``--judge`` adds the bundled 1.5B judge's yes/no relevance (``Judge.yes_probability`` with
 ``scoring.RELEVANCE_QUESTION`` on the same (query, answer) pairs): the share with P(yes) >= 0.5.
@@ -133,10 +140,13 @@ def judged(judge: Judge, questions: Sequence[str], answers: Sequence[str], seed:
             "mean_p": round(float(p.mean()), 4), "p": [round(float(x), 4) for x in p]}
 
 
-def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
-                judge_fn: Any | None, vector: Path | None = None) -> dict[str, Any]:
+def run_setting(name: str, st: Setting, engine: Engine, limit: int | None, seed: int,
+                judge_fn: Any | None, vector: Path | None = None, report_queries: int = REPORT_QUERIES,
+                vector_system: str | None = None) -> dict[str, Any]:
     """Return one setting's rows (per turn read, per condition: summary, answers, judge). ``vector``:
-    a candidate file fitted on the shipped file's pairs, read in its place (the same queries)."""
+    a candidate file fitted on the shipped file's pairs, read in its place (the same queries).
+    ``report_queries``: how many of the pool's last queries, other than the choose half, to report on.
+    ``vector_system``: also read the vector under this system prompt."""
     shipped = ROOT / "vectors" / st.model / f"{st.trait}.gguf"
     vec_path = vector.resolve() if vector else shipped
     # A user-named axis (Spanish) is the one its file's provenance records, as `alignez eval` reads it.
@@ -145,8 +155,12 @@ def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
     assert axis is not None
     pairs = ROOT / "vectors" / st.model / f"{st.trait}.preferences.jsonl"
     used = [json.loads(line)["query"] for line in pairs.read_text().splitlines() if line.strip()]
-    choose, report = split_heldout([q for q in heldout_queries(axis.name, used) if q not in set(used)],
-                                   CHOOSE_QUERIES, REPORT_QUERIES)
+    pool = [q for q in heldout_queries(axis.name, used) if q not in set(used)]
+    choose, report = split_heldout(pool, CHOOSE_QUERIES, REPORT_QUERIES)
+    if report_queries > REPORT_QUERIES:
+        # The chosen-on queries stay out; the standard 16 are the last of the wider set.
+        rest = [q for q in dict.fromkeys(pool) if q not in set(choose)]
+        report = rest[max(0, len(rest) - report_queries):]
     assert not set(report) & set(used) and not set(choose) & set(used)
     bench = axis_bench(engine, axis, None, choose, report)
     bench.fixed("unsteered", "choose")  # sets the fluency and PMI references on the choose half, as steer does
@@ -155,13 +169,16 @@ def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
     (null_name, null), = null_steering(steering, seed).items()
     conditions = {"unsteered": (Steering(), None), "prompting": (Steering(), bench.system),
                   null_name: (null, None), f"vector x{slot.strength:g}": (steering, None)}
-    n = min(limit, len(report))
+    if vector_system:
+        conditions["system only"] = (Steering(), vector_system)
+        conditions[f"vector + system x{slot.strength:g}"] = (steering, vector_system)
+    n = len(report) if limit is None else min(limit, len(report))
     convs = [[report[(i + k) % len(report)] for k in range(st.turns)] for i in range(n)]
     reads = sorted({0, st.turns - 1})
     out: dict[str, Any] = {
         "model": st.model, "trait": st.trait, "what": st.what, "vector": str(vec_path.relative_to(ROOT) if vec_path.is_relative_to(ROOT) else vec_path),
         "strength": slot.strength, "strength_origin": slot.origin, "measure": bench.scorer.measure.describe(),
-        "system_prompt": bench.system, "user_suffix": st.suffix, "turns": st.turns, "n": n,
+        "system_prompt": bench.system, "vector_system": vector_system, "user_suffix": st.suffix, "turns": st.turns, "n": n,
         "max_tokens": bench.sampling.max_tokens, "turns_read": [t + 1 for t in reads],
         "conversations": convs, "rows": {}}
     for cname, (steer, system) in conditions.items():
@@ -188,7 +205,7 @@ def run_setting(name: str, st: Setting, engine: Engine, limit: int, seed: int,
                 row["judge_relevance"] = judged(judge, row["questions"], row["answers"], seed)
                 log(f"  {name}: judge {turn} {cname} {time.perf_counter() - t0:.0f}s")
     for turn, rows in out["rows"].items():
-        vec = next(r for c, r in rows.items() if c.startswith("vector"))["summary"]["combined"]["ci95"]
+        vec = next(r for c, r in rows.items() if c.startswith("vector x"))["summary"]["combined"]["ci95"]
         pro = rows["prompting"]["summary"]["combined"]["ci95"]
         out.setdefault("vector_wins", {})[turn] = bool(vec[0] > pro[1])
     return out
@@ -210,7 +227,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             for cname, row in rows.items():
                 s = row["summary"]
                 c = s["combined"]
-                flag = ("vector wins, intervals do not overlap" if cname.startswith("vector") and res["vector_wins"][turn]
+                flag = ("vector wins, intervals do not overlap" if cname.startswith("vector x") and res["vector_wins"][turn]
                         else "")
                 j = ""
                 if judge:
@@ -233,7 +250,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", default="all", help=f"comma-separated, of: all, {', '.join(SETTINGS)}")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--limit", type=int, default=REPORT_QUERIES, help="conversations (queries) per setting")
+    ap.add_argument("--limit", type=int, default=None, help="conversations (queries) per setting [the whole report set]")
+    ap.add_argument("--report-queries", type=int, default=REPORT_QUERIES,
+                    help="report on this many held-out queries (never the 8 chosen on; the standard 16 among them)")
+    ap.add_argument("--vector-system", default=None, metavar="TEXT",
+                    help="add a condition: the vector with TEXT as the system prompt")
     ap.add_argument("--turns", type=int, default=None, help="override the conversation settings' 6 turns")
     ap.add_argument("--judge", nargs="?", const="all", default="",
                     help="add the bundled 1.5B judge's yes/no relevance (on all settings, or a comma-separated few)")
@@ -279,7 +300,8 @@ def main() -> None:
         t0 = time.perf_counter()
         log(f"{name}: {st.model} {st.trait} ({st.what})")
         results[name] = run_setting(name, st, engines[st.model], args.limit, args.seed,
-                                    get_judge if {"all", name} & set(judged_settings) else None, args.vector)
+                                    get_judge if {"all", name} & set(judged_settings) else None, args.vector,
+                                    args.report_queries, args.vector_system)
         results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
         log(f"{name}: {results[name]['wall_s']:.0f}s")
         if args.out:
