@@ -39,8 +39,8 @@ opposite request are not in the context the answer is read in. Greedy decoding, 
 (``prompt_sets.heldout_queries`` minus the queries of the shipped vector's preferences.jsonl,
 ``split_heldout``: the 16 the shipped strength was reported on, never chosen on); n = 16 per setting
 unless ``--limit``. ``--report-queries N`` widens the report set to the last N queries of that pool
-other than the 8 the strength was chosen on (the 16 among them), for intervals a quarter as wide
-at N = 64.
+other than the 8 the strength was chosen on (the 16 among them), for intervals half as wide at
+N = 64.
 
 ``--vector-system TEXT`` adds two conditions: ``system only`` (TEXT as the system prompt, no
 vector) and ``vector + system`` (the vector with TEXT as the system prompt). A neutral TEXT such as
@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--report-queries", type=int, default=REPORT_QUERIES,
                     help="report on this many held-out queries (never the 8 chosen on; the standard 16 among them)")
     ap.add_argument("--vector-system", default=None, metavar="TEXT",
-                    help="add a condition: the vector with TEXT as the system prompt")
+                    help="add two conditions: TEXT as the system prompt alone, and the vector under it")
     ap.add_argument("--turns", type=int, default=None, help="override the conversation settings' 6 turns")
     ap.add_argument("--judge", nargs="?", const="all", default="",
                     help="add the bundled 1.5B judge's yes/no relevance (on all settings, or a comma-separated few)")
