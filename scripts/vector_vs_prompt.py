@@ -140,6 +140,21 @@ def judged(judge: Judge, questions: Sequence[str], answers: Sequence[str], seed:
             "mean_p": round(float(p.mean()), 4), "p": [round(float(x), 4) for x in p]}
 
 
+def heldout_halves(axis_name: str, pairs: Path, report_queries: int = REPORT_QUERIES) -> tuple[list[str], list[str]]:
+    """Return (choose, report) for a file fitted on ``pairs`` (its preferences.jsonl): the axis's
+    held-out pool minus the pairs' queries, split as ``steer`` split it (8 to choose on, 16 to report
+    on); a ``report_queries`` above 16 widens the report set to the pool's last N queries other than
+    the choose half (the 16 are the last of them)."""
+    used = [json.loads(line)["query"] for line in pairs.read_text().splitlines() if line.strip()]
+    pool = [q for q in heldout_queries(axis_name, used) if q not in set(used)]
+    choose, report = split_heldout(pool, CHOOSE_QUERIES, REPORT_QUERIES)
+    if report_queries > REPORT_QUERIES:
+        rest = [q for q in dict.fromkeys(pool) if q not in set(choose)]
+        report = rest[max(0, len(rest) - report_queries):]
+    assert not set(report) & set(used) and not set(choose) & set(used)
+    return choose, report
+
+
 def run_setting(name: str, st: Setting, engine: Engine, limit: int | None, seed: int,
                 judge_fn: Any | None, vector: Path | None = None, report_queries: int = REPORT_QUERIES,
                 vector_system: str | None = None) -> dict[str, Any]:
@@ -153,15 +168,7 @@ def run_setting(name: str, st: Setting, engine: Engine, limit: int | None, seed:
     axis = BUILTIN_AXES.get(st.trait) or stored_axis(**{k: v for k, v in json.loads(
         shipped.with_suffix(".provenance.json").read_text())["axis"].items() if k in ("name", "positive", "negative", "measure")})
     assert axis is not None
-    pairs = ROOT / "vectors" / st.model / f"{st.trait}.preferences.jsonl"
-    used = [json.loads(line)["query"] for line in pairs.read_text().splitlines() if line.strip()]
-    pool = [q for q in heldout_queries(axis.name, used) if q not in set(used)]
-    choose, report = split_heldout(pool, CHOOSE_QUERIES, REPORT_QUERIES)
-    if report_queries > REPORT_QUERIES:
-        # The chosen-on queries stay out; the standard 16 are the last of the wider set.
-        rest = [q for q in dict.fromkeys(pool) if q not in set(choose)]
-        report = rest[max(0, len(rest) - report_queries):]
-    assert not set(report) & set(used) and not set(choose) & set(used)
+    choose, report = heldout_halves(axis.name, ROOT / "vectors" / st.model / f"{st.trait}.preferences.jsonl", report_queries)
     bench = axis_bench(engine, axis, None, choose, report)
     bench.fixed("unsteered", "choose")  # sets the fluency and PMI references on the choose half, as steer does
     steering = Steering.from_specs(engine, [str(vec_path)])

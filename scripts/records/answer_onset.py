@@ -33,10 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from concept_onset import FromOnset  # noqa: E402  (a sibling records script)
-from vector_vs_prompt import judged  # noqa: E402
+from vector_vs_prompt import heldout_halves, judged  # noqa: E402
 
 from alignez_local.align.axes import BUILTIN_AXES  # noqa: E402
-from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, split_heldout  # noqa: E402
 from alignez_local.align.strength_by_behaviour import calibrate_behaviour, random_vector  # noqa: E402
 from alignez_local.evaluation.behaviour_eval import JUDGE_RUNTIME  # noqa: E402
 from alignez_local.evaluation.behaviour_report import condition_lines  # noqa: E402
@@ -44,7 +43,7 @@ from alignez_local.evaluation.judge import open_judge  # noqa: E402
 from alignez_local.formats.control_vector import read_control_vector  # noqa: E402
 from alignez_local.models import resolve_model  # noqa: E402
 from alignez_local.pipeline import STEER_QUERIES, SteerPaths, behaviour_bench  # noqa: E402
-from alignez_local.prompt_sets import heldout_queries, select_queries  # noqa: E402
+from alignez_local.prompt_sets import select_queries  # noqa: E402
 from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402
 
 WIDE = 64
@@ -69,12 +68,8 @@ def main() -> None:
     bench.fixed("unsteered", "choose")  # the fluency and PMI references, as steer sets them before any trial
     cv = read_control_vector(args.run / "vector.gguf")
     noise = random_vector(cv, 1)
-    used = [json.loads(line)["query"] for line in (args.run / "preferences.jsonl").read_text().splitlines() if line.strip()]
-    pool = [q for q in heldout_queries(axis.name, used) if q not in set(used)]
-    choose, _ = split_heldout(pool, CHOOSE_QUERIES, REPORT_QUERIES)
+    choose, wide = heldout_halves(axis.name, args.run / "preferences.jsonl", WIDE)
     assert choose == bench.choose, "the run's choose half is not the one vector_vs_prompt.py reads"
-    rest = [q for q in dict.fromkeys(pool) if q not in set(choose)]
-    wide = rest[max(0, len(rest) - WIDE):]
     out: dict[str, object] = {"run": str(args.run), "model": model, "axis": axis.name, "system": args.system,
                               "layers": cv.layers, "wide_queries": wide, "onsets": {}}
     dest = ROOT / f"scripts/records/results/answer-onset-{axis.name}{args.tag}.json"

@@ -20,13 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from vector_vs_prompt import judged  # noqa: E402
+from vector_vs_prompt import heldout_halves, judged  # noqa: E402
 
 from alignez_local.align.axes import BUILTIN_AXES, stored_axis  # noqa: E402
-from alignez_local.align.behaviour_bench import CHOOSE_QUERIES, REPORT_QUERIES, axis_bench, split_heldout  # noqa: E402
+from alignez_local.align.behaviour_bench import axis_bench  # noqa: E402
 from alignez_local.evaluation.behaviour_eval import JUDGE_RUNTIME  # noqa: E402
 from alignez_local.evaluation.judge import open_judge  # noqa: E402
-from alignez_local.prompt_sets import heldout_queries  # noqa: E402
 from alignez_local.settings import RuntimeSettings, open_engine  # noqa: E402
 
 
@@ -46,8 +45,7 @@ def main() -> None:
         prov = json.loads((vdir / f"{rec['trait']}.provenance.json").read_text())
         axis = BUILTIN_AXES.get(rec["trait"]) or stored_axis(
             **{k: v for k, v in prov["axis"].items() if k in ("name", "positive", "negative", "measure")})
-        used = [json.loads(line)["query"] for line in (vdir / f"{rec['trait']}.preferences.jsonl").read_text().splitlines() if line.strip()]
-        choose, _ = split_heldout([q for q in heldout_queries(axis.name, used) if q not in set(used)], CHOOSE_QUERIES, REPORT_QUERIES)
+        choose, _ = heldout_halves(axis.name, vdir / f"{rec['trait']}.preferences.jsonl")
         qs = rec["rows"]["turn 1"]["unsteered"]["questions"]
         bench = axis_bench(engine, axis, None, choose, qs)
         bench.fixed("unsteered", "choose")  # the fluency and PMI references, as vector_vs_prompt.py sets them
