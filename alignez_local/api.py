@@ -147,7 +147,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     such). ``concept`` / ``style`` (with ``keywords``): a topic or style axis (``resolve_axis``),
     fitted from the model's short texts (the ``texts`` recipe). The gated refusal vector (``recipe="request"``) is ``steer_refusals``.
     ``placements``: the tokens the vector may be added to (``every-token``: what llama.cpp does;
-    ``answer-only``: only the rows that write the answer, in alignez's runtime); given several, the
+    ``answer-only``: only the rows that write the answer, in alignez's runtime; ``answer-after:N``: those
+    rows after the answer's first N tokens); given several, the
     choose half decides among them and the file records the one chosen (each adds a strength search).
     ``forms``: how alignez's runtime applies it (``add``: a constant, what llama.cpp does; ``clamp``:
     each row's component along the direction raised to a target, never past it; ``keep-norm``: added,

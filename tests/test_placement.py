@@ -116,7 +116,7 @@ def test_answer_only_steers_the_answer_and_differs_from_every_token(tiny_engine:
     # the same as the edit written out by hand: the vector added to the output rows only
     with e.activation_edit(lambda L, x, _k: x + cv.directions[L], [LAYER], site="l_out"):
         assert [c.tokens for c in e.generate(prompts, sp)] == answer
-    assert any("answer tokens only" in line for line in Steering.vector(cv.placed(ANSWER_ONLY), 1.0).describe())
+    assert any("the answer's tokens only" in line for line in Steering.vector(cv.placed(ANSWER_ONLY), 1.0).describe())
 
 
 def test_the_server_applies_answer_only_vectors_as_chat_does(tiny_engine: Engine, tmp_path: Path) -> None:

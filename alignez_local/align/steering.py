@@ -76,12 +76,12 @@ import numpy as np
 from alignez_local.formats.gate import GATE_SITE, Gates
 from alignez_local.formats.control_vector import (
     ADD,
-    ANSWER_ONLY,
     CLAMP,
     KEEP_NORM,
     EVERY_TOKEN,
-    PLACEMENTS,
     ControlVector,
+    placement_onset,
+    placement_words,
     read_control_vector,
     unit,
 )
@@ -198,7 +198,7 @@ class Steering:
         lines = []
         for v in self.vectors:
             gate = f", gated at {v.vector.gate.summary()}" if isinstance(v.vector.gate, Gates) else ""
-            where = ", answer tokens only" if v.vector.placement == ANSWER_ONLY else ""
+            where = f", {placement_words(v.vector.placement)}" if v.vector.placement != EVERY_TOKEN else ""
             where += {CLAMP: ", clamped", KEEP_NORM: ", norm kept"}.get(v.vector.form, "")
             lines.append(f"vector  {v.name}: {_strength_text(v)}, layers {_span(v.vector.layers)}{gate}{where}")
         for p in self.profiles:
@@ -262,6 +262,24 @@ class Steering:
             if vecs:
                 per_key[key] = vecs
         return per_key
+
+    def answer_sums(self, n_layer: int, slots: Sequence[VectorSlot] | None = None) -> list[tuple[int, dict[int, np.ndarray]]]:
+        """Return (onset, layer -> float32 sum) for the added vectors among ``slots`` (default: all)
+        placed on the answer's tokens, one per onset (``placement_onset``), by onset: the vectors of
+        one onset are summed first and added as one, as answer-only vectors always were."""
+        by_onset: dict[int, list[VectorSlot]] = {}
+        for v in self.vectors if slots is None else slots:
+            onset = placement_onset(v.vector.placement)
+            if onset is not None and v.vector.form == ADD:
+                by_onset.setdefault(onset, []).append(v)
+        sums = [(n, self._float32(self.vector_sum(n_layer, group))) for n, group in sorted(by_onset.items())]
+        return [(n, vecs) for n, vecs in sums if vecs]
+
+    def _answer_edit(self, stack: ExitStack, engine: Engine, per_key: Mapping[int, AnswerSums]) -> None:
+        """Enter one ``AnswerEdit`` for ``per_key`` (key -> its answer vectors by onset), if it adds anything."""
+        layers = sorted({L for groups in per_key.values() for _, vecs in groups for L in vecs})
+        if layers:
+            stack.enter_context(engine.activation_edit(AnswerEdit(per_key, layers), layers, site=GATE_SITE))
 
     def clamp_targets(self, slot: VectorSlot, n_layer: int) -> dict[int, tuple[np.ndarray, float, float]]:
         """Return layer -> (unit direction, target component, sign of the strength) for a clamp vector:
@@ -331,21 +349,21 @@ class Steering:
                 vecs = self.vector_sum(engine.n_layer, [v for v in plain if v.vector.placement == EVERY_TOKEN])
                 if vecs:
                     stack.enter_context(engine.control_vector(vecs))
-                # Answer-only vectors: an edit of the output rows (the last prompt token and each
-                # generated token), which llama.cpp's adapter cannot do.
-                answer = self._float32(self.vector_sum(engine.n_layer, [v for v in plain if v.vector.placement == ANSWER_ONLY]))
-                if answer:
-                    stack.enter_context(engine.activation_edit(vector_edit(dict.fromkeys(range(len(prompts)), answer)),
-                                                               sorted(answer), site=GATE_SITE))
+                # Vectors on the answer's tokens: an edit of the output rows (the last prompt token
+                # and each generated token, from each placement's onset on), which llama.cpp's
+                # adapter cannot do.
+                answer = self.answer_sums(engine.n_layer, plain)
+                self._answer_edit(stack, engine, dict.fromkeys(range(len(prompts)), answer))
                 if agreed is None:
                     # Prompts disagree: a per-sequence edit adds each prompt's open vectors to its
                     # own rows only (rows of shut prompts are left as they are).
-                    for placement in PLACEMENTS:
-                        gated = self._sums(opens, engine.n_layer, placement)
-                        layers = sorted({L for vs in gated.values() for L in vs})
-                        if layers:
-                            stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE,
-                                                                       all_tokens=placement == EVERY_TOKEN))
+                    gated = self._sums(opens, engine.n_layer, EVERY_TOKEN)
+                    layers = sorted({L for vs in gated.values() for L in vs})
+                    if layers:
+                        stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE, all_tokens=True))
+                    per_key = {k: self.answer_sums(engine.n_layer, [self.vectors[i] for i in sorted(which)])
+                               for k, which in enumerate(opens)}
+                    self._answer_edit(stack, engine, {k: groups for k, groups in per_key.items() if groups})
                     self._form_edits(stack, engine, len(prompts), opens,
                                      [i for i in self.gated_slots(engine.n_layer) if self.vectors[i].vector.form != ADD])
                 for site, weighted in by_site.items():
@@ -430,6 +448,50 @@ def profile_edit(weighted: list[tuple[float, list[EditPlan]]]):
         return x + delta if touched else None
 
     return edit
+
+
+# A key's vectors on the answer's tokens: (onset, layer -> float32 sum), by onset (``Steering.answer_sums``).
+AnswerSums = Sequence[tuple[int, Mapping[int, np.ndarray]]]
+
+
+class AnswerEdit:
+    """The edit of vectors placed on the answer's tokens: each key's output rows (the last prompt
+    token, then each generated token) get its vectors whose onset they have reached, where the
+    key's k-th output row (k = 0: the last prompt token) has reached onsets <= k; answer-only is
+    onset 0, ``answer-after:N`` onset N (the answer's first N tokens come from unedited rows).
+
+    The rows are counted per key as the decodes come, at the lowest layer the edit is entered on
+    (the graph runs layers in order, so each decode's count is made before any other layer reads
+    it). A key's count starts at its first output row: a fixed batch enters a fresh edit per run;
+    a live server, whose keys are reused, calls ``forget`` when a sequence leaves. ``per_key`` may
+    be a dict the caller fills between decode steps (``LiveSteering``).
+    """
+
+    def __init__(self, per_key: Mapping[int, AnswerSums], layers: Sequence[int]) -> None:
+        self.per_key, self.first = per_key, min(layers)
+        self.seen: dict[int, int] = {}  # key -> output rows counted so far
+        self._index: list[int] = []  # this decode: each row's output index (-1: a key with nothing)
+
+    def forget(self, key: int) -> None:
+        """Start ``key``'s count again (its sequence has left; the key may be reused)."""
+        self.seen.pop(key, None)
+
+    def __call__(self, layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
+        if layer == self.first:
+            self._index = []
+            for key in keys:
+                k = self.seen.get(key, 0) if key in self.per_key else -1
+                if k >= 0:
+                    self.seen[key] = k + 1
+                self._index.append(k)
+        touched = False
+        for row, (key, k) in enumerate(zip(keys, self._index)):
+            for onset, vecs in self.per_key.get(key, ()) if k >= 0 else ():
+                v = vecs.get(layer)
+                if onset <= k and v is not None:
+                    x[row] = x[row] + v  # float32 + float32, as vector_edit adds
+                    touched = True
+        return x if touched else None
 
 
 def per_row_edit(per_key: Mapping[int, Mapping[int, Any]], change: Callable[[np.ndarray, Any], np.ndarray | None]) -> EditFn:

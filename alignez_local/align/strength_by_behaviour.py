@@ -52,7 +52,7 @@ from alignez_local.align.behaviour_bench import BehaviourBench
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, ControlVector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, ControlVector, placement_onset
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.measures.scoring import ScoredAnswers
 from alignez_local.measures.statistics import paired_difference_ci
@@ -166,7 +166,7 @@ class BehaviourCalibration:
 
     @property
     def placement(self) -> str:
-        """The placement the strength was chosen for (``control_vector.PLACEMENTS``)."""
+        """The placement the strength was chosen for (``control_vector.PLACEMENTS``, ``answer-after:N``)."""
         return way_parts(str(self.placements.get("chosen", EVERY_TOKEN)))[0]
 
     @property
@@ -559,9 +559,10 @@ def choose_strengths(bench: BehaviourBench, profile: SteeringProfile | None, vec
     into the calibration's ``placements`` under ``scan``. The profile's exact edit adds up to ``strength`` per unit
     direction, so its grid is the vector's scaled by the vector's median per-layer norm: the two are
     then tried at comparable sizes."""
-    unknown = [p for p in placements if p not in PLACEMENTS]
-    if unknown or not placements:
-        raise AlignezError(f"unknown placement {unknown[0] if unknown else '(none)'!r}; use one of {', '.join(PLACEMENTS)}")
+    if not placements:
+        raise AlignezError(f"no placement given; use one or more of {', '.join(PLACEMENTS)}, answer-after:N")
+    for p in placements:
+        placement_onset(p)  # one error line for an unknown placement
     bad = [f for f in forms if f not in FORMS]
     if bad or not forms:
         raise AlignezError(f"unknown form {bad[0] if bad else '(none)'!r}; use one of {', '.join(FORMS)}")

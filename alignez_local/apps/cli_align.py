@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -36,7 +37,9 @@ from alignez_local.evaluation.behaviour_report import steer_lines
 from alignez_local.evaluation.judge import JUDGE_NAMES
 from alignez_local.errors import AlignezError
 from alignez_local.fileio import check_writable
-from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, read_control_vector, write_control_vector
+from alignez_local.formats.control_vector import (
+    ADD, EVERY_TOKEN, FORMS, PLACEMENTS, is_placement, placement_words, read_control_vector, write_control_vector,
+)
 from alignez_local.formats.engines import ENGINES, SOURCES, write_for_engine
 from alignez_local.formats.inspect import describe, import_vector
 from alignez_local.formats.profile import load_profile, save_profile
@@ -378,9 +381,10 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
               help="Also choose the profile's (exact edit's) strength by the behaviour, beside its own random null: "
                    "about doubles the calibration stage. Off: profile.gguf is written without a default strength.")
 @click.option("--placements", default=EVERY_TOKEN, show_default=True, metavar="P1,P2",
-              help="Tokens the vector may be added to: every-token (what llama.cpp does) and/or answer-only (only the "
-                   "tokens that write the answer, in alignez's runtime). Given both, the held-out choose queries decide "
-                   "(a second strength search) and the file records the one chosen.")
+              help="Tokens the vector may be added to: every-token (what llama.cpp does), answer-only (only the "
+                   "tokens that write the answer, in alignez's runtime) and/or answer-after:N (the answer's tokens "
+                   "after its first N). Given several, the held-out choose queries decide (one more strength search "
+                   "each) and the file records the one chosen.")
 @click.option("--forms", default=ADD, show_default=True, metavar="F1,F2",
               help="How alignez's runtime applies the vector: add (a constant, what llama.cpp does), clamp (each "
                    "token's component along the direction raised to a target, never past it) and/or keep-norm (added, "
@@ -433,7 +437,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         raise AlignezError(f"--keep-work keeps the request recipe's saved work (--axis harmless); the {recipe} recipe keeps "
                            f"its pairs in {folder}/preferences.jsonl anyway: run it without --keep-work")
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
-    places, how = _listed(placements, PLACEMENTS, "--placements", "placement"), _listed(forms, FORMS, "--forms", "form")
+    places, how = _listed(placements, PLACEMENTS, "--placements", "placement", is_placement), _listed(forms, FORMS, "--forms", "form")
     others = parse_variants(variants)
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
@@ -473,6 +477,9 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
                    f"the choose queries against {way}'s {cal.placements['tried'][way]['combined']:.2f})")
     elif cal.form == ADD:
         click.echo(f"         llama-completion -m {engine.path} --control-vector-scaled {p.vector}:{scale:g}")
+        if cal.placement != EVERY_TOKEN:
+            click.echo(f"         (llama.cpp adds it at every token, not to {placement_words(cal.placement)}; this run "
+                       "did not measure that: add every-token to --placements)")
     else:
         # A clamp's or keep-norm's strengths do not carry over to a constant addition (brief: clamp x2 is
         # fluent, add x1 breaks).
@@ -480,12 +487,16 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
                    "this run chose no strength; add it to --forms and --placements to measure one)")
 
 
-def _listed(text: str, known: tuple[str, ...], flag: str, what: str) -> tuple[str, ...]:
-    """Return a comma-separated choice of ``known`` values, in order, once each (one error line otherwise)."""
+def _listed(text: str, known: tuple[str, ...], flag: str, what: str,
+            ok: Callable[[str], bool] | None = None) -> tuple[str, ...]:
+    """Return a comma-separated choice of ``known`` values (or of values ``ok`` accepts), in order,
+    once each (one error line otherwise)."""
     picked = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    wrong = [v for v in picked if v not in known] or ([] if picked else [text])
+    wrong = [v for v in picked if not (ok(v) if ok else v in known)] or ([] if picked else [text])
     if wrong:
-        raise AlignezError(f"{flag}: unknown {what} {wrong[0]!r}; use {', '.join(known[:-1])}, {known[-1]} or both, comma-separated")
+        more = ", answer-after:N (N answer tokens written unsteered first)" if ok is is_placement else ""
+        raise AlignezError(f"{flag}: unknown {what} {wrong[0]!r}; use {', '.join(known[:-1])}, {known[-1]}{more} "
+                           "or several, comma-separated")
     return picked
 
 

@@ -13,7 +13,8 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
   (F32) and ``alignez.calibration`` (JSON) hold the calibrated strength (see ``steering_file``);
   ``alignez.gate`` (JSON) holds optional ``Gates`` (one gate, or several with an any/all rule that
   older alignez-local refuses: ``formats/gate.py``); ``alignez.placement`` says which tokens our
-  runtime adds the vector to (``PLACEMENTS``; absent: every token, as llama.cpp does);
+  runtime adds the vector to (``PLACEMENTS``, or ``answer-after:N``; absent: every token, as llama.cpp
+  does);
   ``alignez.form`` how (``FORMS``; absent: ``add``, llama.cpp's constant addition). A ``clamp`` vector
   raises each row's component along its direction to a target and never past it: the target is
   ``alignez.clamp_floor`` (JSON, layer -> the plain answers' mean component along the unit direction)
@@ -25,7 +26,8 @@ File layout (what llama.cpp's loader in common/common.cpp accepts, and what we w
 A gated vector steers only the prompts its gates open on (our runtime decides per prompt, from the
 prompt's own unsteered state). llama.cpp does not read the gates: there the vector steers every
 prompt, as any control vector does. Likewise an ``answer-only`` vector: our runtime adds it to the
-rows that write the answer only, llama.cpp to every token (the calibration record compares the two),
+rows that write the answer only (``answer-after:N``: those rows after the answer's first N tokens),
+llama.cpp to every token (the calibration record compares the two),
 and a ``clamp`` or ``keep-norm`` vector, which llama.cpp adds as a constant.
 """
 
@@ -73,6 +75,47 @@ META_N_LAYER = "alignez.model.n_layer"
 KEY_PLACEMENT = "alignez.placement"
 EVERY_TOKEN, ANSWER_ONLY = "every-token", "answer-only"
 PLACEMENTS = (EVERY_TOKEN, ANSWER_ONLY)  # answer-only: the last prompt token and each generated token
+# answer-after:N: the answer-only rows after the first N (the answer's first N tokens are written
+# unsteered; issue 31: brief steered from its third token kept more answers than from its first).
+ANSWER_AFTER, MAX_ONSET = "answer-after", 4096
+
+
+def answer_after(n: int) -> str:
+    """Return the placement that adds a vector to the answer's rows after its first ``n`` tokens."""
+    return ANSWER_ONLY if n == 0 else f"{ANSWER_AFTER}:{n}"
+
+
+def placement_onset(placement: str) -> int | None:
+    """Return how many answer tokens a placement leaves unsteered: None for every-token (it steers the
+    prompt too), 0 for answer-only, N for answer-after:N; raise for an unknown placement."""
+    if placement == EVERY_TOKEN:
+        return None
+    if placement == ANSWER_ONLY:
+        return 0
+    head, sep, n = placement.partition(":")
+    if head == ANSWER_AFTER and sep and n.isdigit() and n == str(int(n)) and 1 <= int(n) <= MAX_ONSET:
+        return int(n)
+    raise AlignezError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)} or "
+                       f"{ANSWER_AFTER}:N (N from 1 to {MAX_ONSET}: the answer tokens written before the vector is on)")
+
+
+def placement_words(placement: str) -> str:
+    """Return which tokens a placement steers, in words ("every token", "the answer's tokens only", ...)."""
+    n = placement_onset(placement)
+    return ("every token" if n is None else "the answer's tokens only" if n == 0
+            else f"the answer's tokens after its first {n}")
+
+
+def is_placement(placement: object) -> bool:
+    """True for a placement this alignez-local knows (``placement_onset`` does not raise)."""
+    if not isinstance(placement, str):
+        return False
+    try:
+        placement_onset(placement)
+    except AlignezError:
+        return False
+    return True
+
 KEY_FORM, KEY_CLAMP_FLOOR = "alignez.form", "alignez.clamp_floor"
 ADD, CLAMP, KEEP_NORM = "add", "clamp", "keep-norm"
 FORMS = (ADD, CLAMP, KEEP_NORM)
@@ -143,9 +186,9 @@ class ControlVector(SteeringFile):
         object.__setattr__(self, "directions", MappingProxyType(dict(sorted(dirs.items()))))
         object.__setattr__(self, "metadata", MappingProxyType(meta))
         object.__setattr__(self, "name", str(self.name))
-        if meta.get(KEY_PLACEMENT, EVERY_TOKEN) not in PLACEMENTS:
+        if not is_placement(meta.get(KEY_PLACEMENT, EVERY_TOKEN)):
             raise AlignezError(f"{where}: placement {meta[KEY_PLACEMENT]!r} is unknown to this alignez-local "
-                               f"(it knows {', '.join(PLACEMENTS)}); upgrade alignez-local to use this file")
+                               f"(it knows {', '.join(PLACEMENTS)}, {ANSWER_AFTER}:N); upgrade alignez-local to use this file")
         if meta.get(KEY_FORM, ADD) not in FORMS:
             raise AlignezError(f"{where}: form {meta[KEY_FORM]!r} is unknown to this alignez-local "
                                f"(it knows {', '.join(FORMS)}); upgrade alignez-local to use this file")
@@ -168,13 +211,13 @@ class ControlVector(SteeringFile):
 
     @property
     def placement(self) -> str:
-        """Which tokens our runtime adds this vector to (``PLACEMENTS``); llama.cpp adds it to every token."""
+        """Which tokens our runtime adds this vector to (``PLACEMENTS`` or ``answer-after:N``); llama.cpp
+        adds it to every token."""
         return str(self.metadata.get(KEY_PLACEMENT, EVERY_TOKEN))
 
     def placed(self, placement: str) -> ControlVector:
         """Return this vector added at ``placement`` (the same directions, gate and calibration)."""
-        if placement not in PLACEMENTS:
-            raise AlignezError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+        placement_onset(placement)  # raises for an unknown one
         meta = {k: v for k, v in self.metadata.items() if k != KEY_PLACEMENT}
         if placement != EVERY_TOKEN:
             meta[KEY_PLACEMENT] = placement  # the default is not written: such files stay as they were
@@ -353,7 +396,7 @@ class ControlVector(SteeringFile):
             raise AlignezError(f"vector {self.name} is gated (it steers only the prompts its gate opens on); "
                                "use alignez_local.generate(engine, prompts, vector) to apply it")
         if self.placement != EVERY_TOKEN:
-            raise AlignezError(f"vector {self.name} is added to the answer's tokens only, which a block around "
+            raise AlignezError(f"vector {self.name} is added to {placement_words(self.placement)}, which a block around "
                                "any generation cannot do; use alignez_local.generate(engine, prompts, vector)")
         if self.form != ADD:
             raise AlignezError(f"vector {self.name} is a {self.form} vector, which llama.cpp's adapter cannot apply; "

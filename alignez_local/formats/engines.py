@@ -38,6 +38,7 @@ from alignez_local.formats.control_vector import (
     EVERY_TOKEN,
     META_N_LAYER,
     ControlVector,
+    placement_words,
     read_control_vector,
     write_control_vector,
 )
@@ -122,7 +123,7 @@ def _warn_differences(cv: ControlVector, engine: EngineFormat, on_warning: Calla
     if cv.gate is not None:
         on_warning(f"{cv.name} is gated; {engine.name} ignores the gate and steers every prompt")
     if cv.placement != EVERY_TOKEN:
-        on_warning(f"{cv.name} is added to the answer's tokens only by alignez; {engine.name} adds it to every token")
+        on_warning(f"{cv.name} is added to {placement_words(cv.placement)} by alignez; {engine.name} adds it to every token")
     if cv.form != ADD:
         on_warning(f"{cv.name} is a {cv.form} vector; {engine.name} adds it as a constant")
 

@@ -3,7 +3,7 @@
 The shipped brief vector (answer-only) makes some answers refusals or non-answers from their first
 token ("I'm sorry, but I can't assist with that."; "Air is a living organism."), where the unsteered
 model begins "To patch a small hole in a plaster wall, ...". Added only from the ONSET-th answer
-token on (``concept_onset.FromOnset``: the model writes its first ONSET tokens unsteered), does the
+token on (``concept_onset.from_onset``: the ``answer-after:N`` placement: the model writes its first ONSET tokens unsteered), does the
 answer keep its opening and still end short?
 
     .venv/bin/python scripts/records/answer_onset.py --run runs/ao-brief --axis brief --onsets 2,4 --threads 1
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from concept_onset import FromOnset  # noqa: E402  (a sibling records script)
+from concept_onset import from_onset  # noqa: E402  (a sibling records script)
 from vector_vs_prompt import heldout_halves, judged  # noqa: E402
 
 from alignez_local.align.axes import BUILTIN_AXES  # noqa: E402
@@ -82,8 +82,8 @@ def main() -> None:
                       f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}, loops "
                       f"{100 * t.loop_share:.0f}%, unanswered {100 * t.unanswered_share:.0f}%"
                       + (" (broken)" if t.broken else ""), flush=True)
-            cal = calibrate_behaviour(bench, lambda s, o=onset: FromOnset(cv, s, o),
-                                      lambda s, o=onset: FromOnset(noise, s, o), start=args.start, on_trial=show)
+            cal = calibrate_behaviour(bench, lambda s, o=onset: from_onset(cv, s, o),
+                                      lambda s, o=onset: from_onset(noise, s, o), start=args.start, on_trial=show)
             strength = cal.strength
             rows = {"unsteered": cal.report["unsteered"], "prompting": cal.report["prompting"],
                     f"random x{strength:g}": cal.report["random"], f"vector x{strength:g}": cal.report["steered"]}
@@ -92,7 +92,7 @@ def main() -> None:
             row.update(cal.as_dict())
         else:
             strength = args.strength
-        answers = bench.answers(wide, FromOnset(cv, strength, onset), args.system)
+        answers = bench.answers(wide, from_onset(cv, strength, onset), args.system)
         scored = bench.scorer.score(wide, answers)
         s = scored.summary(0)
         row.update({"strength": strength, "wide_answers": answers, "wide_summary": s, "wide_loops": scored.looping.tolist()})

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from alignez_local.align.axes import topic_axis
+from alignez_local.align.steering import Steering
 from alignez_local.align.strength_by_behaviour import calibrate_behaviour, random_vector
 from alignez_local.evaluation.behaviour_report import condition_lines
-from alignez_local.formats.control_vector import ControlVector, read_control_vector
-from alignez_local.llama.engine import Completion, Engine, Sampling
+from alignez_local.formats.control_vector import ControlVector, answer_after, read_control_vector
 from alignez_local.models import resolve_model
 from alignez_local.pipeline import STEER_QUERIES, SteerPaths, behaviour_bench
 from alignez_local.prompt_sets import select_queries
@@ -37,32 +35,12 @@ from alignez_local.settings import RuntimeSettings, open_engine
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class FromOnset:
-    """Duck-types Steering.generate: ``vector`` x ``strength`` added to each sequence's output rows
-    (the last prompt token, then each generated token) from its ``onset``-th output on."""
-
-    def __init__(self, vector: ControlVector, strength: float, onset: int) -> None:
-        self.vecs = {L: np.float32(strength) * vector.directions[L] for L in vector.layers}
-        self.first, self.onset = min(self.vecs), onset
-
-    def generate(self, engine: Engine, prompts: Sequence[str], sampling: Sampling, on_token=None,
-                 share_prefix: bool = False, **_: object) -> list[Completion]:
-        seen: dict[int, int] = {}  # key -> outputs seen at the first layer (0: the last prompt token)
-
-        def edit(layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray:
-            if layer == self.first:
-                for k in keys:
-                    seen[k] = seen.get(k, -1) + 1
-            # output index o = seen[k]: o = 0 gives the first answer token, o = t + 1 reads token t
-            on = np.array([seen[k] >= self.onset for k in keys], dtype=bool)
-            if not on.any():
-                return x
-            y = x.copy()
-            y[on] += self.vecs[layer]
-            return y
-
-        with engine.activation_edit(edit, sorted(self.vecs), site="l_out"):
-            return engine.generate(prompts, sampling, share_prefix=share_prefix)
+def from_onset(vector: ControlVector, strength: float, onset: int) -> Steering:
+    """``vector`` x ``strength`` added to each answer's tokens after its first ``onset`` (0: from the
+    last prompt token on): the runtime's ``answer-after:N`` placement. This script first counted the
+    output rows in an edit of its own; that count became ``align/steering.AnswerEdit`` (the same
+    trials on brief's choose half, 2026-12-08)."""
+    return Steering.vector(vector.placed(answer_after(onset)), strength)
 
 
 def main() -> None:
@@ -89,8 +67,8 @@ def main() -> None:
             print(f"  onset {onset} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance {t.relevance:.2f}, "
                   f"fluency {t.fluency:.2f}, combined {t.combined:.2f}, loops {100 * t.loop_share:.0f}%"
                   + (" (broken)" if t.broken else ""), flush=True)
-        make: Callable[[float], FromOnset] = lambda s, o=onset: FromOnset(cv, s, o)
-        null: Callable[[float], FromOnset] = lambda s, o=onset: FromOnset(noise, s, o)
+        make: Callable[[float], Steering] = lambda s, o=onset: from_onset(cv, s, o)
+        null: Callable[[float], Steering] = lambda s, o=onset: from_onset(noise, s, o)
         cal = calibrate_behaviour(bench, make, null, start=args.start, on_trial=show)
         rows = {"unsteered": cal.report["unsteered"], "prompting": cal.report["prompting"],
                 f"random x{cal.strength:g}": cal.report["random"], f"vector x{cal.strength:g}": cal.report["steered"]}

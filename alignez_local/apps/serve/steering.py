@@ -55,10 +55,12 @@ from typing import Any
 import numpy as np
 
 from alignez_local.align.edit import EditPlan, edit_delta, plan_edit
-from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit
+from alignez_local.align.steering import (
+    DEFAULT_TOP_N, AnswerEdit, AnswerSums, ProfileSlot, Steering, VectorSlot, profile_edit, vector_edit,
+)
 from alignez_local.errors import AlignezError
 from alignez_local.formats.gate import GATE_SITE, Gates
-from alignez_local.formats.control_vector import ADD, ANSWER_ONLY, EVERY_TOKEN, PLACEMENTS, ControlVector, read_control_vector
+from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, ControlVector, read_control_vector
 from alignez_local.formats.profile import SteeringProfile, load_profile
 from alignez_local.llama.engine import Edit, EditFn, Engine
 from alignez_local.specs import MAX_STRENGTH, check_strength, parse_steering_spec
@@ -82,8 +84,13 @@ class Served:
         return list(self.item.layers)
 
     def placed(self, placement: str) -> bool:
-        """True for a vector added at ``placement`` (``control_vector.PLACEMENTS``)."""
+        """True for a vector added at ``placement`` (``control_vector.PLACEMENTS``, ``answer-after:N``)."""
         return self.kind == "vector" and self.item.placement == placement  # type: ignore[union-attr]
+
+    @property
+    def on_answer(self) -> bool:
+        """True for a vector added to the answer's tokens only (answer-only or answer-after:N)."""
+        return self.kind == "vector" and self.item.placement != EVERY_TOKEN  # type: ignore[union-attr]
 
     def describe(self) -> dict[str, Any]:
         """Return the JSON description ``GET /v1/steering`` shows."""
@@ -212,16 +219,24 @@ class SteeringSet:
         """
         edits: list[BatchEdit] = []
         opens = self._gates(engine, prompts, choices)
-        for placement in PLACEMENTS:  # every-token vectors edit every row; answer-only ones the output rows
-            per_key: dict[int, dict[int, np.ndarray]] = {}
-            for key, choice in enumerate(choices):
-                slots = [VectorSlot(n, self.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
-                         if self.items[n].placed(placement) and opens.get((n, key), True)]
-                if slots:
-                    per_key[key] = Steering(vectors=slots).vector_sum(self.n_layer)
-            layers = sorted({layer for vecs in per_key.values() for layer in vecs})
-            if layers:
-                edits.append(BatchEdit(vector_edit(per_key), layers, "l_out", placement == EVERY_TOKEN))
+        # Every-token vectors edit every row; those on the answer's tokens the output rows, from their onset.
+        per_key: dict[int, dict[int, np.ndarray]] = {}
+        answer: dict[int, AnswerSums] = {}
+        for key, choice in enumerate(choices):
+            slots = [VectorSlot(n, self.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
+                     if self.items[n].kind == "vector" and opens.get((n, key), True)]
+            every = Steering(vectors=[v for v in slots if v.vector.placement == EVERY_TOKEN]).vector_sum(self.n_layer)
+            if every:
+                per_key[key] = every
+            groups = Steering(vectors=slots).answer_sums(self.n_layer)
+            if groups:
+                answer[key] = groups
+        layers = sorted({layer for vecs in per_key.values() for layer in vecs})
+        if layers:
+            edits.append(BatchEdit(vector_edit(per_key), layers, "l_out", True))
+        ans_layers = sorted({L for groups in answer.values() for _, vecs in groups for L in vecs})
+        if ans_layers:
+            edits.append(BatchEdit(AnswerEdit(answer, ans_layers), ans_layers, "l_out", False))
         by_site: dict[str, list[tuple[float, list[EditPlan]]]] = {}
         for name, served in self.items.items():
             if served.kind == "profile":
@@ -286,7 +301,8 @@ class LiveSteering:
         self.profiles = [s for s in steering.items.values() if s.kind == "profile"]
         self.gated = [s for s in steering.items.values() if s.kind == "vector" and s.item.gate is not None]  # type: ignore[union-attr]
         self._vectors: dict[int, dict[int, np.ndarray]] = {}  # key -> its every-token vectors' sum
-        self._answer: dict[int, dict[int, np.ndarray]] = {}  # key -> its answer-only vectors' sum
+        self._answer: dict[int, AnswerSums] = {}  # key -> its vectors on the answer's tokens, by onset
+        self._answer_edit: AnswerEdit | None = None  # counts each key's answer rows (``forget`` restarts it)
         self._sums: dict[tuple[tuple[str, float], ...], dict[int, np.ndarray]] = {}  # choice -> its vector sum
         self._vec_edit: Edit | None = None  # the entered vector edit while ``place`` may pause it
         self._tags: dict[int, tuple[tuple[str, float], ...]] = {}  # key -> its vectors' (name, strength)
@@ -318,9 +334,10 @@ class LiveSteering:
         vec_layers = sorted({L for s in self.set.items.values() if s.placed(EVERY_TOKEN) for L in s.layers if 1 <= L < n})
         if vec_layers:
             out.append(BatchEdit(vector_edit(self._vectors), vec_layers, "l_out", True, vectors=True))
-        ans_layers = sorted({L for s in self.set.items.values() if s.placed(ANSWER_ONLY) for L in s.layers if 1 <= L < n})
+        ans_layers = sorted({L for s in self.set.items.values() if s.on_answer for L in s.layers if 1 <= L < n})
         if ans_layers:
-            out.append(BatchEdit(vector_edit(self._answer), ans_layers, "l_out", False))
+            self._answer_edit = AnswerEdit(self._answer, ans_layers)
+            out.append(BatchEdit(self._answer_edit, ans_layers, "l_out", False))
         by_site: dict[str, set[int]] = {}
         for prof in self.profiles:
             by_site.setdefault(prof.item.site, set()).update(L for L in prof.layers if 0 <= L < n)  # type: ignore[union-attr]
@@ -367,10 +384,12 @@ class LiveSteering:
         chosen = [VectorSlot(n, self.set.items[n].item, w) for n, w in choice.items()  # type: ignore[arg-type]
                   if self.set.items[n].kind == "vector" and self._gate_opens(self.set.items[n], acts)]
         slots = [v for v in chosen if v.vector.placement == EVERY_TOKEN]
-        answer = [v for v in chosen if v.vector.placement == ANSWER_ONLY]
+        answer = Steering(vectors=chosen).answer_sums(self.set.n_layer)
+        if self._answer_edit is not None:
+            self._answer_edit.forget(key)  # the key's rows are counted from its first output row
         if answer:
             # Output rows only: never in the prompt's KV cells, so not in ``cells_tag`` either.
-            self._answer[key] = Steering(vectors=answer).vector_sum(self.set.n_layer)
+            self._answer[key] = answer
         if slots:
             # Keys that chose alike share one sum (computed the same way, so the same values):
             # ``shared_vector`` then sees at once that they are steered alike.
@@ -410,6 +429,8 @@ class LiveSteering:
         """Drop everything held for ``key`` (its sequence has left)."""
         self._tags.pop(key, None)
         self._answer.pop(key, None)
+        if self._answer_edit is not None:
+            self._answer_edit.forget(key)
         gone = self._vectors.pop(key, None)
         if gone is not None and not any(v is gone for v in self._vectors.values()):
             self._sums = {sig: v for sig, v in self._sums.items() if v is not gone}
