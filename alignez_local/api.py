@@ -132,7 +132,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
           placements: Sequence[str] = (EVERY_TOKEN,), forms: Sequence[str] = (ADD,),
           variants: str | Sequence[str] = (), generate_urls: Sequence[str] = (),
           generate_model: str | None = None, generate_concurrency: int = DEFAULT_CONCURRENCY,
-          generate_timeout: float = GENERATE_TIMEOUT) -> SteerResult | None:
+          generate_timeout: float = GENERATE_TIMEOUT, system: str | None = None) -> SteerResult | None:
     """Make a control vector and a profile for a behaviour, and choose their strength by it:
     ``alignez steer``.
 
@@ -161,6 +161,9 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     (``generate_model``: the name to ask for, None: the one each server lists; ``generate_concurrency``
     requests in flight per server); each server is checked to serve this model first. The capture,
     the fit and every steered answer stay local (align/remote_text.py).
+    ``system``: the system prompt the vector is measured and chosen under (the unsteered model, the
+    random direction and the screen's unsteered answers too; prompting replaces it with the
+    behaviour's guide); None: the chat template's own. The pairs are written without it.
     """
     status = on_status or quiet
     writer = (RemoteWriter(generate_urls, generate_model, generate_concurrency, generate_timeout)
@@ -173,7 +176,8 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
     grid = tuple(strengths) if strengths else STRENGTHS
     plan = SteerPlan(chosen, tuple(queries) if queries is not None else tuple(select_queries(None, STEER_QUERIES, chosen.name)),
                      generation, fit, recipe, grid, refine=not strengths, with_profile=calibrate_profile,
-                     placements=tuple(placements), forms=tuple(forms), variants=parse_variants(variants))
+                     placements=tuple(placements), forms=tuple(forms), variants=parse_variants(variants),
+                     system=system)
     with ExitStack() as stack:
         folder, used = None, list(plan.queries)
         if not screen_only:
@@ -187,7 +191,7 @@ def steer(model: ModelLike, axis: str | PreferenceAxis = DEFAULT_AXIS, *, positi
                     status(line)
             with behaviour_judge(judge, engine, chosen) as the_judge:
                 clock = StageClock(engine, getattr(the_judge, "engine", None))
-                bench = behaviour_bench(engine, chosen, used, the_judge, writer=writer)
+                bench = behaviour_bench(engine, chosen, used, the_judge, writer=writer, base=system)
                 line, _, _ = screen(bench, _display_name(model, engine, name), get_recipe(recipe).texts)
                 clock.lap("screen_s")
                 status(line)

@@ -137,14 +137,13 @@ class SteerResult:
 
 def behaviour_bench(engine: Engine, axis: PreferenceAxis, used: Sequence[str], judge: YesNoJudge | None,
                     heldout: Sequence[str] | None = None, n_choose: int = CHOOSE_QUERIES,
-                    n_report: int = REPORT_QUERIES, writer: RemoteWriter | None = None) -> BehaviourBench:
-    """Return the bench a steer run screens, calibrates and reports on: the axis's measure
-    (``measures.behaviour.measure_for``), and held-out queries split into a choose half and a
-    report half (``heldout`` None: built-in queries not in ``used``). ``writer``: the unsteered and
-    prompting answers come from its servers."""
+                    n_report: int = REPORT_QUERIES, writer: RemoteWriter | None = None,
+                    base: str | None = None) -> BehaviourBench:
+    """Return the bench a steer run screens, calibrates and reports on (``axis_bench``), on held-out
+    queries split into a choose and a report half (``heldout`` None: built-in queries not in ``used``)."""
     pool = list(heldout) if heldout is not None else heldout_queries(axis.name, used)
     choose, report = split_heldout([q for q in pool if q not in set(used)], n_choose, n_report)
-    return axis_bench(engine, axis, judge, choose, report, writer=writer)
+    return axis_bench(engine, axis, judge, choose, report, writer=writer, base=base)
 
 
 def screen(bench: BehaviourBench, model_name: str, from_texts: bool = False) -> tuple[str, bool, dict[str, Any]]:
@@ -173,6 +172,7 @@ class SteerPlan:
     placements: tuple[str, ...] = (EVERY_TOKEN,)  # the tokens the vector may be added to; several: the choose half decides
     forms: tuple[str, ...] = (ADD,)  # how our runtime applies it (add, clamp); several: the choose half decides
     variants: tuple[Variant, ...] = ()  # other fits of the vector from the same pairs (align/variants.py), searched too
+    system: str | None = None  # the system prompt it is measured and chosen under (None: the chat template's own)
 
 
 def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelId, on_status: Notify = quiet,
@@ -198,7 +198,7 @@ def run_steer(engine: Engine, plan: SteerPlan, folder: str | Path, model: ModelI
         raise AlignezError(f"unknown vector source {fit.vector_from!r}; use one of {', '.join(VECTOR_SOURCES)}")
     if plan.variants and fit.vector_from != "mean-diff":
         raise AlignezError("--variants are other fits of the mean-diff vector; drop --vector-from profile or the variants")
-    bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge, writer=writer)
+    bench = bench or behaviour_bench(engine, axis, paths.fitted_queries(queries), judge, writer=writer, base=plan.system)
     written, had = generate(engine, queries, axis, paths.preferences, plan.generation, model, recipe, writer)
     clock.lap("generate_s")
     on_status(f"{paths.preferences}: {written} new pairs, {had} already there")

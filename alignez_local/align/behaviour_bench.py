@@ -101,7 +101,11 @@ class BehaviourBench:
 
     ``engine`` must be unsteered whenever the scorer reads (it rescores answers under the plain
     model, and the judge may be the same model). ``system`` is the prompting baseline's system
-    prompt: the axis's positive guide. ``writer`` (``steer --generate-url``): the unsteered and
+    prompt: the axis's positive guide. ``base``: the system prompt every other condition (unsteered,
+    steered, the random direction) runs and is read under; None: the chat template's own (Qwen's
+    and SmolLM2's templates write one of their own when none is given; issue 31 found the steered
+    Qwen 0.5B refusing less under "You are a helpful assistant."). Prompting replaces it with the
+    guide, as it replaces the template's. ``writer`` (``steer --generate-url``): the unsteered and
     prompting answers come from its servers (text only: the scorer reads them back locally), the
     steered ones from ``engine``.
     """
@@ -113,6 +117,7 @@ class BehaviourBench:
     report: list[str]
     sampling: Sampling = SAMPLING
     writer: RemoteWriter | None = None
+    base: str | None = None
     _fixed: dict[tuple[str, str], ScoredAnswers] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,11 +126,11 @@ class BehaviourBench:
 
     def completions(self, questions: Sequence[str], steering: Steering | None = None,
                     system: str | None = None) -> list[Completion]:
-        """Return greedy completions of ``questions``, steered or with a system prompt.
+        """Return greedy completions of ``questions``, steered or with a system prompt (None: ``base``).
 
-        The prompts' shared head (the chat template's system prompt, or the guide) is decoded once:
-        on Qwen it is about 25 tokens of every prompt, 60 under the guide."""
-        prompts = [self.engine.prompt(q, system) for q in questions]
+        The prompts' shared head (the system prompt, or the guide) is decoded once: on Qwen it is
+        about 25 tokens of every prompt, 60 under the guide."""
+        prompts = [self.engine.prompt(q, self.base if system is None else system) for q in questions]
         if steering is None and self.writer is not None:
             return self.writer.generate(prompts, self.sampling)
         return (steering or Steering()).generate(self.engine, prompts, self.sampling, share_prefix=True)
@@ -135,11 +140,12 @@ class BehaviourBench:
         return [c.text for c in self.completions(questions, steering, system)]
 
     def _unsteered(self, questions: Sequence[str], system: str | None) -> list[str]:
-        """Return the unsteered answers under ``system``; the scorer's reader of that context keeps
-        their NLL from the generation (``AnswerReader.remember``) instead of reading them again."""
+        """Return the unsteered answers under ``system`` (None: ``base``); the scorer's reader of that
+        context keeps their NLL from the generation (``AnswerReader.remember``) instead of reading them again."""
         done = self.completions(questions, system=system)
         reader = self.scorer.nll if system is None else self.scorer.nll_asked
-        if isinstance(reader, AnswerReader) and reader.engine is self.engine and reader.system == system:
+        context = self.base if system is None else system
+        if isinstance(reader, AnswerReader) and reader.engine is self.engine and reader.system == context:
             reader.remember(questions, done)
         return [c.text for c in done]
 
@@ -179,13 +185,15 @@ class BehaviourBench:
 
 
 def axis_bench(engine: Engine, axis: PreferenceAxis, judge: YesNoJudge | None, choose: Sequence[str],
-               report: Sequence[str], sampling: Sampling = SAMPLING, writer: RemoteWriter | None = None) -> BehaviourBench:
+               report: Sequence[str], sampling: Sampling = SAMPLING, writer: RemoteWriter | None = None,
+               base: str | None = None) -> BehaviourBench:
     """Return the bench that scores ``axis``'s behaviour on ``engine``: the axis's measure
-    (``measures.behaviour.measure_for``), fluency read plainly and under the positive guide, the
+    (``measures.behaviour.measure_for``), fluency read plainly (under ``base``, the system prompt of
+    every condition but prompting; None: the template's own) and under the positive guide, the
     prompting baseline under that guide. The one place a behaviour scorer is set up (``steer``'s
     screen and calibration, ``alignez eval``'s behaviour table). ``writer``: where the unsteered
     and prompting answers are written (``BehaviourBench``)."""
     guide = axis.guide("positive")
-    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine), judge,
+    scorer = Scorer(measure_for(axis.measure, axis.positive, axis.negative), unsteered_nll(engine, base), judge,
                     nll_asked=unsteered_nll(engine, guide))
-    return BehaviourBench(engine, scorer, guide, list(choose), list(report), sampling=sampling, writer=writer)
+    return BehaviourBench(engine, scorer, guide, list(choose), list(report), sampling=sampling, writer=writer, base=base)

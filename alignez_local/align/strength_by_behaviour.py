@@ -163,6 +163,9 @@ class BehaviourCalibration:
     # way is named by its placement, then ", FORM" when the form is not ``add``, then "; VARIANT" for
     # a variant of the vector (``way_name``).
     placements: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The system prompt every condition but prompting ran under (``BehaviourBench.base``); None: the
+    # chat template's own, and the key is not written (files stay byte for byte as before).
+    system: str | None = None
 
     @property
     def placement(self) -> str:
@@ -185,6 +188,8 @@ class BehaviourCalibration:
         out["trials"] = [t.record() for t in self.trials]
         if not self.placements:
             del out["placements"]  # files calibrated with the default alone stay byte for byte as before
+        if self.system is None:
+            del out["system"]
         return out
 
     def line(self, what: str) -> str:
@@ -329,7 +334,7 @@ def report_strength(bench: BehaviourBench, trials: list[BehaviourTrial], make_st
     return BehaviourCalibration(best.strength, beats, verdict, bench.scorer.measure.label, len(bench.choose),
                                 len(bench.report), bench.sampling.max_tokens, trials, report,
                                 {"combined_diff": round(diff, 4), "ci95_low": round(lo, 4), "ci95_high": round(hi, 4)},
-                                placements=placements or {})
+                                placements=placements or {}, system=bench.base)
 
 
 def trial_status(what: str, t: BehaviourTrial) -> str:

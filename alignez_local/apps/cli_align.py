@@ -396,6 +396,11 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
                    "alone on the choose queries, the best one searched: about 46 more trials, 20-25 min on Qwen 0.5B "
                    "with one thread). The held-out choose queries decide; each adds a strength search (pool: also a "
                    "capture).")
+@click.option("--system", default=None, metavar="TEXT",
+              help="Measure and choose the vector under this system prompt (the unsteered model and the random "
+                   "direction too; prompting replaces it with the behaviour's guide), e.g. the one your app uses. "
+                   "Default: the chat template's own (Qwen's and SmolLM2's write one naming the model). The pairs "
+                   "are written without it; the file's calibration records it.")
 @click.option("--keep-work", is_flag=True,
               help="--recipe request: keep all of DIR/request-work after a finished run. Off: its saved states (tens "
                    "of MB) are removed once the vector and report are written; the small files stay.")
@@ -403,7 +408,7 @@ def import_cmd(path: str, source: str | None, model: str | None, out_path: str) 
 def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generation: GenerationSettings,
           recipe: str | None, fit: FitSettings, remote_text: dict[str, Any], vector_from: str, vector_layers: str | None, judge: str,
           strengths: str | None, screen_only: bool, calibrate_profile: bool, placements: str, forms: str,
-          variants: str | None, keep_work: bool, out_dir: str | None) -> None:
+          variants: str | None, system: str | None, keep_work: bool, out_dir: str | None) -> None:
     """Generate preference data, fit a profile and a control vector, and choose their strength by the behaviour.
 
     \b
@@ -431,11 +436,17 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         if variants:
             raise AlignezError("--variants are other fits of a vector from pairs; the request recipe (--axis harmless) "
                                "fits from the model's states and writes no pairs: run it without --variants")
+        if system is not None:
+            raise AlignezError("--system is the system prompt a behaviour is measured under; the request recipe (--axis "
+                               "harmless) counts refusals of requests as sent: run it without --system")
         _steer_refusals(model, axis, queries, generation.seed, folder, keep_work)
         return
     if keep_work:
         raise AlignezError(f"--keep-work keeps the request recipe's saved work (--axis harmless); the {recipe} recipe keeps "
                            f"its pairs in {folder}/preferences.jsonl anyway: run it without --keep-work")
+    if system is not None and not system.strip():
+        raise AlignezError("--system is empty; give the system prompt's text, or leave --system out for the chat "
+                           "template's own")
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
     places, how = _listed(placements, PLACEMENTS, "--placements", "placement", is_placement), _listed(forms, FORMS, "--forms", "form")
     others = parse_variants(variants)
@@ -450,7 +461,7 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         res = api.steer(engine, axis, name=str(model.model), queries=chosen,
                         out=folder, generation=generation, fit=fit, recipe=recipe, strengths=grid,
                         calibrate_profile=calibrate_profile, judge=judge, screen_only=screen_only, on_status=_status,
-                        placements=places, forms=how, variants=others, **remote_text)
+                        placements=places, forms=how, variants=others, system=system, **remote_text)
     except pipeline.Interrupted as err:
         raise _interrupted(err) from None
     except KeyboardInterrupt:

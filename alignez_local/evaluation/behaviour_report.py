@@ -47,8 +47,9 @@ def steer_lines(cals: Mapping[str, BehaviourCalibration]) -> list[str]:
     if not cals:
         return []
     first = next(iter(cals.values()))
+    under = f", every condition but prompting under the system prompt {first.system!r}" if first.system is not None else ""
     lines = [f"behaviour on {first.report_queries} held-out queries (strength chosen on {first.choose_queries} others): "
-             f"{first.measure}", *condition_lines(steer_table(cals), 34)]
+             f"{first.measure}{under}", *condition_lines(steer_table(cals), 34)]
     for what, cal in cals.items():
         lines.append(f"  {what}: {cal.verdict} (combined {cal.vs_random['combined_diff']:+.2f} vs random, "
                      f"95% [{cal.vs_random['ci95_low']:+.2f}, {cal.vs_random['ci95_high']:+.2f}])")
