@@ -53,6 +53,7 @@ def test_steer_records_the_system_prompt_it_chose_under(tiny_model_path: Path, t
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert f"under the system prompt {BASE!r}" in res.stdout
+    assert f"--vector {out / 'vector.gguf'} --system 'You are a terse assistant.'" in res.stdout  # try it: as measured
     cal = dict(read_control_vector(out / "vector.gguf").calibration or {})
     assert cal["system"] == BASE
     assert json.loads((out / "report.json").read_text())["calibration"]["vector"]["system"] == BASE

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -474,9 +475,11 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
     click.echo("\n".join(steer_lines(res.calibration)))
     p = res.paths
     click.echo(f"profile: {p.profile}\nvector:  {p.vector}\nreport:  {p.report}\ntook {res.timings['total_s']:.0f}s")
-    click.echo(f"try it:  alignez chat -m {model.model} --vector {p.vector}")
-    scale = res.vector.default_strength_or_one
     cal = res.calibration["vector"]
+    # The figures hold under the system prompt they were measured under: give it to chat too.
+    under = f" --system {shlex.quote(cal.system)}" if cal.system is not None else ""
+    click.echo(f"try it:  alignez chat -m {model.model} --vector {p.vector}{under}")
+    scale = res.vector.default_strength_or_one
     # The file holds the chosen variant's vector: what llama.cpp can do with it is that variant's
     # every-token addition.
     way, plain_way = way_name(cal.placement, cal.form, cal.variant), way_name(EVERY_TOKEN, ADD, cal.variant)
