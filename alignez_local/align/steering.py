@@ -463,8 +463,8 @@ class AnswerEdit:
     The rows are counted per key as the decodes come, at the lowest layer the edit is entered on
     (the graph runs layers in order, so each decode's count is made before any other layer reads
     it). A key's count starts at its first output row: a fixed batch enters a fresh edit per run;
-    a live server, whose keys are reused, calls ``forget`` when a sequence leaves. ``per_key`` may
-    be a dict the caller fills between decode steps (``LiveSteering``).
+    a live server's edit lasts the whole run and ``forget`` drops a key's count when its sequence
+    starts and leaves. ``per_key`` may be a dict the caller fills between decode steps (``LiveSteering``).
     """
 
     def __init__(self, per_key: Mapping[int, AnswerSums], layers: Sequence[int]) -> None:
@@ -473,7 +473,7 @@ class AnswerEdit:
         self._index: list[int] = []  # this decode: each row's output index (-1: a key with nothing)
 
     def forget(self, key: int) -> None:
-        """Start ``key``'s count again (its sequence has left; the key may be reused)."""
+        """Drop ``key``'s count (its sequence starts or has left): its next output row is its 0th."""
         self.seen.pop(key, None)
 
     def __call__(self, layer: int, x: np.ndarray, keys: Sequence[int]) -> np.ndarray | None:
