@@ -9,6 +9,7 @@ the server's fixed-batch and live paths, where keys come and go.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,3 +165,18 @@ def test_steer_names_a_bad_placement_in_one_line(tiny_model_path: Path, tmp_path
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "--placements: unknown placement 'answer-after:x'" in bad.stderr and "answer-after:N" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_s_null_is_applied_as_the_file_is(tiny_engine: Engine) -> None:
+    """``alignez eval``'s random direction sits where the file's vector sits: the same placement and
+    gates, norm kept for a keep-norm file (it was once added at every token whatever the file said)."""
+    from alignez_local.evaluation.behaviour_eval import null_steering
+    from alignez_local.formats.control_vector import KEEP_NORM
+    from alignez_local.formats.gate import Gate
+    e = tiny_engine
+    cv = _vector(e).placed(answer_after(2)).formed(KEEP_NORM)
+    gated = dataclasses.replace(cv, gate=Gate(LAYER, np.ones(e.n_embd, np.float32) / np.sqrt(e.n_embd), 0.5))
+    (null,) = null_steering(Steering.vector(gated, 2.0)).values()
+    rnd = null.vectors[0].vector
+    assert rnd.placement == "answer-after:2" and rnd.form == KEEP_NORM and rnd.gate == gated.gate
+    assert null.vectors[0].strength == 2.0 and abs(float(np.dot(rnd.directions[LAYER], cv.directions[LAYER]))) < 3.0

@@ -52,7 +52,9 @@ from alignez_local.align.behaviour_bench import BehaviourBench
 from alignez_local.align.directions import random_like, random_subspaces_like
 from alignez_local.align.steering import DEFAULT_TOP_N, ProfileSlot, Steering, VectorSlot
 from alignez_local.errors import AlignezError
-from alignez_local.formats.control_vector import ADD, EVERY_TOKEN, FORMS, PLACEMENTS, ControlVector, placement_onset
+from alignez_local.formats.control_vector import (
+    ADD, EVERY_TOKEN, FORMS, KEEP_NORM, PLACEMENTS, ControlVector, placement_onset,
+)
 from alignez_local.formats.profile import SteeringProfile
 from alignez_local.measures.scoring import ScoredAnswers
 from alignez_local.measures.statistics import paired_difference_ci
@@ -429,10 +431,15 @@ def random_profile(profile: SteeringProfile, seed: int) -> SteeringProfile:
 def random_null(slot: VectorSlot | ProfileSlot, seed: int, layer_range: tuple[int, int] | None = None,
                 top_n: int = DEFAULT_TOP_N) -> Steering:
     """Return the null of one loaded file: a random direction (or subspace) of the same size at the
-    same strength."""
+    same strength, applied as the file is: behind the same gates, at the same placement, and norm
+    kept for a keep-norm file. A clamp file's null is added (its floors are the plain answers' mean
+    read along the file's own directions; along a random one they are not in the file)."""
     if isinstance(slot, VectorSlot):
-        return Steering(vectors=[VectorSlot("random", random_vector(slot.vector, seed), slot.strength)],
-                        layer_range=layer_range)
+        v = slot.vector
+        null = dataclasses.replace(random_vector(v, seed).placed(v.placement), gate=v.gate)
+        if v.form == KEEP_NORM:
+            null = null.formed(KEEP_NORM)
+        return Steering(vectors=[VectorSlot("random", null, slot.strength)], layer_range=layer_range)
     return Steering(profiles=[ProfileSlot("random", random_profile(slot.profile, seed), slot.strength)],
                     layer_range=layer_range, top_n=top_n)
 
