@@ -67,3 +67,19 @@ def test_system_errors_are_one_line(tiny_model_path: Path, tmp_path: Path) -> No
         assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "x").exists()
+
+
+def test_chat_says_which_system_prompt_a_strength_was_chosen_under(tiny_engine: Engine, tmp_path: Path) -> None:
+    import numpy as np
+    from alignez_local.apps.chat import ChatSession
+    from alignez_local.formats.control_vector import ControlVector, write_control_vector
+    cal = {"rule": "behaviour", "beats_random": True, "strength": 2.0, "system": BASE}
+    cv = ControlVector({1: np.ones(tiny_engine.n_embd, np.float32)}, model_hint=tiny_engine.arch,
+                       default_strength=2.0, calibration=cal)
+    path = write_control_vector(tmp_path / "sys.gguf", cv)
+    for given, expect in ((None, True), ("You are a pirate.", True), (BASE, False)):
+        notes: list[str] = []
+        ChatSession.from_specs(tiny_engine, [str(path)], system=given, on_note=notes.append)
+        said = [n for n in notes if "chosen under the system prompt" in n]
+        assert bool(said) == expect, (given, notes)
+        assert not said or "add --system 'You are a terse assistant.'" in said[0]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -115,6 +116,11 @@ class ChatSession:
             obj = slot.vector if hasattr(slot, "vector") else slot.profile
             if (w := obj.calibration_warning()) is not None:
                 notes.append(f"{slot.name}: {w}")
+            # A strength chosen under a system prompt (steer --system) holds under that prompt.
+            measured = (obj.calibration or {}).get("system")
+            if isinstance(measured, str) and measured != (system or None):
+                notes.append(f"{slot.name}: its strength was chosen under the system prompt {measured!r}; "
+                             f"add --system {shlex.quote(measured)} to chat as it was measured")
         for w in notes:
             (on_note or (lambda _m: None))(f"warning: {w}")
         return cls(engine, st, sampling, system, on_note=on_note)
