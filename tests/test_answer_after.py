@@ -180,3 +180,32 @@ def test_eval_s_null_is_applied_as_the_file_is(tiny_engine: Engine) -> None:
     rnd = null.vectors[0].vector
     assert rnd.placement == "answer-after:2" and rnd.form == KEEP_NORM and rnd.gate == gated.gate
     assert null.vectors[0].strength == 2.0 and abs(float(np.dot(rnd.directions[LAYER], cv.directions[LAYER]))) < 3.0
+
+
+def test_a_gated_answer_after_vector_steers_only_the_prompts_its_gate_opens_on(tiny_engine: Engine) -> None:
+    """Gates that disagree in a batch: the opened prompts get the vector from their onset, the shut
+    ones nothing (``Steering.generate`` decodes them apart; ``applied`` edits per sequence)."""
+    from alignez_local.formats.gate import Gate
+    e = tiny_engine
+    prompts = [e.prompt(p) for p in PROMPTS]
+    d = np.random.default_rng(11).standard_normal(e.n_embd).astype(np.float32)
+    d /= np.linalg.norm(d)
+    states = e.capture(prompts, [LAYER], site="l_out", reduce="last")[:, 0] @ d
+    threshold = float(np.median(states))  # two prompts open, two stay shut
+    opened = states > threshold
+    assert opened.sum() == 2
+    cv = dataclasses.replace(_vector(e).placed(answer_after(1)), gate=Gate(LAYER, d, threshold))
+    sp = Sampling(max_tokens=10)
+    got = Steering.vector(cv, 2.0).generate(e, prompts, sp)
+    _same_bits([c for c, o in zip(got, opened) if not o], e.generate([p for p, o in zip(prompts, opened) if not o], sp))
+    ungated = Steering.vector(dataclasses.replace(cv, gate=None), 2.0)
+    _same_bits([c for c, o in zip(got, opened) if o], ungated.generate(e, [p for p, o in zip(prompts, opened) if o], sp))
+    # prefill only (applied, the per-sequence path): onset 1 leaves every first answer token
+    # unsteered; onset 0 (answer-only) moves the opened prompts' and only theirs
+    base = e.next_token_logits(prompts)
+    with Steering.vector(cv, 2.0).applied(e, prompts):
+        np.testing.assert_array_equal(e.next_token_logits(prompts), base)
+    with Steering.vector(cv.placed(ANSWER_ONLY), 2.0).applied(e, prompts):
+        logits = e.next_token_logits(prompts)
+    np.testing.assert_array_equal(logits[~opened], base[~opened])
+    assert np.abs(logits[opened] - base[opened]).max() > 1e-3
