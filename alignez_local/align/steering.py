@@ -361,9 +361,8 @@ class Steering:
                     layers = sorted({L for vs in gated.values() for L in vs})
                     if layers:
                         stack.enter_context(engine.activation_edit(vector_edit(gated), layers, site=GATE_SITE, all_tokens=True))
-                    per_key = {k: self.answer_sums(engine.n_layer, [self.vectors[i] for i in sorted(which)])
-                               for k, which in enumerate(opens)}
-                    self._answer_edit(stack, engine, {k: groups for k, groups in per_key.items() if groups})
+                    self._answer_edit(stack, engine, {k: groups for k, which in enumerate(opens) if (groups := self.answer_sums(
+                        engine.n_layer, [self.vectors[i] for i in sorted(which)]))})
                     self._form_edits(stack, engine, len(prompts), opens,
                                      [i for i in self.gated_slots(engine.n_layer) if self.vectors[i].vector.form != ADD])
                 for site, weighted in by_site.items():

@@ -449,7 +449,9 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
         raise AlignezError("--system is empty; give the system prompt's text, or leave --system out for the chat "
                            "template's own")
     grid = parse_strengths(strengths, "--strengths", positive=True, limit=1e4) if strengths else None
-    places, how = _listed(placements, PLACEMENTS, "--placements", "placement", is_placement), _listed(forms, FORMS, "--forms", "form")
+    places = _listed(placements, PLACEMENTS, "--placements", "placement", is_placement,
+                     ", answer-after:N (N answer tokens written unsteered first)")
+    how = _listed(forms, FORMS, "--forms", "form")
     others = parse_variants(variants)
     # Checked before any work, so a bad folder fails at once; --screen-only writes nothing.
     if not screen_only:
@@ -502,13 +504,12 @@ def steer(model: ModelRun, axis: PreferenceAxis, queries: QueryChoice, generatio
 
 
 def _listed(text: str, known: tuple[str, ...], flag: str, what: str,
-            ok: Callable[[str], bool] | None = None) -> tuple[str, ...]:
-    """Return a comma-separated choice of ``known`` values (or of values ``ok`` accepts), in order,
-    once each (one error line otherwise)."""
+            ok: Callable[[str], bool] | None = None, more: str = "") -> tuple[str, ...]:
+    """Return a comma-separated choice of ``known`` values (or of values ``ok`` accepts, which
+    ``more`` names for the error line), in order, once each (one error line otherwise)."""
     picked = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
     wrong = [v for v in picked if not (ok(v) if ok else v in known)] or ([] if picked else [text])
     if wrong:
-        more = ", answer-after:N (N answer tokens written unsteered first)" if ok is is_placement else ""
         raise AlignezError(f"{flag}: unknown {what} {wrong[0]!r}; use {', '.join(known[:-1])}, {known[-1]}{more} "
                            "or several, comma-separated")
     return picked

@@ -36,7 +36,7 @@ from concept_onset import from_onset  # noqa: E402  (a sibling records script)
 from vector_vs_prompt import heldout_halves, judged  # noqa: E402
 
 from alignez_local.align.axes import BUILTIN_AXES  # noqa: E402
-from alignez_local.align.strength_by_behaviour import calibrate_behaviour, random_vector  # noqa: E402
+from alignez_local.align.strength_by_behaviour import calibrate_behaviour, random_vector, trial_status  # noqa: E402
 from alignez_local.evaluation.behaviour_eval import JUDGE_RUNTIME  # noqa: E402
 from alignez_local.evaluation.behaviour_report import condition_lines  # noqa: E402
 from alignez_local.evaluation.judge import open_judge  # noqa: E402
@@ -77,13 +77,9 @@ def main() -> None:
         t0 = time.perf_counter()
         row: dict[str, object] = {}
         if args.strength is None:
-            def show(t, onset=onset) -> None:
-                print(f"  onset {onset} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance "
-                      f"{t.relevance:.2f}, fluency {t.fluency:.2f}, combined {t.combined:.2f}, loops "
-                      f"{100 * t.loop_share:.0f}%, unanswered {100 * t.unanswered_share:.0f}%"
-                      + (" (broken)" if t.broken else ""), flush=True)
             cal = calibrate_behaviour(bench, lambda s, o=onset: from_onset(cv, s, o),
-                                      lambda s, o=onset: from_onset(noise, s, o), start=args.start, on_trial=show)
+                                      lambda s, o=onset: from_onset(noise, s, o), start=args.start,
+                                      on_trial=lambda t, o=onset: print(trial_status(f"onset {o}", t), flush=True))
             strength = cal.strength
             rows = {"unsteered": cal.report["unsteered"], "prompting": cal.report["prompting"],
                     f"random x{strength:g}": cal.report["random"], f"vector x{strength:g}": cal.report["steered"]}

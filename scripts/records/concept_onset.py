@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alignez_local.align.axes import topic_axis
 from alignez_local.align.steering import Steering
-from alignez_local.align.strength_by_behaviour import calibrate_behaviour, random_vector
+from alignez_local.align.strength_by_behaviour import calibrate_behaviour, random_vector, trial_status
 from alignez_local.evaluation.behaviour_report import condition_lines
 from alignez_local.formats.control_vector import ControlVector, answer_after, read_control_vector
 from alignez_local.models import resolve_model
@@ -63,13 +63,10 @@ def main() -> None:
     noise = random_vector(cv, 1)
     out: dict[str, object] = {"run": str(run), "model": model, "axis": ax, "layers": cv.layers}
     for onset in (int(s) for s in args.onsets.split(",")):
-        def show(t) -> None:
-            print(f"  onset {onset} x{t.strength:g}: behaviour {100 * t.behaviour_rate:.0f}%, relevance {t.relevance:.2f}, "
-                  f"fluency {t.fluency:.2f}, combined {t.combined:.2f}, loops {100 * t.loop_share:.0f}%"
-                  + (" (broken)" if t.broken else ""), flush=True)
         make: Callable[[float], Steering] = lambda s, o=onset: from_onset(cv, s, o)
         null: Callable[[float], Steering] = lambda s, o=onset: from_onset(noise, s, o)
-        cal = calibrate_behaviour(bench, make, null, start=args.start, on_trial=show)
+        cal = calibrate_behaviour(bench, make, null, start=args.start,
+                                  on_trial=lambda t, o=onset: print(trial_status(f"onset {o}", t), flush=True))
         rows = {"unsteered": cal.report["unsteered"], "prompting": cal.report["prompting"],
                 f"random x{cal.strength:g}": cal.report["random"], f"vector x{cal.strength:g}": cal.report["steered"]}
         print(f"onset {onset}: {cal.verdict}")
